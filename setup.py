@@ -1,0 +1,21 @@
+"""Build glue: the Cython parser is listed as a .pyx so `pip install .` compiles it from an sdist too."""
+
+from setuptools import Extension, setup
+from Cython.Build import cythonize
+
+extensions = [
+    Extension(
+        "zevents._parser._cparser",
+        ["zevents/_parser/_cparser.pyx"],
+        extra_compile_args=["-O2"],
+    )
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        language_level=3,
+        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
+        quiet=True,
+    ),
+)

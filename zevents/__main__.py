@@ -1,0 +1,3 @@
+from zevents.cli import main
+
+main()

@@ -1,0 +1,270 @@
+"""The wire format: the only module that knows the bytes of an event and of the control protocol.
+
+A published event is one ZeroMQ message of three frames (see PROTOCOL.md):
+
+1. topic: UTF-8 ``<group>/<EventName>``
+2. header: a msgpack map ``v, node, printer, epoch, src, seq, ts``.  ``epoch``, ``seq`` and ``ts`` are always
+   encoded as msgpack uint64 (0xcf) so that the broker stamps a header by concatenating a cached prefix with 18
+   bytes instead of re-packing a map for every event; any msgpack decoder reads them as plain integers.
+3. payload: a msgpack map.
+
+Publishers send the *ingest* form to the broker's PULL socket: ``topic``, an ingest meta map ``{src, printer}``
+and the payload; the broker, the single sequencer, turns the meta into the full header.
+"""
+from __future__ import annotations
+
+import struct
+import time
+
+import msgpack
+
+from zevents import events as _events
+
+PROTOCOL_VERSION = 1
+HEADER_KEYS = ("v", "node", "printer", "epoch", "src", "seq", "ts")
+MAX_TOPIC = 256
+
+# Control protocol (DEALER/REQ → ROUTER): frame 0 is the command, frame 1 a msgpack map of arguments, then frames.
+CMD_REPLAY = b"REPLAY"
+CMD_SNAPSHOT = b"SNAPSHOT"
+CMD_PUBLISH = b"PUBLISH"
+CMD_STATUS = b"STATUS"
+CMD_PING = b"PING"
+COMMANDS = (CMD_REPLAY, CMD_SNAPSHOT, CMD_PUBLISH, CMD_STATUS, CMD_PING)
+REPLY_OK = b"OK"
+REPLY_ERR = b"ERR"
+
+_UINT64 = b"\xcf"
+# "seq" uint64, "ts" uint64: the tail the broker appends to a cached header prefix.
+_SEQ_TS_TAIL = struct.Struct(">5sQ4sQ")
+_SEQ_KEY = b"\xa3seq\xcf"
+_TS_KEY = b"\xa2ts\xcf"
+
+
+class WireError(ValueError):
+    """Bytes that are not a valid zevents frame; the message says which frame and why."""
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _packer():
+    return msgpack.Packer(use_bin_type=True, datetime=False)
+
+
+_pack = _packer().pack
+
+
+def pack(obj) -> bytes:
+    """msgpack with str as str and bytes as bin, the encoding used for every map on the wire."""
+    try:
+        return _pack(obj)
+    except (TypeError, ValueError, OverflowError):
+        # The shared Packer keeps a partial buffer after a failure; a fresh one keeps the next call clean.
+        globals()["_pack"] = _packer().pack
+        raise
+
+
+def unpack(data: bytes):
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def topic_bytes(name: str) -> bytes:
+    """The topic of an event name: its catalogue group, or ``custom`` for names outside the catalogue."""
+    return _events.topic_of(name).encode()
+
+
+def split_topic(topic: bytes | str) -> tuple[str, str]:
+    if isinstance(topic, bytes):
+        try:
+            topic = topic.decode()
+        except UnicodeDecodeError as exc:
+            raise WireError("topic is not UTF-8") from exc
+    group, sep, name = topic.partition("/")
+    if not sep or not name or group not in _events.GROUPS:
+        raise WireError(f"topic {topic[:80]!r} is not <group>/<Event> with a known group")
+    return group, name
+
+
+def ingest_meta(src: str, printer: str | None) -> bytes:
+    """Frame 2 of the ingest form: who caused the event and for which printer."""
+    return pack({"src": src, "printer": printer})
+
+
+def check_payload(data: bytes, max_size: int):
+    """Validate a payload frame; returns the decoded map.  Raises WireError naming the problem."""
+    if len(data) > max_size:
+        raise WireError(f"payload of {len(data)} bytes exceeds the limit of {max_size}")
+    try:
+        value = unpack(data)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise WireError(f"payload is not msgpack ({exc.__class__.__name__})") from exc
+    if not isinstance(value, dict):
+        raise WireError(f"payload is a {type(value).__name__}, not a map")
+    return value
+
+
+class HeaderStamper:
+    """Builds full headers for one broker epoch: a cached prefix per ingest meta, plus seq and ts."""
+
+    def __init__(self, node: str, epoch: int, cache_size: int = 4096):
+        self.node = node
+        self.epoch = epoch
+        self._prefixes: dict[bytes, tuple[bytes, str, str | None]] = {}
+        self._cache_size = cache_size
+
+    def prefix(self, meta: bytes) -> bytes:
+        entry = self._prefixes.get(meta)
+        if entry is None:
+            entry = self._build(meta)
+        return entry[0]
+
+    def _build(self, meta: bytes):
+        try:
+            value = unpack(meta)
+        except Exception as exc:
+            raise WireError(f"ingest meta is not msgpack ({exc.__class__.__name__})") from exc
+        if not isinstance(value, dict):
+            raise WireError("ingest meta is not a map")
+        src = value.get("src", "")
+        printer = value.get("printer")
+        if not isinstance(src, str) or not (printer is None or isinstance(printer, str)):
+            raise WireError("ingest meta: src must be a string and printer a string or nil")
+        prefix = (
+            b"\x87"
+            + pack("v") + pack(PROTOCOL_VERSION)
+            + pack("node") + pack(self.node)
+            + pack("printer") + pack(printer)
+            + pack("epoch") + _UINT64 + self.epoch.to_bytes(8, "big")
+            + pack("src") + pack(src)
+        )
+        if len(self._prefixes) >= self._cache_size:
+            self._prefixes.clear()
+        entry = (prefix, src, printer)
+        self._prefixes[meta] = entry
+        return entry
+
+
+
+def seq_ts_tail(seq: int, ts: int) -> bytes:
+    return _SEQ_TS_TAIL.pack(_SEQ_KEY, seq, _TS_KEY, ts)
+
+
+def encode_header(node: str, printer: str | None, epoch: int, src: str, seq: int, ts: int) -> bytes:
+    """A full header, byte for byte what the broker stamps (used by tests, tools and replays)."""
+    stamper = HeaderStamper(node, epoch)
+    return stamper.prefix(ingest_meta(src, printer)) + seq_ts_tail(seq, ts)
+
+
+class Envelope:
+    """A decoded event as it travelled on the bus."""
+
+    __slots__ = ("topic", "group", "name", "node", "printer", "epoch", "seq", "ts", "src", "payload", "replayed")
+
+    def __init__(self, topic, group, name, node, printer, epoch, seq, ts, src, payload, replayed=False):
+        self.topic = topic
+        self.group = group
+        self.name = name
+        self.node = node
+        self.printer = printer
+        self.epoch = epoch
+        self.seq = seq
+        self.ts = ts
+        self.src = src
+        self.payload = payload
+        self.replayed = replayed
+
+    def to_dict(self) -> dict:
+        """The JSON form used by ``zevents tail --json``."""
+        return {
+            "topic": self.topic, "event": self.name, "group": self.group, "node": self.node,
+            "printer": self.printer, "seq": self.seq, "epoch": self.epoch, "ts": self.ts, "src": self.src,
+            "payload": self.payload,
+        }
+
+    def __repr__(self):
+        return f"<Envelope {self.topic} seq={self.seq} epoch={self.epoch} {self.payload!r}>"
+
+
+class Decoder:
+    """Decodes published events.  Headers stamped by a broker share a prefix per (node, printer, epoch, src), so
+    the prefix is decoded once and cached; only the fixed 23-byte seq/ts tail is read per event.  Any other valid
+    msgpack header still decodes through the generic path."""
+
+    _TAIL = _SEQ_TS_TAIL.size
+
+    def __init__(self, cache_size: int = 4096):
+        self._prefixes: dict[bytes, tuple] = {}
+        self._cache_size = cache_size
+        self._unpack_tail = _SEQ_TS_TAIL.unpack_from
+
+    def header(self, header: bytes) -> tuple:
+        """(node, printer, epoch, src, seq, ts) of a header frame."""
+        cut = len(header) - self._TAIL
+        if cut > 0:
+            fixed = self._prefixes.get(header[:cut])
+            if fixed is not None:
+                seq_key, seq, ts_key, ts = self._unpack_tail(header, cut)
+                if seq_key == _SEQ_KEY and ts_key == _TS_KEY:
+                    return fixed + (seq, ts)
+        return self._generic_header(header, cut)
+
+    def _generic_header(self, header: bytes, cut: int) -> tuple:
+        try:
+            head = unpack(header)
+        except Exception as exc:
+            raise WireError(f"header is not msgpack ({exc.__class__.__name__})") from exc
+        if not isinstance(head, dict):
+            raise WireError("header is not a map")
+        try:
+            values = (head["node"], head["printer"], head["epoch"], head["src"], head["seq"], head["ts"])
+        except KeyError as exc:
+            raise WireError(f"header lacks {exc.args[0]!r}") from exc
+        if cut > 0 and header[cut:cut + 5] == _SEQ_KEY and header[cut + 13:cut + 17] == _TS_KEY:
+            if len(self._prefixes) >= self._cache_size:
+                self._prefixes.clear()
+            self._prefixes[header[:cut]] = values[:4]
+        return values
+
+    def decode(self, topic: bytes, header: bytes, payload: bytes, replayed: bool = False) -> Envelope:
+        """Decode the three frames of a published event; raises WireError on anything malformed."""
+        try:
+            topic_str = topic.decode()
+        except UnicodeDecodeError as exc:
+            raise WireError("topic is not UTF-8") from exc
+        group, _, name = topic_str.partition("/")
+        node, printer, epoch, src, seq, ts = self.header(header)
+        try:
+            body = unpack(payload)
+        except Exception as exc:
+            raise WireError(f"payload is not msgpack ({exc.__class__.__name__})") from exc
+        if not isinstance(body, dict):
+            raise WireError("payload is not a map")
+        return Envelope(topic_str, group, name, node, printer, epoch, seq, ts, src, body, replayed)
+
+
+_default_decoder = Decoder()
+
+
+def decode(topic: bytes, header: bytes, payload: bytes) -> Envelope:
+    return _default_decoder.decode(topic, header, payload)
+
+
+# --- control protocol -------------------------------------------------------------------------------------------
+
+def request(command: bytes, args: dict | None = None, frames: tuple = ()) -> list:
+    return [command, pack(args or {}), *frames]
+
+
+def reply(ok: bool, meta: dict, frames: list | tuple = ()) -> list:
+    return [REPLY_OK if ok else REPLY_ERR, pack(meta), *frames]
+
+
+def parse_reply(frames: list) -> tuple[bool, dict, list]:
+    if len(frames) < 2 or frames[0] not in (REPLY_OK, REPLY_ERR):
+        raise WireError("malformed control reply")
+    meta = unpack(frames[1])
+    if not isinstance(meta, dict):
+        raise WireError("control reply meta is not a map")
+    return frames[0] == REPLY_OK, meta, frames[2:]
