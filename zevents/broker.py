@@ -1,0 +1,450 @@
+"""The broker: one per node, the single sequencer of the bus.
+
+Publishers PUSH ingest messages (topic, meta, payload) to its PULL socket.  The broker validates them, stamps the
+header (node, epoch, per-group seq, ts), keeps a replay ring and a last-value cache, and publishes on an XPUB.
+A ROUTER answers control requests (REPLAY, SNAPSHOT, PUBLISH with an ack, STATUS, PING).  A ``sys/Heartbeat``
+every ``heartbeat`` seconds carries the latest seq of every stream so subscribers see tail loss and a dead broker.
+
+Garbage on the ingest never stops the broker: each bad message is counted by reason and logged (rate-limited).
+"""
+from __future__ import annotations
+
+import collections
+import fcntl
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import zmq
+
+from zevents import wire
+from zevents.config import BusConfig
+
+log = logging.getLogger("zevents.broker")
+
+INGEST_BATCH = 2000          # messages drained per poll wake-up, so control requests are never starved
+REPLAY_LIMIT_MAX = 20000
+HEARTBEAT_TOPIC = b"sys/Heartbeat"
+
+
+class BrokerError(RuntimeError):
+    """The broker cannot start (endpoint in use, another node on the same endpoints, ...)."""
+
+
+def _ipc_path(endpoint: str) -> Path | None:
+    return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
+
+
+class _NodeLock:
+    """An flock next to the publish socket: a second broker on the same ipc endpoints is refused, and a lock left
+    by a killed broker is released by the kernel, so a restart after kill -9 just works."""
+
+    def __init__(self, endpoint: str):
+        path = _ipc_path(endpoint)
+        self.path = path.with_name(path.name + ".lock") if path else None
+        self._fd = None
+
+    def acquire(self):
+        if self.path is None:
+            return
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = self.path.read_text().strip() if self.path.exists() else "?"
+            raise BrokerError(f"another zevents node (pid {holder or '?'}) already serves {self.path.parent}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self):
+        if self._fd is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+
+
+class _RateLimitedLog:
+    """Logs the first few problems of each kind, then one in every 1000, so a flood of garbage can't flood logs."""
+
+    def __init__(self):
+        self.counts = collections.Counter()
+
+    def warn(self, reason: str, detail: str):
+        n = self.counts[reason] = self.counts[reason] + 1
+        if n <= 10 or n % 1000 == 0:
+            log.warning("ingest: dropped a bad message (%s, #%d): %s", reason, n, detail)
+
+
+class Broker:
+    def __init__(self, bus: BusConfig, context: zmq.Context | None = None):
+        self.bus = bus
+        self.context = context or zmq.Context.instance()
+        self.epoch = wire.now_us()
+        self.started = time.monotonic()
+        self.stamper = wire.HeaderStamper(bus.node, self.epoch)
+        self.seqs: dict[str, int] = {}
+        self.ring: collections.deque = collections.deque(maxlen=bus.replay_ring)
+        self.last_values: dict[bytes, tuple] = {}
+        self.counters = collections.Counter()
+        self.bad = _RateLimitedLog()
+        self.subscriptions: collections.Counter = collections.Counter()
+        self._topic_groups: dict[bytes, str] = {}
+        self._lock = _NodeLock(bus.publish)
+        self._stop = threading.Event()
+        self._wake_endpoint = f"inproc://zevents-broker-wake-{id(self)}"
+        self._sockets: list = []
+        self._bound = False
+
+    # --- lifecycle --------------------------------------------------------------------------------------------
+
+    def bind(self):
+        self._lock.acquire()
+        try:
+            self._check_not_served()
+            ctx = self.context
+            self.pull = self._socket(zmq.PULL, rcvhwm=self.bus.hwm)
+            self.xpub = self._socket(zmq.XPUB, sndhwm=self.bus.hwm)
+            self.xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+            self.router = self._socket(zmq.ROUTER)
+            self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self.wake = self._socket(zmq.PAIR)
+            for sock, endpoint in ((self.pull, self.bus.ingest), (self.xpub, self.bus.publish),
+                                   (self.router, self.bus.replay), (self.wake, self._wake_endpoint)):
+                path = _ipc_path(endpoint)
+                if path is not None:
+                    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                try:
+                    sock.bind(endpoint)
+                except zmq.ZMQError as exc:
+                    raise BrokerError(f"cannot bind {endpoint}: {exc}") from None
+            del ctx
+        except BaseException:
+            self.close()
+            raise
+        self._bound = True
+        log.info("broker %s epoch %d: ingest %s, publish %s, control %s", self.bus.node, self.epoch,
+                 self.bus.ingest, self.bus.publish, self.bus.replay)
+
+    def _check_not_served(self):
+        """For TCP the bind fails by itself; ipc sockets would be silently taken over, so ask whoever is there."""
+        if _ipc_path(self.bus.replay) is None or not _ipc_path(self.bus.replay).exists():
+            return
+        probe = self.context.socket(zmq.DEALER)
+        probe.setsockopt(zmq.LINGER, 0)
+        try:
+            probe.connect(self.bus.replay)
+            probe.send_multipart(wire.request(wire.CMD_PING))
+            if probe.poll(300):
+                raise BrokerError(f"a broker already answers on {self.bus.replay}")
+        finally:
+            probe.close()
+
+    def _socket(self, kind, **options):
+        sock = self.context.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        for name, value in options.items():
+            setattr(sock, name, value)
+        self._sockets.append(sock)
+        return sock
+
+    def close(self):
+        for sock in self._sockets:
+            sock.close(linger=0)
+        self._sockets.clear()
+        self._lock.release()
+        self._bound = False
+
+    def stop(self):
+        """Ask a running loop to stop (from any thread or a signal handler)."""
+        self._stop.set()
+        try:
+            poke = self.context.socket(zmq.PAIR)
+            poke.setsockopt(zmq.LINGER, 0)
+            poke.connect(self._wake_endpoint)
+            poke.send(b"", zmq.NOBLOCK)
+            poke.close()
+        except zmq.ZMQError:
+            pass
+
+    def serve(self):
+        """The event loop; returns after stop()."""
+        if not self._bound:
+            self.bind()
+        poller = zmq.Poller()
+        for sock in (self.pull, self.router, self.xpub, self.wake):
+            poller.register(sock, zmq.POLLIN)
+        interval = self.bus.heartbeat
+        next_beat = time.monotonic() + interval
+        pull, router, xpub = self.pull, self.router, self.xpub
+        while not self._stop.is_set():
+            timeout = max(0.0, next_beat - time.monotonic())
+            ready = dict(poller.poll(timeout * 1000))
+            if pull in ready:
+                self._drain_ingest()
+            if router in ready:
+                self._drain_control()
+            if xpub in ready:
+                self._drain_subscriptions()
+            if self.wake in ready:
+                self.wake.recv()
+            if time.monotonic() >= next_beat:
+                self.heartbeat()
+                next_beat = time.monotonic() + interval
+
+    # --- the hot path -----------------------------------------------------------------------------------------
+
+    def _drain_ingest(self):
+        recv = self.pull.recv
+        nb = zmq.NOBLOCK
+        for _ in range(INGEST_BATCH):
+            try:
+                topic = recv(nb)
+            except zmq.Again:
+                return
+            try:
+                meta = recv(nb)
+                payload = recv(nb)
+            except zmq.Again:
+                self._reject("frame_count", "message with fewer than 3 frames")
+                continue
+            self.ingest(topic, meta, payload)
+
+    def ingest(self, topic: bytes, meta: bytes, payload: bytes, from_pull: bool = True) -> int | None:
+        """Validate, stamp, publish, remember.  Returns the seq, or None when the message was bad."""
+        group = self._topic_groups.get(topic)
+        if group is None:
+            group = self._learn_topic(topic)
+            if group is None:
+                return self._bad(topic, meta, payload, "topic", from_pull)
+        try:
+            prefix = self.stamper.prefix(meta)
+        except wire.WireError:
+            return self._bad(topic, meta, payload, "meta", from_pull)
+        if len(payload) > self.bus.max_payload or payload[:1] == b"" or not (
+                0x80 <= payload[0] <= 0x8f or payload[0] in (0xde, 0xdf)):
+            return self._bad(topic, meta, payload, "payload", from_pull)
+        try:
+            wire.unpack(payload)
+        except Exception:
+            return self._bad(topic, meta, payload, "payload", from_pull)
+        return self._publish(group, topic, prefix, payload)
+
+    def _publish(self, group: str, topic: bytes, prefix: bytes, payload: bytes) -> int:
+        seq = self.seqs.get(group, 0) + 1
+        self.seqs[group] = seq
+        header = prefix + wire.seq_ts_tail(seq, wire.now_us())
+        send = self.xpub.send
+        send(topic, zmq.SNDMORE)
+        send(header, zmq.SNDMORE)
+        send(payload)
+        entry = (group, seq, topic, header, payload)
+        self.ring.append(entry)
+        self.last_values[topic] = entry
+        return seq
+
+    def _learn_topic(self, topic: bytes) -> str | None:
+        if len(topic) > wire.MAX_TOPIC:
+            return None
+        try:
+            group, _ = wire.split_topic(topic)
+        except wire.WireError:
+            return None
+        if len(self._topic_groups) > 10000:
+            self._topic_groups.clear()
+        self._topic_groups[topic] = group
+        return group
+
+    def _reject(self, reason: str, detail: str):
+        self.counters["bad"] += 1
+        self.counters["bad_" + reason] += 1
+        self.bad.warn(reason, detail)
+
+    def _bad(self, topic: bytes, meta: bytes, payload: bytes, reason: str, from_pull: bool):
+        """A bad frame.  Either the message is bad, or a malformed neighbour shifted the frame boundaries; find
+        the real boundary (RCVMORE is only asked here, it costs as much as three recvs) so that one bad message
+        never takes a good one with it."""
+        if not from_pull or not self.pull.getsockopt(zmq.RCVMORE):
+            detail = {"topic": f"topic {topic[:60]!r} is not <group>/<Event>",
+                      "meta": "ingest meta is not a {src, printer} map",
+                      "payload": f"payload ({len(payload)} bytes) is not a msgpack map within "
+                                 f"{self.bus.max_payload} bytes"}[reason]
+            self._reject(reason, detail)
+            return None
+        # More frames follow: the message was longer than 3 frames, or a short one was merged with the next.
+        for candidate, rest in ((meta, [payload]), (payload, [])):
+            if self._topic_groups.get(candidate) or self._learn_topic(candidate):
+                frames = rest
+                try:
+                    while len(frames) < 2:
+                        frames.append(self.pull.recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+                self._reject("frame_count", "message with fewer than 3 frames")
+                return self.ingest(candidate, frames[0], frames[1])
+        while self.pull.getsockopt(zmq.RCVMORE):
+            self.pull.recv()
+        self._reject("frame_count", "message with more than 3 frames")
+        return None
+
+    def publish_local(self, name_or_topic: str, payload: dict, src: str = "broker") -> int:
+        """Publish an event generated by the broker itself (heartbeats)."""
+        topic = name_or_topic.encode() if "/" in name_or_topic else wire.topic_bytes(name_or_topic)
+        group = self._learn_topic(topic)
+        prefix = self.stamper.prefix(wire.ingest_meta(src, None))
+        return self._publish(group, topic, prefix, wire.pack(payload))
+
+    def heartbeat(self):
+        streams = dict(self.seqs)
+        streams["sys"] = streams.get("sys", 0) + 1
+        self.publish_local(HEARTBEAT_TOPIC.decode(), {
+            "streams": streams, "epoch": self.epoch, "uptime": round(time.monotonic() - self.started, 3)})
+
+    # --- control ----------------------------------------------------------------------------------------------
+
+    def _drain_control(self):
+        for _ in range(100):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity, rest = frames[0], frames[1:]
+            envelope = [identity]
+            if rest and rest[0] == b"":  # a REQ socket puts an empty delimiter first
+                envelope.append(b"")
+                rest = rest[1:]
+            try:
+                reply = self.control(rest)
+            except Exception as exc:  # a bad request must not kill the broker
+                log.warning("control: bad request: %s", exc)
+                self.counters["bad_control"] += 1
+                reply = wire.reply(False, {"error": str(exc)})
+            try:
+                self.router.send_multipart(envelope + reply, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self.counters["control_unroutable"] += 1
+
+    def control(self, frames: list) -> list:
+        if len(frames) < 2:
+            raise wire.WireError("control request needs a command and an argument map")
+        command, args = frames[0], wire.unpack(frames[1])
+        if not isinstance(args, dict):
+            raise wire.WireError("control arguments are not a map")
+        request_id = args.get("id")
+        if command == wire.CMD_PING:
+            return wire.reply(True, {"id": request_id, "node": self.bus.node, "epoch": self.epoch})
+        if command == wire.CMD_STATUS:
+            return wire.reply(True, dict(self.status(), id=request_id))
+        if command == wire.CMD_REPLAY:
+            return self._replay(args, request_id)
+        if command == wire.CMD_SNAPSHOT:
+            return self._snapshot(args, request_id)
+        if command == wire.CMD_PUBLISH:
+            if len(frames) != 5:
+                raise wire.WireError("PUBLISH carries topic, meta and payload frames")
+            seq = self.ingest(frames[2], frames[3], frames[4], from_pull=False)
+            if seq is None:
+                return wire.reply(False, {"id": request_id, "error": "rejected: see the broker log"})
+            return wire.reply(True, {"id": request_id, "epoch": self.epoch, "seq": seq,
+                                     "topic": frames[2].decode()})
+        raise wire.WireError(f"unknown command {command[:20]!r}")
+
+    def _replay(self, args: dict, request_id):
+        group = args.get("group")
+        since = int(args.get("since") or 0)
+        limit = max(1, min(int(args.get("limit") or REPLAY_LIMIT_MAX), REPLAY_LIMIT_MAX))
+        found = []
+        oldest_seen = None
+        for entry in reversed(self.ring):
+            if entry[0] != group:
+                continue
+            if entry[1] <= since:
+                oldest_seen = entry[1]
+                break
+            found.append(entry)
+            oldest_seen = entry[1]
+        found.reverse()
+        # Events between `since` and the oldest one still in the ring are gone for good: say so, never hide it.
+        first = found[0][1] if found else None
+        lost = max(0, first - since - 1) if first is not None and oldest_seen == first else 0
+        more = len(found) > limit
+        found = found[:limit]
+        frames = []
+        for _, _, topic, header, payload in found:
+            frames += (topic, header, payload)
+        self.counters["replayed"] += len(found)
+        return wire.reply(True, {"id": request_id, "epoch": self.epoch, "group": group,
+                                 "last": self.seqs.get(group, 0), "count": len(found), "more": more,
+                                 "lost": lost}, frames)
+
+    def _snapshot(self, args: dict, request_id):
+        groups = args.get("groups")
+        frames = []
+        for topic, (group, _, _, header, payload) in self.last_values.items():
+            if groups is None or group in groups:
+                frames += (topic, header, payload)
+        return wire.reply(True, {"id": request_id, "epoch": self.epoch, "streams": dict(self.seqs),
+                                 "count": len(frames) // 3}, frames)
+
+    def status(self) -> dict:
+        return {
+            "node": self.bus.node, "epoch": self.epoch, "pid": os.getpid(),
+            "uptime": round(time.monotonic() - self.started, 3),
+            "streams": dict(self.seqs), "counters": dict(self.counters),
+            "ring": {"size": len(self.ring), "capacity": self.ring.maxlen},
+            "subscriptions": sum(self.subscriptions.values()), "topics": len(self.last_values),
+            "endpoints": {"publish": self.bus.publish, "ingest": self.bus.ingest, "control": self.bus.replay},
+        }
+
+    def _drain_subscriptions(self):
+        for _ in range(1000):
+            try:
+                message = self.xpub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if message[:1] == b"\x01":
+                self.subscriptions[message[1:]] += 1
+            elif message[:1] == b"\x00":
+                self.subscriptions[message[1:]] -= 1
+                if self.subscriptions[message[1:]] <= 0:
+                    del self.subscriptions[message[1:]]
+
+
+def serve_in_thread(bus: BusConfig, context: zmq.Context | None = None) -> tuple[Broker, threading.Thread]:
+    """A bound broker serving on a daemon thread (for embedding and tests); stop with broker.stop()."""
+    broker = Broker(bus, context)
+    broker.bind()
+    thread = threading.Thread(target=broker.serve, name="zevents-broker", daemon=True)
+    thread.start()
+    return broker, thread
+
+
+def run(config) -> int:
+    """`zevents broker`: serve until SIGINT/SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    broker = Broker(config.bus)
+    try:
+        broker.bind()
+    except BrokerError as exc:
+        log.error("%s", exc)
+        return 1
+
+    def on_signal(signum, frame):
+        broker.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        broker.serve()
+    finally:
+        broker.close()
+    log.info("broker stopped")
+    return 0

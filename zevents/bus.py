@@ -1,0 +1,455 @@
+"""The bus API: Publisher (PUSH to the broker's ingest), Control (requests to the broker's ROUTER) and Subscriber
+(SUB on whole groups, local filtering, and silent repair of gaps, tail loss and broker restarts through
+REPLAY/SNAPSHOT).  Also the `zevents fire` and `zevents tail` commands.
+
+A Subscriber delivers every event of its groups published after it started (or after the ``since`` it resumes
+from), in seq order per group, exactly once.  What it cannot repair (events that fell out of the replay ring, a
+broker that died with events unpublished) is counted in ``stats`` and logged; it is never hidden.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import logging
+import sys
+import time
+
+import zmq
+
+from zevents import events as _events
+from zevents import wire
+from zevents.config import BusConfig
+
+log = logging.getLogger("zevents.bus")
+
+SNDMORE = zmq.SNDMORE
+NOBLOCK = zmq.NOBLOCK
+REPLAY_CHUNK = 10000
+
+
+class BusError(RuntimeError):
+    """The broker did not answer, or refused a request."""
+
+
+def _bus(bus) -> BusConfig:
+    return bus.bus if hasattr(bus, "bus") and not isinstance(bus, BusConfig) else bus
+
+
+class Publisher:
+    """Sends events to the broker's ingest.  Cheap to call on a hot path: topics and meta frames are cached.
+
+    A publisher never blocks its caller for long: if the broker is gone and the queue (``hwm`` messages) is
+    full, ``publish`` waits ``send_timeout`` seconds, then counts the event in ``dropped`` and logs it.
+    """
+
+    def __init__(self, bus, src: str = "user", printer: str | None = None, context: zmq.Context | None = None,
+                 send_timeout: float = 1.0):
+        self.bus = _bus(bus)
+        self.context = context or zmq.Context.instance()
+        self.src = src
+        self.printer = printer
+        self.dropped = 0
+        self.sock = self.context.socket(zmq.PUSH)
+        self.sock.sndhwm = self.bus.hwm
+        self.sock.setsockopt(zmq.SNDTIMEO, int(send_timeout * 1000))
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.connect(self.bus.ingest)
+        self._send = self.sock.send
+        self._topics: dict[str, bytes] = {}
+        self._metas: dict[str, bytes] = {}
+        self._control: Control | None = None
+
+    def _meta(self, src: str | None) -> bytes:
+        src = src or self.src
+        meta = self._metas.get(src)
+        if meta is None:
+            meta = self._metas[src] = wire.ingest_meta(src, self.printer)
+        return meta
+
+    def topic(self, name: str) -> bytes:
+        topic = self._topics.get(name)
+        if topic is None:
+            topic = self._topics[name] = wire.topic_bytes(name)
+        return topic
+
+    def publish(self, name: str, payload: dict | None = None, src: str | None = None):
+        """Publish a catalogue or custom event by name (``Dwelling`` is sent as ``Dwell``)."""
+        self.send_frames(self.topic(name), self._meta(src), wire.pack(payload if payload is not None else {}))
+
+    def publish_topic(self, topic: str | bytes, payload: dict | None = None, src: str | None = None):
+        if isinstance(topic, str):
+            topic = topic.encode()
+        self.send_frames(topic, self._meta(src), wire.pack(payload if payload is not None else {}))
+
+    def send_frames(self, topic: bytes, meta: bytes, payload: bytes):
+        try:
+            self._send(topic, SNDMORE)
+        except zmq.Again:
+            self.dropped += 1
+            if self.dropped <= 10 or self.dropped % 1000 == 0:
+                log.warning("publisher: broker unreachable, dropped %s (%d dropped so far)", topic, self.dropped)
+            return
+        self._send(meta, SNDMORE)
+        self._send(payload)
+
+    def publish_confirmed(self, name: str, payload: dict | None = None, src: str | None = None,
+                          timeout: float = 5.0) -> dict:
+        """Publish through the control socket and wait for the broker's ack ({epoch, seq, topic})."""
+        if self._control is None:
+            self._control = Control(self.bus, self.context)
+        return self._control.request(wire.CMD_PUBLISH, {}, timeout,
+                                     (self.topic(name), self._meta(src), wire.pack(payload or {})))[0]
+
+    def close(self, linger: float | None = None):
+        if self._control is not None:
+            self._control.close()
+        if linger is not None:
+            self.sock.setsockopt(zmq.LINGER, int(linger * 1000))
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Control:
+    """Request/reply with the broker's ROUTER over a DEALER; stale replies of timed-out requests are discarded."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, bus, context: zmq.Context | None = None):
+        self.bus = _bus(bus)
+        self.context = context or zmq.Context.instance()
+        self.sock = None
+
+    def _socket(self):
+        if self.sock is None:
+            self.sock = self.context.socket(zmq.DEALER)
+            self.sock.setsockopt(zmq.LINGER, 0)
+            self.sock.connect(self.bus.replay)
+        return self.sock
+
+    def request(self, command: bytes, args: dict | None = None, timeout: float = 5.0, frames: tuple = ()):
+        """Send a request and return (meta, frames) of its reply; raises BusError on timeout or refusal."""
+        sock = self._socket()
+        request_id = next(self._ids)
+        sock.send_multipart(wire.request(command, dict(args or {}, id=request_id), frames))
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sock.poll(remaining * 1000):
+                # The DEALER would deliver this request's reply to the next one: start afresh instead.
+                self.close()
+                raise BusError(f"no answer from the broker at {self.bus.replay} within {timeout:g} s "
+                               "(is it running?)")
+            ok, meta, rest = wire.parse_reply(sock.recv_multipart())
+            if meta.get("id") != request_id:
+                continue
+            if not ok:
+                raise BusError(f"broker refused {command.decode()}: {meta.get('error')}")
+            return meta, rest
+
+    def ping(self, timeout: float = 2.0) -> dict:
+        return self.request(wire.CMD_PING, timeout=timeout)[0]
+
+    def status(self, timeout: float = 2.0) -> dict:
+        return self.request(wire.CMD_STATUS, timeout=timeout)[0]
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None
+
+
+class SubscriberStats:
+    __slots__ = ("received", "delivered", "gaps", "repaired", "lost", "duplicates", "epoch_changes", "bad_frames",
+                 "unrepaired")
+
+    def __init__(self):
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class Subscriber:
+    """Events of whole groups, filtered locally, in order, with loss repaired.
+
+    ``groups``: group names (``gcode``, ``print``, ...) or None for every group.  ``events``: event names to
+    deliver (None: all of those groups).  ``since``/``epoch``: resume after a restart: {group: last seq seen}
+    and the epoch they belong to; everything after is replayed from the broker's ring.
+    """
+
+    def __init__(self, bus, groups=None, events=None, context: zmq.Context | None = None,
+                 since: dict | None = None, epoch: int | None = None, rcvhwm: int | None = None,
+                 control_timeout: float = 2.0):
+        self.bus = _bus(bus)
+        self.context = context or zmq.Context.instance()
+        self.groups = None if groups is None else set(groups)
+        unknown = (self.groups or set()) - set(_events.GROUPS)
+        if unknown:
+            raise ValueError(f"unknown group(s): {', '.join(sorted(unknown))}; groups are {', '.join(_events.GROUPS)}")
+        self.names = None if events is None else {_events.canonical(n) for n in events}
+        self.stats = SubscriberStats()
+        self.control = Control(self.bus, self.context)
+        self.control_timeout = control_timeout
+        self.decoder = wire.Decoder()
+        self.pending: collections.deque = collections.deque()
+        self.last_heartbeat = None
+        self.sock = self.context.socket(zmq.SUB)
+        self.sock.rcvhwm = rcvhwm if rcvhwm is not None else self.bus.hwm
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(self.bus.publish)
+        if self.groups is None:
+            self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        else:
+            for group in sorted(self.groups):
+                self.sock.setsockopt(zmq.SUBSCRIBE, group.encode() + b"/")
+            if "sys" not in self.groups:
+                self.sock.setsockopt(zmq.SUBSCRIBE, b"sys/Heartbeat")
+        self.epoch = epoch
+        self.last_seq: dict[str, int] = dict(since or {})
+        if since is None:
+            self._start_point()
+
+    def _tracked(self, group: str) -> bool:
+        return self.groups is None or group in self.groups
+
+    def _start_point(self):
+        """Events after this moment are ours: learn the broker's current seqs (if it is up)."""
+        try:
+            status = self.control.status(self.control_timeout)
+        except BusError:
+            return
+        self.epoch = status["epoch"]
+        self.last_seq = {g: s for g, s in status["streams"].items() if self._tracked(g)}
+
+    # --- receiving --------------------------------------------------------------------------------------------
+
+    def recv(self, timeout: float | None = None) -> wire.Envelope | None:
+        """The next event, or None when ``timeout`` seconds pass without one (None waits forever)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        recv = self.sock.recv
+        while True:
+            if self.pending:
+                return self.pending.popleft()
+            try:
+                topic = recv(NOBLOCK)
+            except zmq.Again:
+                if deadline is None:
+                    self.sock.poll()
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self.sock.poll(remaining * 1000):
+                    return None
+                continue
+            header = recv()
+            payload = recv()
+            self._accept(topic, header, payload)
+
+    def __iter__(self):
+        while True:
+            yield self.recv()
+
+    def _accept(self, topic: bytes, header: bytes, payload: bytes):
+        try:
+            envelope = self.decoder.decode(topic, header, payload)
+        except wire.WireError as exc:
+            self.stats.bad_frames += 1
+            log.warning("subscriber: undecodable event on %r: %s", topic[:60], exc)
+            return
+        self.stats.received += 1
+        if envelope.epoch != self.epoch:
+            self._new_epoch(envelope.epoch)
+        group = envelope.group
+        if topic == b"sys/Heartbeat":
+            self.last_heartbeat = time.monotonic()
+            self._check_tail(envelope.payload.get("streams") or {})
+            if not self._tracked("sys"):
+                return
+        # A group missing from last_seq had no event when we started (or since the epoch began): from seq 0.
+        last = self.last_seq.get(group, 0)
+        seq = envelope.seq
+        if seq <= last:
+            self.stats.duplicates += 1
+            return
+        if seq != last + 1:
+            self.stats.gaps += 1
+            self._repair(group, last, seq)
+        self.last_seq[group] = seq
+        self._deliver(envelope)
+
+    def _deliver(self, envelope):
+        if self.names is None or envelope.name in self.names:
+            self.stats.delivered += 1
+            self.pending.append(envelope)
+
+    def _new_epoch(self, epoch: int):
+        if self.epoch is not None:
+            self.stats.epoch_changes += 1
+            log.warning("subscriber: broker restarted (epoch %s → %s); resynchronising", self.epoch, epoch)
+        # Everything of the new epoch is after our start point: replay it from seq 0 as gaps are found.
+        self.epoch = epoch
+        self.last_seq = {}
+
+    def _check_tail(self, streams: dict):
+        for group, last in streams.items():
+            if group == "sys" or not self._tracked(group):
+                continue
+            mine = self.last_seq.get(group, 0)
+            if last > mine:
+                self.stats.gaps += 1
+                self._repair(group, mine, None)
+
+    def _repair(self, group: str, last: int, upto: int | None):
+        """Fetch (last, upto) of a group from the replay ring into the pending queue, in order."""
+        since = last
+        while True:
+            try:
+                meta, frames = self.control.request(
+                    wire.CMD_REPLAY, {"group": group, "since": since, "limit": REPLAY_CHUNK, "epoch": self.epoch},
+                    self.control_timeout)
+            except BusError as exc:
+                self.stats.unrepaired += 1
+                log.warning("subscriber: cannot repair a gap in %s after seq %d: %s", group, since, exc)
+                return
+            if meta.get("epoch") != self.epoch:
+                return  # the broker restarted meanwhile; the next event's epoch triggers a full resync
+            if meta.get("lost"):
+                self.stats.lost += meta["lost"]
+                log.warning("subscriber: %d events of %s fell out of the broker's replay ring", meta["lost"], group)
+            for i in range(0, len(frames), 3):
+                try:
+                    envelope = self.decoder.decode(frames[i], frames[i + 1], frames[i + 2], replayed=True)
+                except wire.WireError:
+                    self.stats.bad_frames += 1
+                    continue
+                if upto is not None and envelope.seq >= upto:
+                    self.last_seq[group] = since
+                    return
+                if envelope.seq > since:
+                    since = envelope.seq
+                    self.stats.repaired += 1
+                    self._deliver(envelope)
+            self.last_seq[group] = since
+            if not meta.get("more"):
+                return
+
+    def snapshot(self, groups=None, timeout: float = 2.0) -> list:
+        """The last event of every topic (of the given groups, default: ours), from the broker's cache."""
+        groups = list(groups) if groups is not None else (sorted(self.groups) if self.groups else None)
+        meta, frames = self.control.request(wire.CMD_SNAPSHOT, {"groups": groups}, timeout)
+        return [self.decoder.decode(frames[i], frames[i + 1], frames[i + 2], replayed=True)
+                for i in range(0, len(frames), 3)]
+
+    def broker_alive(self, factor: float = 3.0) -> bool:
+        """False when no heartbeat came for ``factor`` heartbeat intervals."""
+        return self.last_heartbeat is not None and time.monotonic() - self.last_heartbeat < factor * self.bus.heartbeat
+
+    def close(self):
+        self.sock.close(linger=0)
+        self.control.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --- commands ---------------------------------------------------------------------------------------------------
+
+def run_fire(config, event: str, payload_json: str | None, src: str, timeout: float) -> int:
+    """`zevents fire`: publish one event and wait for the broker's ack."""
+    payload = {}
+    if payload_json:
+        try:
+            payload = json.loads(payload_json)
+        except json.JSONDecodeError as exc:
+            print(f"zevents: --payload is not valid JSON: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(payload, dict):
+            print("zevents: --payload must be a JSON object", file=sys.stderr)
+            return 2
+    if not event or "/" in event or len(event) > 128:
+        print(f"zevents: {event!r} is not an event name", file=sys.stderr)
+        return 2
+    name = _events.canonical(event)
+    publisher = Publisher(config, src=src, printer=config.get("printer", "name"))
+    try:
+        ack = publisher.publish_confirmed(name, _events.complete_payload(name, payload), timeout=timeout)
+    except BusError as exc:
+        print(f"zevents: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        publisher.close(linger=0)
+    print(f"{ack['topic']} seq {ack['seq']}", file=sys.stderr)
+    return 0
+
+
+def format_line(envelope: wire.Envelope) -> str:
+    stamp = time.strftime("%H:%M:%S", time.localtime(envelope.ts / 1e6)) + f".{envelope.ts % 1_000_000 // 1000:03d}"
+    payload = json.dumps(envelope.payload, default=repr, ensure_ascii=False)
+    return f"{stamp} {envelope.topic} #{envelope.seq} [{envelope.src}] {payload}"
+
+
+def run_tail(config, prefixes: list, as_json: bool, count: int | None, timeout: float | None,
+             since: int | None = None) -> int:
+    """`zevents tail`: print events as they come; exit 0 after ``count`` events, 1 on timeout."""
+    groups = set()
+    for prefix in prefixes:
+        group = prefix.split("/", 1)[0]
+        if group not in _events.GROUPS:
+            print(f"zevents: unknown group {group!r} in {prefix!r}; groups: {', '.join(_events.GROUPS)}",
+                  file=sys.stderr)
+            return 2
+        groups.add(group)
+    control = Control(config)
+    try:
+        control.ping(timeout=min(timeout or 3.0, 3.0))
+    except BusError as exc:
+        print(f"zevents: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        control.close()
+    resume = None
+    if since is not None:
+        resume = {g: since for g in (groups or _events.GROUPS)}
+    subscriber = Subscriber(config, groups=groups or None, since=resume)
+    if resume is not None:
+        for group in resume:
+            subscriber._repair(group, since, None)
+    wanted = tuple(p for p in prefixes if "/" in p)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    seen = 0
+    out = sys.stdout
+    try:
+        while count is None or seen < count:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            envelope = subscriber.recv(remaining)
+            if envelope is None:
+                break
+            if wanted and not any(envelope.topic.startswith(p) for p in wanted) and \
+                    envelope.group not in {p for p in prefixes if "/" not in p}:
+                continue
+            out.write(json.dumps(envelope.to_dict(), default=repr, ensure_ascii=False) if as_json
+                      else format_line(envelope))
+            out.write("\n")
+            out.flush()
+            seen += 1
+    except BrokenPipeError:
+        return 0
+    finally:
+        subscriber.close()
+    if count is not None and seen < count:
+        print(f"zevents: timed out after {timeout:g} s with {seen} of {count} events", file=sys.stderr)
+        return 1
+    if count is None and timeout is not None:
+        return 1 if seen == 0 else 0
+    return 0

@@ -1,0 +1,119 @@
+"""The printer link's command channel: how the CLI and the hooks service ask the link to do things.
+
+It is a ROUTER socket owned by the link (``printer.commands`` endpoint, an ipc socket in the node's 0700 runtime
+directory by default) and never the PUB/SUB bus, so no event on the bus can move the printer.  Requests and replies
+use the control framing of ``zevents.wire`` (command, msgpack argument map; reply OK/ERR + map).
+
+Commands (argument maps in brackets):
+  GCODE {lines: [str], src: str}   send lines in order (parsed, may be suppressed); reply {accepted, suppressed}
+  CONNECT {port?, baudrate?} / DISCONNECT {}
+  SELECT {path} / DESELECT {}      select a local file for printing
+  PRINT {path?}                    start printing the selected (or given) file
+  PAUSE {} / RESUME {} / CANCEL {}
+  SD_LIST {} / SD_UPLOAD {path, remote?} / SD_PRINT {remote}
+  STATUS {}                        state, job, position, temperatures
+A request the link cannot honour now (not connected, no file selected, ...) gets ERR with a clear ``error``.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+
+import zmq
+
+from zevents import wire
+
+COMMANDS = ("GCODE", "CONNECT", "DISCONNECT", "SELECT", "DESELECT", "PRINT", "PAUSE", "RESUME", "CANCEL",
+            "SD_LIST", "SD_UPLOAD", "SD_PRINT", "STATUS")
+
+
+class ChannelError(RuntimeError):
+    """The link refused the request or did not answer."""
+
+
+def endpoint(config) -> str:
+    return config.endpoint("printer", "commands", "printer.sock")
+
+
+class CommandClient:
+    """Sends requests to the link; one outstanding request at a time, stale replies discarded."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, endpoint: str, context: zmq.Context | None = None):
+        self.endpoint = endpoint
+        self.context = context or zmq.Context.instance()
+        self.sock = None
+
+    def request(self, command: str, args: dict | None = None, timeout: float = 10.0) -> dict:
+        if command not in COMMANDS:
+            raise ValueError(f"unknown printer command {command!r}")
+        if self.sock is None:
+            self.sock = self.context.socket(zmq.DEALER)
+            self.sock.setsockopt(zmq.LINGER, 0)
+            self.sock.connect(self.endpoint)
+        request_id = next(self._ids)
+        self.sock.send_multipart(wire.request(command.encode(), dict(args or {}, id=request_id)))
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.sock.poll(remaining * 1000):
+                self.close()
+                raise ChannelError(f"the printer link at {self.endpoint} did not answer within {timeout:g} s "
+                                   "(is `zevents printer` running?)")
+            ok, meta, _ = wire.parse_reply(self.sock.recv_multipart())
+            if meta.get("id") != request_id:
+                continue
+            if not ok:
+                raise ChannelError(meta.get("error") or "refused")
+            return meta
+
+    def gcode(self, lines, src: str = "user", timeout: float = 10.0) -> dict:
+        if isinstance(lines, str):
+            lines = lines.splitlines()
+        return self.request("GCODE", {"lines": list(lines), "src": src}, timeout)
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None
+
+
+class CommandServer:
+    """The link's side: a ROUTER that yields (reply_to, command, args) and sends replies."""
+
+    def __init__(self, endpoint: str, context: zmq.Context | None = None):
+        self.context = context or zmq.Context.instance()
+        self.sock = self.context.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(endpoint)
+
+    def receive(self):
+        """One pending request as (reply_to, command, args), or None when none is waiting or it was malformed."""
+        try:
+            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        reply_to, rest = [frames[0]], frames[1:]
+        if rest and rest[0] == b"":
+            reply_to.append(b"")
+            rest = rest[1:]
+        try:
+            command = rest[0].decode()
+            args = wire.unpack(rest[1])
+            if not isinstance(args, dict):
+                raise ValueError("arguments are not a map")
+        except Exception as exc:
+            self.sock.send_multipart(reply_to + wire.reply(False, {"error": f"malformed request: {exc}"}))
+            return None
+        return reply_to, command, args
+
+    def reply(self, reply_to: list, args: dict, ok: bool = True, **meta):
+        meta["id"] = args.get("id")
+        try:
+            self.sock.send_multipart(reply_to + wire.reply(ok, meta), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the requester went away
+
+    def close(self):
+        self.sock.close(linger=0)
