@@ -83,6 +83,124 @@ def parse(files: List[str] = typer.Argument(..., help="G-code files."),
     raise typer.Exit(analysis.run_parse(files, as_json, summary))
 
 
+hooks_app = typer.Typer(help="Event hooks: OctoPrint's events.subscriptions, run from the bus.")
+app.add_typer(hooks_app, name="hooks")
+
+
+@hooks_app.callback(invoke_without_command=True)
+def hooks(ctx: typer.Context, config: Optional[str] = ConfigOption):
+    """Run the hooks service (no subcommand); SIGHUP or a change of the config file reloads it."""
+    ctx.obj = config
+    if ctx.invoked_subcommand is not None:
+        return
+    from zevents.subscribers import hooks as hooks_mod
+
+    raise typer.Exit(hooks_mod.run(load_config(config)))
+
+
+@hooks_app.command("test")
+def hooks_test(ctx: typer.Context,
+               event: str = typer.Argument(..., help="Event name, e.g. PrintDone."),
+               payload: Optional[str] = typer.Option(None, "--payload", "-p", help="Payload as a JSON object."),
+               run: bool = typer.Option(False, "--run", help="Run the matching hooks and print their results."),
+               config: Optional[str] = ConfigOption):
+    """Show which subscriptions match EVENT and the exact argv (or G-code) each would run."""
+    from zevents.subscribers import hooks as hooks_mod
+
+    raise typer.Exit(hooks_mod.run_test(load_config(config or ctx.obj), event, payload, run))
+
+
+@app.command()
+def printer(port: Optional[str] = typer.Option(None, "--port", help="Serial device, pyserial URL or AUTO "
+                                                                   "(default: printer.port)."),
+            virtual: bool = typer.Option(False, "--virtual", help="Run the built-in virtual printer and use it."),
+            baud: Optional[int] = typer.Option(None, "--baud", help="Baud rate; 0 detects it."),
+            config: Optional[str] = ConfigOption):
+    """Run the printer link: serial protocol, print jobs, command channel, printer events."""
+    from zevents.printer import service
+
+    if port and virtual:
+        raise fail("give --port or --virtual, not both")
+    raise typer.Exit(service.run(load_config(config), port=port, baud=baud, virtual=virtual))
+
+
+@app.command("print")
+def print_file(file: str = typer.Argument(..., help="Local G-code file to print."),
+               config: Optional[str] = ConfigOption):
+    """Select a local file and print it on the running link."""
+    from zevents.printer import service
+
+    raise typer.Exit(service.run_print(load_config(config), file))
+
+
+@app.command()
+def pause(config: Optional[str] = ConfigOption):
+    """Pause the running print (prints the head position)."""
+    from zevents.printer import service
+
+    raise typer.Exit(service.run_control(load_config(config), "pause"))
+
+
+@app.command()
+def resume(config: Optional[str] = ConfigOption):
+    """Resume the paused print."""
+    from zevents.printer import service
+
+    raise typer.Exit(service.run_control(load_config(config), "resume"))
+
+
+@app.command()
+def cancel(config: Optional[str] = ConfigOption):
+    """Cancel the running print."""
+    from zevents.printer import service
+
+    raise typer.Exit(service.run_control(load_config(config), "cancel"))
+
+
+@app.command()
+def send(lines: List[str] = typer.Argument(..., help="G-code lines, one per argument."),
+         config: Optional[str] = ConfigOption):
+    """Send G-code to the printer through the running link."""
+    from zevents.printer import service
+
+    raise typer.Exit(service.run_send(load_config(config), lines))
+
+
+@app.command()
+def sd(action: str = typer.Argument(..., help="ls, upload or print."),
+       name: Optional[str] = typer.Argument(None, help="upload: the local file; print: the SD file name."),
+       remote: Optional[str] = typer.Option(None, "--as", help="upload: the name on the SD card (8.3)."),
+       no_wait: bool = typer.Option(False, "--no-wait", help="upload: return once the transfer has started."),
+       config: Optional[str] = ConfigOption):
+    """The printer's SD card: list it, upload a local file to it, print a file from it."""
+    from zevents.printer import service
+
+    if action == "print":
+        raise typer.Exit(service.run_sd(load_config(config), "print", remote=name))
+    raise typer.Exit(service.run_sd(load_config(config), action, file=name, remote=remote, wait=not no_wait))
+
+
+@app.command("virtual-printer")
+def virtual_printer(link: Optional[str] = typer.Option(None, "--link", help="Also make this symlink to the device."),
+                    firmware: str = typer.Option("marlin", "--firmware",
+                                                 help="Reply formats: marlin, prusa, klipper, rrf, smoothie, "
+                                                      "repetier."),
+                    speed: float = typer.Option(100.0, "--speed", help="Simulated time factor; 0 = instant."),
+                    tools: int = typer.Option(1, "--tools", help="Number of extruders."),
+                    sd_dir: Optional[str] = typer.Option(None, "--sd-dir", help="Directory backing the SD card "
+                                                                               "(default: a temporary one)."),
+                    faults: Optional[List[str]] = typer.Option(None, "--fault", help="Fault to inject, repeatable: "
+                                                               "KIND[@LINE|@N<number>][:key=value,...], e.g. "
+                                                               "drop_line@100, silent@N20:seconds=3."),
+                    crlf: bool = typer.Option(False, "--crlf", help="End replies with CRLF instead of LF."),
+                    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the printer does.")):
+    """Run a simulated Marlin-like printer on a pseudo-terminal; prints its device path, serves until SIGTERM."""
+    from zevents.printer import virtual
+
+    raise typer.Exit(virtual.run(link=link, firmware=firmware, speed=speed, tools=tools, sd_dir=sd_dir,
+                                 faults=faults or [], crlf=True if crlf else None, verbose=verbose))
+
+
 @config_app.command("check")
 def config_check(file: str = typer.Argument(..., help="Config file to validate.")):
     """Validate a config file; every problem with its file, line and key."""

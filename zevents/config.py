@@ -46,7 +46,7 @@ SCHEMA: dict = {
     },
     "printer": {
         "name": OPT_STR, "port": OPT_STR, "baudrate": int, "commands": OPT_STR, "allow_bus_commands": bool,
-        "timeout": NUMBER, "window": int,
+        "timeout": NUMBER, "window": int, "retries": int,
         "virtual": {"firmware": str, "speed": NUMBER, "tools": int},
         "scripts": dict,
     },
@@ -295,8 +295,11 @@ def load(path: str | os.PathLike | None = None, text: str | None = None) -> Conf
             raise ConfigError(f"cannot read: {exc}", path) from None
     _register_builtin_validators()
     config, problems = _build(text, path)
-    if problems:
-        raise problems[0]
+    # A problem marked `fatal = False` (one bad hook subscription) is for `config check` and its service to report;
+    # it must not stop every other service from loading the file.
+    fatal = [problem for problem in problems if getattr(problem, "fatal", True)]
+    if fatal:
+        raise fatal[0]
     return config
 
 

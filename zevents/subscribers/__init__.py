@@ -1,0 +1,1 @@
+"""Services that subscribe to the bus and act on events (the hooks service: ``zevents.subscribers.hooks``)."""

@@ -1,0 +1,710 @@
+"""The hooks service (`zevents hooks`): OctoPrint's event hooks, run from the bus, safely, boundedly, observably.
+
+It owns:
+
+* the subscriber loop: every event is matched against ``events.subscriptions`` (see
+  :mod:`zevents.subscribers.hooks_config`) and each admitted run is queued with the printer state of that moment
+  (``__currentZ``, ``__filename``, ..., kept here from the broker's snapshot at start-up, then live events);
+* a worker pool (``hooks.workers``) that runs the queue: the commands of one run in order, stopping at the first
+  failure; system commands without a shell (:mod:`zevents.placeholders`, :mod:`zevents.subscribers.hooks_exec`),
+  G-code through the printer link's command channel, never the PUB/SUB bus;
+* the result events ``hook/HookFinished``, ``hook/HookFailed``, ``hook/HookTimedOut`` (src ``hook``), whose payload
+  adds ``stdout`` (tail), ``depth`` (how many hook runs led to this one), ``started`` (µs) and ``type`` to the
+  catalogue's keys;
+* loop safety: a subscription never runs on the results of its own runs, and a chain of hooks triggered by hook
+  results stops at :data:`MAX_HOOK_DEPTH`;
+* reloading the config on SIGHUP or when the file changes (an invalid file keeps the running config), then
+  publishing ``SettingsUpdated``;
+* `zevents hooks test`: what would run for an event, or run it and show the results.
+
+The subscriber thread only decodes, matches and queues: spawning happens on the workers, so a slow hook never
+delays the next event's match.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+
+from zevents import bus
+from zevents import config as zconfig
+from zevents import events as _events
+from zevents import placeholders
+from zevents.printer import channel
+from zevents.subscribers import hooks_config, hooks_exec
+from zevents.subscribers.hooks_config import Subscription
+
+log = logging.getLogger("zevents.hooks")
+
+zconfig.SECTION_VALIDATORS["events"] = hooks_config.validate_events
+zconfig.SECTION_VALIDATORS["hooks"] = hooks_config.validate_hooks
+
+MAX_HOOK_DEPTH = 3
+GCODE_REPLY_TIMEOUT = 10.0
+STATE_GROUPS = ("gcode", "file", "print", "comm")
+RESULT_TEXT_LIMIT = 2000
+ENV_VALUE_LIMIT = 65536
+FINISHED, FAILED, TIMED_OUT = "HookFinished", "HookFailed", "HookTimedOut"
+
+
+# --- printer state behind the generic placeholders ---------------------------------------------------------------
+
+def _set_file(values: dict, payload: dict):
+    if payload.get("path") is not None or payload.get("name") is not None:
+        values["filename"] = payload.get("name")
+        values["filepath"] = payload.get("path")
+        values["fileorigin"] = payload.get("origin")
+
+
+def _z_from(key):
+    def apply(values, payload):
+        z = payload.get(key)
+        if isinstance(z, (int, float)) and not isinstance(z, bool):
+            values["currentZ"] = z
+    return apply
+
+
+def _progress_from_payload(values, payload):
+    progress = payload.get("progress")
+    if isinstance(progress, (int, float)) and not isinstance(progress, bool):
+        values["progress"] = progress
+
+
+def _deselect(values, payload):
+    values["filename"] = values["filepath"] = values["fileorigin"] = None
+
+
+def _print_started(values, payload):
+    _set_file(values, payload)
+    values["progress"] = 0
+
+
+def _print_done(values, payload):
+    values["progress"] = 100
+
+
+def _disconnected(values, payload):
+    values["currentZ"] = None
+
+
+_STATE_RULES = {
+    "ZChange": _z_from("new"),
+    "PositionUpdate": _z_from("z"),
+    "LayerChanged": _z_from("z"),
+    "FileSelected": _set_file,
+    "FileDeselected": _deselect,
+    "PrintStarted": _print_started,
+    "PrintProgress": _progress_from_payload,
+    "PrintPaused": _progress_from_payload,
+    "PrintCancelled": _progress_from_payload,
+    "PrintDone": _print_done,
+    "Disconnected": _disconnected,
+}
+
+
+class PrinterState:
+    """What the generic placeholders report, as learnt from the bus."""
+
+    def __init__(self):
+        self.values = {"currentZ": None, "filename": None, "filepath": None, "fileorigin": None, "progress": None}
+
+    def apply(self, name: str, payload: dict):
+        rule = _STATE_RULES.get(name)
+        if rule is not None:
+            rule(self.values, payload)
+
+    def load(self, envelopes):
+        """Start-up: the broker's last event per topic, applied oldest first."""
+        for envelope in sorted(envelopes, key=lambda e: (e.ts, e.seq)):
+            self.apply(envelope.name, envelope.payload)
+
+
+# --- one run ---------------------------------------------------------------------------------------------------
+
+class Job:
+    __slots__ = ("subscription", "name", "payload", "ts", "state", "depth")
+
+    def __init__(self, subscription: Subscription, name: str, payload: dict, ts: int | None, state: dict,
+                 depth: int = 1):
+        self.subscription = subscription
+        self.name = name
+        self.payload = payload
+        self.ts = ts
+        self.state = state
+        self.depth = depth
+
+
+def _text(data: bytes, limit: int = RESULT_TEXT_LIMIT) -> str:
+    text = data.decode("utf-8", "replace")
+    return text if len(text) <= limit else "[...]" + text[-limit:]
+
+
+def _env_key(key) -> str:
+    return "".join(c if c.isalnum() else "_" for c in str(key)).upper()
+
+
+def _env_value(value) -> str:
+    if isinstance(value, str):
+        text = value
+    elif value is None:
+        text = ""
+    elif isinstance(value, (dict, list, tuple)):
+        text = placeholders.to_json(value)
+    else:
+        text = str(value)
+    return text.replace("\x00", "")
+
+
+def _one_line(text: str) -> str:
+    """G-code values: a newline in a file name must not become a second G-code line."""
+    return text.replace("\r", " ").replace("\n", " ")
+
+
+class HookRunner:
+    """Fills and runs the commands of one job; knows nothing of the bus (the service publishes the outcome)."""
+
+    def __init__(self, config, on_started=None):
+        self.on_started = on_started
+        self.base_env = dict(os.environ)
+        self.active: dict[int, float] = {}    # pid → start, for killing what still runs at shutdown
+        self._local = threading.local()
+        self.reconfigure(config)
+
+    def reconfigure(self, config):
+        self.command_endpoint = channel.endpoint(config)
+
+    def values(self, job: Job) -> placeholders.Values:
+        subscription = job.subscription
+
+        def missing(field):
+            key = (job.name, field.text)
+            if key not in subscription.warned:
+                subscription.warned.add(key)
+                log.warning("hook %r: placeholder %s has no value for %s; it renders empty (warned once)",
+                            subscription.name, field.text, job.name)
+
+        return placeholders.Values(job.name, job.payload, job.state, job.ts, missing)
+
+    def plan(self, job: Job, values: placeholders.Values | None = None) -> list:
+        """What the job runs, filled: argv lists (system) or G-code lines (gcode)."""
+        values = values or self.values(job)
+        subscription = job.subscription
+        if subscription.type == "gcode":
+            return [template.render(values, _one_line) for template in subscription.commands]
+        if subscription.shell:
+            return [["/bin/sh", "-c", template.render(values)] for template in subscription.commands]
+        return [[word.render(values) for word in argv] for argv in subscription.commands]
+
+    def environment(self, job: Job, values: placeholders.Values, payload_json: str) -> dict:
+        env = dict(self.base_env)
+        env["ZEVENTS_EVENT"] = job.name
+        env["ZEVENTS_SUBSCRIPTION"] = job.subscription.name
+        for name in ("__currentZ", "__filename", "__filepath", "__fileorigin", "__progress", "__now"):
+            env["ZEVENTS_" + name[2:].upper()] = _env_value(values.generic(name))
+        if len(payload_json) <= ENV_VALUE_LIMIT:
+            env["ZEVENTS_PAYLOAD"] = payload_json
+        for key, value in job.payload.items():
+            text = _env_value(value)
+            if len(text) <= ENV_VALUE_LIMIT:
+                env["ZEVENTS_PAYLOAD_" + _env_key(key)] = text
+        for key, template in job.subscription.env.items():
+            env[key] = template.render(values).replace("\x00", "")
+        return env
+
+    def execute(self, job: Job) -> tuple[str, dict]:
+        """(result event name, payload) of one run."""
+        subscription = job.subscription
+        values = self.values(job)
+        started = time.monotonic()
+        if subscription.type == "gcode":
+            name, fields = self._send_gcode(job, values)
+        else:
+            name, fields = self._run_system(job, values)
+        payload = {"subscription": subscription.name, "event": job.name, "duration": time.monotonic() - started,
+                   "depth": job.depth, "type": subscription.type}
+        payload.update(fields)
+        self._log(subscription, name, payload)
+        return name, _events.complete_payload(name, payload)
+
+    def _run_system(self, job: Job, values) -> tuple[str, dict]:
+        subscription = job.subscription
+        payload_json = placeholders.to_json(job.payload)
+        env = self.environment(job, values, payload_json)
+        stdin = payload_json.encode("utf-8", "replace")
+        result = None
+        first_started = None
+        for argv in self.plan(job, values):
+            if subscription.debug:
+                log.info("hook %r on %s: running %s", subscription.name, job.name, json.dumps(argv))
+            result = hooks_exec.run(argv, env, subscription.cwd, stdin, subscription.timeout, self._started)
+            self.active.pop(result.pid, None)
+            first_started = first_started or result.started_ns
+            if not result.ok:
+                break
+        if result.timed_out:
+            name = TIMED_OUT
+        elif result.ok:
+            name = FINISHED
+        else:
+            name = FAILED
+        return name, {"argv": list(result.argv), "returncode": result.returncode, "stderr": _text(result.stderr),
+                      "stdout": _text(result.stdout), "started": (first_started or 0) // 1000}
+
+    def _started(self, result):
+        self.active[result.pid] = time.monotonic()
+        if self.on_started is not None:
+            self.on_started(result)
+
+    def _client(self) -> channel.CommandClient:
+        client = getattr(self._local, "client", None)
+        if client is None or client.endpoint != self.command_endpoint:
+            if client is not None:
+                client.close()
+            client = self._local.client = channel.CommandClient(self.command_endpoint)
+        return client
+
+    def _send_gcode(self, job: Job, values) -> tuple[str, dict]:
+        lines = self.plan(job, values)
+        fields = {"argv": lines, "returncode": None, "stderr": "", "stdout": "", "started": time.time_ns() // 1000}
+        endpoint = self.command_endpoint
+        if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
+            fields["stderr"] = (f"the printer link is not running: no command channel at {endpoint} "
+                                "(start the printer link, or set printer.commands)")
+            return FAILED, fields
+        if job.subscription.debug:
+            log.info("hook %r on %s: sending %s", job.subscription.name, job.name, json.dumps(lines))
+        try:
+            reply = self._client().gcode(lines, src="hook",
+                                         timeout=min(job.subscription.timeout, GCODE_REPLY_TIMEOUT))
+        except channel.ChannelError as exc:
+            fields.update(returncode=1, stderr=str(exc))
+            return FAILED, fields
+        fields.update(returncode=0, stdout=json.dumps({k: v for k, v in reply.items() if k != "id"}, default=str))
+        return FINISHED, fields
+
+    @staticmethod
+    def _log(subscription: Subscription, name: str, payload: dict):
+        if name == FINISHED:
+            if subscription.debug:
+                log.info("hook %r on %s finished in %.3f s; output: %s", subscription.name, payload["event"],
+                         payload["duration"], payload.get("stdout", "")[-500:])
+            return
+        what = "timed out after" if name == TIMED_OUT else "failed after"
+        log.warning("hook %r on %s %s %.3f s (%s, exit %s); stderr: %s", subscription.name, payload["event"], what,
+                    payload["duration"], json.dumps(payload["argv"])[:300], payload["returncode"],
+                    (payload.get("stderr") or "")[-500:] or "(none)")
+
+    def kill_active(self):
+        for pid in list(self.active):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def close(self):
+        client = getattr(self._local, "client", None)
+        if client is not None:
+            client.close()
+
+
+# --- the service -----------------------------------------------------------------------------------------------
+
+class HooksService:
+    """Subscriber loop + worker pool + result publisher.  ``serve()`` blocks until ``stop()``; ``close()`` after."""
+
+    def __init__(self, config, context=None, on_started=None):
+        hooks_exec.ensure_std_fds()
+        self.config = config
+        self.context = context
+        self.runner = HookRunner(config, on_started)
+        self.state = PrinterState()
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.stats: collections.Counter = collections.Counter()
+        self.subscriptions: list = []
+        self.table: dict = {}
+        self.running = 0
+        self.max_running = 0
+        self._count_lock = threading.Lock()
+        self._workers: list = []
+        self._target_workers = 0
+        self._publisher = None
+        self._publish_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._closing = False
+        self._reload_at: float | None = None
+        self._reload_reason = ""
+        self._config_text = self._read(config.path) if config.path else None
+        self.ready = threading.Event()
+        self.problems = self._install(config)
+
+    # --- configuration --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _read(path):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                return handle.read()
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def _install(self, config) -> list:
+        subscriptions, problems = hooks_config.compile_section(config)
+        for problem in problems:
+            (log.error if problem.skips else log.warning)("%s%s", problem,
+                                                          " — subscription left out" if problem.skips else "")
+        enabled = bool(config.get("events", "enabled", default=True))
+        table: dict = {}
+        if enabled:
+            for subscription in subscriptions:
+                if subscription.enabled:
+                    for name in subscription.events:
+                        table.setdefault(name, []).append(subscription)
+        else:
+            log.info("event hooks are disabled (events.enabled: false)")
+        self.subscriptions = subscriptions
+        self.table = table
+        self._target_workers = int(config.get("hooks", "workers", default=4))
+        if self._workers:
+            self._resize_pool()
+        log.info("%d subscription(s) active on %d event name(s), %d left out, %d worker(s)",
+                 sum(1 for s in subscriptions if s.enabled) if enabled else 0, len(table),
+                 len(config.get("events", "subscriptions", default=None) or []) - len(subscriptions),
+                 self._target_workers)
+        return problems
+
+    def request_reload(self, reason: str, delay: float = 0.0):
+        """Ask the subscriber loop to reload (safe from a signal handler or another thread)."""
+        self._reload_reason = reason
+        self._reload_at = time.monotonic() + delay
+
+    def reload(self) -> bool:
+        """Re-read the config file; the new subscriptions replace the old ones, or the old ones stay (logged)."""
+        reason, self._reload_at = self._reload_reason, None
+        path = self.config.path
+        if path is None:
+            log.warning("reload (%s): running on the embedded default config; nothing to reload", reason)
+            return False
+        text = self._read(path)
+        if text is None:
+            log.error("reload (%s): cannot read %s; the previous configuration stays in force", reason, path)
+            self.stats["reload_failed"] += 1
+            return False
+        if text == self._config_text and reason != "SIGHUP":
+            return False
+        try:
+            new = zconfig.load(path)
+        except zconfig.ConfigError as exc:
+            log.error("reload (%s): %s; the previous configuration stays in force", reason, exc)
+            self.stats["reload_failed"] += 1
+            return False
+        if new.get("bus") != self.config.get("bus"):
+            log.warning("reload: the bus: section changed; it takes effect when the hooks service restarts")
+        self.config = new
+        self._config_text = text
+        self.runner.reconfigure(new)
+        self.problems = self._install(new)
+        self.stats["reloads"] += 1
+        self._publish("SettingsUpdated", {"service": "hooks", "path": path, "reason": reason,
+                                          "subscriptions": sum(len(v) for v in self.table.values())})
+        log.info("configuration reloaded from %s (%s)", path, reason)
+        return True
+
+    # --- workers --------------------------------------------------------------------------------------------
+
+    def start(self):
+        if self._publisher is None:
+            self._publisher = bus.Publisher(self.config, src="hook", printer=self.config.get("printer", "name"),
+                                            context=self.context)
+        self._resize_pool()
+
+    def _resize_pool(self):
+        self._workers = [w for w in self._workers if w.is_alive()]
+        missing = self._target_workers - len(self._workers)
+        for _ in range(max(0, missing)):
+            worker = threading.Thread(target=self._work, name=f"hook-worker-{len(self._workers)}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
+        for _ in range(max(0, -missing)):
+            self.queue.put(None)   # one worker retires when it reaches this, after the jobs queued before it
+
+    def _work(self):
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            if self._closing:
+                self.stats["not_run_at_stop"] += 1
+                continue
+            with self._count_lock:
+                self.running += 1
+                if self.running > self.max_running:
+                    self.max_running = self.running
+            try:
+                name, payload = self.runner.execute(job)
+            except Exception as exc:  # a bug here must not kill the worker and silently shrink the pool
+                log.exception("hook %r on %s: internal error", job.subscription.name, job.name)
+                name, payload = FAILED, _events.complete_payload(FAILED, {
+                    "subscription": job.subscription.name, "event": job.name, "stderr": f"internal error: {exc}",
+                    "depth": job.depth, "type": job.subscription.type})
+            finally:
+                with self._count_lock:
+                    self.running -= 1
+            self.stats[name] += 1
+            self._publish(name, payload)
+
+    def _publish(self, name: str, payload: dict):
+        if self._publisher is None:
+            return
+        with self._publish_lock:
+            try:
+                self._publisher.publish(name, payload)
+            except Exception as exc:  # an unpackable value in a payload; the run itself already happened
+                log.error("cannot publish %s: %s", name, exc)
+
+    # --- the subscriber loop --------------------------------------------------------------------------------
+
+    def dispatch(self, envelope) -> int:
+        """Match one event; queue the runs it admits.  Returns how many."""
+        name = envelope.name
+        payload = envelope.payload
+        self.state.apply(name, payload)
+        subscriptions = self.table.get(name)
+        if not subscriptions:
+            return 0
+        # A publisher that left out catalogue keys: they render empty without a "missing" warning.
+        payload = _events.complete_payload(name, payload)
+        depth = 0
+        if envelope.group == "hook":
+            depth = payload.get("depth")
+            depth = depth if isinstance(depth, int) and not isinstance(depth, bool) and depth > 0 else 1
+        state = dict(self.state.values)
+        queued = 0
+        for subscription in subscriptions:
+            if self.admit(subscription, envelope.group, name, payload, depth):
+                self.queue.put(Job(subscription, name, payload, envelope.ts, state, depth + 1))
+                queued += 1
+        return queued
+
+    def admit(self, subscription: Subscription, group: str, name: str, payload: dict, depth: int) -> bool:
+        if group == "hook":
+            if payload.get("subscription") == subscription.name:
+                self._refuse(subscription, "self", "does not run on the results of its own runs (a loop)")
+                return False
+            if depth + 1 > MAX_HOOK_DEPTH:
+                self._refuse(subscription, "depth", f"not run: a chain of {MAX_HOOK_DEPTH} hooks triggered by "
+                                                    "hook results ends here (a loop?)")
+                return False
+        if subscription.filter and not subscription.matches_filter(payload):
+            self.stats["filtered"] += 1
+            return False
+        if subscription.min_interval:
+            now = time.monotonic()
+            last = subscription.last_admitted
+            if last is not None and now - last < subscription.min_interval:
+                self.stats["rate_limited"] += 1
+                if subscription.debug:
+                    log.info("hook %r: %s skipped (min_interval %.3g s)", subscription.name, name,
+                             subscription.min_interval)
+                return False
+            subscription.last_admitted = now
+        return True
+
+    def _refuse(self, subscription: Subscription, kind: str, why: str):
+        self.stats[f"loop_{kind}"] += 1
+        if ("loop", kind) not in subscription.warned:
+            subscription.warned.add(("loop", kind))
+            log.warning("hook %r %s", subscription.name, why)
+
+    def serve(self):
+        """Run until stop(): subscribe, learn the printer state, dispatch events, reload when asked."""
+        self.start()
+        subscriber = bus.Subscriber(self.config, groups=None, context=self.context)
+        try:
+            try:
+                self.state.load(subscriber.snapshot(STATE_GROUPS))
+            except bus.BusError as exc:
+                log.warning("no snapshot from the broker (%s): printer state unknown until events arrive", exc)
+            self.ready.set()
+            recv = subscriber.recv
+            dispatch = self.dispatch
+            while not self._stop.is_set():
+                envelope = recv(0.2)
+                if envelope is not None:
+                    dispatch(envelope)
+                if self._reload_at is not None and time.monotonic() >= self._reload_at:
+                    self.reload()
+        finally:
+            subscriber.close()
+
+    def stop(self):
+        self._stop.set()
+
+    def close(self, grace: float = 5.0):
+        """Stop the workers: running hooks get ``grace`` seconds, queued ones are not started."""
+        self._stop.set()
+        self._closing = True
+        for _ in self._workers:
+            self.queue.put(None)
+        deadline = time.monotonic() + grace
+        for worker in self._workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        if any(w.is_alive() for w in self._workers):
+            log.warning("hooks still running at shutdown: killing their process groups")
+            self.runner.kill_active()
+            for worker in self._workers:
+                worker.join(1.0)
+        if self.stats["not_run_at_stop"]:
+            log.warning("%d queued hook run(s) were not started because the service stopped",
+                        self.stats["not_run_at_stop"])
+        self.runner.close()
+        if self._publisher is not None:
+            self._publisher.close(linger=1.0)
+            self._publisher = None
+
+
+def watch_config(service: HooksService, path: str):
+    """A watchdog observer that asks for a reload when the config file is written, replaced or moved into place."""
+    from watchdog.events import FileSystemEventHandler
+    from watchdog.observers import Observer
+
+    target = os.path.realpath(path)
+
+    class Handler(FileSystemEventHandler):
+        def on_any_event(self, event):
+            if event.event_type not in ("modified", "created", "moved", "closed"):
+                return
+            paths = (event.src_path, getattr(event, "dest_path", "") or "")
+            if any(p and os.path.realpath(p) == target for p in paths):
+                # Editors write in several steps: wait for the file to settle.
+                service.request_reload("file changed", delay=0.2)
+
+    observer = Observer()
+    observer.schedule(Handler(), os.path.dirname(target) or ".", recursive=False)
+    observer.daemon = True
+    observer.start()
+    return observer
+
+
+def run(config) -> int:
+    """`zevents hooks`: serve until SIGINT/SIGTERM; SIGHUP or a change of the file reloads it."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    service = HooksService(config)
+
+    def on_stop(signum, frame):
+        service.stop()
+
+    def on_hup(signum, frame):
+        service.request_reload("SIGHUP")
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+    observer = None
+    if config.path:
+        try:
+            observer = watch_config(service, config.path)
+        except Exception as exc:  # inotify limits, unsupported file systems: SIGHUP still works
+            log.warning("cannot watch %s for changes (%s); reload with SIGHUP", config.path, exc)
+    try:
+        service.serve()
+    finally:
+        if observer is not None:
+            observer.stop()
+            observer.join(2.0)
+        service.close()
+    log.info("hooks service stopped (%s)", ", ".join(f"{k} {v}" for k, v in sorted(service.stats.items())) or
+             "no runs")
+    return 0
+
+
+# --- `zevents hooks test` --------------------------------------------------------------------------------------
+
+def _snapshot_state(config) -> tuple[dict, str | None]:
+    state = PrinterState()
+    try:
+        subscriber = bus.Subscriber(config, groups=list(STATE_GROUPS), control_timeout=0.3)
+    except Exception as exc:
+        return state.values, str(exc)
+    try:
+        state.load(subscriber.snapshot(timeout=0.3))
+        return state.values, None
+    except bus.BusError as exc:
+        return state.values, str(exc)
+    finally:
+        subscriber.close()
+
+
+def run_test(config, event: str, payload_json: str | None, execute: bool, out=None) -> int:
+    """Which subscriptions match an event and what each would run (or, with ``execute``, runs them).
+
+    Exit code: 0 when at least one subscription would run (and, with ``execute``, every run finished), else 1;
+    2 for bad arguments."""
+    out = out or sys.stdout
+    err = sys.stderr
+    payload = {}
+    if payload_json:
+        try:
+            payload = json.loads(payload_json)
+        except json.JSONDecodeError as exc:
+            print(f"zevents: --payload is not valid JSON: {exc}", file=err)
+            return 2
+        if not isinstance(payload, dict):
+            print("zevents: --payload must be a JSON object", file=err)
+            return 2
+    name, why = hooks_config.check_event_name(event)
+    if why:
+        print(f"zevents: {why}", file=err)
+        return 2
+    if not _events.is_known(name):
+        print(f"note: {name} is not in the catalogue: a custom event (topic custom/{name})", file=err)
+    payload = _events.complete_payload(name, payload)
+    subscriptions, problems = hooks_config.compile_section(config)
+    for problem in problems:
+        print(f"{'error' if problem.skips else 'warning'}: {problem}", file=err)
+    state, no_state = _snapshot_state(config)
+    if no_state:
+        print(f"note: no printer state from the broker ({no_state}); generic placeholders show their defaults",
+              file=err)
+    enabled = bool(config.get("events", "enabled", default=True))
+    if not enabled:
+        print("note: events.enabled is false: the service runs no hook", file=err)
+    matching = [s for s in subscriptions if name in s.events]
+    if not matching:
+        print(f"no subscription runs on {name}", file=out)
+        return 1
+    runner = HookRunner(config)
+    ts = int(time.time() * 1e6)
+    would_run = 0
+    failures = 0
+    try:
+        for subscription in matching:
+            job = Job(subscription, name, payload, ts, dict(state))
+            header = f"{subscription.name!r} [{subscription.type}]"
+            if not subscription.enabled or not enabled:
+                print(f"{header}: disabled ({'enabled: false' if enabled else 'events.enabled: false'})", file=out)
+                continue
+            if subscription.filter and not subscription.matches_filter(payload):
+                wanted = ", ".join(f"{'.'.join(k)} in {list(v)}" for k, v in subscription.filter.items())
+                print(f"{header}: filtered out (filter: {wanted})", file=out)
+                continue
+            would_run += 1
+            print(f"{header}:", file=out)
+            for item in runner.plan(job):
+                print(f"  {'gcode' if subscription.type == 'gcode' else 'argv'}: "
+                      f"{json.dumps(item, ensure_ascii=False)}", file=out)
+            if execute:
+                result, fields = runner.execute(job)
+                failures += result != FINISHED
+                print(f"  -> {result}: returncode {fields['returncode']}, {fields['duration']:.3f} s", file=out)
+                for stream in ("stdout", "stderr"):
+                    if fields.get(stream):
+                        print(f"     {stream}: {fields[stream].rstrip()}", file=out)
+    finally:
+        runner.close()
+    return 0 if would_run and not failures else 1
