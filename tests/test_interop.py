@@ -309,7 +309,7 @@ def typed(value):
 
 def catalogue_names() -> list[str]:
     names = []
-    for name, spec in events.EVENTS.items():
+    for name in events.EVENTS:
         if name in events.SCRIPT_TEMPLATES:
             name = name.replace("${ScriptName}", "AfterPrintDone")
         elif name == "Heartbeat":
