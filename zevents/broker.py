@@ -111,7 +111,11 @@ class Broker:
         try:
             self._check_not_served()
             ctx = self.context
-            self.pull = self._socket(zmq.PULL, rcvhwm=self.bus.hwm)
+            # The ingest never pushes back: a publisher closing while its messages wait behind a full receive
+            # queue loses them (libzmq's linger drains the pipe, not the connection).  Publishers bound their
+            # own queues with their send high-water mark.
+            self.pull = self._socket(zmq.PULL, rcvhwm=0)
+            self.pull.setsockopt(zmq.LINGER, 5000)
             self.xpub = self._socket(zmq.XPUB, sndhwm=self.bus.hwm)
             self.xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
             self.router = self._socket(zmq.ROUTER)
@@ -203,8 +207,11 @@ class Broker:
     # --- the hot path -----------------------------------------------------------------------------------------
 
     def _drain_ingest(self):
-        recv = self.pull.recv
+        pull = self.pull
+        recv = pull.recv
+        more = pull.getsockopt
         nb = zmq.NOBLOCK
+        RCVMORE = zmq.RCVMORE
         for _ in range(INGEST_BATCH):
             try:
                 topic = recv(nb)
@@ -216,26 +223,51 @@ class Broker:
             except zmq.Again:
                 self._reject("frame_count", "message with fewer than 3 frames")
                 continue
+            if more(RCVMORE):
+                self._resync_long(topic, meta, payload)
+                continue
             self.ingest(topic, meta, payload)
 
-    def ingest(self, topic: bytes, meta: bytes, payload: bytes, from_pull: bool = True) -> int | None:
+    def _resync_long(self, topic: bytes, meta: bytes, payload: bytes):
+        """More than 3 frames: either one long bad message, or a short bad one merged with its good successor
+        (a message's frames arrive together, so a short message's reads run into the next one).  A frame that is
+        a valid topic starts the next message; anything before it, or a message that stays too long, is bad."""
+        frames = [topic, meta, payload]
+        for start in (1, 2):
+            if self._topic_groups.get(frames[start]) or self._learn_topic(frames[start]):
+                rest = frames[start:]
+                try:
+                    while len(rest) < 3:
+                        rest.append(self.pull.recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+                if not self.pull.getsockopt(zmq.RCVMORE):
+                    self._reject("frame_count", "message with fewer than 3 frames")
+                    self.ingest(*rest)
+                    return
+        # No message boundary found in these frames: they belong to one long message; skip to its end.
+        while self.pull.getsockopt(zmq.RCVMORE):
+            self.pull.recv()
+        self._reject("frame_count", "message with more than 3 frames")
+
+    def ingest(self, topic: bytes, meta: bytes, payload: bytes) -> int | None:
         """Validate, stamp, publish, remember.  Returns the seq, or None when the message was bad."""
         group = self._topic_groups.get(topic)
         if group is None:
             group = self._learn_topic(topic)
             if group is None:
-                return self._bad(topic, meta, payload, "topic", from_pull)
+                return self._bad(topic, meta, payload, "topic")
         try:
             prefix = self.stamper.prefix(meta)
         except wire.WireError:
-            return self._bad(topic, meta, payload, "meta", from_pull)
+            return self._bad(topic, meta, payload, "meta")
         if len(payload) > self.bus.max_payload or payload[:1] == b"" or not (
                 0x80 <= payload[0] <= 0x8f or payload[0] in (0xde, 0xdf)):
-            return self._bad(topic, meta, payload, "payload", from_pull)
+            return self._bad(topic, meta, payload, "payload")
         try:
             wire.unpack(payload)
         except Exception:
-            return self._bad(topic, meta, payload, "payload", from_pull)
+            return self._bad(topic, meta, payload, "payload")
         return self._publish(group, topic, prefix, payload)
 
     def _publish(self, group: str, topic: bytes, prefix: bytes, payload: bytes) -> int:
@@ -268,31 +300,12 @@ class Broker:
         self.counters["bad_" + reason] += 1
         self.bad.warn(reason, detail)
 
-    def _bad(self, topic: bytes, meta: bytes, payload: bytes, reason: str, from_pull: bool):
-        """A bad frame.  Either the message is bad, or a malformed neighbour shifted the frame boundaries; find
-        the real boundary (RCVMORE is only asked here, it costs as much as three recvs) so that one bad message
-        never takes a good one with it."""
-        if not from_pull or not self.pull.getsockopt(zmq.RCVMORE):
-            detail = {"topic": f"topic {topic[:60]!r} is not <group>/<Event>",
-                      "meta": "ingest meta is not a {src, printer} map",
-                      "payload": f"payload ({len(payload)} bytes) is not a msgpack map within "
-                                 f"{self.bus.max_payload} bytes"}[reason]
-            self._reject(reason, detail)
-            return None
-        # More frames follow: the message was longer than 3 frames, or a short one was merged with the next.
-        for candidate, rest in ((meta, [payload]), (payload, [])):
-            if self._topic_groups.get(candidate) or self._learn_topic(candidate):
-                frames = rest
-                try:
-                    while len(frames) < 2:
-                        frames.append(self.pull.recv(zmq.NOBLOCK))
-                except zmq.Again:
-                    break
-                self._reject("frame_count", "message with fewer than 3 frames")
-                return self.ingest(candidate, frames[0], frames[1])
-        while self.pull.getsockopt(zmq.RCVMORE):
-            self.pull.recv()
-        self._reject("frame_count", "message with more than 3 frames")
+    def _bad(self, topic: bytes, meta: bytes, payload: bytes, reason: str):
+        detail = {"topic": f"topic {topic[:60]!r} is not <group>/<Event>",
+                  "meta": "ingest meta is not a {src, printer} map",
+                  "payload": f"payload ({len(payload)} bytes) is not a msgpack map within "
+                             f"{self.bus.max_payload} bytes"}[reason]
+        self._reject(reason, detail)
         return None
 
     def publish_local(self, name_or_topic: str, payload: dict, src: str = "broker") -> int:
@@ -324,9 +337,9 @@ class Broker:
             try:
                 reply = self.control(rest)
             except Exception as exc:  # a bad request must not kill the broker
-                log.warning("control: bad request: %s", exc)
+                log.warning("control: bad request: %s: %s", type(exc).__name__, exc)
                 self.counters["bad_control"] += 1
-                reply = wire.reply(False, {"error": str(exc)})
+                reply = wire.reply(False, {"error": f"{type(exc).__name__}: {exc}".rstrip(": ")})
             try:
                 self.router.send_multipart(envelope + reply, zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -350,7 +363,7 @@ class Broker:
         if command == wire.CMD_PUBLISH:
             if len(frames) != 5:
                 raise wire.WireError("PUBLISH carries topic, meta and payload frames")
-            seq = self.ingest(frames[2], frames[3], frames[4], from_pull=False)
+            seq = self.ingest(frames[2], frames[3], frames[4])
             if seq is None:
                 return wire.reply(False, {"id": request_id, "error": "rejected: see the broker log"})
             return wire.reply(True, {"id": request_id, "epoch": self.epoch, "seq": seq,

@@ -410,7 +410,7 @@ def run_tail(config, prefixes: list, as_json: bool, count: int | None, timeout: 
         groups.add(group)
     control = Control(config)
     try:
-        control.ping(timeout=min(timeout or 3.0, 3.0))
+        epoch = control.ping(timeout=min(timeout or 3.0, 3.0))["epoch"]
     except BusError as exc:
         print(f"zevents: {exc}", file=sys.stderr)
         return 1
@@ -419,7 +419,7 @@ def run_tail(config, prefixes: list, as_json: bool, count: int | None, timeout: 
     resume = None
     if since is not None:
         resume = {g: since for g in (groups or _events.GROUPS)}
-    subscriber = Subscriber(config, groups=groups or None, since=resume)
+    subscriber = Subscriber(config, groups=groups or None, since=resume, epoch=epoch if resume else None)
     if resume is not None:
         for group in resume:
             subscriber._repair(group, since, None)

@@ -1,0 +1,70 @@
+"""Shared fixtures: real brokers on ipc endpoints under tmp_path, the shared spec folder, waiting helpers."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("ZEVENTS_SHARED", REPO.parent / "shared"))
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def shared_path(*parts) -> Path:
+    """A file of ../shared, or skip the test: users' clones don't have it."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is not here (../shared is only beside the developers' clone)")
+    return path
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01, message: str = "condition"):
+    """Poll predicate until it returns a truthy value; fail the test after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def short_tmp(tmp_path_factory):
+    """A short directory: ipc socket paths must stay under ~100 bytes."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="zev-"))
+    yield path
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def bus_config(short_tmp):
+    from zevents.config import BusConfig
+
+    return BusConfig.for_dir(short_tmp, node="testnode", heartbeat=0.2)
+
+
+@pytest.fixture
+def running_broker(bus_config):
+    """A real broker serving on a thread; yields the Broker."""
+    from zevents import broker
+
+    brk, thread = broker.serve_in_thread(bus_config)
+    yield brk
+    brk.stop()
+    thread.join(5)
+    brk.close()
+
+
+@pytest.fixture
+def zevents_cmd():
+    """argv prefix that runs the installed zevents CLI with this interpreter."""
+    return [sys.executable, "-m", "zevents"]

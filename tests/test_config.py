@@ -1,0 +1,87 @@
+"""Config loading: defaults, merging, and errors that name file, line and key."""
+import os
+import stat
+
+import pytest
+
+from zevents import config
+
+
+def write(tmp_path, text, name="zevents.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_embedded_default_is_valid_and_complete():
+    cfg = config.load(text="")
+    assert cfg.get("bus", "replay_ring") >= 100000
+    assert cfg.get("printer", "port") == "VIRTUAL"
+    assert cfg.get("events", "subscriptions") == []
+    assert cfg.get("parser", "blocked_commands") == ["M0", "M1"]
+
+
+def test_user_file_merges_over_default(tmp_path):
+    cfg = config.load(write(tmp_path, "bus:\n  node: farm-1\n  heartbeat: 0.5\n"))
+    assert cfg.node == "farm-1"
+    assert cfg.bus.heartbeat == 0.5
+    assert cfg.bus.replay_ring == 100000
+
+
+def test_default_endpoints_are_ipc_in_a_private_runtime_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    bus = config.load(text="bus: {node: n9}").bus
+    for endpoint in (bus.publish, bus.ingest, bus.replay):
+        assert endpoint.startswith(f"ipc://{tmp_path}/zevents/n9/")
+    mode = stat.S_IMODE((tmp_path / "zevents").stat().st_mode)
+    assert mode == 0o700
+
+
+def test_runtime_dir_permissions_are_tightened(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    (tmp_path / "zevents").mkdir(mode=0o777)
+    os.chmod(tmp_path / "zevents", 0o777)
+    config.runtime_dir()
+    assert stat.S_IMODE((tmp_path / "zevents").stat().st_mode) == 0o700
+
+
+def test_every_problem_is_reported_with_file_line_and_key(tmp_path):
+    path = write(tmp_path, "bus:\n  nodee: x\n  heartbeat: fast\nprinter:\n  virtual:\n    tools: two\nfoo: 1\n")
+    problems = [str(p) for p in config.check(path)]
+    assert f"{path}:2: bus.nodee: unknown key (did you mean 'node'?)" in problems
+    assert f"{path}:3: bus.heartbeat: must be a number, not 'fast'" in problems
+    assert f"{path}:6: printer.virtual.tools: must be an integer, not 'two'" in problems
+    assert any(p.startswith(f"{path}:7: foo: unknown key") for p in problems)
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    assert err.value.line == 2 and err.value.key == "bus.nodee"
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = write(tmp_path, "bus:\n  node: [a\nprinter: {}\n")
+    problems = config.check(path)
+    assert len(problems) == 1 and problems[0].file == str(path) and problems[0].line in (2, 3)
+    assert "not valid YAML" in str(problems[0])
+
+
+def test_wrong_top_level_and_missing_file(tmp_path):
+    assert "top level must be a mapping" in str(config.check(write(tmp_path, "- a\n- b\n"))[0])
+    with pytest.raises(config.ConfigError, match="no such file"):
+        config.load(tmp_path / "absent.yaml")
+
+
+def test_bool_is_not_an_integer(tmp_path):
+    problems = config.check(write(tmp_path, "bus:\n  replay_ring: true\n"))
+    assert problems and problems[0].key == "bus.replay_ring"
+
+
+def test_config_check_command(tmp_path, zevents_cmd):
+    import subprocess
+
+    bad = write(tmp_path, "bus:\n  nodee: x\n")
+    result = subprocess.run(zevents_cmd + ["config", "check", str(bad)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert f"{bad}:2: bus.nodee: unknown key" in result.stderr
+    good = write(tmp_path, "bus:\n  node: x\n", "good.yaml")
+    result = subprocess.run(zevents_cmd + ["config", "check", str(good)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
