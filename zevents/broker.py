@@ -319,7 +319,8 @@ class Broker:
         streams = dict(self.seqs)
         streams["sys"] = streams.get("sys", 0) + 1
         self.publish_local(HEARTBEAT_TOPIC.decode(), {
-            "streams": streams, "epoch": self.epoch, "uptime": round(time.monotonic() - self.started, 3)})
+            "streams": streams, "epoch": self.epoch, "uptime": round(time.monotonic() - self.started, 3),
+            "interval": self.bus.heartbeat})
 
     # --- control ----------------------------------------------------------------------------------------------
 
@@ -339,7 +340,7 @@ class Broker:
             except Exception as exc:  # a bad request must not kill the broker
                 log.warning("control: bad request: %s: %s", type(exc).__name__, exc)
                 self.counters["bad_control"] += 1
-                reply = wire.reply(False, {"error": f"{type(exc).__name__}: {exc}".rstrip(": ")})
+                reply = wire.reply(False, {"id": None, "error": f"{type(exc).__name__}: {exc}".rstrip(": ")})
             try:
                 self.router.send_multipart(envelope + reply, zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -413,6 +414,7 @@ class Broker:
             "uptime": round(time.monotonic() - self.started, 3),
             "streams": dict(self.seqs), "counters": dict(self.counters),
             "ring": {"size": len(self.ring), "capacity": self.ring.maxlen},
+            "heartbeat": self.bus.heartbeat, "max_payload": self.bus.max_payload,
             "subscriptions": sum(self.subscriptions.values()), "topics": len(self.last_values),
             "endpoints": {"publish": self.bus.publish, "ingest": self.bus.ingest, "control": self.bus.replay},
         }

@@ -166,7 +166,7 @@ class Control:
 
 class SubscriberStats:
     __slots__ = ("received", "delivered", "gaps", "repaired", "lost", "duplicates", "epoch_changes", "bad_frames",
-                 "unrepaired")
+                 "unrepaired", "stale")
 
     def __init__(self):
         for name in self.__slots__:
@@ -264,6 +264,9 @@ class Subscriber:
             return
         self.stats.received += 1
         if envelope.epoch != self.epoch:
+            if self.epoch is not None and envelope.epoch < self.epoch:
+                self.stats.stale += 1  # still queued from a broker run we already left: epochs only grow
+                return
             self._new_epoch(envelope.epoch)
         group = envelope.group
         if topic == b"sys/Heartbeat":
@@ -318,7 +321,7 @@ class Subscriber:
                 log.warning("subscriber: cannot repair a gap in %s after seq %d: %s", group, since, exc)
                 return
             if meta.get("epoch") != self.epoch:
-                return  # the broker restarted meanwhile; the next event's epoch triggers a full resync
+                return  # the broker restarted meanwhile; the new epoch's first event triggers a full resync
             if meta.get("lost"):
                 self.stats.lost += meta["lost"]
                 log.warning("subscriber: %d events of %s fell out of the broker's replay ring", meta["lost"], group)
