@@ -1,0 +1,600 @@
+"""Print jobs on top of the link: file selection, printing a local file or a file on the printer's SD card,
+pause/resume/cancel with the head position, progress, SD listing and upload, and the custom G-code scripts that run
+around a job.
+
+It owns the file and printing events: FileSelected/FileDeselected, PrintStarted, PrintProgress (``print/``, at most
+once per percent), PrintDone, PrintFailed, PrintCancelling, PrintCancelled, PrintPaused, PrintResumed, ChartMarked,
+TransferStarted/TransferDone and ``GcodeScript<Name>Running/Finished``.
+
+Every operation that waits for the printer (pause asks for an M114, finishing waits for the last ``ok``) runs on
+one worker thread (``Jobs.submit``), so operations never interleave and the link's threads never block.  Event
+order of a local print: PrintStarted, ChartMarked(print), [beforePrintStarted script], the file's gcode events and
+PrintProgress, FINISHING, [afterPrintDone script], PrintDone, ChartMarked(done), OPERATIONAL.  A cancel:
+PrintCancelling, (in-flight lines acknowledged, M114), [afterPrintCancelled], PrintCancelled, PrintFailed
+(reason ``cancelled``), ChartMarked(cancel).  A link lost mid-print: PrintFailed (reason ``error``).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from zevents import events as zevents_events
+from zevents.printer.link import LinkError, LinkListener, PrinterLink
+
+log = logging.getLogger("zevents.printer.job")
+
+BGCODE_MAGIC = b"GCDE"
+PRINTING_STATES = ("PRINTING", "PAUSING", "PAUSED", "RESUMING", "CANCELLING", "FINISHING", "STARTING")
+_FILE_OPENED = re.compile(r"File opened:\s*(\S+)\s+Size:\s*(\d+)", re.IGNORECASE)
+_SD_PROGRESS = re.compile(r"SD printing byte\s+(\d+)\s*/\s*(\d+)", re.IGNORECASE)
+
+
+class JobError(RuntimeError):
+    """A job request that cannot be honoured now; the message says why."""
+
+
+@dataclass
+class FileRef:
+    name: str
+    path: str
+    origin: str          # "local" or "sdcard"
+    size: int | None
+
+    def payload(self, user: str | None = None) -> dict:
+        return {"name": self.name, "path": self.path, "origin": self.origin, "size": self.size, "owner": user}
+
+
+def sd_name(path: str) -> str:
+    """An 8.3 name for a local file on the printer's SD card (what Marlin's FAT code can open)."""
+    stem = re.sub(r"[^a-z0-9_]", "", Path(path).stem.lower())[:8] or "upload"
+    return f"{stem}.gco"
+
+
+class LocalSource:
+    """Lines of a local file for the link, with progress (at most one PrintProgress per percent)."""
+
+    src = "job"
+    parse = True
+    reports_progress = True
+
+    def __init__(self, jobs: "Jobs", ref: FileRef):
+        self.jobs = jobs
+        self.ref = ref
+        self.file = open(ref.path, "rb")
+        self.size = ref.size or 0
+        self.position = 0
+        self.percent = -1
+
+    def next_line(self):
+        raw = self.file.readline()
+        if not raw:
+            self.close()
+            return None
+        self.position += len(raw)
+        if self.size and self.reports_progress:
+            percent = self.position * 100 // self.size
+            if percent > self.percent:
+                self.percent = percent
+                self.jobs.progress(percent, self.position)
+        return raw.rstrip(b"\r\n").decode("utf-8", "replace")
+
+    @property
+    def progress(self) -> float:
+        return round(self.position * 100.0 / self.size, 2) if self.size else 0.0
+
+    def close(self):
+        try:
+            self.file.close()
+        except OSError:
+            pass
+
+
+class UploadSource(LocalSource):
+    """A local file streamed between M28 and M29: not parsed (the printer stores it, nothing moves) and no print
+    progress."""
+
+    parse = False
+    reports_progress = False
+
+
+class Jobs(LinkListener):
+    """Selection, the running job and its controls, for one link."""
+
+    def __init__(self, link: PrinterLink, scripts: dict | None = None, sd_poll_interval: float = 1.0,
+                 wait_timeout: float | None = None):
+        self.link = link
+        link.listener = self
+        self.scripts = {k: v for k, v in (scripts or {}).items() if isinstance(v, str)}
+        self.sd_poll_interval = sd_poll_interval
+        self.wait_timeout = wait_timeout or max(30.0, link.timeout * (link.retries + 1))
+        self.selected: FileRef | None = None
+        self.active: FileRef | None = None
+        self.source: LocalSource | None = None
+        self.user: str | None = None
+        self.started: float | None = None
+        self.progress_percent: float | None = None
+        self.fileposition: int | None = None
+        self.transfer: dict | None = None
+        self._lock = threading.RLock()
+        self._sd_poller: threading.Thread | None = None
+        self._poll_wakeup = threading.Event()  # never set: a stoppable sleep for the M27 poller
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobs")
+
+    # --- plumbing ------------------------------------------------------------------------------------------------
+
+    def submit(self, fn, *args, **kwargs) -> concurrent.futures.Future:
+        """Run a (blocking) job operation on the jobs worker, after the ones already queued."""
+        return self._executor.submit(self._guarded, fn, *args, **kwargs)
+
+    @staticmethod
+    def _guarded(fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (JobError, LinkError):
+            raise
+        except Exception:
+            log.exception("jobs: %s failed", getattr(fn, "__name__", fn))
+            raise
+
+    def close(self):
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def emit(self, name: str, payload: dict | None = None, src: str = "job"):
+        self.link.emit(name, payload, src)
+
+    def _elapsed(self) -> float | None:
+        return round(time.monotonic() - self.started, 3) if self.started is not None else None
+
+    def _job_payload(self, **extra) -> dict:
+        ref = self.active or self.selected
+        payload = ref.payload(self.user) if ref else {}
+        payload.update(extra)
+        return payload
+
+    def _chart(self, kind: str, label: str):
+        self.emit("ChartMarked", {"type": kind, "label": label, "time": time.time()})
+
+    def _require_operational(self, what: str):
+        if self.link.state != "OPERATIONAL":
+            raise JobError(f"cannot {what}: the printer is {self.link.status()['state_string'].lower()}"
+                           if self.link.connected else f"cannot {what}: the printer is not connected")
+
+    def _wait_idle(self) -> bool:
+        deadline = time.monotonic() + self.wait_timeout
+        while self.link.connected:
+            if self.link.wait_idle(0.5):
+                return True
+            if time.monotonic() > deadline:
+                log.warning("jobs: lines still unacknowledged after %g s", self.wait_timeout)
+                return False
+        return False
+
+    # --- scripts -------------------------------------------------------------------------------------------------
+
+    def run_script(self, name: str, wait: bool = True) -> bool:
+        """Send the configured script ``name`` (``printer.scripts``) with GcodeScript<Name>Running/Finished; the
+        Finished event comes once its last line is acknowledged.  False when no such script is configured."""
+        text = self.scripts.get(name)
+        lines = [line for line in (text or "").splitlines() if line.strip()]
+        if not lines:
+            return False
+        payload = self._job_payload(time=self._elapsed())
+        self.emit(zevents_events.script_event(name, "Running"), payload)
+        done = threading.Event()
+
+        def finished(ok: bool):
+            if ok:
+                self.emit(zevents_events.script_event(name, "Finished"), payload)
+            done.set()
+
+        self.link.send(lines, src="job", on_done=finished)
+        if wait and not done.wait(self.wait_timeout):
+            log.warning("jobs: script %s not acknowledged within %g s", name, self.wait_timeout)
+        return True
+
+    # --- selection -----------------------------------------------------------------------------------------------
+
+    def select(self, path: str) -> dict:
+        with self._lock:
+            if self.active is not None:
+                raise JobError("cannot select a file while a job is running")
+            target = Path(os.path.expanduser(str(path)))
+            if not target.exists():
+                raise JobError(f"no such file: {path}")
+            if not target.is_file():
+                raise JobError(f"not a file: {path}")
+            try:
+                with open(target, "rb") as handle:
+                    head = handle.read(4)
+            except OSError as exc:
+                raise JobError(f"cannot read {path}: {exc}") from None
+            if head == BGCODE_MAGIC:
+                raise JobError(f"{path} is binary G-code (.bgcode); only plain G-code can be printed")
+            target = target.resolve()
+            self.selected = FileRef(target.name, str(target), "local", target.stat().st_size)
+            self.emit("FileSelected", {"name": target.name, "path": str(target), "origin": "local"})
+            return {"name": target.name, "path": str(target), "origin": "local", "size": self.selected.size}
+
+    def deselect(self) -> dict:
+        with self._lock:
+            if self.active is not None:
+                raise JobError("cannot deselect the file of a running job")
+            if self.selected is not None:
+                self.selected = None
+                self.emit("FileDeselected", {})
+            return {}
+
+    # --- printing ------------------------------------------------------------------------------------------------
+
+    def start(self, path: str | None = None, user: str | None = None) -> dict:
+        with self._lock:
+            self._require_operational("start a print")
+            if path:
+                self.select(path)
+            ref = self.selected
+            if ref is None:
+                raise JobError("no file selected (give a file to print)")
+            if ref.origin == "sdcard":
+                return self._start_sd(ref, user)
+            if not Path(ref.path).is_file():
+                raise JobError(f"the selected file is gone: {ref.path}")
+            self.active, self.user = ref, user
+            self.started = time.monotonic()
+            self.progress_percent, self.fileposition = 0.0, 0
+            source = LocalSource(self, ref)
+            self.source = source
+            self.link.set_state("PRINTING")
+            self.emit("PrintStarted", ref.payload(user) | {"user": user})
+            self._chart("print", "Start")
+        self.run_script("beforePrintStarted", wait=False)
+        try:
+            self.link.set_source(source)
+        except LinkError as exc:
+            source.close()
+            raise JobError(str(exc)) from None
+        return ref.payload(user)
+
+    def progress(self, percent: int, fileposition: int):
+        """Called by the source on the link's writer thread when a new percent is reached."""
+        self.progress_percent, self.fileposition = float(percent), fileposition
+        ref = self.active
+        if ref is not None:
+            self.emit("PrintProgress", {"name": ref.name, "path": ref.path, "origin": ref.origin,
+                                        "progress": percent, "fileposition": fileposition,
+                                        "time": self._elapsed()})
+
+    def on_source_exhausted(self, source):
+        if isinstance(source, UploadSource):
+            self.submit(self._finish_upload, source)
+        elif source is self.source:
+            self.submit(self._finish, source)
+
+    def _finish(self, source):
+        with self._lock:
+            if source is not self.source or self.active is None:
+                return
+            self.link.set_state("FINISHING")
+        if not self._wait_idle():
+            return
+        self.run_script("afterPrintDone")
+        with self._lock:
+            if source is not self.source or self.active is None:
+                return
+            self.fileposition = source.position
+            self.emit("PrintDone", self._job_payload(time=self._elapsed()))
+            self._chart("done", "Done")
+            self._end_job()
+            if self.link.connected:
+                self.link.set_state("OPERATIONAL")
+
+    def _end_job(self):
+        if self.source is not None:
+            self.link.clear_source(self.source)
+            self.source.close()
+        self.source = None
+        self.active = None
+        self.started = None
+
+    def _position(self) -> dict | None:
+        """The head position now: M114 once the moves in flight are acknowledged, plus tracked tool/feedrate."""
+        if not self._wait_idle():
+            return None
+        self.link.position = None
+        if self.link.send_and_wait("M114", src="job", timeout=self.wait_timeout) is None:
+            return None
+        position = dict(self.link.position or {})
+        if not position:
+            return None
+        state = getattr(self.link.parser, "state", None)
+        position = {k: position.get(k) for k in ("x", "y", "z", "e")} | {
+            k: v for k, v in position.items() if k not in ("x", "y", "z", "e")}
+        position["t"] = getattr(state, "tool", None)
+        position["f"] = getattr(state, "feedrate", None)
+        return position
+
+    def pause(self, user: str | None = None, firmware: bool = False) -> dict:
+        with self._lock:
+            if self.link.state != "PRINTING" or self.active is None:
+                raise JobError(f"cannot pause: not printing (state: {self.link.status()['state_string']})")
+            self.link.set_state("PAUSING")
+            self.link.pause_source(True)
+            sd = self.active.origin == "sdcard"
+        if sd and not firmware:
+            self.link.send_and_wait("M25", src="job", timeout=self.wait_timeout)
+        position = self._position()
+        with self._lock:
+            if self.active is None:
+                raise JobError("the job ended while pausing")
+            self.emit("PrintPaused", self._job_payload(user=user, position=position, fileposition=self.fileposition,
+                                                       progress=self._progress()))
+            self._chart("pause", "Pause")
+        self.run_script("afterPrintPaused")
+        with self._lock:
+            if self.active is not None:
+                self.link.set_state("PAUSED")
+        return {"position": position, "fileposition": self.fileposition, "progress": self._progress()}
+
+    def resume(self, user: str | None = None, firmware: bool = False) -> dict:
+        with self._lock:
+            if self.link.state != "PAUSED" or self.active is None:
+                raise JobError(f"cannot resume: not paused (state: {self.link.status()['state_string']})")
+            self.link.set_state("RESUMING")
+            sd = self.active.origin == "sdcard"
+        self.run_script("beforePrintResumed")
+        with self._lock:
+            if self.active is None:
+                raise JobError("the job ended while resuming")
+            self.emit("PrintResumed", self._job_payload(user=user))
+            self._chart("resume", "Resume")
+            self.link.set_state("PRINTING")
+            self.link.pause_source(False)
+        if sd and not firmware:
+            self.link.send(["M24"], src="job")
+        return {}
+
+    def cancel(self, user: str | None = None, firmware_error: str | None = None) -> dict:
+        with self._lock:
+            if self.active is None or self.link.state not in PRINTING_STATES:
+                raise JobError(f"cannot cancel: no job is running (state: {self.link.status()['state_string']})")
+            self.link.set_state("CANCELLING")
+            self.emit("PrintCancelling", self._job_payload(user=user, firmwareError=firmware_error))
+            source = self.source
+            if source is not None:
+                self.link.clear_source(source)
+            sd = self.active.origin == "sdcard"
+        if sd:
+            self.link.send(["M25", "M26 S0"], src="job")
+        position = self._position()
+        self.run_script("afterPrintCancelled")
+        with self._lock:
+            if self.active is None:
+                raise JobError("the job ended while cancelling")
+            elapsed = self._elapsed()
+            progress = self._progress()
+            self.emit("PrintCancelled", self._job_payload(time=elapsed, user=user, position=position,
+                                                          fileposition=self.fileposition, progress=progress))
+            self.emit("PrintFailed", self._job_payload(time=elapsed, reason="cancelled"))
+            self._chart("cancel", "Cancel")
+            self._end_job()
+            if self.link.connected:
+                self.link.set_state("OPERATIONAL")
+        return {"position": position, "progress": progress}
+
+    def _progress(self) -> float | None:
+        if self.source is not None and self.active is not None and self.active.origin == "local":
+            self.fileposition = self.source.position
+            return self.source.progress
+        return self.progress_percent
+
+    # --- link callbacks ------------------------------------------------------------------------------------------
+
+    def on_link_failed(self, error: str, reason: str):
+        self._fail(error)
+
+    def on_closed(self):
+        self._fail("the printer disconnected")
+        transfer, self.transfer = self.transfer, None
+        if transfer is not None:
+            log.error("jobs: SD upload of %s interrupted", transfer["local"])
+            transfer["done"].set()
+
+    def _fail(self, error: str):
+        with self._lock:
+            if self.active is None:
+                return
+            log.error("jobs: print of %s failed: %s", self.active.name, error)
+            self.emit("PrintFailed", self._job_payload(time=self._elapsed(), reason="error"))
+            self._end_job()
+
+    def on_firmware_error(self, message: str):
+        with self._lock:
+            if self.active is None or self.link.state not in PRINTING_STATES or self.link.state == "CANCELLING":
+                return None
+        self.emit("Error", {"error": message, "reason": "firmware", "consequence": "cancel",
+                            "logs": list(self.link.comm_log)}, src="firmware")
+        self.submit(self._cancel_quietly, None, message)
+        return "cancel"
+
+    def _cancel_quietly(self, user, firmware_error=None):
+        try:
+            self.cancel(user, firmware_error)
+        except JobError as exc:
+            log.info("jobs: %s", exc)
+
+    def on_action(self, action: str, line: str):
+        handlers = {"pause": (self.pause, False), "paused": (self.pause, True),
+                    "resume": (self.resume, False), "resumed": (self.resume, True)}
+        if action in handlers:
+            fn, firmware = handlers[action]
+            self.submit(self._quietly, fn, None, firmware)
+        elif action == "cancel":
+            self.submit(self._cancel_quietly, None)
+        elif action == "disconnect":
+            self.submit(self.link.disconnect)
+        else:
+            log.info("jobs: ignoring firmware action %r", action)
+
+    @staticmethod
+    def _quietly(fn, *args):
+        try:
+            fn(*args)
+        except JobError as exc:
+            log.info("jobs: %s", exc)
+
+    def on_tool_change(self, old, new):
+        if self.scripts.get("afterToolChange"):
+            self.run_script("afterToolChange", wait=False)
+
+    def on_sd(self, sd: dict, line: str):
+        ref = self.active
+        if ref is None or ref.origin != "sdcard":
+            return
+        if sd.get("done") or "Done printing file" in line:
+            self.submit(self._finish_sd, ref)
+            return
+        printed, total = sd.get("printed"), sd.get("total")
+        if printed is None:
+            match = _SD_PROGRESS.search(line)
+            if match:
+                printed, total = int(match.group(1)), int(match.group(2))
+        if printed is not None and total:
+            self.fileposition = printed
+            percent = printed * 100 // total
+            if self.progress_percent is None or percent > self.progress_percent:
+                self.progress(percent, printed)
+
+    # --- SD card -------------------------------------------------------------------------------------------------
+
+    def sd_list(self) -> list:
+        self._require_connected("list the SD card")
+        self.link.sd_files = None
+        if self.link.send_and_wait("M20", src="user", timeout=self.wait_timeout) is None:
+            raise JobError("the printer did not answer M20")
+        return list(self.link.sd_files or [])
+
+    def _require_connected(self, what: str):
+        if not self.link.connected:
+            raise JobError(f"cannot {what}: the printer is not connected")
+
+    def sd_upload(self, path: str, remote: str | None = None, wait: bool = False) -> dict:
+        """Start streaming a local file to the SD card (M28 … M29); with ``wait``, return once TransferDone is
+        published (never wait on the jobs worker itself: finishing the transfer runs there)."""
+        with self._lock:
+            self._require_operational("upload to SD")
+            target = Path(os.path.expanduser(str(path)))
+            if not target.is_file():
+                raise JobError(f"no such file: {path}")
+            remote = remote or sd_name(target.name)
+            ref = FileRef(target.name, str(target.resolve()), "local", target.stat().st_size)
+            self.transfer = {"local": target.name, "remote": remote, "started": time.monotonic(),
+                             "done": threading.Event()}
+            self.link.set_state("TRANSFERING_FILE")
+            self.emit("TransferStarted", {"local": target.name, "remote": remote})
+        done = self.transfer["done"]
+        self.link.send([f"M28 {remote}"], src="job")
+        source = UploadSource(self, ref)
+        self.link.set_source(source)
+        result = {"local": target.name, "remote": remote, "size": ref.size}
+        if wait:
+            done.wait()
+        else:
+            result["done"] = done
+        return result
+
+    def _finish_upload(self, source):
+        transfer = self.transfer
+        if transfer is None:
+            return
+        self._wait_idle()
+        self.link.send_and_wait("M29", src="job", timeout=self.wait_timeout)
+        with self._lock:
+            if self.transfer is not transfer:
+                return
+            self.transfer = None
+            transfer["done"].set()
+            self.emit("TransferDone", {"time": round(time.monotonic() - transfer["started"], 3),
+                                       "local": transfer["local"], "remote": transfer["remote"]})
+            if self.link.connected:
+                self.link.set_state("OPERATIONAL")
+
+    def sd_select(self, remote: str) -> dict:
+        with self._lock:
+            self._require_operational("select an SD file")
+            self.link.capture_start()
+            result = self.link.send_and_wait(f"M23 {remote}", src="user", timeout=self.wait_timeout)
+            lines = self.link.capture_stop()
+            if result is None:
+                raise JobError("the printer did not answer M23")
+            size = None
+            for line in lines:
+                match = _FILE_OPENED.search(line)
+                if match:
+                    size = int(match.group(2))
+                    break
+                if "open failed" in line.lower():
+                    raise JobError(f"the printer cannot open {remote} on its SD card: {line.strip()}")
+            self.selected = FileRef(remote, remote, "sdcard", size)
+            self.emit("FileSelected", {"name": remote, "path": remote, "origin": "sdcard"})
+            return self.selected.payload()
+
+    def sd_print(self, remote: str, user: str | None = None) -> dict:
+        self.sd_select(remote)
+        return self.start(user=user)
+
+    def _start_sd(self, ref: FileRef, user: str | None) -> dict:
+        self.active, self.user = ref, user
+        self.started = time.monotonic()
+        self.progress_percent, self.fileposition = None, 0
+        self.source = None
+        self.link.set_state("PRINTING")
+        self.emit("PrintStarted", ref.payload(user) | {"user": user})
+        self._chart("print", "Start")
+        self.run_script("beforePrintStarted", wait=False)
+        self.link.send(["M24"], src="job")
+        poller = threading.Thread(target=self._poll_sd, args=(ref,), name="sd-poll", daemon=True)
+        self._sd_poller = poller
+        poller.start()
+        return ref.payload(user)
+
+    def _poll_sd(self, ref: FileRef):
+        """M27 every ``sd_poll_interval`` seconds while the SD print runs (the firmware prints, we watch)."""
+        while self.active is ref and self.link.connected:
+            if self.link.state == "PRINTING":
+                try:
+                    self.link.send(["M27"], src="job")
+                except LinkError:
+                    return
+            self._poll_wakeup.wait(self.sd_poll_interval)
+
+    def _finish_sd(self, ref: FileRef):
+        with self._lock:
+            if self.active is not ref:
+                return
+            self.link.set_state("FINISHING")
+        self.run_script("afterPrintDone")
+        with self._lock:
+            if self.active is not ref:
+                return
+            self.emit("PrintDone", self._job_payload(time=self._elapsed()))
+            self._chart("done", "Done")
+            self._end_job()
+            if self.link.connected:
+                self.link.set_state("OPERATIONAL")
+
+    # --- status --------------------------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        status = self.link.status()
+        ref = self.active or self.selected
+        status["job"] = ref.payload(self.user) if ref else None
+        status["printing"] = self.active is not None
+        status["progress"] = self._progress() if self.active else None
+        status["fileposition"] = self.fileposition if self.active else None
+        status["time"] = self._elapsed()
+        return status

@@ -1,0 +1,904 @@
+"""The serial link to one printer: opening the port (or auto-detecting it), the handshake, line numbers and
+checksums, ``ok`` flow control with a bounded in-flight window, resend requests, keep-alives and timeouts.
+
+It owns the wire protocol and the printer-communication events (Connecting, Connected, Disconnecting,
+Disconnected, PrinterStateChanged, Error, conflated ``comm/Temperature``).  Every line it sends goes through the
+parser first (``parser.sent``: gcode events with the line's ``src``; a CommandSuppressed line is not sent) and
+every reply goes through ``parser.received`` (PositionUpdate, InvalidToolReported, src ``firmware``) and
+``classify_reply`` (flow control, resends, errors, temperatures, SD, actions).  Print jobs live in
+``zevents.printer.job``: they register as the link's ``listener`` and feed it lines through a *source*.
+
+Threads: a reader (replies) and a writer (flow control and housekeeping) per open port.  The link never touches
+ZeroMQ: events go to the ``emit(name, payload, src)`` callable it is given, which the service turns into bus
+messages on one thread.
+
+Flow control: a firmware accepts numbered lines strictly in order and executes them in order, acknowledging each
+with one ``ok`` once it has run; a rejected line ("Error:checksum mismatch" / "Resend: N" / "ok") is answered at
+once, with an ``ok`` of its own.  So the link counts acknowledgements by line number: at most ``window`` lines are
+written and not yet acknowledged, the ``ok`` after a resend request is the rejection's, and a resend request
+simply rewinds writing to line N (see ``_on_resend`` for why that is always safe).  A lost ``ok`` (line noise, a
+dropped line) is repaired by the timeout: after ``timeout`` seconds without progress while lines are
+unacknowledged, one ``ok`` is presumed lost and an ``M105`` is sent as a probe (a firmware that lost a line answers
+it with a resend request); after ``retries`` such timeouts in a row the link gives up with an ``Error`` (reason
+``timeout``) and closes.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import serial
+
+from zevents import events as zevents_events
+
+log = logging.getLogger("zevents.printer.link")
+
+#: OctoPrint's state ids and strings (``PrinterInterface.get_state_id`` / ``getStateString``).
+STATE_STRINGS = {
+    "OFFLINE": "Offline",
+    "OPEN_SERIAL": "Opening serial connection",
+    "DETECT_SERIAL": "Detecting serial connection",
+    "CONNECTING": "Connecting",
+    "OPERATIONAL": "Operational",
+    "STARTING": "Starting",
+    "PRINTING": "Printing",
+    "PAUSING": "Pausing",
+    "PAUSED": "Paused",
+    "CANCELLING": "Cancelling",
+    "RESUMING": "Resuming",
+    "FINISHING": "Finishing",
+    "CLOSED": "Offline",
+    "ERROR": "Error",
+    "CLOSED_WITH_ERROR": "Offline after error",
+    "TRANSFERING_FILE": "Transferring file to SD",
+}
+#: States in which the port is open and the firmware answers (commands are accepted).
+CONNECTED_STATES = frozenset({"OPERATIONAL", "STARTING", "PRINTING", "PAUSING", "PAUSED", "CANCELLING", "RESUMING",
+                              "FINISHING", "TRANSFERING_FILE"})
+
+AUTO = "AUTO"
+#: Baud rates tried by auto-detection, most common first.
+AUTO_BAUDRATES = (115200, 250000, 230400, 57600, 38400, 19200, 9600)
+AUTO_PORT_PATTERNS = ("/dev/ttyUSB*", "/dev/ttyACM*", "/dev/ttyAMA*", "/dev/serial/by-id/*")
+
+HISTORY = 2000               # sent lines kept for resends
+RESEND_LOOP_LIMIT = 10       # the same line requested this many times in a row: the link is stuck
+MAX_REPLY = 4096             # longer replies are cut (a garbage line must not eat memory)
+LOG_LINES = 40               # lines of communication kept for Error {logs}
+_NUMBER_PREFIX = re.compile(r"^\s*N\d+\s+")
+_WAITS = frozenset(("M109", "M190", "M191", "M116", "M303", "G4", "M400"))  # commands that may run for minutes
+_M110 = re.compile(r"^M110(?:\s+N(-?\d+))?\s*$", re.IGNORECASE)
+
+
+class LinkError(RuntimeError):
+    """The link cannot do what was asked now (not connected, busy, port unusable)."""
+
+
+def checksum(data: bytes) -> int:
+    """The XOR of every byte: RepRap's line checksum."""
+    value = 0
+    for byte in data:
+        value ^= byte
+    return value
+
+
+def numbered(line: str, number: int) -> bytes:
+    """``N<number> <line>*<checksum>`` plus newline, as bytes ready for the wire."""
+    body = f"N{number} {line}".encode("ascii", "replace")
+    return body + b"*%d\n" % checksum(body)
+
+
+def strip_line(raw: str) -> str:
+    """The command part of a G-code line: no comment, no line number or checksum, no surrounding blanks."""
+    semicolon = raw.find(";")
+    if semicolon >= 0:
+        raw = raw[:semicolon]
+    star = raw.find("*")
+    if star >= 0:
+        raw = raw[:star]
+    raw = raw.strip()
+    if raw[:1] in ("N", "n"):
+        raw = _NUMBER_PREFIX.sub("", raw, count=1)
+    return raw
+
+
+@dataclass(eq=False)
+class Command:
+    """One line waiting for the wire.  ``on_done(ok: bool)`` runs (on the reader thread, outside the link's lock)
+    when its ``ok`` arrives, or with False when the link closes first."""
+    line: str
+    src: str = "user"
+    on_done: Optional[Callable[[bool], None]] = None
+    emergency: bool = False
+
+
+@dataclass
+class _Waiter:
+    event: threading.Event = field(default_factory=threading.Event)
+    ok: bool = False
+
+    def __call__(self, ok: bool):
+        self.ok = ok
+        self.event.set()
+
+
+class LinkListener:
+    """What a print job gets told by the link.  Called on the link's threads, never with its lock held; must not
+    block (hand long work to another thread)."""
+
+    def on_source_exhausted(self, source):
+        pass
+
+    def on_tool_change(self, old, new):
+        pass
+
+    def on_action(self, action: str, line: str):
+        pass
+
+    def on_sd(self, sd: dict, line: str):
+        pass
+
+    def on_firmware_error(self, message: str) -> Optional[str]:
+        """A firmware error that is not fatal; returns the consequence taken ("cancel") or None."""
+        return None
+
+    def on_link_failed(self, error: str, reason: str):
+        """The link is going down because of an error while connected (a running job fails)."""
+
+    def on_closed(self):
+        pass
+
+
+def auto_candidates(ports=None, baudrate: int = 0) -> list:
+    """(port, baudrate) pairs to try: the given ports or the usual device names, times the baud rates."""
+    if not ports:
+        found = []
+        try:
+            from serial.tools import list_ports
+
+            found = [p.device for p in list_ports.comports()]
+        except Exception:  # pragma: no cover - list_ports needs sysfs
+            found = []
+        for pattern in AUTO_PORT_PATTERNS:
+            found.extend(sorted(glob.glob(pattern)))
+        ports = list(dict.fromkeys(found))
+    rates = AUTO_BAUDRATES if not baudrate else (baudrate,)
+    return [(port, rate) for port in ports for rate in rates]
+
+
+class PrinterLink:
+    """One printer over one serial port.  See the module docstring for the protocol; the public methods are
+    thread-safe."""
+
+    def __init__(self, port: str, baudrate: int = 115200, *, emit: Callable | None = None, parser=True,
+                 parser_config: dict | None = None, window: int = 4, timeout: float = 10.0, retries: int = 3,
+                 hello_timeout: float | None = None, temperature_interval: float = 0.5,
+                 autoreport_interval: int = 2, poll_interval: float = 2.0, candidates=None, read_timeout=0.05):
+        from zevents import parser as zparser
+
+        self.port = port
+        self.baudrate = baudrate
+        self._emit_fn = emit or (lambda name, payload, src: None)
+        if parser is True:
+            parser = zparser.Parser(parser_config)
+        self.parser = parser or None
+        self._classify = zparser.classify_reply
+        self.window = max(1, int(window))
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.hello_timeout = hello_timeout if hello_timeout is not None else min(self.timeout, 2.0)
+        self.temperature_interval = temperature_interval
+        self.autoreport_interval = autoreport_interval
+        self.poll_interval = poll_interval
+        self.candidates = candidates
+        self.read_timeout = read_timeout
+        self.listener: LinkListener = LinkListener()
+
+        self.state = "OFFLINE"
+        self.error: str | None = None
+        self.firmware: dict = {}
+        self.capabilities: dict = {}
+        self.position: dict | None = None
+        self.temperature: dict = {"tools": {}, "bed": None, "chamber": None}
+        self.sd_files: list | None = None
+        self.stats = collections.Counter()
+        self.comm_log: collections.deque = collections.deque(maxlen=LOG_LINES)
+
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._serial = None
+        self._threads: list = []
+        self._running = False
+        self._closing = False
+        self._queue: collections.deque = collections.deque()
+        self._source = None
+        self._source_paused = False
+        self._history: dict = {}
+        self._history_order: collections.deque = collections.deque()
+        # Line numbers: the next new line gets _next_line; _write_no is the next to write (below _next_line while
+        # resending); _ack_no is the line the next execution ok acknowledges (lines are accepted and executed in
+        # number order, so oks can be counted by number).  Unacknowledged lines: _ack_no .. _write_no - 1.
+        self._next_line = 1
+        self._write_no = 1
+        self._ack_no = 1
+        self._resend_target: int | None = None
+        self._recovering = False
+        self._resend_repeats = 0
+        self._rejection_oks = 0
+        self._last_rx = time.monotonic()
+        self._timeouts = 0
+        self._m112_sent = False
+        self._file_list: list | None = None
+        self._temperature_emitted = 0.0
+        self._temperature_pending = False
+        self._last_poll = 0.0
+        self._deferred: list = []
+        self._hello_ok = threading.Event()
+        self._booted = threading.Event()
+        self._capture: list | None = None
+
+    # --- events --------------------------------------------------------------------------------------------------
+
+    def emit(self, name: str, payload: dict | None = None, src: str = "firmware"):
+        self._emit_fn(name, zevents_events.complete_payload(name, payload), src)
+
+    def set_state(self, state_id: str, detail: str | None = None):
+        with self._lock:
+            if state_id == self.state and detail is None:
+                return
+            self.state = state_id
+            text = STATE_STRINGS.get(state_id, state_id.title())
+            if detail:
+                text = f"{text}: {detail}"
+            self.emit("PrinterStateChanged", {"state_id": state_id, "state_string": text})
+
+    @property
+    def connected(self) -> bool:
+        return self.state in CONNECTED_STATES
+
+    # --- connecting ----------------------------------------------------------------------------------------------
+
+    def connect(self) -> bool:
+        """Open the port, handshake, query the firmware; True once OPERATIONAL.  Failures publish Error."""
+        with self._lock:
+            if self._running:
+                raise LinkError(f"already connected to {self.port}")
+            self.error = None
+            self._closing = False
+        self.emit("Connecting", {})
+        auto_port = str(self.port).upper() == AUTO
+        if auto_port or not self.baudrate:
+            self.set_state("DETECT_SERIAL")
+            ports = self.candidates if auto_port else [self.port]
+            for port, rate in auto_candidates(ports, self.baudrate):
+                if self._try_open(port, rate, quiet=True):
+                    if self._handshake(tries=1):
+                        self.set_state("CONNECTING")
+                        break
+                    self._shutdown_threads()
+            else:
+                tried = ", ".join(ports) if ports else "no serial ports found"
+                return self._fail_connect(f"no printer answered on any port/baud rate ({tried})", "autodetect")
+        else:
+            self.set_state("OPEN_SERIAL")
+            if not self._try_open(self.port, self.baudrate):
+                return False
+            self.set_state("CONNECTING")
+            if not self._handshake(tries=max(1, self.retries)):
+                self._shutdown_threads()
+                return self._fail_connect(f"no answer from the printer on {self.port} at {self.baudrate} baud",
+                                          "connection")
+        return self._after_handshake()
+
+    def _try_open(self, port: str, baudrate: int, quiet: bool = False) -> bool:
+        try:
+            # exclusive: a second link on the same port would interleave two protocols.
+            ser = serial.serial_for_url(port, baudrate=baudrate, timeout=self.read_timeout,
+                                        write_timeout=max(self.timeout, 1.0), exclusive=True)
+        except (serial.SerialException, OSError, ValueError) as exc:
+            if quiet:
+                log.info("link: cannot open %s at %s: %s", port, baudrate, exc)
+                return False
+            return self._fail_connect(f"cannot open {port}: {exc}", "connection")
+        with self._lock:
+            self.port, self.baudrate = port, baudrate
+            self._serial = ser
+            self._running = True
+            self._reset_protocol()
+            self._last_rx = time.monotonic()
+        self._threads = [threading.Thread(target=self._read_loop, args=(ser,), name="link-reader", daemon=True),
+                         threading.Thread(target=self._write_loop, args=(ser,), name="link-writer", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+        return True
+
+    def _reset_protocol(self):
+        self._queue.clear()
+        self._history.clear()
+        self._history_order.clear()
+        self._next_line = self._write_no = self._ack_no = 1
+        self._resend_target = None
+        self._recovering = False
+        self._resend_repeats = 0
+        self._rejection_oks = 0
+        self._timeouts = 0
+        self._m112_sent = False
+        self._file_list = None
+        self._hello_ok.clear()
+        self._booted.clear()
+
+    def _handshake(self, tries: int) -> bool:
+        """``N0 M110 N0`` until an ``ok`` answers (a firmware still booting ignores the first ones)."""
+        attempt, reboots = 0, 0
+        while attempt < tries:
+            with self._lock:
+                self._queue.appendleft(Command("M110 N0", "firmware", self._hello_done))
+                self._cond.notify_all()
+            deadline = time.monotonic() + self.hello_timeout
+            while not self._hello_ok.is_set() and self._running:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._booted.wait(min(remaining, 0.05)):
+                    break
+            if self._hello_ok.is_set():
+                return True
+            if not self._running:
+                return False
+            if self._booted.is_set() and reboots < 5:
+                # The firmware (re)booted and dropped what came before its banner: say hello again at once.
+                self._booted.clear()
+                reboots += 1
+                continue
+            attempt += 1
+            log.info("link: no answer to the hello on %s at %s (try %d of %d)", self.port, self.baudrate,
+                     attempt, tries)
+        return False
+
+    def _hello_done(self, ok: bool):
+        if ok:
+            self._hello_ok.set()
+
+    def _after_handshake(self) -> bool:
+        if self.send_and_wait("M115", src="firmware", timeout=self.timeout) is None:
+            log.warning("link: no answer to M115; carrying on without firmware info")
+        if not self._running:
+            return False
+        if self.capabilities.get("AUTOREPORT_TEMP"):
+            self.send([f"M155 S{self.autoreport_interval}"], src="firmware")
+        else:
+            self.send(["M105"], src="firmware")
+        with self._lock:
+            if not self._running:
+                return False
+            self.set_state("OPERATIONAL")
+            self.emit("Connected", {"port": self.port, "baudrate": self.baudrate})
+        return True
+
+    def _fail_connect(self, message: str, reason: str) -> bool:
+        self.error = message
+        log.error("link: %s", message)
+        self.emit("Error", {"error": message, "reason": reason, "consequence": None, "logs": list(self.comm_log)})
+        self.set_state("CLOSED_WITH_ERROR", message)
+        return False
+
+    # --- disconnecting -------------------------------------------------------------------------------------------
+
+    def disconnect(self, timeout: float = 2.0):
+        """Close the port on request: Disconnecting, (lines in flight get ``timeout`` to be acknowledged), Closed,
+        Disconnected."""
+        with self._lock:
+            if not self._running or self._closing:
+                return
+        self.emit("Disconnecting", {})
+        self.wait_idle(timeout)
+        self._close(error=None)
+
+    def _close(self, error: str | None, reason: str | None = None, consequence: str | None = None):
+        """Shut the port down once; with an error, publish Error and tell the listener first."""
+        with self._lock:
+            if self._closing or not self._running:
+                return
+            self._closing = True
+            pending = [self._history[n][1] for n in range(self._ack_no, self._next_line) if n in self._history]
+            pending = [command for command in pending if command is not None] + list(self._queue)
+        if error is not None:
+            self.error = error
+            log.error("link: %s", error)
+            self.emit("Error", {"error": error, "reason": reason, "consequence": consequence,
+                                "logs": list(self.comm_log)})
+            self.set_state("ERROR", error)
+            self.listener.on_link_failed(error, reason)
+        self._shutdown_threads()
+        for command in pending:
+            if command.on_done is not None:
+                command.on_done(False)
+        self._hello_ok.set()
+        self.set_state("CLOSED_WITH_ERROR" if error is not None else "CLOSED", error)
+        self.emit("Disconnected", {})
+        self.listener.on_closed()
+
+    def _shutdown_threads(self):
+        with self._lock:
+            self._running = False
+            ser, self._serial = self._serial, None
+            self._cond.notify_all()
+            self._source = None
+        current = threading.current_thread()
+        if ser is not None:
+            try:
+                ser.cancel_read()
+            except Exception:
+                pass
+        for thread in self._threads:
+            if thread is not current:
+                thread.join(2.0)
+        self._threads = []
+        if ser is not None:
+            try:
+                ser.close()
+            except Exception:
+                pass
+
+    # --- sending -------------------------------------------------------------------------------------------------
+
+    def send(self, lines, src: str = "user", on_done: Callable | None = None) -> tuple:
+        """Queue lines (parsed now, sent in order ahead of a job's lines).  Returns (accepted, suppressed commands).
+        ``on_done`` runs when the last accepted line is acknowledged (at once with True if none was accepted)."""
+        if isinstance(lines, str):
+            lines = lines.splitlines()
+        accepted, suppressed, commands = 0, [], []
+        with self._lock:
+            if not self._running or self._closing:
+                raise LinkError(f"the printer is not connected (state: {STATE_STRINGS.get(self.state, self.state)})")
+            for raw in lines:
+                command = self._prepare(raw, src)
+                if command is None:
+                    if self._last_suppressed:
+                        suppressed.append(strip_line(raw))
+                    continue
+                if command.emergency:
+                    self._queue.appendleft(command)
+                else:
+                    commands.append(command)
+            if commands and on_done is not None:
+                commands[-1].on_done = on_done
+            self._queue.extend(commands)
+            accepted = len(commands)
+            self._cond.notify_all()
+        if not commands and on_done is not None:
+            on_done(True)
+        return accepted, suppressed
+
+    def send_and_wait(self, line: str, src: str = "user", timeout: float | None = None):
+        """Send one line and wait for its ``ok``; returns the (accepted, suppressed) of send, or None on timeout."""
+        waiter = _Waiter()
+        result = self.send([line], src, on_done=waiter)
+        if not waiter.event.wait(self.timeout * (self.retries + 1) if timeout is None else timeout):
+            return None
+        return result if waiter.ok else None
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is queued or in flight (a job's source is not waited for)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._running and (self._queue or self._ack_no < self._next_line):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 0.1))
+            return True
+
+    def set_source(self, source, paused: bool = False):
+        """Stream lines from ``source.next_line()`` (str or None at the end) whenever the window has room.
+        ``source.src`` names who sends them, ``source.parse`` (default True) whether they are parsed."""
+        with self._lock:
+            if not self._running:
+                raise LinkError("the printer is not connected")
+            self._source = source
+            self._source_paused = paused
+            self._cond.notify_all()
+
+    def pause_source(self, paused: bool):
+        with self._lock:
+            self._source_paused = paused
+            self._cond.notify_all()
+
+    def clear_source(self, source=None):
+        with self._lock:
+            if source is None or self._source is source:
+                self._source = None
+
+    _last_suppressed = False
+
+    def _prepare(self, raw: str, src: str, parse: bool = True) -> Command | None:
+        """Parse one line (publishing its gcode events) and turn it into a Command; None if there is nothing to
+        send (comment, blank, suppressed).  Called with the lock held, in send order."""
+        self._last_suppressed = False
+        tool_change = None
+        if parse and self.parser is not None:
+            found = self.parser.sent(raw)
+            if found:
+                for event in found:
+                    name = event.name
+                    self.emit(name, event.payload, src)
+                    if name == "CommandSuppressed":
+                        self._last_suppressed = True
+                    elif name == "ToolChange":
+                        tool_change = event.payload
+                if self._last_suppressed:
+                    self.stats["suppressed"] += 1
+                    return None
+        line = strip_line(raw)
+        if not line:
+            return None
+        command = Command(line, src)
+        if line[:4].upper() == "M112" and (len(line) == 4 or not line[4].isdigit()):
+            command.emergency = True
+        if tool_change is not None:
+            self._deferred.append(lambda: self.listener.on_tool_change(tool_change.get("old"),
+                                                                        tool_change.get("new")))
+        return command
+
+    # --- the writer ----------------------------------------------------------------------------------------------
+
+    def _write_loop(self, ser):
+        tick = min(0.1, max(0.01, self.timeout / 10))
+        while True:
+            with self._cond:
+                if not self._running or self._serial is not ser:
+                    return
+                data = self._next_data()
+                if data is None:
+                    self._cond.wait(tick)
+                    if self._running and self._serial is ser:
+                        self._housekeeping()
+                deferred, self._deferred = self._deferred, []
+            for callback in deferred:
+                callback()
+            if data is None:
+                continue
+            try:
+                ser.write(data)
+            except (serial.SerialException, OSError, ValueError, TypeError, AttributeError) as exc:
+                if self._running and self._serial is ser:
+                    self._close(f"cannot write to {self.port}: {exc}", "connection", "disconnect")
+                return
+            self.stats["lines_sent"] += 1
+            self.comm_log.append(">>> " + data.decode("ascii", "replace").rstrip())
+
+    def _next_data(self) -> bytes | None:
+        """The next bytes to write, or None when the window is full or there is nothing to send."""
+        queue = self._queue
+        if queue and queue[0].emergency:
+            command = queue.popleft()
+            self._m112_sent = True
+            return self._number(command)
+        if self._write_no - self._ack_no >= (1 if self._recovering else self.window):
+            return None
+        if self._write_no < self._next_line:
+            data = self._history[self._write_no][0]
+            self._write_no += 1
+            self.stats["lines_resent"] += 1
+            return data
+        if queue:
+            return self._number(queue.popleft())
+        source = self._source
+        if source is not None and not self._source_paused and self.state not in ("PAUSED", "PAUSING"):
+            parse = getattr(source, "parse", True)
+            src = getattr(source, "src", "job")
+            while True:
+                raw = source.next_line()
+                if raw is None:
+                    self._source = None
+                    self._deferred.append(lambda: self.listener.on_source_exhausted(source))
+                    return None
+                command = self._prepare(raw, src, parse)
+                if command is not None:
+                    return self._number(command)
+        return None
+
+    def _number(self, command: Command) -> bytes:
+        match = _M110.match(command.line)
+        if match:
+            number = int(match.group(1) or 0)
+            self._history.clear()
+            self._history_order.clear()
+            data = numbered(f"M110 N{number}", number)
+            self._next_line = number + 1
+            self._ack_no = number
+        else:
+            number = self._next_line
+            self._next_line += 1
+            data = numbered(command.line, number)
+        self._write_no = self._next_line
+        self._history[number] = (data, command)
+        self._history_order.append(number)
+        if len(self._history_order) > HISTORY:
+            self._history.pop(self._history_order.popleft(), None)
+        return data
+
+    def _housekeeping(self):
+        now = time.monotonic()
+        if self._temperature_pending and now - self._temperature_emitted >= self.temperature_interval:
+            self._emit_temperature(now)
+        if self.state not in CONNECTED_STATES:
+            return
+        unacknowledged = self._write_no - self._ack_no
+        if unacknowledged > 0 and now - self._last_rx > self.timeout:
+            self._timeouts += 1
+            self.stats["timeouts"] += 1
+            if self._timeouts > self.retries:
+                message = (f"no answer from the printer for {self.timeout * self._timeouts:g} s "
+                           f"({self.retries} retries)")
+                self._deferred.append(lambda: self._close(message, "timeout", "disconnect"))
+                return
+            log.warning("link: no answer for %g s with %d line(s) unacknowledged; presuming a lost ok and probing "
+                        "(retry %d of %d)", self.timeout, unacknowledged, self._timeouts, self.retries)
+            self._acknowledge(self._ack_no)
+            self._queue.appendleft(Command("M105", "firmware"))
+            self._last_rx = now
+        elif (not self.capabilities.get("AUTOREPORT_TEMP") and self.poll_interval and not self._queue
+              and now - self._last_poll >= self.poll_interval and unacknowledged == 0):
+            self._last_poll = now
+            self._queue.append(Command("M105", "firmware"))
+
+    # --- the reader ----------------------------------------------------------------------------------------------
+
+    def _read_loop(self, ser):
+        buffer = bytearray()
+        while True:
+            if not self._running or self._serial is not ser:
+                return
+            try:
+                data = ser.read(ser.in_waiting or 1)
+            except (serial.SerialException, OSError, ValueError, TypeError, AttributeError) as exc:
+                if self._running and self._serial is ser:
+                    self._close(f"lost the connection to {self.port}: {exc}", "connection", "disconnect")
+                return
+            if not data:
+                continue
+            buffer += data
+            start = 0
+            while True:
+                end = buffer.find(b"\n", start)
+                if end < 0:
+                    break
+                self._on_line(bytes(buffer[start:end]))
+                start = end + 1
+            if start:
+                del buffer[:start]
+            if len(buffer) > MAX_REPLY * 16:
+                self.stats["garbage"] += 1
+                log.warning("link: dropped %d bytes without a line end from the printer", len(buffer))
+                buffer.clear()
+
+    def _on_line(self, raw: bytes):
+        if len(raw) > MAX_REPLY:
+            self.stats["long_lines"] += 1
+            raw = raw[:MAX_REPLY]
+        line = raw.rstrip(b"\r").decode("utf-8", "replace").replace("\x00", "")
+        self.stats["lines_received"] += 1
+        self.comm_log.append("<<< " + line)
+        with self._cond:
+            try:
+                self._handle(line)
+            except Exception:
+                log.exception("link: failed to handle the reply %r", line[:200])
+            deferred, self._deferred = self._deferred, []
+        for callback in deferred:
+            callback()
+
+    def _handle(self, line: str):
+        if self._capture is not None:
+            self._capture.append(line)
+        if self.parser is not None:
+            found = self.parser.received(line)
+            for event in found:
+                self.emit(event.name, event.payload, "firmware")
+        reply = self._classify(line)
+        kind = reply.kind
+        if kind not in ("temperature", "unknown") or self._heating():
+            # Progress (or a keep-alive); temperature auto-reports and noise are not, except during a heat-up
+            # wait of a firmware without the busy protocol.
+            self._last_rx = time.monotonic()
+            self._timeouts = 0
+        if self._file_list is not None:
+            if "End file list" in line:
+                self.sd_files, self._file_list = self._file_list, None
+            elif reply.ok:
+                self._on_ok()
+            elif line.strip():
+                name, _, size = line.strip().rpartition(" ")
+                if not name or not size.isdigit():
+                    name, size = line.strip(), ""
+                self._file_list.append({"name": name, "size": int(size) if size else None})
+            return
+        if reply.temperatures:
+            self._on_temperatures(reply.temperatures)
+        if reply.position:
+            self.position = dict(reply.position)
+        if kind == "resend":
+            if reply.resend_line is not None:
+                # Marlin, Prusa and Repetier follow "Resend: N" with an ok for the rejected line; the "rs N" of
+                # Smoothie and Teacup comes alone.
+                self._on_resend(reply.resend_line, line.lstrip()[:1] in ("R", "r") and
+                                line.lstrip()[:6].lower() == "resend")
+        elif kind == "error":
+            self._on_error(reply, line)
+        elif kind == "firmware" and reply.firmware:
+            self.firmware.update(reply.firmware)
+        elif kind == "capability" and reply.capability:
+            name, enabled = reply.capability
+            self.capabilities[name] = enabled
+        elif kind == "action" and reply.action:
+            action = reply.action
+            self._deferred.append(lambda: self.listener.on_action(action, line))
+        elif kind == "start":
+            self._booted.set()
+            if self.state in CONNECTED_STATES:
+                log.warning("link: the printer sent 'start' while connected (was it reset?)")
+        if reply.sd:
+            self._on_sd(reply.sd, line)
+        if reply.ok:
+            self._on_ok()
+
+    def _heating(self) -> bool:
+        for number in range(self._ack_no, min(self._write_no, self._ack_no + self.window)):
+            entry = self._history.get(number)
+            if entry is not None and entry[1] is not None and entry[1].line.split(None, 1)[0].upper() in _WAITS:
+                return True
+        return False
+
+    def _on_ok(self):
+        if self._rejection_oks:
+            # The ok that follows a resend request acknowledges the rejection, not a line.
+            self._rejection_oks -= 1
+            return
+        if self._ack_no >= self._write_no:
+            self.stats["unexpected_ok"] += 1
+            return
+        self._acknowledge(self._ack_no)
+
+    def _acknowledge(self, number: int):
+        self._ack_no = number + 1
+        if self._recovering and number >= self._resend_target:
+            # A resent line got through: back to the full window.
+            self._recovering = False
+            self._resend_repeats = 0
+        self._cond.notify_all()
+        entry = self._history.get(number)
+        command = entry[1] if entry is not None else None
+        if command is not None and command.on_done is not None:
+            self._deferred.append(lambda: command.on_done(True))
+
+    def _on_resend(self, number: int, followed_by_ok: bool):
+        """Rewind to line ``number``.
+
+        What a firmware did with the lines in flight after the rejected one is unknowable: Marlin flushes its
+        receive buffer on every line error (those lines vanish without an answer), and rejects the ones that
+        arrive later with the same request, flushing again, possibly our resent copies too.  So every request is
+        taken as it comes: writing starts again at ``number``, one line at a time until a resent line is
+        acknowledged (few stale copies, so few flushes), then with the full window.  A request caused by a stale
+        copy only makes the firmware see a duplicate, which it answers with a request for the line it really
+        wants; so rewinding is always safe."""
+        self.stats["resend_requests"] += 1
+        if followed_by_ok:
+            self._rejection_oks += 1
+        if number == self._resend_target and self._recovering:
+            self._resend_repeats += 1
+            if self._resend_repeats > RESEND_LOOP_LIMIT + 2 * self.window:
+                self._resend_failed(f"the printer keeps requesting line {number} ({self._resend_repeats} times "
+                                    "without progress): communication is stuck", "resend_loop")
+                return
+        else:
+            self._resend_repeats = 1
+        last = self._next_line - 1
+        if number > last:
+            if number == last + 1:
+                return  # it only asks for the next line: nothing was lost
+            self._resend_failed(f"the printer requested line {number}, but the last line sent was {last}",
+                                "resend")
+            return
+        if number not in self._history:
+            self._resend_failed(f"the printer requested line {number}, which is no longer in the history",
+                                "resend")
+            return
+        self._resend_target = number
+        self._recovering = True
+        self._write_no = number
+        self._ack_no = min(self._ack_no, number)
+        log.info("link: resending from line %d (%d line(s))", number, last - number + 1)
+        self._cond.notify_all()
+
+    def _resend_failed(self, message: str, reason: str):
+        self._deferred.append(lambda: self._close(message, reason, "disconnect"))
+
+    def _on_error(self, reply, line: str):
+        kind = reply.error_kind
+        message = (reply.message or line).strip()
+        if kind == "resend":
+            self.stats["line_errors"] += 1
+            return
+        if kind == "command":
+            log.info("link: the firmware refused a command: %s", message)
+            return
+        if kind == "fatal":
+            if not self._m112_sent:
+                # OctoPrint's rule: after a firmware error the printer is stopped for sure before closing.
+                self._queue.appendleft(Command("M112", "firmware", emergency=True))
+                self._cond.notify_all()
+            self._deferred.append(lambda: self._fatal(message))
+            return
+        self._deferred.append(lambda: self._firmware_error(message))
+
+    def _fatal(self, message: str):
+        # Let the writer flush the M112 before the port closes.
+        deadline = time.monotonic() + 0.5
+        with self._cond:
+            while self._running and self._queue and self._queue[0].emergency and time.monotonic() < deadline:
+                self._cond.wait(0.02)
+        self._close(message, "firmware", "emergency")
+
+    def _firmware_error(self, message: str):
+        consequence = self.listener.on_firmware_error(message)
+        if consequence is None:
+            log.error("link: firmware error: %s", message)
+            self.emit("Error", {"error": message, "reason": "firmware", "consequence": None,
+                                "logs": list(self.comm_log)})
+
+    def _on_temperatures(self, temperatures: dict):
+        current = self.temperature
+        tools = dict(current["tools"])
+        for key, value in temperatures.items():
+            reading = [value[0], value[1]] if isinstance(value, (tuple, list)) else [value, None]
+            if key == "B":
+                current["bed"] = reading
+            elif key == "C":
+                current["chamber"] = reading
+            elif key.startswith("T"):
+                tools[key] = reading
+        current["tools"] = tools
+        self._temperature_pending = True
+        now = time.monotonic()
+        if now - self._temperature_emitted >= self.temperature_interval:
+            self._emit_temperature(now)
+
+    def _emit_temperature(self, now: float):
+        self._temperature_pending = False
+        self._temperature_emitted = now
+        current = self.temperature
+        self.emit("Temperature", {"tools": dict(current["tools"]), "bed": current["bed"],
+                                  "chamber": current["chamber"]})
+
+    def _on_sd(self, sd: dict, line: str):
+        if "Begin file list" in line:
+            self._file_list = []
+            return
+        self._deferred.append(lambda: self.listener.on_sd(sd, line))
+
+    def capture_start(self):
+        """Keep every reply line from now on (for a job operation that reads a command's answer, e.g. M23)."""
+        with self._lock:
+            self._capture = []
+
+    def capture_stop(self) -> list:
+        with self._lock:
+            lines, self._capture = self._capture or [], None
+            return lines
+
+    # --- status --------------------------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        with self._lock:
+            return {"state_id": self.state, "state_string": STATE_STRINGS.get(self.state, self.state),
+                    "port": self.port, "baudrate": self.baudrate, "error": self.error,
+                    "firmware": dict(self.firmware), "position": self.position,
+                    "temperature": {"tools": dict(self.temperature["tools"]), "bed": self.temperature["bed"],
+                                    "chamber": self.temperature["chamber"]},
+                    "unacknowledged": self._write_no - self._ack_no, "queued": len(self._queue),
+                    "stats": dict(self.stats)}

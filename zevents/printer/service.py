@@ -1,0 +1,383 @@
+"""The `zevents printer` process: one printer link, its print jobs, the command channel server, and the bus
+Publisher.
+
+One thread (the service loop) owns every ZeroMQ socket: it serves the command channel (``printer.commands``) and
+publishes the events that the link's and the jobs' threads put on a queue, each with the ``src`` they were given
+(``job``, ``user``, ``hook``, ``firmware``).  Requests that wait for the printer (connect, pause, SD operations)
+run on the jobs worker; their replies are sent by the loop when they finish, so the channel stays responsive.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import signal
+import threading
+import time
+from pathlib import Path
+
+import zmq
+
+from zevents import bus as zbus
+from zevents.printer import channel
+from zevents.printer.job import JobError, Jobs
+from zevents.printer.link import LinkError, PrinterLink
+
+log = logging.getLogger("zevents.printer.service")
+
+LOOP_INTERVAL = 0.02   # seconds the loop waits for a request before draining the event queue again
+VIRTUAL = "VIRTUAL"
+SRC_VALUES = ("user", "hook", "job", "firmware")
+
+
+class ServiceError(RuntimeError):
+    """The service cannot start (endpoint in use, virtual printer unavailable, bad settings)."""
+
+
+class PrinterService:
+    """Everything `zevents printer` runs, startable in-process (tests run it on a thread)."""
+
+    def __init__(self, config, port: str | None = None, baud: int | None = None, virtual: bool = False,
+                 context: zmq.Context | None = None, connect: bool = True):
+        self.config = config
+        section = config.get("printer") or {}
+        self.section = section
+        port = port or section.get("port") or VIRTUAL
+        self.virtual = virtual or str(port).upper() == VIRTUAL
+        self.port = None if self.virtual else str(port)
+        self.baud = int(baud if baud is not None else (section.get("baudrate") or 0))
+        self.context = context or zmq.Context.instance()
+        self.autoconnect = connect
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.publisher = None
+        self.server = None
+        self.virtual_printer = None
+        self.link: PrinterLink | None = None
+        self.jobs: Jobs | None = None
+        self._pending: list = []
+        self._stop = threading.Event()
+
+    # --- life cycle ----------------------------------------------------------------------------------------------
+
+    def start(self):
+        """Bind the command channel, start the virtual printer if asked, create the link (not yet connected)."""
+        endpoint = channel.endpoint(self.config)
+        try:
+            self.server = channel.CommandServer(endpoint, self.context)
+        except zmq.ZMQError as exc:
+            raise ServiceError(f"cannot bind the command channel {endpoint}: {exc} "
+                               "(is another `zevents printer` running?)") from None
+        self.publisher = zbus.Publisher(self.config, src="firmware", printer=self.config.get("printer", "name"),
+                                        context=self.context)
+        if self.virtual:
+            self.port = self._start_virtual()
+            if not self.baud:
+                self.baud = 115200
+        self.link = PrinterLink(
+            self.port, self.baud, emit=self._enqueue_event, parser_config=self.config.get("parser"),
+            window=int(self.section.get("window") or 4), timeout=float(self.section.get("timeout") or 10.0),
+            retries=int(self.section.get("retries", 3)))
+        self.jobs = Jobs(self.link, scripts=self.section.get("scripts") or {})
+        if self.autoconnect:
+            self._pending.append((self.jobs.submit(self._connect), None, None))
+
+    def _start_virtual(self) -> str:
+        try:
+            from zevents.printer.virtual import VirtualPrinter
+        except ImportError as exc:
+            raise ServiceError(f"the virtual printer is not available: {exc}") from None
+        settings = self.section.get("virtual") or {}
+        sd_dir = Path(self.config.data_dir) / "virtual-sd"
+        sd_dir.mkdir(parents=True, exist_ok=True)
+        self.virtual_printer = VirtualPrinter(firmware=settings.get("firmware", "marlin"),
+                                              speed=float(settings.get("speed", 100.0)),
+                                              tools=int(settings.get("tools", 1)), sd_dir=str(sd_dir))
+        self.virtual_printer.start()
+        log.info("printer: virtual %s printer on %s", settings.get("firmware", "marlin"), self.virtual_printer.port)
+        return self.virtual_printer.port
+
+    def _connect(self) -> dict:
+        if self.link.connected:
+            raise JobError(f"already connected to {self.link.port}")
+        if not self.link.connect():
+            raise JobError(self.link.error or "connection failed")
+        return {"port": self.link.port, "baudrate": self.link.baudrate}
+
+    def serve(self):
+        """The service loop: requests in, events out, until stop()."""
+        poller = zmq.Poller()
+        poller.register(self.server.sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if poller.poll(LOOP_INTERVAL * 1000):
+                while True:
+                    request = self.server.receive()
+                    if request is None:
+                        break
+                    self._handle(*request)
+            self._reply_finished()
+            self._publish_events()
+        self._publish_events()
+
+    def stop(self):
+        self._stop.set()
+
+    def close(self):
+        """Disconnect politely, publish what is left, release everything."""
+        if self.link is not None and self.link.connected:
+            try:
+                self.link.disconnect(timeout=2.0)
+            except Exception:
+                log.exception("printer: disconnect failed")
+        if self.jobs is not None:
+            self.jobs.close()
+        self._publish_events()
+        if self.virtual_printer is not None:
+            self.virtual_printer.stop()
+        if self.server is not None:
+            self.server.close()
+        if self.publisher is not None:
+            self.publisher.close(linger=2.0)
+
+    # --- events --------------------------------------------------------------------------------------------------
+
+    def _enqueue_event(self, name: str, payload: dict, src: str):
+        self.events.put((name, payload, src))
+
+    def _publish_events(self):
+        events = self.events
+        publish = self.publisher.publish
+        while True:
+            try:
+                name, payload, src = events.get_nowait()
+            except queue.Empty:
+                return
+            publish(name, payload, src)
+
+    # --- requests ------------------------------------------------------------------------------------------------
+
+    def _handle(self, reply_to, command: str, args: dict):
+        server = self.server
+        try:
+            if command == "STATUS":
+                server.reply(reply_to, args, True, **self.jobs.status())
+            elif command == "GCODE":
+                server.reply(reply_to, args, True, **self._gcode(args))
+            elif command in self._JOB_COMMANDS:
+                future = self.jobs.submit(self._JOB_COMMANDS[command], self, args)
+                self._pending.append((future, reply_to, args))
+            else:
+                server.reply(reply_to, args, False, error=f"unknown command {command!r}")
+        except (JobError, LinkError, ValueError) as exc:
+            server.reply(reply_to, args, False, error=str(exc))
+
+    def _gcode(self, args: dict) -> dict:
+        lines = args.get("lines")
+        if isinstance(lines, str):
+            lines = lines.splitlines()
+        if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
+            raise ValueError("GCODE needs 'lines', a list of strings")
+        src = args.get("src") or "user"
+        if src not in SRC_VALUES:
+            raise ValueError(f"src must be one of {', '.join(SRC_VALUES)}, not {src!r}")
+        if not self.link.connected:
+            raise LinkError(f"the printer is not connected (state: {self.link.status()['state_string']})")
+        accepted, suppressed = self.link.send(lines, src=src)
+        return {"accepted": accepted, "suppressed": suppressed}
+
+    def _reply_finished(self):
+        if not self._pending:
+            return
+        still = []
+        for future, reply_to, args in self._pending:
+            if not future.done():
+                still.append((future, reply_to, args))
+                continue
+            try:
+                result = future.result()
+            except (JobError, LinkError, ValueError) as exc:
+                if reply_to is not None:
+                    self.server.reply(reply_to, args, False, error=str(exc))
+                else:
+                    log.error("printer: %s", exc)
+                continue
+            except Exception as exc:
+                log.exception("printer: request failed")
+                if reply_to is not None:
+                    self.server.reply(reply_to, args, False, error=f"internal error: {exc}")
+                continue
+            if not isinstance(result, dict):
+                result = {"result": result}
+            done = result.pop("done", None)
+            if done is not None and args and args.get("wait"):
+                # An SD upload the client waits for: reply once TransferDone is out, without blocking anything.
+                waiting = concurrent.futures.Future()
+                threading.Thread(target=lambda: (done.wait(), waiting.set_result(result)), daemon=True).start()
+                still.append((waiting, reply_to, args))
+                continue
+            if reply_to is not None:
+                self.server.reply(reply_to, args, True, **result)
+        self._pending = still
+
+    # Blocking requests, run on the jobs worker: (service, args) -> reply dict.
+    def _cmd_connect(self, args):
+        if args.get("port"):
+            self.link.port = str(args["port"])
+        if args.get("baudrate") is not None:
+            self.link.baudrate = int(args["baudrate"])
+        return self._connect()
+
+    def _cmd_disconnect(self, args):
+        if not self.link.connected:
+            raise JobError("the printer is not connected")
+        self.link.disconnect()
+        return {}
+
+    def _cmd_sd_list(self, args):
+        return {"files": self.jobs.sd_list()}
+
+    _JOB_COMMANDS = {
+        "CONNECT": _cmd_connect,
+        "DISCONNECT": _cmd_disconnect,
+        "SELECT": lambda self, args: self.jobs.select(_required(args, "path")),
+        "DESELECT": lambda self, args: self.jobs.deselect(),
+        "PRINT": lambda self, args: self.jobs.start(args.get("path"), user=args.get("user")),
+        "PAUSE": lambda self, args: self.jobs.pause(user=args.get("user")),
+        "RESUME": lambda self, args: self.jobs.resume(user=args.get("user")),
+        "CANCEL": lambda self, args: self.jobs.cancel(user=args.get("user")),
+        "SD_LIST": _cmd_sd_list,
+        "SD_UPLOAD": lambda self, args: self.jobs.sd_upload(_required(args, "path"), args.get("remote")),
+        "SD_PRINT": lambda self, args: self.jobs.sd_print(_required(args, "remote"), user=args.get("user")),
+    }
+
+
+def _required(args: dict, key: str) -> str:
+    value = args.get(key)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"missing {key!r}")
+    return value
+
+
+def run(config, port: str | None = None, baud: int | None = None, virtual: bool = False) -> int:
+    """`zevents printer`: run the link until SIGINT/SIGTERM; 1 if it cannot start."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    service = PrinterService(config, port=port, baud=baud, virtual=virtual)
+    try:
+        service.start()
+    except (ServiceError, LinkError, ValueError) as exc:
+        log.error("%s", exc)
+        service.close()
+        return 1
+
+    def on_signal(signum, frame):
+        service.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    started = time.monotonic()
+    try:
+        service.serve()
+    finally:
+        service.close()
+    log.info("printer: stopped after %.1f s", time.monotonic() - started)
+    return 0
+
+
+# --- client commands (`zevents print|pause|resume|cancel|send|sd ...`) ------------------------------------------
+
+def _client_request(config, command: str, args: dict | None = None, timeout: float = 10.0) -> dict | None:
+    """One request to the running link; None after printing a one-line error on stderr."""
+    import sys
+
+    client = channel.CommandClient(channel.endpoint(config))
+    try:
+        return client.request(command, args or {}, timeout=timeout)
+    except channel.ChannelError as exc:
+        print(f"zevents: {exc}", file=sys.stderr)
+        return None
+    finally:
+        client.close()
+
+
+def run_print(config, file: str, user: str | None = None) -> int:
+    """`zevents print FILE`: select a local file and start printing it."""
+    import os
+    import sys
+
+    if not os.path.isfile(file):
+        print(f"zevents: no such file: {file}", file=sys.stderr)
+        return 2
+    reply = _client_request(config, "PRINT", {"path": os.path.abspath(file), "user": user})
+    if reply is None:
+        return 1
+    print(f"printing {reply.get('name')} ({reply.get('size')} bytes)", file=sys.stderr)
+    return 0
+
+
+def run_control(config, command: str, user: str | None = None) -> int:
+    """`zevents pause|resume|cancel`."""
+    import json
+    import sys
+
+    reply = _client_request(config, command.upper(), {"user": user}, timeout=60.0)
+    if reply is None:
+        return 1
+    reply.pop("id", None)
+    if reply.get("position"):
+        print(json.dumps({"position": reply["position"], "progress": reply.get("progress")}))
+    print(f"{command.lower()}: done", file=sys.stderr)
+    return 0
+
+
+def run_send(config, lines: list, src: str = "user") -> int:
+    """`zevents send GCODE...`: each argument is one line (or several, separated by newlines)."""
+    import sys
+
+    flat = [line for arg in lines for line in str(arg).splitlines() if line.strip()]
+    if not flat:
+        print("zevents: nothing to send", file=sys.stderr)
+        return 2
+    reply = _client_request(config, "GCODE", {"lines": flat, "src": src})
+    if reply is None:
+        return 1
+    suppressed = reply.get("suppressed") or []
+    print(f"sent {reply.get('accepted', 0)} line(s)" +
+          (f", suppressed: {', '.join(suppressed)}" if suppressed else ""), file=sys.stderr)
+    return 0
+
+
+def run_sd(config, action: str, file: str | None = None, remote: str | None = None, wait: bool = True) -> int:
+    """`zevents sd ls|upload|print`."""
+    import os
+    import sys
+
+    if action == "ls":
+        reply = _client_request(config, "SD_LIST", {}, timeout=30.0)
+        if reply is None:
+            return 1
+        for entry in reply.get("files") or []:
+            size = entry.get("size")
+            print(f"{entry.get('name')}\t{'' if size is None else size}")
+        return 0
+    if action == "upload":
+        if not file or not os.path.isfile(file):
+            print(f"zevents: no such file: {file}", file=sys.stderr)
+            return 2
+        reply = _client_request(config, "SD_UPLOAD", {"path": os.path.abspath(file), "remote": remote,
+                                                      "wait": wait}, timeout=3600.0 if wait else 30.0)
+        if reply is None:
+            return 1
+        print(f"{'uploaded' if wait else 'uploading'} {reply.get('local')} as {reply.get('remote')}",
+              file=sys.stderr)
+        return 0
+    if action == "print":
+        name = remote or file
+        if not name:
+            print("zevents: which SD file? (zevents sd print NAME)", file=sys.stderr)
+            return 2
+        reply = _client_request(config, "SD_PRINT", {"remote": name}, timeout=30.0)
+        if reply is None:
+            return 1
+        print(f"printing {name} from SD", file=sys.stderr)
+        return 0
+    print(f"zevents: unknown sd action {action!r} (ls, upload, print)", file=sys.stderr)
+    return 2
