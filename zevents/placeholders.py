@@ -208,7 +208,8 @@ class ShellScan:
             top = stack[-1]
             if c == _MARK:
                 end = s.index(_MARK, i + 1)
-                self.contexts[int(s[i + 1:end])] = top
+                # Inside `...` the shell reads backslashes and backquotes before quotes: no quoting is safe there.
+                self.contexts[int(s[i + 1:end])] = "BQ" if "BQ" in stack else top
                 i = end + 1
                 word_start = False
                 continue
@@ -273,6 +274,8 @@ def compile_shell(source: str) -> Template:
                             "the ZEVENTS_* environment variables or the JSON on stdin instead")
     for index, field in enumerate(fields):
         field.context = scan.contexts.get(index, "N")
+        if field.context == "BQ":
+            raise TemplateError(f"{field.text} inside `...` cannot be quoted safely; write $(...) instead")
     return Template(source, _parts_of(marked, fields), shell=True)
 
 

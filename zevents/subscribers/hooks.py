@@ -183,9 +183,8 @@ class HookRunner:
         subscription = job.subscription
 
         def missing(field):
-            key = (job.name, field.text)
-            if key not in subscription.warned:
-                subscription.warned.add(key)
+            if field.text not in subscription.warned:
+                subscription.warned.add(field.text)
                 log.warning("hook %r: placeholder %s has no value for %s; it renders empty (warned once)",
                             subscription.name, field.text, job.name)
 
@@ -531,6 +530,7 @@ class HooksService:
             except bus.BusError as exc:
                 log.warning("no snapshot from the broker (%s): printer state unknown until events arrive", exc)
             self.ready.set()
+            log.info("hooks service ready: subscribed at %s", self.config.bus.publish)
             recv = subscriber.recv
             dispatch = self.dispatch
             while not self._stop.is_set():

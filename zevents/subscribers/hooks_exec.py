@@ -80,16 +80,36 @@ def ensure_std_fds():
                 os.close(null)
 
 
-def _spawn(argv: list, env: dict, cwd: str | None, stdin_r: int, out_w: int, err_w: int) -> int:
+_resolved: dict = {}
+
+
+def _program(name: str, path: str | None) -> str:
+    """The executable for a program name, searched in the hook's PATH once and remembered (a failed execve per
+    PATH entry before the right one costs more than the rest of the spawn's Python side)."""
+    if "/" in name:
+        return name
+    key = (name, path)
+    found = _resolved.get(key)
+    if found is None:
+        found = shutil.which(name, path=path)
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, "not found in PATH", name)
+        _resolved[key] = found
+    return found
+
+
+def _spawn(argv: list, env: dict, cwd: str | None, stdin_r: int, out_w: int, err_w: int, retry: bool = True) -> int:
     if cwd is None:
-        program = argv[0]
-        path = env.get("PATH")
-        if "/" not in program and path is not None and path != os.environ.get("PATH"):
-            # posix_spawnp searches our PATH; the hook's env may name another one.
-            program = shutil.which(program, path=path) or program
-        # setsigdef: Python ignores SIGPIPE, and an ignored signal would stay ignored in the child.
-        return os.posix_spawnp(program, argv, env, setsid=True, setsigdef=_DEFAULT_SIGNALS, setsigmask=(),
-                               file_actions=[(_DUP2, stdin_r, 0), (_DUP2, out_w, 1), (_DUP2, err_w, 2)])
+        path = env.get("PATH", os.defpath)
+        program = _program(argv[0], path)
+        try:
+            # setsigdef: Python ignores SIGPIPE, and an ignored signal would stay ignored in the child.
+            return os.posix_spawn(program, argv, env, setsid=True, setsigdef=_DEFAULT_SIGNALS, setsigmask=(),
+                                  file_actions=[(_DUP2, stdin_r, 0), (_DUP2, out_w, 1), (_DUP2, err_w, 2)])
+        except FileNotFoundError:
+            if not retry or _resolved.pop((argv[0], path), None) is None:
+                raise
+            return _spawn(argv, env, cwd, stdin_r, out_w, err_w, retry=False)  # the program moved: search again
     proc = subprocess.Popen(argv, stdin=stdin_r, stdout=out_w, stderr=err_w, env=env, cwd=cwd,
                             start_new_session=True, close_fds=True)
     proc.returncode = 0  # reaped below through waitpid; stop Popen.__del__ from ever waiting for this pid

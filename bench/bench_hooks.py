@@ -1,0 +1,139 @@
+"""Hooks service: event → system command started (p50, p99) and hook runs per second for `true`, beside a plain
+``subprocess.run(["true"])`` loop measured in the same run.
+
+    pytest bench/bench_hooks.py --benchmark-only -s
+
+The broker runs as its own process (as in production), the hooks service in this process so that the moment each
+command starts can be observed.  Latency is measured one event at a time (publish, wait until the command has
+started): queueing is not counted, only the path bus → match → queue → worker → spawn.  The command is ``true {t0}``,
+so the start of each run carries the publish time of its event.  Throughput is a burst of events, counted until
+every run has finished and its result event was published.
+
+Reference (issue 4): OctoPrint ≈ 1 000 runs/s and ≈ 0.9 ms p50; target ≥ 2× the throughput, p50 ≤ 1 ms.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zevents import bus
+from zevents import config as zconfig
+from zevents.subscribers.hooks import HooksService
+
+LATENCY_EVENTS = 400
+BURST_EVENTS = 3000
+BASELINE_RUNS = 1000
+
+
+@pytest.fixture(scope="module")
+def node():
+    """A broker process on ipc endpoints in a short temporary directory."""
+    directory = Path(tempfile.mkdtemp(prefix="zevb-"))
+    bus_config = zconfig.BusConfig.for_dir(directory, node="bench", heartbeat=1.0)
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump({"bus": {"node": "bench", "publish": bus_config.publish,
+                                            "ingest": bus_config.ingest, "replay": bus_config.replay}}))
+    broker = subprocess.Popen([sys.executable, "-m", "zevents", "broker", "-c", str(path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    control = bus.Control(bus_config)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            control.ping(timeout=0.5)
+            break
+        except bus.BusError:
+            if time.monotonic() > deadline or broker.poll() is not None:
+                broker.kill()
+                raise
+    control.close()
+    yield bus_config, directory
+    broker.terminate()
+    broker.wait(10)
+
+
+def baseline_rate(runs: int = BASELINE_RUNS) -> float:
+    start = time.perf_counter()
+    for _ in range(runs):
+        subprocess.run(["true"])
+    return runs / (time.perf_counter() - start)
+
+
+class Hooks:
+    """A HooksService on a thread, with one `true {t0}` subscription."""
+
+    def __init__(self, bus_config, directory, workers: int):
+        self.latencies: list = []
+        self.started = threading.Semaphore(0)
+        config = zconfig.from_bus(bus_config, hooks={"workers": workers}, events={"subscriptions": [
+            {"event": "Home", "type": "system", "name": "bench", "command": "true {t0}"}]},
+            printer={"commands": f"ipc://{directory}/printer.sock"})
+        self.service = HooksService(config, on_started=self._on_started)
+        self.thread = threading.Thread(target=self.service.serve, daemon=True)
+        self.thread.start()
+        assert self.service.ready.wait(20)
+        self.publisher = bus.Publisher(bus_config, src="bench")
+
+    def _on_started(self, result):
+        self.latencies.append(result.started_ns - int(result.argv[1]))
+        self.started.release()
+
+    def latency(self, events: int) -> tuple[float, float]:
+        """p50 and p99 (ms) from publish to command started, one event at a time."""
+        self.latencies.clear()
+        for _ in range(events):
+            self.publisher.publish("Home", {"t0": time.time_ns()})
+            assert self.started.acquire(timeout=10)
+        samples = sorted(self.latencies)
+        return statistics.median(samples) / 1e6, samples[int(len(samples) * 0.99) - 1] / 1e6
+
+    def burst(self, events: int) -> float:
+        """Runs per second for a burst, until every run finished and its result was published."""
+        self.latencies.clear()
+        done = self.service.stats
+        target = done["HookFinished"] + events
+        start = time.perf_counter()
+        for _ in range(events):
+            self.publisher.publish("Home", {"t0": time.time_ns()})
+        while done["HookFinished"] < target:
+            time.sleep(0.001)
+        rate = events / (time.perf_counter() - start)
+        for _ in range(events):
+            self.started.acquire(timeout=10)
+        return rate
+
+    def close(self):
+        self.publisher.close(linger=0)
+        self.service.stop()
+        self.thread.join(10)
+        self.service.close()
+
+
+@pytest.mark.parametrize("workers", [4, 2])
+def test_hook_latency_and_throughput(benchmark, node, workers):
+    bus_config, directory = node
+    baseline = baseline_rate()
+    hooks = Hooks(bus_config, directory, workers)
+    try:
+        hooks.latency(50)  # warm-up: connections, caches
+        p50, p99 = hooks.latency(LATENCY_EVENTS)
+        rates = []
+        benchmark.pedantic(lambda: rates.append(hooks.burst(BURST_EVENTS)), rounds=3, iterations=1)
+        rate = statistics.median(rates)
+    finally:
+        hooks.close()
+    info = {"workers": workers, "cpus": os.cpu_count(), "latency_p50_ms": round(p50, 3),
+            "latency_p99_ms": round(p99, 3), "hook_runs_per_s": round(rate), "baseline_runs_per_s": round(baseline),
+            "ratio_vs_subprocess_run_loop": round(rate / baseline, 2)}
+    benchmark.extra_info.update(info)
+    print(f"\nhooks ({workers} workers, {os.cpu_count()} CPUs): event→started p50 {p50:.3f} ms, p99 {p99:.3f} ms; "
+          f"{rate:.0f} runs/s vs subprocess.run loop {baseline:.0f} runs/s = {rate / baseline:.2f}×")
+    assert len(hooks.latencies) == BURST_EVENTS  # every run of the last burst started once

@@ -1,0 +1,179 @@
+"""Hook templates and subscription checks: values reach commands exactly, through a real /bin/sh when ``shell: true``,
+and every mistake in a subscription is named."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zevents import config as zconfig
+from zevents import placeholders as ph
+from zevents.subscribers import hooks_config, hooks_exec
+
+NASTY = ["x'; touch pwned; '.gcode", "$(touch pwned).gcode", "`touch pwned`", 'a"b\\"c', "two\nlines", "*", "~",
+         "$HOME", "-n", "", " lead and trail ", "a\\", "'", '"', "{}", "$((1+1))", "!event"]
+
+
+def values(**payload):
+    return ph.Values("PrintDone", payload)
+
+
+def run_sh(template: ph.Template, vals, cwd) -> list:
+    script = template.render(vals)
+    out = subprocess.run(["/bin/sh", "-c", script], capture_output=True, cwd=cwd, check=True).stdout
+    return out.decode().split("\0")[:-1]
+
+
+@pytest.mark.parametrize("value", NASTY)
+def test_shell_templates_quote_every_value_for_its_context(value, tmp_path):
+    template = ph.compile_shell("printf '%s\\0' {v} pre{v}post \"dq {v}\" 'sq {v}' \"$(printf %s {v})\" "
+                                "\"$(printf %s \"{v}\")\"")
+    got = run_sh(template, values(v=value), tmp_path)
+    command_substituted = value.rstrip("\n")  # $( ) and ` ` drop trailing newlines, as in any shell
+    assert got == [value, f"pre{value}post", f"dq {value}", f"sq {value}", command_substituted,
+                   command_substituted]
+    assert list(tmp_path.iterdir()) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=30))
+def test_any_value_survives_a_shell_template_unchanged(tmp_path_factory, value):
+    cwd = tmp_path_factory.mktemp("sh")
+    template = ph.compile_shell("printf '%s\\0' {v} \"in dq {v}\" 'in sq {v}'")
+    assert run_sh(template, values(v=value), cwd) == [value, f"in dq {value}", f"in sq {value}"]
+    assert list(cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", NASTY)
+def test_argv_templates_put_a_value_into_one_argument(value, tmp_path):
+    argv = [word.render(values(v=value)) for word in ph.compile_argv("printf '%s\\0' {v} \"with {v}\" x{v}")]
+    assert argv == ["printf", "%s\\0", value, f"with {value}", f"x{value}"]
+    result = hooks_exec.run(argv, dict(os.environ), cwd=str(tmp_path))
+    assert result.ok and result.stdout.decode().split("\0")[:-1] == [value, f"with {value}", f"x{value}"]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("source, why", [
+    ("notify {name} | tee log", "shell syntax ('|')"),
+    ("echo $HOME", "shell syntax ('$H')"),
+    ("echo $(date)", "shell syntax ('$(')"),
+    ("run {name} > out", "shell syntax ('>')"),
+    ("a && b", "shell syntax ('&&')"),
+    ("{name} --flag", "must be written out"),
+    ("echo {0}", "positional placeholders are not supported"),
+    ("echo {}", "positional placeholders are not supported"),
+    ("echo {name", "expected '}'"),
+    ("echo name}", "Single '}'"),
+    ("echo {name!x}", "unknown conversion"),
+    ("echo {name:{width}}", "nested placeholders"),
+    ("echo 'unclosed", "cannot split"),
+])
+def test_argv_templates_refuse_what_they_cannot_do_safely(source, why):
+    with pytest.raises(ph.TemplateError) as info:
+        ph.compile_argv(source)
+    assert why in str(info.value)
+
+
+def test_quoted_shell_characters_are_fine_without_a_shell():
+    argv = [w.render(values(name="n")) for w in ph.compile_argv("sh -c 'echo a | tr a b' \"$ {name}\" ~/x")]
+    assert argv == ["sh", "-c", "echo a | tr a b", "$ n", os.path.expanduser("~/x")]
+
+
+def test_here_documents_and_backquotes_cannot_take_placeholders():
+    with pytest.raises(ph.TemplateError, match="here-document"):
+        ph.compile_shell("cat <<EOF\n{name}\nEOF")
+    for source in ("echo `echo {name}`", "echo \"`echo '{name}'`\"", "echo `echo $(echo {name})`"):
+        with pytest.raises(ph.TemplateError, match="write \\$\\(...\\) instead"):
+            ph.compile_shell(source)
+
+
+def test_text_templates_escape_braces_and_format_values():
+    template = ph.compile_text("{{x}} {__progress:.0f}% {name!r} {a.b.c} {lst[1]}")
+    vals = ph.Values("E", {"name": "n", "a": {"b": {"c": 3}}, "lst": [1, 2]}, {"progress": 41.6})
+    assert template.render(vals) == "{x} 42% 'n' 3 2"
+
+
+# --- subscription checks ----------------------------------------------------------------------------------------
+
+def problems_of(tmp_path, subscriptions, **sections) -> list:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"events": {"subscriptions": subscriptions}, **sections}))
+    return [str(p) for p in zconfig.check(path)]
+
+
+def sub(**fields):
+    base = {"event": "PrintDone", "type": "system", "command": "true"}
+    base.update(fields)
+    return base
+
+
+@pytest.mark.parametrize("event", ["Dwelling", "Dwell", "GcodeScriptAfterPrintDoneRunning", "plugin_x_PrintDon",
+                                   "MyVeryOwnThing", ["PrintDone", "HookFailed", "LayerChanged"]])
+def test_accepted_event_names(tmp_path, event):
+    assert problems_of(tmp_path, [sub(event=event)]) == []
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"event": "printdone"}, "did you mean 'PrintDone'?"),
+    ({"event": "GcodeScript${ScriptName}Running"}, "is a template"),
+    ({"event": []}, "empty list"),
+    ({"event": "print/PrintDone"}, "is not an event name"),
+    ({"type": "System"}, "did you mean 'system'?"),
+    ({"command": ["true", 3]}, "events.subscriptions.0.command.1: each command must be a non-empty string"),
+    ({"command": []}, "empty list"),
+    ({"timeout": -1}, "must be a number of seconds > 0"),
+    ({"min_interval": "often"}, "must be a number of seconds >= 0"),
+    ({"enabled": "no"}, "must be true or false"),
+    ({"env": {"1BAD": "x"}}, "is not an environment variable name"),
+    ({"env": {"GOOD": "{name"}}, "expected '}'"),
+    ({"filter": {"origin": {"nested": 1}}}, "a payload key"),
+    ({"filter": {"nope": 1}}, "the filter never matches"),
+    ({"command": "echo {__filenmae}"}, "did you mean {__filename}?"),
+    ({"type": "gcode", "shell": True, "command": "M117 {name}"}, "only applies to system hooks"),
+    ({"cwd": "/nonexistent/dir"}, "does not exist"),
+    ({"shell": True, "command": "cat <<EOF\n{name}\nEOF"}, "here-document"),
+])
+def test_subscription_problems_are_named_with_their_key(tmp_path, fields, message):
+    found = problems_of(tmp_path, [sub(**fields)])
+    assert len(found) == 1, found
+    assert message in found[0]
+    assert found[0].startswith(f"{tmp_path / 'config.yaml'}:")
+
+
+def test_a_bad_subscription_is_reported_but_does_not_stop_loading(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"events": {"subscriptions": [sub(event="PrintDon"), sub(name="good")]}}))
+    config = zconfig.load(path)  # other services load the file in spite of a bad hook
+    subscriptions, problems = hooks_config.compile_section(config)
+    assert [s.name for s in subscriptions] == ["good"]
+    assert len(problems) == 1 and problems[0].skips
+    assert len(zconfig.check(path)) == 1
+
+
+def test_warnings_keep_the_subscription(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"events": {"subscriptions": [sub(command="echo {nmae}")]}}))
+    subscriptions, problems = hooks_config.compile_section(zconfig.load(path))
+    assert len(subscriptions) == 1 and not problems[0].skips
+
+
+@pytest.mark.parametrize("hooks_section, message", [({"workers": 0}, "between 1 and 256"),
+                                                    ({"timeout": 0}, "must be > 0")])
+def test_hooks_section_limits_are_fatal(tmp_path, hooks_section, message):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"hooks": hooks_section}))
+    with pytest.raises(zconfig.ConfigError, match=message):
+        zconfig.load(path)
+
+
+def test_default_name_and_timeout(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"hooks": {"timeout": 7}, "events": {"subscriptions": [
+        sub(event=["PrintDone", "PrintFailed"]), sub(timeout=2, name="mine")]}}))
+    first, second = hooks_config.compile_section(zconfig.load(path))[0]
+    assert first.name == "#0 PrintDone,PrintFailed" and first.timeout == 7
+    assert second.name == "mine" and second.timeout == 2
