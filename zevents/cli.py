@@ -201,27 +201,6 @@ def virtual_printer(link: Optional[str] = typer.Option(None, "--link", help="Als
                                  faults=faults or [], crlf=True if crlf else None, verbose=verbose))
 
 
-@app.command("virtual-printer")
-def virtual_printer(link: Optional[str] = typer.Option(None, "--link", help="Also make this symlink to the device."),
-                    firmware: str = typer.Option("marlin", "--firmware",
-                                                 help="Reply formats: marlin, prusa, klipper, rrf, smoothie, "
-                                                      "repetier."),
-                    speed: float = typer.Option(100.0, "--speed", help="Simulated time factor; 0 = instant."),
-                    tools: int = typer.Option(1, "--tools", help="Number of extruders."),
-                    sd_dir: Optional[str] = typer.Option(None, "--sd-dir", help="Directory backing the SD card "
-                                                                               "(default: a temporary one)."),
-                    faults: Optional[List[str]] = typer.Option(None, "--fault", help="Fault to inject, repeatable: "
-                                                               "KIND[@LINE|@N<number>][:key=value,...], e.g. "
-                                                               "drop_line@100, silent@N20:seconds=3."),
-                    crlf: bool = typer.Option(False, "--crlf", help="End replies with CRLF instead of LF."),
-                    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the printer does.")):
-    """Run a simulated Marlin-like printer on a pseudo-terminal; prints its device path, serves until SIGTERM."""
-    from zevents.printer import virtual
-
-    raise typer.Exit(virtual.run(link=link, firmware=firmware, speed=speed, tools=tools, sd_dir=sd_dir,
-                                 faults=faults or [], crlf=True if crlf else None, verbose=verbose))
-
-
 @config_app.command("check")
 def config_check(file: str = typer.Argument(..., help="Config file to validate.")):
     """Validate a config file; every problem with its file, line and key."""
