@@ -129,14 +129,14 @@ class _Waiter:
 
 
 class LinkListener:
-    """What a print job gets told by the link.  Called on the link's threads, never with its lock held; must not
-    block (hand long work to another thread)."""
+    """What a print job gets told by the link.  Called on the link's threads, never with its lock held (except
+    ``on_tool_change``); must not block (hand long work to another thread)."""
 
     def on_source_exhausted(self, source):
         pass
 
     def on_tool_change(self, old, new):
-        pass
+        """A tool-change line was just queued (called with the link's lock held): may only queue lines."""
 
     def on_action(self, action: str, line: str):
         pass
@@ -241,7 +241,9 @@ class PrinterLink:
         self._deferred: list = []
         self._hello_ok = threading.Event()
         self._booted = threading.Event()
+        self._firmware_seen = threading.Event()
         self._capture: list | None = None
+        self._tool_change: dict | None = None
 
     # --- events --------------------------------------------------------------------------------------------------
 
@@ -332,6 +334,7 @@ class PrinterLink:
         self._file_list = None
         self._hello_ok.clear()
         self._booted.clear()
+        self._firmware_seen.clear()
 
     def _handshake(self, tries: int) -> bool:
         """``N0 M110 N0`` until an ``ok`` answers (a firmware still booting ignores the first ones)."""
@@ -366,6 +369,9 @@ class PrinterLink:
     def _after_handshake(self) -> bool:
         if self.send_and_wait("M115", src="firmware", timeout=self.timeout) is None:
             log.warning("link: no answer to M115; carrying on without firmware info")
+        elif self._firmware_seen.wait(min(self.timeout, 1.0)):
+            # A second ok for a repeated hello may have been taken for M115's: let its report finish.
+            self.wait_idle(min(self.timeout, 1.0))
         if not self._running:
             return False
         if self.capabilities.get("AUTOREPORT_TEMP"):
@@ -465,9 +471,10 @@ class PrinterLink:
                     self._queue.appendleft(command)
                 else:
                     commands.append(command)
+                    self._queue.append(command)
+                self._after_queued()
             if commands and on_done is not None:
                 commands[-1].on_done = on_done
-            self._queue.extend(commands)
             accepted = len(commands)
             self._cond.notify_all()
         if not commands and on_done is not None:
@@ -539,10 +546,14 @@ class PrinterLink:
         command = Command(line, src)
         if line[:4].upper() == "M112" and (len(line) == 4 or not line[4].isdigit()):
             command.emergency = True
-        if tool_change is not None:
-            self._deferred.append(lambda: self.listener.on_tool_change(tool_change.get("old"),
-                                                                        tool_change.get("new")))
+        self._tool_change = tool_change
         return command
+
+    def _after_queued(self):
+        """Right after a tool-change line took its place in the send order: its script goes next."""
+        change, self._tool_change = self._tool_change, None
+        if change is not None:
+            self.listener.on_tool_change(change.get("old"), change.get("new"))
 
     # --- the writer ----------------------------------------------------------------------------------------------
 
@@ -599,7 +610,9 @@ class PrinterLink:
                     return None
                 command = self._prepare(raw, src, parse)
                 if command is not None:
-                    return self._number(command)
+                    data = self._number(command)
+                    self._after_queued()
+                    return data
         return None
 
     def _number(self, command: Command) -> bytes:
@@ -732,6 +745,7 @@ class PrinterLink:
             self._on_error(reply, line)
         elif kind == "firmware" and reply.firmware:
             self.firmware.update(reply.firmware)
+            self._firmware_seen.set()
         elif kind == "capability" and reply.capability:
             name, enabled = reply.capability
             self.capabilities[name] = enabled

@@ -1,0 +1,334 @@
+"""Print jobs on the link and the virtual printer (real pty, real pyserial, the real parser): a whole real sliced
+file with its exact event sequence, pause with position, resume, cancel, scripts, failures mid-print, firmware
+actions, SD upload and SD print.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from test_link import Recorder, make_link, wait_until
+from zevents.parser import Parser
+from zevents.printer.job import JobError, Jobs
+from zevents.printer.link import strip_line
+from zevents.printer.virtual import VirtualPrinter
+
+DATA = Path(__file__).parent / "data" / "printer"
+CUBE = DATA / "sliced_cube20_prusaslicer250_mk3s_cut.gcode"
+# Commands the link (and the pause/cancel position query, the SD poll) send on their own.
+OWN = ("M110", "M115", "M155", "M105", "M114", "M27")
+SCRIPTS = {"beforePrintStarted": "M117 zevents start", "afterPrintDone": "M104 S0\nM140 S0",
+           "afterPrintPaused": "M117 paused", "beforePrintResumed": "M117 resuming",
+           "afterPrintCancelled": "M117 cancelled\nM104 S0"}
+NOT_ORDERED = ("PrintProgress", "Temperature", "PositionUpdate")
+
+
+def file_lines(path: Path) -> list:
+    return [raw.rstrip(b"\r\n").decode() for raw in path.read_bytes().splitlines(keepends=True)]
+
+
+def file_commands(path: Path) -> list:
+    return [c for c in (strip_line(line) for line in file_lines(path)) if c and not c.upper().startswith(OWN)]
+
+
+def expected_gcode_events(path: Path) -> list:
+    """What a fresh parser makes of the file fed line by line: the link must publish exactly this (src job)."""
+    parser = Parser(None)
+    events = []
+    for line in file_lines(path):
+        events.extend((event.name, event.payload) for event in parser.sent(line))
+    return events
+
+
+def executed(printer: VirtualPrinter) -> list:
+    return [c for c in printer.received if not c.upper().startswith(OWN)]
+
+
+def gcode_event_names() -> set:
+    from zevents import events as zevents_events
+
+    return {name for name, spec in zevents_events.EVENTS.items() if spec.group == "gcode"}
+
+
+def job_sequence(recorder: Recorder) -> list:
+    """The events in order without gcode events and telemetry; states as (PrinterStateChanged, id)."""
+    skip = gcode_event_names() | set(NOT_ORDERED)
+    out = []
+    for name, payload, src, _ in list(recorder.events):
+        if name in skip:
+            continue
+        out.append((name, payload["state_id"]) if name == "PrinterStateChanged" else name)
+    return out
+
+
+def progress_values(recorder: Recorder) -> list:
+    return [e[1]["progress"] for e in recorder.named("PrintProgress")]
+
+
+class Bench:
+    """A virtual printer, a link and its jobs, torn down in order."""
+
+    def __init__(self, tmp_path, speed=0.0, scripts=None, firmware="marlin", tools=1, **link_options):
+        self.recorder = Recorder()
+        self.printer = VirtualPrinter(firmware=firmware, speed=speed, tools=tools, sd_dir=tmp_path / "sd",
+                                      boot_delay=0.05)
+        self.printer.start()
+        self.link = make_link(self.printer.port, self.recorder, **link_options)
+        self.jobs = Jobs(self.link, scripts=scripts, sd_poll_interval=0.2)
+        assert self.link.connect(), self.link.error
+
+    def wait(self, *args, **kwargs):
+        return self.recorder.wait(*args, **kwargs)
+
+    def wait_progress(self, percent: int):
+        return self.wait(lambda n, p, s: n == "PrintProgress" and p["progress"] >= percent, timeout=30,
+                         what=f"progress {percent}")
+
+    def close(self):
+        self.jobs.close()
+        self.link.disconnect(timeout=1.0)
+        self.printer.stop()
+
+
+@pytest.fixture
+def bench(tmp_path):
+    made = []
+
+    def make(**options):
+        made.append(Bench(tmp_path, **options))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.close()
+
+
+def test_a_real_sliced_file_prints_with_the_exact_event_sequence(bench):
+    b = bench(scripts={"beforePrintStarted": SCRIPTS["beforePrintStarted"], "afterPrintDone": SCRIPTS["afterPrintDone"]})
+    b.jobs.start(str(CUBE), user="alice")
+    done = b.wait("PrintDone", timeout=60)
+    wait_until(lambda: b.link.status()["state_id"] == "OPERATIONAL", what="operational again")
+
+    sequence = job_sequence(b.recorder)
+    start = sequence.index("FileSelected")
+    assert sequence[start:] == [
+        "FileSelected", ("PrinterStateChanged", "PRINTING"), "PrintStarted", "ChartMarked",
+        "GcodeScriptBeforePrintStartedRunning", "GcodeScriptBeforePrintStartedFinished",
+        ("PrinterStateChanged", "FINISHING"),
+        "GcodeScriptAfterPrintDoneRunning", "GcodeScriptAfterPrintDoneFinished",
+        "PrintDone", "ChartMarked", ("PrinterStateChanged", "OPERATIONAL"),
+    ]
+    size = CUBE.stat().st_size
+    assert done[1]["name"] == CUBE.name and done[1]["origin"] == "local" and done[1]["size"] == size
+    assert done[1]["owner"] == "alice" and done[1]["time"] > 0
+    assert b.recorder.wait("PrintStarted")[1]["user"] == "alice"
+    assert [e[1]["type"] for e in b.recorder.named("ChartMarked")] == ["print", "done"]
+
+    # Every gcode event of the file, with src job, exactly as a fresh parser sees the file.
+    gcode_names = gcode_event_names()
+    published = [(e[0], e[1]) for e in b.recorder.events if e[0] in gcode_names and e[2] == "job"]
+    assert published == expected_gcode_events(CUBE)
+    counts = {name: sum(1 for n, _ in published if n == name) for name in ("Home", "ZChange", "LayerChanged")}
+    assert counts["Home"] == 1 and counts["LayerChanged"] == 5 and counts["ZChange"] > 5
+    try:
+        from zevents import analysis
+    except ImportError:
+        analysis = None
+    if analysis is not None and hasattr(analysis, "analyse"):
+        summary = analysis.analyse(str(CUBE))
+        per_event = summary.get("events") or summary.get("counts") or {}
+        for name, count in counts.items():
+            assert per_event.get(name, 0) == count, name
+
+    # Progress: every percent once, in order, ending at 100.
+    assert progress_values(b.recorder) == list(range(0, 101))
+    # The printer executed the scripts and every command of the file once, in order.
+    assert executed(b.printer) == ["M117 zevents start"] + file_commands(CUBE) + ["M104 S0", "M140 S0"]
+
+
+def test_pause_records_the_position_and_resume_finishes_the_print(bench):
+    b = bench(speed=20.0, scripts=SCRIPTS)
+    b.jobs.start(str(CUBE))
+    b.wait_progress(30)
+    paused = b.jobs.pause(user="bob")
+    event = b.wait("PrintPaused")[1]
+    assert b.link.state == "PAUSED"
+    position = event["position"]
+    actual = b.printer.position
+    for axis in "xyz":
+        assert position[axis] == pytest.approx(actual[axis], abs=0.01), axis
+    assert position["t"] == 0 and position["f"] and position["f"] > 0
+    assert event["user"] == "bob" and 30 <= event["progress"] < 100 and 0 < event["fileposition"] < CUBE.stat().st_size
+    assert paused["position"] == position
+    b.printer.wait_received("M117 paused")
+    with pytest.raises(JobError, match="not printing"):
+        b.jobs.pause()
+
+    b.jobs.resume(user="bob")
+    b.wait("PrintResumed")
+    b.wait("PrintDone", timeout=60)
+    names = [e for e in job_sequence(b.recorder) if e not in ("ChartMarked",)]
+    at = names.index(("PrinterStateChanged", "PAUSING"))
+    assert names[at:at + 9] == [
+        ("PrinterStateChanged", "PAUSING"), "PrintPaused", "GcodeScriptAfterPrintPausedRunning",
+        "GcodeScriptAfterPrintPausedFinished", ("PrinterStateChanged", "PAUSED"), ("PrinterStateChanged", "RESUMING"),
+        "GcodeScriptBeforePrintResumedRunning", "GcodeScriptBeforePrintResumedFinished", "PrintResumed"]
+    assert [e[1]["type"] for e in b.recorder.named("ChartMarked")] == ["print", "pause", "resume", "done"]
+    commands = [c for c in executed(b.printer) if not c.startswith("M117")]
+    assert commands == file_commands(CUBE) + ["M104 S0", "M140 S0"]
+
+
+def test_cancel_stops_the_stream_and_reports_where_it_stopped(bench):
+    b = bench(speed=20.0, scripts=SCRIPTS)
+    b.jobs.start(str(CUBE))
+    b.wait_progress(25)
+    b.jobs.cancel(user="carol")
+    cancelled = b.wait("PrintCancelled")[1]
+    failed = b.wait("PrintFailed")[1]
+    assert failed["reason"] == "cancelled" and failed["time"] > 0
+    assert cancelled["user"] == "carol" and cancelled["position"]["z"] == pytest.approx(b.printer.position["z"], abs=0.01)
+    assert 25 <= cancelled["progress"] < 100
+    assert b.wait("PrintCancelling")[1]["firmwareError"] is None
+    assert b.link.state == "OPERATIONAL"
+    assert not b.recorder.named("PrintDone")
+    commands = [c for c in executed(b.printer) if not c.startswith("M117")]
+    expected = file_commands(CUBE)
+    # Everything sent is a prefix of the file, then the cancel script; the rest never went out.
+    assert commands[-1] == "M104 S0"
+    assert commands[:-1] == expected[:len(commands) - 1] and len(commands) - 1 < len(expected)
+    b.printer.wait_received("M117 cancelled")
+    with pytest.raises(JobError, match="no job"):
+        b.jobs.cancel()
+
+
+def test_firmware_actions_pause_resume_and_cancel(bench):
+    b = bench(speed=20.0)
+    b.jobs.start(str(CUBE))
+    b.wait_progress(20)
+    b.printer.send_action("pause")
+    b.wait("PrintPaused")
+    wait_until(lambda: b.link.state == "PAUSED", what="paused")
+    b.printer.send_action("resume")
+    b.wait("PrintResumed")
+    b.printer.send_action("cancel")
+    assert b.wait("PrintFailed")[1]["reason"] == "cancelled"
+    assert b.recorder.named("PrintCancelled")
+
+
+def test_a_printer_that_disconnects_mid_print_fails_the_job(bench):
+    b = bench(speed=20.0)
+    b.jobs.start(str(CUBE))
+    b.wait_progress(20)
+    b.printer.inject("disconnect")
+    error = b.wait("Error")[1]
+    assert error["reason"] == "connection" and error["consequence"] == "disconnect"
+    failed = b.wait("PrintFailed")[1]
+    assert failed["reason"] == "error" and failed["name"] == CUBE.name
+    b.wait("Disconnected")
+    assert b.jobs.active is None and b.link.state == "CLOSED_WITH_ERROR"
+
+
+def test_a_silent_printer_mid_print_fails_the_job_without_hanging(bench):
+    b = bench(speed=20.0, timeout=0.5, retries=2)
+    b.jobs.start(str(CUBE))
+    b.wait_progress(20)
+    b.printer.inject("silent")
+    assert b.wait("Error", timeout=20)[1]["reason"] == "timeout"
+    assert b.wait("PrintFailed")[1]["reason"] == "error"
+    b.wait("Disconnected")
+    b.printer.recover()
+
+
+def test_a_fatal_firmware_error_mid_print_is_an_emergency(bench):
+    b = bench(speed=20.0)
+    b.jobs.start(str(CUBE))
+    b.wait_progress(20)
+    b.printer.inject("firmware_error")
+    error = b.wait("Error")[1]
+    assert error["reason"] == "firmware" and error["consequence"] == "emergency" and "MINTEMP" in error["error"]
+    assert b.wait("PrintFailed")[1]["reason"] == "error"
+    b.wait("Disconnected")
+
+
+def test_a_non_fatal_firmware_error_mid_print_cancels_it(bench):
+    b = bench(speed=20.0)
+    b.jobs.start(str(CUBE))
+    b.wait_progress(20)
+    b.printer.send_line("Error:Heating failed, the hot end did not reach its target")
+    error = b.wait("Error")[1]
+    assert error["reason"] == "firmware" and error["consequence"] == "cancel"
+    cancelling = b.wait("PrintCancelling")[1]
+    assert "Heating failed" in cancelling["firmwareError"]
+    assert b.wait("PrintFailed")[1]["reason"] == "cancelled"
+    wait_until(lambda: b.link.state == "OPERATIONAL", what="operational after the cancel")
+
+
+def test_selection_refuses_what_cannot_be_printed(bench, tmp_path):
+    b = bench()
+    with pytest.raises(JobError, match="no such file"):
+        b.jobs.select(str(tmp_path / "missing.gcode"))
+    with pytest.raises(JobError, match="not a file"):
+        b.jobs.select(str(tmp_path))
+    binary = tmp_path / "cube.bgcode"
+    binary.write_bytes(b"GCDE\x01\x00\x00\x00")
+    with pytest.raises(JobError, match="binary"):
+        b.jobs.select(str(binary))
+    with pytest.raises(JobError, match="no file selected"):
+        b.jobs.start()
+    b.jobs.select(str(CUBE))
+    assert b.wait("FileSelected")[1] == {"name": CUBE.name, "path": str(CUBE.resolve()), "origin": "local"}
+    b.jobs.deselect()
+    b.wait("FileDeselected")
+    assert not b.recorder.named("PrintStarted")
+
+
+def test_after_tool_change_script_runs_after_each_tool_change(bench, tmp_path):
+    b = bench(scripts={"afterToolChange": "M117 tool changed"}, tools=2)
+    job = tmp_path / "tools.gcode"
+    job.write_text("G28\nT0\nG1 X10\nT1\nG1 X20\nT0\nG1 X30\n")
+    b.jobs.start(str(job))
+    b.wait("PrintDone")
+    changes = b.recorder.named("ToolChange")
+    assert [(e[1]["old"], e[1]["new"], e[2]) for e in changes] == [(0, 1, "job"), (1, 0, "job")]
+    assert len(b.recorder.named("GcodeScriptAfterToolChangeRunning")) == 2
+    assert len(b.recorder.named("GcodeScriptAfterToolChangeFinished")) == 2
+    assert executed(b.printer)[-9:] == ["G28", "T0", "G1 X10", "T1", "M117 tool changed", "G1 X20", "T0",
+                                        "M117 tool changed", "G1 X30"]
+
+
+def test_sd_upload_list_and_print(bench, tmp_path):
+    b = bench()
+    result = b.jobs.sd_upload(str(CUBE), "cube.gco", wait=True)
+    assert result["remote"] == "cube.gco"
+    started = b.wait("TransferStarted")[1]
+    done = b.wait("TransferDone")[1]
+    assert started == {"local": CUBE.name, "remote": "cube.gco"}
+    assert done["local"] == CUBE.name and done["remote"] == "cube.gco" and done["time"] >= 0
+    assert ("PrinterStateChanged", "TRANSFERING_FILE") in job_sequence(b.recorder)
+    # Streaming to SD moves nothing: no gcode events for the file's lines.
+    assert not [e for e in b.recorder.events if e[0] in ("Home", "ZChange") and e[2] == "job"]
+    stored = [p for p in b.printer.sd_dir.iterdir() if p.name.lower() == "cube.gco"]
+    assert stored, list(b.printer.sd_dir.iterdir())
+    stored_commands = [line for line in stored[0].read_text().splitlines() if line.strip()]
+    assert [c for c in stored_commands if not c.upper().startswith(OWN)] == file_commands(CUBE)
+
+    listing = b.jobs.sd_list()
+    assert any(entry["name"].lower() == "cube.gco" for entry in listing), listing
+
+    b.jobs.sd_print("cube.gco")
+    selected = b.wait(lambda n, p, s: n == "FileSelected" and p["origin"] == "sdcard")[1]
+    assert selected["name"] == "cube.gco"
+    started = b.wait("PrintStarted")[1]
+    assert started["origin"] == "sdcard" and started["size"] == stored[0].stat().st_size
+    b.wait("PrintDone", timeout=60)
+    wait_until(lambda: b.link.state == "OPERATIONAL", what="operational after the SD print")
+    # Printing from SD is the printer's business: no gcode events from the host.
+    assert not [e for e in b.recorder.events if e[0] == "ZChange" and e[2] == "job"]
+
+
+def test_sd_print_of_a_missing_file_is_refused(bench):
+    b = bench()
+    with pytest.raises(JobError, match="cannot open"):
+        b.jobs.sd_print("nothere.gco")
+    assert not b.recorder.named("PrintStarted")
