@@ -1,3 +1,1116 @@
-# cython: language_level=3
-"""Compiled twin of zevents._parser._pyparser (filled in by the parser work)."""
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The compiled G-code parser: the same events and state as ``_pyparser`` (the specification), fast.
+
+The hot path touches no Python object per line: it walks a ``const unsigned char*`` over the caller's buffer,
+finds line ends with memchr (a CR search runs only while the buffer still has a CR ahead), parses numbers itself
+and keeps the machine state in C doubles (NaN = unknown).  Python objects are made only for events and on rare
+paths (a suppressed command, an over-long line), where it calls the helpers of ``_rules`` so that both
+implementations share one wording.
+
+Numbers: a decimal of at most 19 significant digits whose integer fits 2**53, with at most 22 fraction digits,
+is m / 10**k, both exact doubles, so the one IEEE division is correctly rounded, exactly what Python's float()
+returns.  Anything longer goes to PyOS_string_to_double (what float() uses), so the twin's float() and this
+parser never differ.  The build must not fuse multiply-adds (setup.py passes -ffp-contract=off): Python
+rounds every operation, and the print-time estimate must come out bit-identical.
+"""
+cimport cython
+import sys
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.ref cimport PyObject
+from libc.math cimport fabs, sqrt
+from libc.stdint cimport uint64_t
+from libc.string cimport memchr, memcmp, memcpy
+
+from zevents._parser import _rules
+from zevents._parser._rules import BinaryGcodeError, Event, ParserState
+
+cdef extern from "math.h":
+    bint c_isnan "isnan"(double) nogil
+    bint c_isfinite "isfinite"(double) nogil
+    const double NAN
+
+cdef extern from "Python.h":
+    double PyOS_string_to_double(const char *s, char **endptr, PyObject *overflow_exception) except? -1.0
+
 IMPLEMENTATION = "c"
+
+cdef enum:
+    MAX_LINE = 65536  # _rules.MAX_LINE_BYTES, checked at import below
+    MAX_SUPPRESSED = 256
+
+if MAX_LINE != _rules.MAX_LINE_BYTES:
+    raise ImportError("_cparser was built with another MAX_LINE_BYTES than _rules has; rebuild it")
+
+cdef double INCH = _rules.MM_PER_INCH
+cdef double TOLERANCE = _rules.LAYER_TOLERANCE
+cdef int MAX_DIGITS = _rules.MAX_CODE_DIGITS
+cdef double POW10[23]
+POW10[0] = 1.0
+for _k in range(1, 23):
+    POW10[_k] = POW10[_k - 1] * 10.0
+
+cdef object EVENT_NAME_G = {}
+cdef object EVENT_NAME_M = {}
+for (_letter, _number), _name in _rules.COMMAND_EVENTS.items():
+    (EVENT_NAME_G if _letter == "G" else EVENT_NAME_M)[_number] = _name
+
+# the event of each M code below 1024, as an index into M_NAMES (0: none); one array read per M line
+cdef int M_EVENT[1024]
+cdef list M_NAMES = [None]
+for _k in range(1024):
+    M_EVENT[_k] = 0
+for _number, _name in EVENT_NAME_M.items():
+    M_NAMES.append(_name)
+    M_EVENT[_number] = len(M_NAMES) - 1
+
+cdef int REASON_NONE = 0
+cdef int REASON_BLOCKED = 1
+cdef int REASON_IGNORED = 2
+cdef int REASON_INVALID_TOOL = 3
+cdef tuple REASON_NAMES = (None, _rules.BLOCKED, _rules.IGNORED, _rules.INVALID_TOOL)
+
+cdef unsigned int BIT_E = 1u << 4
+cdef unsigned int BIT_F = 1u << 5
+cdef unsigned int BIT_P = 1u << 15
+cdef unsigned int BIT_S = 1u << 18
+cdef unsigned int BIT_X = 1u << 23
+cdef unsigned int BIT_Y = 1u << 24
+cdef unsigned int BIT_Z = 1u << 25
+cdef unsigned int BITS_XYZ = BIT_X | BIT_Y | BIT_Z
+
+cdef object MAGIC = _rules.BGCODE_MAGIC
+cdef object CURRENT_TOOL = _rules.CURRENT_TOOL
+
+
+# ------------------------------------------------------------------------------------------- character classes
+
+cdef inline bint is_digit(unsigned char c) noexcept nogil:
+    return <unsigned char>(c - 48) < 10
+
+cdef inline bint is_blank(unsigned char c) noexcept nogil:
+    # the line blanks of the G-code grammar: space, tab, VT, FF, NUL
+    return c == 32 or c == 9 or c == 11 or c == 12 or c == 0
+
+cdef inline bint is_space(unsigned char c) noexcept nogil:
+    # Python's bytes \s: space, \t \n \v \f \r
+    return c == 32 or <unsigned char>(c - 9) < 5
+
+cdef inline int letter_index(unsigned char c) noexcept nogil:
+    cdef unsigned char k = <unsigned char>((c | 0x20) - 97)
+    return k if k < 26 else -1
+
+cdef inline unsigned char lower(unsigned char c) noexcept nogil:
+    return c | 0x20 if <unsigned char>(c - 65) < 26 else c
+
+
+# --------------------------------------------------------------------------------------------------- numbers
+
+cdef double slow_float(const unsigned char* s, Py_ssize_t n) except? -1.0:
+    """float() of a valid decimal token, the way Python does it."""
+    cdef char small[64]
+    cdef char* text = small
+    cdef double value
+    if n >= 64:
+        text = <char*>PyMem_Malloc(n + 1)
+        if text == NULL:
+            raise MemoryError()
+    memcpy(text, s, n)
+    text[n] = 0
+    try:
+        value = PyOS_string_to_double(text, NULL, NULL)
+    finally:
+        if text != small:
+            PyMem_Free(text)
+    return value
+
+
+cdef inline double token_value(const unsigned char* s, Py_ssize_t n) except? -1.0:
+    """float() of a token [+-]?(digits[.digits]|.digits), exactly."""
+    cdef Py_ssize_t j = 0
+    cdef bint negative = False
+    cdef uint64_t mantissa = 0
+    cdef int significant = 0
+    cdef int fraction = 0
+    cdef bint in_fraction = False
+    cdef unsigned char c
+    cdef double value
+    if s[0] == 45 or s[0] == 43:
+        negative = s[0] == 45
+        j = 1
+    while j < n:
+        c = s[j]
+        if c == 46:
+            in_fraction = True
+        else:
+            if in_fraction:
+                fraction += 1
+            if mantissa != 0 or c != 48:
+                significant += 1
+                if significant > 19:
+                    return slow_float(s, n)
+                mantissa = mantissa * 10 + (c - 48)
+        j += 1
+    if mantissa > 9007199254740992ULL or fraction > 22:
+        return slow_float(s, n)
+    value = <double>mantissa
+    if fraction:
+        value = value / POW10[fraction]
+    return -value if negative else value
+
+
+cdef inline Py_ssize_t greedy_float(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, double* out) except -2:
+    """What the regex [-+]?[0-9]*\\.?[0-9]+ matches first at i: its end, or -1."""
+    cdef Py_ssize_t j = i
+    cdef Py_ssize_t digits_start
+    if j < n and (s[j] == 43 or s[j] == 45):
+        j += 1
+    digits_start = j
+    while j < n and is_digit(s[j]):
+        j += 1
+    if j + 1 < n and s[j] == 46 and is_digit(s[j + 1]):
+        j += 2
+        while j < n and is_digit(s[j]):
+            j += 1
+    elif j == digits_start:
+        return -1
+    out[0] = token_value(s + i, j - i)
+    return j
+
+
+cdef inline Py_ssize_t skip_spaces(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    while i < n and is_space(s[i]):
+        i += 1
+    return i
+
+
+cdef inline Py_ssize_t small_int(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, long* out) noexcept nogil:
+    """Digits at i (at least one): their end, value in out, or out = -1 when above MAX_CODE."""
+    cdef long value = 0
+    cdef int significant = 0
+    while i < n and is_digit(s[i]):
+        if value != 0 or s[i] != 48:
+            significant += 1
+            if significant <= 6:
+                value = value * 10 + (s[i] - 48)
+        i += 1
+    out[0] = value if significant <= 6 else -1
+    return i
+
+
+cdef extern from *:
+    int __builtin_ctzll(unsigned long long) nogil
+
+cdef bint SWAR = sys.byteorder == "little"
+cdef uint64_t POW10_INT[9]
+POW10_INT[0] = 1
+for _k in range(1, 9):
+    POW10_INT[_k] = POW10_INT[_k - 1] * 10
+
+
+cdef inline uint64_t load8(const unsigned char* p) noexcept nogil:
+    cdef uint64_t value
+    memcpy(&value, p, 8)
+    return value
+
+
+cdef inline int digit_run(uint64_t v, Py_ssize_t limit) noexcept nogil:
+    """How many of the 8 bytes in v (little endian) are ASCII digits before the first other byte, at most limit."""
+    cdef uint64_t x = v ^ 0x3030303030303030ULL
+    # per byte: high bit set unless the byte is 0-9 after the xor; 0x80 | x keeps the subtraction in its byte
+    cdef uint64_t other = (((x | 0x8080808080808080ULL) - 0x0A0A0A0A0A0A0A0AULL) | x) & 0x8080808080808080ULL
+    if limit < 8:
+        other |= 0x80ULL << (limit * 8)
+    if other == 0:
+        return 8
+    return __builtin_ctzll(other) >> 3
+
+
+cdef inline uint64_t digits_value(uint64_t v, int k) noexcept nogil:
+    """The number written by the first k (1-8) digit bytes of v: zero-fill on the left, then SWAR pair sums."""
+    cdef uint64_t x = (v ^ 0x3030303030303030ULL) << ((8 - k) * 8)
+    x = x * 10 + (x >> 8)
+    x = (((x & 0x000000FF000000FFULL) * (100ULL + (1000000ULL << 32)))
+         + (((x >> 16) & 0x000000FF000000FFULL) * (1ULL + (10000ULL << 32)))) >> 32
+    return x & 0xFFFFFFFFULL
+
+
+cdef inline Py_ssize_t move_number(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Py_ssize_t avail,
+                                   double* out, bint* found) except -2:
+    """A parameter number [+-]?(digits[.digits*]|.digits) at i: its end, found = whether there is one.
+
+    Where 8 bytes can be read (avail: readable bytes from s, past the line), the digit runs are measured and
+    converted 8 bytes at a time, without a branch per digit: the loops' unpredictable exits cost more than the
+    arithmetic.  Bytes at or past n never count as digits.
+    """
+    cdef Py_ssize_t j = i
+    cdef Py_ssize_t digits_start
+    cdef Py_ssize_t integer_digits
+    cdef Py_ssize_t fraction = 0
+    cdef bint negative = False
+    cdef uint64_t mantissa = 0
+    cdef unsigned char d
+    cdef int run
+    cdef int run2
+    cdef uint64_t word
+    cdef double value
+    if j < n and (s[j] == 45 or s[j] == 43):
+        negative = s[j] == 45
+        j += 1
+    if SWAR and j + 8 <= avail:
+        word = load8(s + j)
+        run = digit_run(word, n - j)
+        if run < 8:
+            if run:
+                mantissa = digits_value(word, run)
+            j += run
+            if j < n and s[j] == 46:
+                if j + 9 <= avail:
+                    word = load8(s + j + 1)
+                    run2 = digit_run(word, n - j - 1)
+                    if run2 < 8:
+                        j += 1 + run2
+                        if run2 == 0:
+                            if run == 0:
+                                found[0] = False
+                                return j
+                            value = <double>mantissa
+                        else:
+                            value = <double>(mantissa * POW10_INT[run2] + digits_value(word, run2)) / POW10[run2]
+                        found[0] = True
+                        out[0] = -value if negative else value
+                        return j
+                j = i if s[i] != 45 and s[i] != 43 else i + 1  # the slow way below, from the start
+                mantissa = 0
+            elif run:
+                found[0] = True
+                value = <double>mantissa
+                out[0] = -value if negative else value
+                return j
+            else:
+                found[0] = False
+                return j
+        else:
+            mantissa = 0
+    digits_start = j
+    while j < n:
+        d = s[j] - 48
+        if d > 9:
+            break
+        mantissa = mantissa * 10 + d
+        j += 1
+    integer_digits = j - digits_start
+    if j < n and s[j] == 46:
+        j += 1
+        digits_start = j
+        while j < n:
+            d = s[j] - 48
+            if d > 9:
+                break
+            mantissa = mantissa * 10 + d
+            j += 1
+        fraction = j - digits_start
+        if integer_digits == 0 and fraction == 0:
+            found[0] = False
+            return j
+    elif integer_digits == 0:
+        found[0] = False
+        return j
+    found[0] = True
+    if integer_digits + fraction > 19 or mantissa > 9007199254740992ULL or fraction > 22:
+        out[0] = slow_float(s + i, j - i)
+        return j
+    value = <double>mantissa
+    if fraction:
+        value = value / POW10[fraction]
+    out[0] = -value if negative else value
+    return j
+
+
+# ---------------------------------------------------------------------------------------------- G-code params
+
+cdef inline Py_ssize_t scan_params(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, double* values,
+                                   unsigned int* seen, unsigned int* valued) except -2:
+    """Letters with their numbers up to ; * or an unclosed (; the last occurrence of a letter decides."""
+    cdef unsigned int seen_bits = 0
+    cdef unsigned int valued_bits = 0
+    cdef unsigned int bit
+    cdef int index
+    cdef unsigned char c
+    cdef bint found
+    cdef const unsigned char* close
+    while i < n:
+        c = s[i]
+        index = letter_index(c)
+        if index >= 0:
+            bit = 1u << index
+            seen_bits |= bit
+            i = move_number(s, i + 1, n, n, &values[index], &found)
+            if found:
+                valued_bits |= bit
+            else:
+                valued_bits &= ~bit
+            continue
+        if c == 59 or c == 42:  # ; *
+            break
+        if c == 40:  # (
+            close = <const unsigned char*>memchr(s + i + 1, 41, n - i - 1)
+            if close == NULL:
+                break
+            i = close - s + 1
+            continue
+        i += 1
+    seen[0] = seen_bits
+    valued[0] = valued_bits
+    return i
+
+
+# what scan_move does with each byte: 0 skip, 1-5 the parameter X Y Z E F, 6 end (; *), 7 a ( comment
+cdef unsigned char MOVE_ACTION[256]
+for _k in range(256):
+    MOVE_ACTION[_k] = 0
+for _k, _c in enumerate("XYZEF"):
+    MOVE_ACTION[ord(_c)] = MOVE_ACTION[ord(_c.lower())] = _k + 1
+MOVE_ACTION[ord(";")] = MOVE_ACTION[ord("*")] = 6
+MOVE_ACTION[ord("(")] = 7
+
+
+cdef inline unsigned int scan_move(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Py_ssize_t avail,
+                                   double* values) except? 0xFFFFFFFF:
+    """scan_params for G0-G3, which read only X Y Z E F (values[0..4]): other letters' numbers are skipped as
+    the non-letters they are made of, which gives the same result.  Returns the valued bits (1 << slot)."""
+    cdef unsigned int valued = 0
+    cdef unsigned int bit
+    cdef unsigned char action
+    cdef bint found
+    cdef const unsigned char* close
+    while i < n:
+        action = MOVE_ACTION[s[i]]
+        if action == 0:
+            i += 1
+        elif action <= 5:
+            bit = 1u << (action - 1)
+            i = move_number(s, i + 1, n, avail, &values[action - 1], &found)
+            if found:
+                valued |= bit
+            else:
+                valued &= ~bit
+        elif action == 6:
+            break
+        else:
+            close = <const unsigned char*>memchr(s + i + 1, 41, n - i - 1)
+            if close == NULL:
+                break
+            i = close - s + 1
+    return valued
+
+
+# ----------------------------------------------------------------------------------------- firmware replies
+
+cdef inline bint starts_with_ci(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, const char* word,
+                                Py_ssize_t length) noexcept nogil:
+    cdef Py_ssize_t k
+    if n - i < length:
+        return False
+    for k in range(length):
+        if lower(s[i + k]) != <unsigned char>word[k]:
+            return False
+    return True
+
+
+cdef inline Py_ssize_t e_item(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, dict result) except -2:
+    """E<digits>:<float> at i, stored as result["e<digits>"]: its end, or -1."""
+    cdef Py_ssize_t digits_end
+    cdef Py_ssize_t end
+    cdef double value
+    if i >= n or s[i] != 69 or i + 1 >= n or not is_digit(s[i + 1]):
+        return -1
+    digits_end = i + 1
+    while digits_end < n and is_digit(s[digits_end]):
+        digits_end += 1
+    if digits_end >= n or s[digits_end] != 58:
+        return -1
+    end = greedy_float(s, digits_end + 1, n, &value)
+    if end < 0:
+        return -1
+    result["e" + (<bytes>s[i + 1:digits_end]).decode("ascii")] = value
+    return end
+
+
+cdef inline Py_ssize_t xyz(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, double* out) except -2:
+    """After an "X:" at i-2: X:f Y:f Z:f as the OctoPrint regex reads them; the end of Z's number, or -1."""
+    cdef int axis
+    for axis in range(3):
+        if axis:
+            i = skip_spaces(s, i, n)
+            if i + 1 >= n or s[i] != 88 + axis or s[i + 1] != 58:  # Y: Z:
+                return -1
+            i += 2
+        i = skip_spaces(s, i, n)
+        i = greedy_float(s, i, n, &out[axis])
+        if i < 0:
+            return -1
+    return i
+
+
+cdef object parse_position(const unsigned char* s, Py_ssize_t n):
+    """The twin's _rules.parse_position, phase A (OctoPrint's search) then phase B (head of the line)."""
+    cdef Py_ssize_t start = 0
+    cdef Py_ssize_t i
+    cdef Py_ssize_t j
+    cdef const unsigned char* found
+    cdef double coords[3]
+    cdef double e
+    cdef dict result
+    while True:
+        found = <const unsigned char*>memchr(s + start, 88, n - start) if start < n else NULL
+        if found == NULL:
+            break
+        start = found - s + 1
+        if start >= n or s[start] != 58:
+            continue
+        i = xyz(s, start + 1, n, coords)
+        if i < 0:
+            continue
+        i = skip_spaces(s, i, n)
+        if i + 1 < n and s[i] == 69 and s[i + 1] == 58:  # E:
+            j = greedy_float(s, skip_spaces(s, i + 2, n), n, &e)
+            if j < 0:
+                continue
+            result = {"x": coords[0], "y": coords[1], "z": coords[2], "e": e}
+        else:
+            result = {"x": coords[0], "y": coords[1], "z": coords[2], "e": None}
+            j = e_item(s, i, n, result)
+            if j < 0:
+                continue
+        while True:
+            j = e_item(s, skip_spaces(s, j, n), n, result)
+            if j < 0:
+                break
+        return result
+    # phase B: no E, only at the head of the line (after "ok" and Smoothie's "C:" / "WCS:")
+    i = skip_spaces(s, 0, n)
+    if i + 1 < n and s[i] == 111 and s[i + 1] == 107 and i + 2 < n and is_space(s[i + 2]):  # ok
+        i = skip_spaces(s, i + 2, n)
+    if i + 1 < n and s[i] == 67 and s[i + 1] == 58:  # C:
+        i = skip_spaces(s, i + 2, n)
+    elif i + 3 < n and s[i] == 87 and s[i + 1] == 67 and s[i + 2] == 83 and s[i + 3] == 58:  # WCS:
+        i = skip_spaces(s, i + 4, n)
+    if i + 1 < n and s[i] == 88 and s[i + 1] == 58:
+        if xyz(s, i + 2, n, coords) >= 0:
+            return {"x": coords[0], "y": coords[1], "z": coords[2], "e": None}
+    return None
+
+
+cdef object parse_invalid_tool(const unsigned char* s, Py_ssize_t n):
+    """The twin's _rules.parse_invalid_tool."""
+    cdef Py_ssize_t i = 0
+    cdef Py_ssize_t j
+    cdef long tool = -2
+    while i < n and (s[i] == 32 or s[i] == 9):
+        i += 1
+    if starts_with_ci(s, i, n, b"echo:", 5):
+        i += 5
+        while i < n and (s[i] == 32 or s[i] == 9):
+            i += 1
+    if i + 1 < n and lower(s[i]) == 116 and is_digit(s[i + 1]):  # t<digits><blanks>
+        j = small_int(s, i + 1, n, &tool)
+        if j < n and (s[j] == 32 or s[j] == 9):
+            while j < n and (s[j] == 32 or s[j] == 9):
+                j += 1
+            i = j
+        else:
+            return None
+    if not starts_with_ci(s, i, n, b"invalid extruder", 16):
+        return None
+    i += 16
+    while i < n and (s[i] == 32 or s[i] == 9):
+        i += 1
+    if i != n:
+        return None
+    if tool == -2:
+        return CURRENT_TOOL
+    if tool < 0:
+        return None
+    return tool
+
+
+# ----------------------------------------------------------------------------------------------- the parser
+
+cdef struct Stream:
+    long long fed
+    long long lines
+    unsigned char* carry
+    Py_ssize_t carry_kept
+    long long carry_len  # -1: no partial line
+    long long carry_offset
+    bint pending_cr
+    unsigned char head[4]
+    int head_len
+    bint refused
+
+
+cdef inline void init_stream(Stream* stream) noexcept:
+    stream.fed = 0
+    stream.lines = 0
+    stream.carry_kept = 0
+    stream.carry_len = -1
+    stream.carry_offset = 0
+    stream.pending_cr = False
+    stream.head_len = 0
+    stream.refused = False
+
+
+cdef inline object maybe(double value):
+    return None if c_isnan(value) else value
+
+
+@cython.final
+cdef class Parser:
+    """G-code sent to the printer and its replies → events, with the machine state tracked (compiled)."""
+
+    cdef double x, y, z, e, feedrate, layer_z, filament, print_time
+    cdef double bbox[6]
+    cdef bint have_bbox
+    cdef long tool, tool_before, layer
+    cdef bint relative, relative_e, inches
+    cdef set invalid_tools
+    cdef int n_suppressed
+    cdef char sup_letter[MAX_SUPPRESSED]
+    cdef long sup_number[MAX_SUPPRESSED]
+    cdef long sup_subcode[MAX_SUPPRESSED]
+    cdef int sup_reason[MAX_SUPPRESSED]
+    cdef bint suppress_moves  # a G0-G3 is configured: the move fast path must consult the table
+    cdef Stream sent_stream, received_stream
+    cdef list events
+    cdef public long long long_lines
+
+    def __cinit__(self):
+        self.sent_stream.carry = NULL
+        self.received_stream.carry = NULL
+
+    def __init__(self, config=None):
+        cdef int k = 0
+        table = _rules.suppression_table(config)
+        if len(table) > MAX_SUPPRESSED:
+            raise ValueError(f"at most {MAX_SUPPRESSED} suppressed commands can be configured, not {len(table)}")
+        self.suppress_moves = False
+        for (letter, number, subcode), reason in table.items():
+            self.sup_letter[k] = ord(letter)
+            self.sup_number[k] = number
+            self.sup_subcode[k] = subcode
+            self.sup_reason[k] = REASON_BLOCKED if reason == _rules.BLOCKED else REASON_IGNORED
+            if letter == "G" and number <= 3:
+                self.suppress_moves = True
+            k += 1
+        self.n_suppressed = k
+        self.x = self.y = self.z = NAN
+        self.e = 0.0
+        self.feedrate = NAN
+        self.layer_z = NAN
+        self.filament = 0.0
+        self.print_time = 0.0
+        self.have_bbox = False
+        self.tool = self.tool_before = self.layer = 0
+        self.relative = self.relative_e = self.inches = False
+        self.invalid_tools = set()
+        init_stream(&self.sent_stream)
+        init_stream(&self.received_stream)
+        self.events = []
+        self.long_lines = 0
+
+    def __dealloc__(self):
+        if self.sent_stream.carry != NULL:
+            PyMem_Free(self.sent_stream.carry)
+        if self.received_stream.carry != NULL:
+            PyMem_Free(self.received_stream.carry)
+
+    # ------------------------------------------------------------------------------------------------ public
+
+    def feed_sent(self, data):
+        self.events = []
+        self._feed_object(&self.sent_stream, data, True, False)
+        return self.events
+
+    def feed_received(self, data):
+        self.events = []
+        self._feed_object(&self.received_stream, data, False, False)
+        return self.events
+
+    def sent(self, line):
+        self.events = []
+        self._feed_object(&self.sent_stream, line, True, True)
+        return self.events
+
+    def received(self, line):
+        self.events = []
+        self._feed_object(&self.received_stream, line, False, True)
+        return self.events
+
+    def flush(self):
+        """End both streams' partial last lines (sent first); returns their events."""
+        self.events = []
+        if self.sent_stream.carry_len >= 0:
+            self._complete_carry(&self.sent_stream, NULL, 0, True)
+        if self.received_stream.carry_len >= 0:
+            self._complete_carry(&self.received_stream, NULL, 0, False)
+        return self.events
+
+    @property
+    def state(self):
+        bbox = None
+        if self.have_bbox:
+            bbox = (self.bbox[0], self.bbox[1], self.bbox[2], self.bbox[3], self.bbox[4], self.bbox[5])
+        return ParserState(
+            x=maybe(self.x), y=maybe(self.y), z=maybe(self.z), e=self.e, tool=self.tool,
+            feedrate=maybe(self.feedrate), relative=self.relative, relative_e=self.relative_e,
+            units="in" if self.inches else "mm", layer=self.layer, layer_z=maybe(self.layer_z),
+            filament=self.filament, extrusion_bbox=bbox, print_time=self.print_time,
+            invalid_tools=tuple(sorted(self.invalid_tools)))
+
+    @property
+    def sent_lines(self):
+        return self.sent_stream.lines
+
+    @property
+    def sent_bytes(self):
+        return self.sent_stream.fed
+
+    @property
+    def received_lines(self):
+        return self.received_stream.lines
+
+    @property
+    def received_bytes(self):
+        return self.received_stream.fed
+
+    # ---------------------------------------------------------------------------------------------- streams
+
+    cdef int _feed_object(self, Stream* stream, object data, bint sent, bint one_line) except -1:
+        cdef Py_buffer view
+        cdef const unsigned char* buf
+        cdef Py_ssize_t n
+        if PyBytes_CheckExact(data):
+            buf = <const unsigned char*>PyBytes_AS_STRING(data)
+            n = PyBytes_GET_SIZE(data)
+            if one_line:
+                return self._one_line(stream, buf, n, sent)
+            return self._feed(stream, buf, n, sent)
+        if isinstance(data, str):
+            data = (<str>data).encode("utf-8", "surrogateescape")
+            return self._feed_object(stream, data, sent, one_line)
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+            try:
+                if one_line:
+                    self._one_line(stream, <const unsigned char*>view.buf, view.len, sent)
+                else:
+                    self._feed(stream, <const unsigned char*>view.buf, view.len, sent)
+            finally:
+                PyBuffer_Release(&view)
+            return 0
+        raise TypeError(f"expected bytes or str, not {type(data).__name__}")
+
+    cdef int _one_line(self, Stream* stream, const unsigned char* buf, Py_ssize_t n, bint sent) except -1:
+        """sent()/received(): the line, plus an LF when it has no terminator."""
+        if (stream.carry_len < 0 and not stream.pending_cr and stream.head_len == 4 and not stream.refused
+                and n <= MAX_LINE and memchr(buf, 10, n) == NULL and memchr(buf, 13, n) == NULL):
+            # the per-command path of the printer link: one complete line, nothing pending
+            stream.lines += 1
+            if sent:
+                self._sent_line(buf, n, n, stream.fed, stream.lines)
+            else:
+                self._received_line(buf, n, stream.fed, stream.lines)
+            stream.fed += n + 1
+            return 0
+        self._feed(stream, buf, n, sent)
+        if n == 0 or (buf[n - 1] != 10 and buf[n - 1] != 13):
+            self._feed(stream, <const unsigned char*>b"\n", 1, sent)
+        return 0
+
+    cdef int _check_head(self, Stream* stream, const unsigned char* buf, Py_ssize_t n) except -1:
+        cdef Py_ssize_t take
+        name = "sent" if stream == &self.sent_stream else "received"
+        if stream.refused:
+            raise BinaryGcodeError(f"the {name} stream")
+        if stream.head_len < 4:
+            take = min(4 - stream.head_len, n)
+            memcpy(stream.head + stream.head_len, buf, take)
+            stream.head_len += take
+            if stream.head_len == 4 and memcmp(stream.head, <const char*>MAGIC, 4) == 0:
+                stream.refused = True
+                raise BinaryGcodeError(f"the {name} stream")
+        return 0
+
+    cdef int _keep_partial(self, Stream* stream, const unsigned char* buf, Py_ssize_t n, long long offset) except -1:
+        cdef Py_ssize_t take
+        if stream.carry == NULL:
+            stream.carry = <unsigned char*>PyMem_Malloc(MAX_LINE + 8)  # + 8: the number parser reads words
+            if stream.carry == NULL:
+                raise MemoryError()
+        if stream.carry_len < 0:
+            stream.carry_len = 0
+            stream.carry_kept = 0
+            stream.carry_offset = offset
+        take = min(<Py_ssize_t>n, MAX_LINE - stream.carry_kept)
+        if take > 0:
+            memcpy(stream.carry + stream.carry_kept, buf, take)
+            stream.carry_kept += take
+        stream.carry_len += n
+        return 0
+
+    cdef int _complete_carry(self, Stream* stream, const unsigned char* tail, Py_ssize_t n, bint sent) except -1:
+        self._keep_partial(stream, tail, n, 0)
+        cdef long long length = stream.carry_len
+        stream.carry_len = -1
+        stream.lines += 1
+        if length > MAX_LINE:
+            self._long_line(stream, stream.carry_offset, length)
+        if sent:
+            self._sent_line(stream.carry, stream.carry_kept, MAX_LINE + 8, stream.carry_offset, stream.lines)
+        else:
+            self._received_line(stream.carry, stream.carry_kept, stream.carry_offset, stream.lines)
+        return 0
+
+    cdef int _long_line(self, Stream* stream, long long offset, long long length) except -1:
+        self.long_lines += 1
+        name = "sent" if stream == &self.sent_stream else "received"
+        _rules.report_long_line(name, offset, stream.lines, length)
+        return 0
+
+    cdef int _feed(self, Stream* stream, const unsigned char* buf, Py_ssize_t n, bint sent) except -1:
+        cdef long long base = stream.fed
+        cdef const unsigned char* p = buf
+        cdef const unsigned char* end = buf + n
+        cdef const unsigned char* newline
+        cdef const unsigned char* carriage
+        cdef const unsigned char* term
+        cdef Py_ssize_t length
+        if stream.refused or stream.head_len < 4:
+            self._check_head(stream, buf, n)
+        if stream.pending_cr and n > 0:
+            stream.pending_cr = False
+            if buf[0] == 10:
+                p += 1
+        if stream.carry_len >= 0:
+            term = find_terminator(p, end)
+            if term == NULL:
+                self._keep_partial(stream, p, end - p, 0)
+                stream.fed = base + n
+                return 0
+            self._complete_carry(stream, p, term - p, sent)
+            p = self._after_terminator(stream, term, end)
+        newline = <const unsigned char*>memchr(p, 10, end - p) if p < end else NULL
+        carriage = <const unsigned char*>memchr(p, 13, end - p) if p < end else NULL
+        while True:
+            # each search result stays valid until the walk passes it; NULL means none in the rest
+            if newline != NULL and newline < p:
+                newline = <const unsigned char*>memchr(p, 10, end - p) if p < end else NULL
+            if carriage != NULL and carriage < p:
+                carriage = <const unsigned char*>memchr(p, 13, end - p) if p < end else NULL
+            term = newline
+            if carriage != NULL and (term == NULL or carriage < term):
+                term = carriage
+            if term == NULL:
+                break
+            length = term - p
+            stream.lines += 1
+            if length > MAX_LINE:
+                self._long_line(stream, base + (p - buf), length)
+                length = MAX_LINE
+            if sent:
+                self._sent_line(p, length, end - p, base + (p - buf), stream.lines)
+            else:
+                self._received_line(p, length, base + (p - buf), stream.lines)
+            p = self._after_terminator(stream, term, end)
+        if p < end:
+            self._keep_partial(stream, p, end - p, base + (p - buf))
+        stream.fed = base + n
+        return 0
+
+    cdef inline const unsigned char* _after_terminator(self, Stream* stream, const unsigned char* term,
+                                                       const unsigned char* end) noexcept:
+        if term[0] == 13:
+            if term + 1 < end:
+                if term[1] == 10:
+                    return term + 2
+            else:
+                stream.pending_cr = True
+        return term + 1
+
+    cdef inline void _emit(self, str name, dict payload, long long offset, long long lineno) except *:
+        self.events.append(Event(name, payload, offset, lineno))
+
+    # ------------------------------------------------------------------------------------------- sent lines
+
+    cdef int _sent_line(self, const unsigned char* s, Py_ssize_t n, Py_ssize_t avail, long long offset,
+                        long long lineno) except -1:
+        cdef Py_ssize_t i = 0
+        cdef Py_ssize_t command_start
+        cdef unsigned char c
+        cdef const unsigned char* close
+        cdef long number
+        cdef long subcode = -1
+        cdef int reason = REASON_NONE
+        cdef int k
+        while i < n and is_blank(s[i]):
+            i += 1
+        if i >= n or s[i] == 59:
+            return 0
+        if (s[i] | 0x20) == 110 and i + 1 < n and is_digit(s[i + 1]):  # N<digits>
+            i += 2
+            while i < n and is_digit(s[i]):
+                i += 1
+            while i < n and is_blank(s[i]):
+                i += 1
+        while i < n and s[i] == 40:  # ( … ) before the command
+            close = <const unsigned char*>memchr(s + i + 1, 41, n - i - 1)
+            if close == NULL:
+                return 0
+            i = close - s + 1
+            while i < n and is_blank(s[i]):
+                i += 1
+        if i + 1 >= n:
+            return 0
+        c = s[i] & 0xDF  # upper case
+        if (c != 71 and c != 77 and c != 84) or not is_digit(s[i + 1]):  # G M T + digit
+            return 0
+        command_start = i
+        i = small_int(s, i + 1, n, &number)
+        if i + 1 < n and s[i] == 46 and is_digit(s[i + 1]):
+            i = small_int(s, i + 1, n, &subcode)
+            if subcode < 0:
+                return 0
+        if i < n and s[i] == 95:  # _: a Klipper macro such as G28_SAFE
+            return 0
+        if number < 0:
+            return 0
+        if self.n_suppressed and (c != 71 or number > 3 or subcode >= 0 or self.suppress_moves):
+            for k in range(self.n_suppressed):
+                if self.sup_letter[k] == c and self.sup_number[k] == number and self.sup_subcode[k] == subcode:
+                    reason = self.sup_reason[k]
+                    break
+        if reason == REASON_NONE and c == 84 and subcode < 0 and self.invalid_tools and number in self.invalid_tools:
+            reason = REASON_INVALID_TOOL
+        if reason != REASON_NONE:
+            return self._suppressed(s, n, command_start, c, number, subcode, reason, offset, lineno)
+        if subcode >= 0:
+            return 0
+        if c == 71:  # G
+            if number <= 3:
+                return self._move(s, i, n, avail, offset, lineno)
+            return self._g_other(s, i, n, number, offset, lineno)
+        if c == 77:  # M
+            if number == 82:
+                self.relative_e = False
+            elif number == 83:
+                self.relative_e = True
+            elif number < 1024 and M_EVENT[number]:
+                self._emit(M_NAMES[M_EVENT[number]], {}, offset, lineno)
+            return 0
+        if number != self.tool:  # T
+            self._emit("ToolChange", {"old": self.tool, "new": number}, offset, lineno)
+            self.tool_before = self.tool
+            self.tool = number
+        return 0
+
+    cdef int _suppressed(self, const unsigned char* s, Py_ssize_t n, Py_ssize_t start, unsigned char letter,
+                         long number, long subcode, int reason, long long offset, long long lineno) except -1:
+        cdef Py_ssize_t cut = start
+        while cut < n and s[cut] != 59 and s[cut] != 42:
+            cut += 1
+        while cut > start and is_blank(s[cut - 1]):
+            cut -= 1
+        key = (chr(letter), number, subcode)
+        payload = _rules.suppressed_payload(REASON_NAMES[reason], key, PyBytes_FromStringAndSize(
+            <const char*>(s + start), cut - start))
+        self._emit("CommandSuppressed", payload, offset, lineno)
+        return 0
+
+    cdef int _g_other(self, const unsigned char* s, Py_ssize_t i, Py_ssize_t n, long number, long long offset,
+                      long long lineno) except -1:
+        cdef double values[26]
+        cdef unsigned int seen = 0
+        cdef unsigned int valued = 0
+        cdef double value
+        if number == 28:
+            scan_params(s, i, n, values, &seen, &valued)
+            self._set_feedrate(values, valued)
+            if not (seen & BITS_XYZ):
+                seen |= BITS_XYZ
+            if seen & BIT_X:
+                self.x = NAN
+            if seen & BIT_Y:
+                self.y = NAN
+            if seen & BIT_Z:
+                self.z = NAN
+            self._emit("Home", {}, offset, lineno)
+        elif number == 4:
+            scan_params(s, i, n, values, &seen, &valued)
+            if valued & BIT_S and c_isfinite(values[18]):
+                if values[18] > 0:
+                    self.print_time += values[18]
+            elif valued & BIT_P and c_isfinite(values[15]) and values[15] > 0:
+                self.print_time += values[15] / 1000.0
+            self._emit("Dwell", {}, offset, lineno)
+        elif number == 92:
+            scan_params(s, i, n, values, &seen, &valued)
+            if valued & BIT_X:
+                value = values[23] * INCH if self.inches else values[23]
+                if c_isfinite(value):
+                    self.x = value
+            if valued & BIT_Y:
+                value = values[24] * INCH if self.inches else values[24]
+                if c_isfinite(value):
+                    self.y = value
+            if valued & BIT_Z:
+                value = values[25] * INCH if self.inches else values[25]
+                if c_isfinite(value):
+                    self.z = value
+            if valued & BIT_E:
+                value = values[4] * INCH if self.inches else values[4]
+                if c_isfinite(value):
+                    self.e = value
+        elif number == 90:
+            self.relative = False
+        elif number == 91:
+            self.relative = True
+        elif number == 20:
+            self.inches = True
+        elif number == 21:
+            self.inches = False
+        return 0
+
+    cdef inline void _set_feedrate(self, double* values, unsigned int valued) noexcept:
+        cdef double value
+        if valued & BIT_F:
+            value = values[5] * INCH if self.inches else values[5]
+            if c_isfinite(value):
+                self.feedrate = value
+
+    cdef inline double _axis(self, double value, double old) noexcept:
+        if self.relative:
+            if c_isnan(old):
+                return old
+            value = old + value
+        return value if c_isfinite(value) else old
+
+    cdef int _move(self, const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Py_ssize_t avail, long long offset,
+                   long long lineno) except -1:
+        cdef double values[5]
+        cdef unsigned int valued
+        cdef double ox = self.x, oy = self.y, oz = self.z, oe = self.e
+        cdef double nx = ox, ny = oy, nz = oz
+        cdef double value
+        cdef double de = 0.0
+        cdef double dx, dy, dz, distance
+        cdef bint inches = self.inches
+        valued = scan_move(s, i, n, avail, values)
+        if valued & 1:
+            nx = self._axis(values[0] * INCH if inches else values[0], ox)
+        if valued & 2:
+            ny = self._axis(values[1] * INCH if inches else values[1], oy)
+        if valued & 4:
+            nz = self._axis(values[2] * INCH if inches else values[2], oz)
+        if valued & 8:
+            value = values[3] * INCH if inches else values[3]
+            if self.relative or self.relative_e:
+                value = oe + value
+            if c_isfinite(value):
+                self.e = value
+                de = value - oe
+                if not c_isfinite(de):
+                    de = 0.0
+        if valued & 16:
+            value = values[4] * INCH if inches else values[4]
+            if c_isfinite(value):
+                self.feedrate = value
+        self.x = nx
+        self.y = ny
+        self.z = nz
+
+        if not c_isnan(nz) and (c_isnan(oz) or nz != oz):
+            self._emit("ZChange", {"new": nz, "old": maybe(oz)}, offset, lineno)
+        if de > 0.0 and ((not c_isnan(nx) and (c_isnan(ox) or nx != ox))
+                         or (not c_isnan(ny) and (c_isnan(oy) or ny != oy))):
+            if not c_isnan(nx) and not c_isnan(ny) and not c_isnan(nz):
+                self._extend_bbox(nx, ny, nz)
+                if not c_isnan(ox) and not c_isnan(oy) and not c_isnan(oz):
+                    self._extend_bbox(ox, oy, oz)
+            if not c_isnan(nz) and (c_isnan(self.layer_z) or fabs(nz - self.layer_z) > TOLERANCE):
+                self.layer += 1
+                self._emit("LayerChanged", {"layer": self.layer, "z": nz, "old_z": maybe(self.layer_z)},
+                           offset, lineno)
+                self.layer_z = nz
+        self.filament += de
+        if not c_isnan(self.feedrate) and self.feedrate > 0.0:
+            dx = nx - ox if not c_isnan(nx) and not c_isnan(ox) else 0.0
+            dy = ny - oy if not c_isnan(ny) and not c_isnan(oy) else 0.0
+            dz = nz - oz if not c_isnan(nz) and not c_isnan(oz) else 0.0
+            distance = sqrt(dx * dx + dy * dy + dz * dz)
+            if distance == 0.0:
+                distance = fabs(de)
+            self.print_time += distance * 60.0 / self.feedrate
+        return 0
+
+    cdef inline void _extend_bbox(self, double x, double y, double z) noexcept:
+        if not self.have_bbox:
+            self.bbox[0] = self.bbox[3] = x
+            self.bbox[1] = self.bbox[4] = y
+            self.bbox[2] = self.bbox[5] = z
+            self.have_bbox = True
+            return
+        if x < self.bbox[0]:
+            self.bbox[0] = x
+        if y < self.bbox[1]:
+            self.bbox[1] = y
+        if z < self.bbox[2]:
+            self.bbox[2] = z
+        if x > self.bbox[3]:
+            self.bbox[3] = x
+        if y > self.bbox[4]:
+            self.bbox[4] = y
+        if z > self.bbox[5]:
+            self.bbox[5] = z
+
+    # --------------------------------------------------------------------------------------- received lines
+
+    cdef int _received_line(self, const unsigned char* s, Py_ssize_t n, long long offset,
+                            long long lineno) except -1:
+        cdef long fallback
+        position = parse_position(s, n)
+        if position is not None:
+            payload = {"x": position["x"], "y": position["y"], "z": position["z"], "e": position["e"],
+                       "t": self.tool, "f": maybe(self.feedrate)}
+            for key, value in (<dict>position).items():
+                if key not in payload:
+                    payload[key] = value
+            self._emit("PositionUpdate", payload, offset, lineno)
+            return 0
+        tool_object = parse_invalid_tool(s, n)
+        if tool_object is None:
+            return 0
+        cdef long tool = tool_object
+        if tool == CURRENT_TOOL:
+            tool = self.tool
+        if self.tool != tool:
+            fallback = self.tool
+        elif self.tool_before != tool:
+            fallback = self.tool_before
+        else:
+            fallback = 0
+        self.invalid_tools.add(tool)
+        self.tool = fallback
+        self._emit("InvalidToolReported", {"tool": tool, "fallback": fallback}, offset, lineno)
+        return 0
+
+
+cdef inline const unsigned char* find_terminator(const unsigned char* p, const unsigned char* end) noexcept:
+    cdef const unsigned char* newline
+    cdef const unsigned char* carriage
+    if p >= end:
+        return NULL
+    newline = <const unsigned char*>memchr(p, 10, end - p)
+    carriage = <const unsigned char*>memchr(p, 13, (newline if newline != NULL else end) - p)
+    return carriage if carriage != NULL else newline
