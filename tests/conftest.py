@@ -68,3 +68,18 @@ def running_broker(bus_config):
 def zevents_cmd():
     """argv prefix that runs the installed zevents CLI with this interpreter."""
     return [sys.executable, "-m", "zevents"]
+
+
+@pytest.fixture
+def virtual_printer(request, tmp_path):
+    """A started virtual printer: instant (speed 0), Marlin, its SD card in tmp_path/"sd"; stopped afterwards.
+
+    Other settings through indirect parametrization with VirtualPrinter keyword arguments, e.g.
+    ``@pytest.mark.parametrize("virtual_printer", [{"firmware": "prusa", "speed": 50}], indirect=True)``.
+    """
+    from zevents.printer.virtual import VirtualPrinter
+
+    settings = {"speed": 0, "sd_dir": tmp_path / "sd", **getattr(request, "param", {})}
+    printer = VirtualPrinter(**settings).start()
+    yield printer
+    printer.stop()

@@ -72,12 +72,11 @@ def open_any(vp: VirtualPrinter) -> serial.Serial:
 
 
 @pytest.fixture
-def printer(tmp_path):
-    """A started instant (speed 0) Marlin printer and an open pyserial port past its banner."""
-    with VirtualPrinter(speed=0, sd_dir=tmp_path / "sd") as vp:
-        ser = open_port(vp)
-        yield vp, ser
-        ser.close()
+def printer(virtual_printer):
+    """The conftest's virtual printer (instant, Marlin) and an open pyserial port past its banner."""
+    ser = open_port(virtual_printer)
+    yield virtual_printer, ser
+    ser.close()
 
 
 def make_printer(tmp_path, **kwargs):
@@ -442,6 +441,14 @@ def test_reconnects_are_noticed_without_inotify(tmp_path, monkeypatch):
         assert read_until(ser, "echo:SD card ok")[0] == "start"
         assert command(ser, "M105")[-1].startswith("ok T:21.00 /0.00")
         ser.close()
+
+
+@pytest.mark.parametrize("virtual_printer", [{"firmware": "prusa", "tools": 2}], indirect=True)
+def test_the_fixture_takes_settings(virtual_printer):
+    ser = open_port(virtual_printer)
+    reply = command(ser, "M115")
+    assert reply[0].startswith("FIRMWARE_NAME:Prusa-Firmware") and "EXTRUDER_COUNT:2" in reply[0]
+    ser.close()
 
 
 def test_reset_button_reboots(printer):

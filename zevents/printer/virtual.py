@@ -452,8 +452,29 @@ class VirtualPrinter:
             if self._master is None or not self._client_present:
                 return False  # nobody listening: a real board's output is lost too
             self._out += data
-        self._wake()
+            if self._flush_locked():
+                return True
+        self._wake()  # the pty is full (or the printer is silent): the serial thread writes the rest later
         return True
+
+    def _flush_locked(self) -> bool:
+        """Writes queued output to the master without blocking; True when nothing is left.  Call with the lock
+        held: any thread may flush, and output keeps its order."""
+        if not self._out or self._master is None:
+            return True
+        if self._is_silent(time.monotonic()):
+            return False
+        try:
+            written = os.write(self._master, self._out)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            self._out.clear()  # the client has gone; the serial thread notices the hang-up
+            return True
+        del self._out[:written]
+        return not self._out
 
     def _halt(self, lines: Sequence[str], why: str) -> None:
         """The firmware prints its last words and then ignores everything until a reset or reconnect."""
@@ -464,6 +485,7 @@ class VirtualPrinter:
             self._ring.clear()
             if self._master is not None and self._client_present:
                 self._out += b"".join(line.encode() + self.line_ending for line in lines)
+                self._flush_locked()
             self._cond.notify_all()
         log.warning("virtual printer halted (%s)", why)
         self._wake()
@@ -614,6 +636,21 @@ class VirtualPrinter:
             self._close_master()
 
     def _serial_loop(self) -> None:
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        masks: Dict[int, int] = {}  # what is registered besides the wake pipe
+
+        def watch_fds(wanted: Dict[int, int]) -> None:
+            for fd in [fd for fd in masks if fd not in wanted]:
+                poller.unregister(fd)
+                del masks[fd]
+            for fd, mask in wanted.items():
+                if fd not in masks:
+                    poller.register(fd, mask)
+                elif masks[fd] != mask:
+                    poller.modify(fd, mask)
+                masks[fd] = mask
+
         while True:
             with self._lock:
                 if self._stopping:
@@ -626,10 +663,9 @@ class VirtualPrinter:
                     self._reboot(immediate_banner=True)
             master = self._master
             if master is None:
+                watch_fds({})
                 self._wait_for_reopen()
                 continue
-            # Opens and closes first: a client's open is always queued before anything it then does.
-            self._track_opens()
 
             now = time.monotonic()
             with self._lock:
@@ -641,18 +677,18 @@ class VirtualPrinter:
                 timeout = min(timeout, max(0.0, self._boot_at - now))
             if silent_until is not None:
                 timeout = min(timeout, max(0.0, silent_until - now))
-            poller = select.poll()
-            poller.register(self._wake_r, select.POLLIN)
-            if self._watch is not None:
-                poller.register(self._watch.fd, select.POLLIN)
+            wanted = {self._watch.fd: select.POLLIN} if self._watch is not None else {}
             # Without a client the master polls hung up at once: with the open watch it is left out until a
             # client opens the port; without the watch it is looked at again after a short nap.
             listen = self._client_present or self._watch is None
             if listen:
                 # A hung (silent) firmware reads nothing: input waits in the pty, where the host's writes back up.
-                poller.register(master, (0 if silent else select.POLLIN) | (select.POLLOUT if want_write else 0))
+                wanted[master] = (0 if silent else select.POLLIN) | (select.POLLOUT if want_write else 0)
+            watch_fds(wanted)
             events = dict(poller.poll(timeout * 1000))
-            self._drain_wake()
+            if events.get(self._wake_r):
+                self._drain_wake()
+            # Opens and closes first: a client's open is always queued before anything it then does.
             if self._watch is not None and events.get(self._watch.fd):
                 self._track_opens()
 
@@ -674,7 +710,8 @@ class VirtualPrinter:
             if self._boot_at is not None and time.monotonic() >= self._boot_at:
                 self._boot()
             self._drain_pending()
-            self._write_master(master)
+            with self._lock:
+                self._flush_locked()
 
     @staticmethod
     def _hung_up(master: int) -> bool:
@@ -754,25 +791,6 @@ class VirtualPrinter:
         if halted:
             return  # a killed firmware reads nothing
         self._split_lines(data)
-
-    def _write_master(self, master: int) -> None:
-        with self._lock:
-            if not self._out or self._is_silent(time.monotonic()):
-                return
-            chunk = bytes(self._out)
-            self._out.clear()
-        try:
-            written = os.write(master, chunk)
-        except BlockingIOError:
-            written = 0
-        except OSError as exc:
-            if exc.errno == errno.EIO:
-                self._client_gone()
-                return
-            raise
-        if written < len(chunk):
-            with self._lock:
-                self._out[0:0] = chunk[written:]
 
     def _client_opened(self) -> None:
         self._client_present = True
