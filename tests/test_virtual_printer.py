@@ -6,10 +6,8 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
-from typing import Callable, List, Optional, Union
+from typing import Callable, List, Union
 
 import pytest
 import serial
@@ -677,6 +675,10 @@ def test_bad_constructor_arguments_are_refused(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="not a symlink"):
         VirtualPrinter(link=tmp_path / "file")
+    with pytest.raises(ValueError, match="not a directory"):
+        VirtualPrinter(sd_dir=tmp_path / "file")
+    with pytest.raises(ValueError, match="temp_report_interval"):
+        VirtualPrinter(temp_report_interval=0)
 
 
 def test_gcode_words_parse():
@@ -794,7 +796,10 @@ def test_cli_faults_from_the_command_line(zevents_cmd):
         assert proc.wait(timeout=10) == 0
 
 
-def test_cli_bad_options_exit_2_with_a_reason(zevents_cmd):
-    for args, why in [(["--firmware", "sailfish"], "unknown firmware"), (["--fault", "explode"], "unknown fault")]:
+def test_cli_bad_options_exit_with_a_reason(tmp_path, zevents_cmd):
+    for args, code, why in [(["--firmware", "sailfish"], 2, "unknown firmware"),
+                            (["--fault", "explode"], 2, "unknown fault"),
+                            (["--link", str(tmp_path / "missing" / "printer")], 1, "cannot make the link")]:
         result = subprocess.run([*zevents_cmd, "virtual-printer", *args], capture_output=True, text=True, timeout=30)
-        assert result.returncode == 2 and why in result.stderr, result.stderr
+        assert result.returncode == code and why in result.stderr, result.stderr
+        assert result.stdout == ""

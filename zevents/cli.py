@@ -190,7 +190,7 @@ def virtual_printer(link: Optional[str] = typer.Option(None, "--link", help="Als
                     sd_dir: Optional[str] = typer.Option(None, "--sd-dir", help="Directory backing the SD card "
                                                                                "(default: a temporary one)."),
                     faults: Optional[List[str]] = typer.Option(None, "--fault", help="Fault to inject, repeatable: "
-                                                               "KIND[@LINE|@N<number>][:key=value,...], e.g. "
+                                                               "KIND, KIND@LINE or KIND@N<number>, then :key=value,... e.g. "
                                                                "drop_line@100, silent@N20:seconds=3."),
                     crlf: bool = typer.Option(False, "--crlf", help="End replies with CRLF instead of LF."),
                     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the printer does.")):
