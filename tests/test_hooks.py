@@ -212,8 +212,8 @@ def idle_service(bus_config):
 
 def queued(service) -> list:
     jobs = []
-    while not service.queue.empty():
-        jobs.append(service.queue.get())
+    while not service.executor.inbox.empty():
+        jobs.append(service.executor.inbox.get())
     return jobs
 
 

@@ -5,8 +5,8 @@ It owns:
 * the subscriber loop: every event is matched against ``events.subscriptions`` (see
   :mod:`zevents.subscribers.hooks_config`) and each admitted run is queued with the printer state of that moment
   (``__currentZ``, ``__filename``, ..., kept here from the broker's snapshot at start-up, then live events);
-* a worker pool (``hooks.workers``) that runs the queue: the commands of one run in order, stopping at the first
-  failure; system commands without a shell (:mod:`zevents.placeholders`, :mod:`zevents.subscribers.hooks_exec`),
+* the runs, at most ``hooks.workers`` at once (:class:`zevents.subscribers.hooks_exec.Executor`): the commands of one
+  run in order, stopping at the first failure; system commands without a shell (:mod:`zevents.placeholders`, :mod:`zevents.subscribers.hooks_exec`),
   G-code through the printer link's command channel, never the PUB/SUB bus;
 * the result events ``hook/HookFinished``, ``hook/HookFailed``, ``hook/HookTimedOut`` (src ``hook``), whose payload
   adds ``stdout`` (tail), ``depth`` (how many hook runs led to this one), ``started`` (µs) and ``type`` to the
@@ -17,16 +17,16 @@ It owns:
   publishing ``SettingsUpdated``;
 * `zevents hooks test`: what would run for an event, or run it and show the results.
 
-The subscriber thread only decodes, matches and queues: spawning happens on the workers, so a slow hook never
+The subscriber thread only decodes, matches and queues: spawning happens on the executor thread, so a slow hook never
 delays the next event's match.
 """
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
@@ -128,7 +128,7 @@ class PrinterState:
 # --- one run ---------------------------------------------------------------------------------------------------
 
 class Job:
-    __slots__ = ("subscription", "name", "payload", "ts", "state", "depth")
+    __slots__ = ("subscription", "name", "payload", "ts", "state", "depth", "started")
 
     def __init__(self, subscription: Subscription, name: str, payload: dict, ts: int | None, state: dict,
                  depth: int = 1):
@@ -138,6 +138,7 @@ class Job:
         self.ts = ts
         self.state = state
         self.depth = depth
+        self.started = None
 
 
 def _text(data: bytes, limit: int = RESULT_TEXT_LIMIT) -> str:
@@ -172,8 +173,8 @@ class HookRunner:
     def __init__(self, config, on_started=None):
         self.on_started = on_started
         self.base_env = dict(os.environ)
-        self.active: dict[int, float] = {}    # pid → start, for killing what still runs at shutdown
-        self._local = threading.local()
+        self._gcode_lock = threading.Lock()
+        self._gcode_client = None
         self.reconfigure(config)
 
     def reconfigure(self, config):
@@ -216,57 +217,59 @@ class HookRunner:
             env[key] = template.render(values).replace("\x00", "")
         return env
 
-    def execute(self, job: Job) -> tuple[str, dict]:
-        """(result event name, payload) of one run."""
+    def prepare(self, job: Job):
+        """What a run needs, filled: hooks_exec.Commands for a system hook, a callable for a G-code one."""
         subscription = job.subscription
         values = self.values(job)
-        started = time.monotonic()
+        job.started = time.monotonic()
         if subscription.type == "gcode":
-            name, fields = self._send_gcode(job, values)
+            return functools.partial(self._send_gcode, job, values)
+        payload_json = placeholders.to_json(job.payload)
+        argvs = self.plan(job, values)
+        if subscription.debug:
+            log.info("hook %r on %s: running %s", subscription.name, job.name, json.dumps(argvs))
+        return hooks_exec.Commands(argvs, self.environment(job, values, payload_json), subscription.cwd,
+                                   payload_json.encode("utf-8", "replace"), subscription.timeout)
+
+    def outcome(self, job: Job, outcome) -> tuple[str, dict]:
+        """(result event name, payload) from what the executor reports for a job."""
+        subscription = job.subscription
+        if isinstance(outcome, BaseException):
+            name, fields = FAILED, {"stderr": f"internal error: {outcome!r}"}
+        elif isinstance(outcome, tuple):
+            name, fields = outcome
         else:
-            name, fields = self._run_system(job, values)
-        payload = {"subscription": subscription.name, "event": job.name, "duration": time.monotonic() - started,
-                   "depth": job.depth, "type": subscription.type}
+            last = outcome[-1]
+            name = TIMED_OUT if last.timed_out else FINISHED if last.ok else FAILED
+            fields = {"argv": list(last.argv), "returncode": last.returncode, "stderr": _text(last.stderr),
+                      "stdout": _text(last.stdout), "started": outcome[0].started_ns // 1000}
+        payload = {"subscription": subscription.name, "event": job.name, "depth": job.depth,
+                   "type": subscription.type, "duration": time.monotonic() - (job.started or time.monotonic())}
         payload.update(fields)
         self._log(subscription, name, payload)
         return name, _events.complete_payload(name, payload)
 
-    def _run_system(self, job: Job, values) -> tuple[str, dict]:
-        subscription = job.subscription
-        payload_json = placeholders.to_json(job.payload)
-        env = self.environment(job, values, payload_json)
-        stdin = payload_json.encode("utf-8", "replace")
-        result = None
-        first_started = None
-        for argv in self.plan(job, values):
-            if subscription.debug:
-                log.info("hook %r on %s: running %s", subscription.name, job.name, json.dumps(argv))
-            result = hooks_exec.run(argv, env, subscription.cwd, stdin, subscription.timeout, self._started)
-            self.active.pop(result.pid, None)
-            first_started = first_started or result.started_ns
-            if not result.ok:
+    def execute(self, job: Job) -> tuple[str, dict]:
+        """Run one job here and now (``zevents hooks test --run``); the service uses an Executor instead."""
+        spec = self.prepare(job)
+        if not isinstance(spec, hooks_exec.Commands):
+            return self.outcome(job, spec())
+        results = []
+        for argv in spec.argvs:
+            results.append(hooks_exec.run(argv, spec.env, spec.cwd, spec.stdin, spec.timeout, self.on_started))
+            if not results[-1].ok:
                 break
-        if result.timed_out:
-            name = TIMED_OUT
-        elif result.ok:
-            name = FINISHED
-        else:
-            name = FAILED
-        return name, {"argv": list(result.argv), "returncode": result.returncode, "stderr": _text(result.stderr),
-                      "stdout": _text(result.stdout), "started": (first_started or 0) // 1000}
+        return self.outcome(job, results)
 
-    def _started(self, result):
-        self.active[result.pid] = time.monotonic()
-        if self.on_started is not None:
-            self.on_started(result)
-
-    def _client(self) -> channel.CommandClient:
-        client = getattr(self._local, "client", None)
-        if client is None or client.endpoint != self.command_endpoint:
-            if client is not None:
-                client.close()
-            client = self._local.client = channel.CommandClient(self.command_endpoint)
-        return client
+    def _request_gcode(self, lines: list, timeout: float) -> dict:
+        # One client, one request at a time: the lines go to one printer, in order, whichever hook sends them.
+        with self._gcode_lock:
+            client = self._gcode_client
+            if client is None or client.endpoint != self.command_endpoint:
+                if client is not None:
+                    client.close()
+                client = self._gcode_client = channel.CommandClient(self.command_endpoint)
+            return client.gcode(lines, src="hook", timeout=timeout)
 
     def _send_gcode(self, job: Job, values) -> tuple[str, dict]:
         lines = self.plan(job, values)
@@ -279,8 +282,7 @@ class HookRunner:
         if job.subscription.debug:
             log.info("hook %r on %s: sending %s", job.subscription.name, job.name, json.dumps(lines))
         try:
-            reply = self._client().gcode(lines, src="hook",
-                                         timeout=min(job.subscription.timeout, GCODE_REPLY_TIMEOUT))
+            reply = self._request_gcode(lines, min(job.subscription.timeout, GCODE_REPLY_TIMEOUT))
         except channel.ChannelError as exc:
             fields.update(returncode=1, stderr=str(exc))
             return FAILED, fields
@@ -296,20 +298,14 @@ class HookRunner:
             return
         what = "timed out after" if name == TIMED_OUT else "failed after"
         log.warning("hook %r on %s %s %.3f s (%s, exit %s); stderr: %s", subscription.name, payload["event"], what,
-                    payload["duration"], json.dumps(payload["argv"])[:300], payload["returncode"],
+                    payload["duration"], json.dumps(payload.get("argv"))[:300], payload.get("returncode"),
                     (payload.get("stderr") or "")[-500:] or "(none)")
 
-    def kill_active(self):
-        for pid in list(self.active):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
     def close(self):
-        client = getattr(self._local, "client", None)
-        if client is not None:
-            client.close()
+        with self._gcode_lock:
+            if self._gcode_client is not None:
+                self._gcode_client.close()
+                self._gcode_client = None
 
 
 # --- the service -----------------------------------------------------------------------------------------------
@@ -323,19 +319,14 @@ class HooksService:
         self.context = context
         self.runner = HookRunner(config, on_started)
         self.state = PrinterState()
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.stats: collections.Counter = collections.Counter()
         self.subscriptions: list = []
         self.table: dict = {}
-        self.running = 0
-        self.max_running = 0
-        self._count_lock = threading.Lock()
-        self._workers: list = []
-        self._target_workers = 0
+        self.executor = hooks_exec.Executor(int(config.get("hooks", "workers", default=4)), self.runner.prepare,
+                                            self._complete, on_started)
         self._publisher = None
         self._publish_lock = threading.Lock()
         self._stop = threading.Event()
-        self._closing = False
         self._reload_at: float | None = None
         self._reload_reason = ""
         self._config_text = self._read(config.path) if config.path else None
@@ -368,13 +359,13 @@ class HooksService:
             log.info("event hooks are disabled (events.enabled: false)")
         self.subscriptions = subscriptions
         self.table = table
-        self._target_workers = int(config.get("hooks", "workers", default=4))
-        if self._workers:
-            self._resize_pool()
+        workers = int(config.get("hooks", "workers", default=4))
+        if hasattr(self, "executor"):
+            self.executor.set_limit(workers)
         log.info("%d subscription(s) active on %d event name(s), %d left out, %d worker(s)",
                  sum(1 for s in subscriptions if s.enabled) if enabled else 0, len(table),
                  len(config.get("events", "subscriptions", default=None) or []) - len(subscriptions),
-                 self._target_workers)
+                 workers)
         return problems
 
     def request_reload(self, reason: str, delay: float = 0.0):
@@ -414,48 +405,22 @@ class HooksService:
         log.info("configuration reloaded from %s (%s)", path, reason)
         return True
 
-    # --- workers --------------------------------------------------------------------------------------------
+    # --- runs ---------------------------------------------------------------------------------------------
 
     def start(self):
         if self._publisher is None:
             self._publisher = bus.Publisher(self.config, src="hook", printer=self.config.get("printer", "name"),
                                             context=self.context)
-        self._resize_pool()
+        self.executor.start()
 
-    def _resize_pool(self):
-        self._workers = [w for w in self._workers if w.is_alive()]
-        missing = self._target_workers - len(self._workers)
-        for _ in range(max(0, missing)):
-            worker = threading.Thread(target=self._work, name=f"hook-worker-{len(self._workers)}", daemon=True)
-            worker.start()
-            self._workers.append(worker)
-        for _ in range(max(0, -missing)):
-            self.queue.put(None)   # one worker retires when it reaches this, after the jobs queued before it
+    @property
+    def max_running(self) -> int:
+        return self.executor.max_active
 
-    def _work(self):
-        while True:
-            job = self.queue.get()
-            if job is None:
-                return
-            if self._closing:
-                self.stats["not_run_at_stop"] += 1
-                continue
-            with self._count_lock:
-                self.running += 1
-                if self.running > self.max_running:
-                    self.max_running = self.running
-            try:
-                name, payload = self.runner.execute(job)
-            except Exception as exc:  # a bug here must not kill the worker and silently shrink the pool
-                log.exception("hook %r on %s: internal error", job.subscription.name, job.name)
-                name, payload = FAILED, _events.complete_payload(FAILED, {
-                    "subscription": job.subscription.name, "event": job.name, "stderr": f"internal error: {exc}",
-                    "depth": job.depth, "type": job.subscription.type})
-            finally:
-                with self._count_lock:
-                    self.running -= 1
-            self.stats[name] += 1
-            self._publish(name, payload)
+    def _complete(self, job: Job, outcome):
+        name, payload = self.runner.outcome(job, outcome)
+        self.stats[name] += 1
+        self._publish(name, payload)
 
     def _publish(self, name: str, payload: dict):
         if self._publisher is None:
@@ -486,7 +451,7 @@ class HooksService:
         queued = 0
         for subscription in subscriptions:
             if self.admit(subscription, envelope.group, name, payload, depth):
-                self.queue.put(Job(subscription, name, payload, envelope.ts, state, depth + 1))
+                self.executor.submit(Job(subscription, name, payload, envelope.ts, state, depth + 1))
                 queued += 1
         return queued
 
@@ -546,22 +511,13 @@ class HooksService:
         self._stop.set()
 
     def close(self, grace: float = 5.0):
-        """Stop the workers: running hooks get ``grace`` seconds, queued ones are not started."""
+        """Stop running hooks: running ones get ``grace`` seconds (then their process groups are killed), queued
+        ones are not started."""
         self._stop.set()
-        self._closing = True
-        for _ in self._workers:
-            self.queue.put(None)
-        deadline = time.monotonic() + grace
-        for worker in self._workers:
-            worker.join(max(0.0, deadline - time.monotonic()))
-        if any(w.is_alive() for w in self._workers):
-            log.warning("hooks still running at shutdown: killing their process groups")
-            self.runner.kill_active()
-            for worker in self._workers:
-                worker.join(1.0)
-        if self.stats["not_run_at_stop"]:
+        self.executor.stop(grace)
+        if self.executor.not_started:
             log.warning("%d queued hook run(s) were not started because the service stopped",
-                        self.stats["not_run_at_stop"])
+                        self.executor.not_started)
         self.runner.close()
         if self._publisher is not None:
             self._publisher.close(linger=1.0)

@@ -1,6 +1,7 @@
-"""Running one hook command: spawn without a shell, feed stdin, keep a bounded tail of the output, kill at timeout.
+"""Running hook commands: spawn without a shell, feed stdin, keep a bounded tail of the output, kill at timeout;
+and the :class:`Executor` that runs many of them at once, up to a limit, from one thread.
 
-Spawning is the hot path of the hooks service, so it uses ``os.posix_spawnp`` (vfork+exec in glibc, about a third of
+Spawning is the hot path of the hooks service, so it uses ``os.posix_spawn`` (vfork+exec in glibc, about a third of
 ``subprocess.Popen``'s cost here) with the child in a new session, hence its own process group: at the timeout the
 whole group gets SIGTERM, then SIGKILL after ``KILL_GRACE`` seconds, so a hook's children die with it.  A command with
 a ``cwd`` goes through ``subprocess.Popen``, since posix_spawn cannot change directory from Python.
@@ -10,13 +11,19 @@ holding its stdout is done when its own process exits.
 """
 from __future__ import annotations
 
+import collections
 import errno
+import logging
 import os
+import queue
 import select
 import shutil
 import signal
 import subprocess
+import threading
 import time
+
+log = logging.getLogger("zevents.hooks")
 
 TAIL_BYTES = 4096
 KILL_GRACE = 2.0
@@ -123,90 +130,141 @@ def _kill_group(pid: int, sig: int):
         pass
 
 
+class Process:
+    """One started command: its pid, pipes, output tails and deadlines, driven by whoever polls ``watched()``.
+
+    A command that cannot start is a Process that is already ``exited``, with ``result.error`` set."""
+
+    def __init__(self, argv: list, env: dict, cwd: str | None = None, stdin_data: bytes = b"",
+                 timeout: float = 60.0, tail: int = TAIL_BYTES):
+        self.result = result = RunResult(argv)
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout
+        self.kill_at = None
+        self.killed = False
+        self.exited = False
+        self.pidfd = self.stdin_w = -1
+        self.stdout = _Tail(tail)
+        self.stderr = _Tail(tail)
+        self.reading: dict = {}     # open output pipe → its tail
+        stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.pid = _spawn(argv, env, cwd, stdin_r, out_w, err_w)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            for fd in (stdin_r, stdin_w, out_r, out_w, err_r, err_w):
+                os.close(fd)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            where = f" in {cwd!r}" if isinstance(exc, OSError) and cwd and exc.filename == cwd else ""
+            result.error = f"cannot run {argv[0]!r}{where}: {reason}"
+            result.returncode = 127 if isinstance(exc, FileNotFoundError) else 126
+            result.stderr = result.error.encode()
+            self.pid = None
+            self.exited = True
+            return
+        result.pid = self.pid
+        result.started_ns = time.time_ns()
+        os.close(stdin_r)
+        os.close(out_w)
+        os.close(err_w)
+        self.pidfd = os.pidfd_open(self.pid)
+        self.reading = {out_r: self.stdout, err_r: self.stderr}
+        self.pending = None
+        if stdin_data:
+            os.set_blocking(stdin_w, False)
+            self.pending = _feed(stdin_w, memoryview(stdin_data))
+        if self.pending is None:
+            os.close(stdin_w)
+        else:
+            self.stdin_w = stdin_w
+
+    def watched(self) -> list:
+        """(fd, poll events) to watch while it runs."""
+        if self.pid is None:
+            return []
+        fds = [(fd, _POLLIN) for fd in self.reading] + [(self.pidfd, select.POLLIN)]
+        if self.stdin_w >= 0:
+            fds.append((self.stdin_w, select.POLLOUT))
+        return fds
+
+    def handle(self, fd: int) -> bool:
+        """Serve a ready fd; True when that fd is done with (EOF, stdin written) and must no longer be polled."""
+        if fd == self.pidfd:
+            self.exited = True
+            return False
+        if fd == self.stdin_w:
+            self.pending = _feed(fd, self.pending)
+            if self.pending is None:
+                os.close(fd)
+                self.stdin_w = -1
+                return True
+            return False
+        data = os.read(fd, _READ)
+        if data:
+            self.reading[fd].add(data)
+            return False
+        del self.reading[fd]
+        os.close(fd)
+        return True
+
+    def next_deadline(self) -> float:
+        if not self.result.timed_out:
+            return self.deadline
+        return self.kill_at if not self.killed else float("inf")
+
+    def check_time(self, now: float):
+        """At the timeout SIGTERM to the group; ``KILL_GRACE`` later SIGKILL to whatever is left of it."""
+        if self.pid is None or self.exited:
+            return
+        if not self.result.timed_out:
+            if now >= self.deadline:
+                self.result.timed_out = True
+                self.kill_at = now + KILL_GRACE
+                _kill_group(self.pid, signal.SIGTERM)
+        elif not self.killed and now >= self.kill_at:
+            self.killed = True
+            _kill_group(self.pid, signal.SIGKILL)
+
+    def open_fds(self) -> list:
+        return [fd for fd in (*self.reading, self.pidfd, self.stdin_w) if fd >= 0]
+
+    def finish(self) -> RunResult:
+        """Once exited: reap it, keep what it left in its pipes, close everything (unregister the fds first)."""
+        result = self.result
+        if self.pid is not None:
+            if result.timed_out and not self.killed:
+                _kill_group(self.pid, signal.SIGKILL)  # children that outlived the SIGTERMed parent
+            _, status = os.waitpid(self.pid, 0)
+            result.returncode = os.waitstatus_to_exitcode(status)
+            for fd, tail in self.reading.items():
+                _drain(fd, tail)
+            for fd in self.open_fds():
+                os.close(fd)
+            self.reading = {}
+            self.pidfd = self.stdin_w = -1
+            result.stdout = self.stdout.value()
+            result.stderr = self.stderr.value()
+        result.duration = time.monotonic() - self.started
+        return result
+
+
 def run(argv: list, env: dict, cwd: str | None = None, stdin_data: bytes = b"", timeout: float = 60.0,
         on_started=None, tail: int = TAIL_BYTES) -> RunResult:
     """Run one command to its end (or its timeout) and return what happened; never raises for the command's sake."""
-    result = RunResult(argv)
-    started = time.monotonic()
-    stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
-    out_r, out_w = os.pipe2(os.O_CLOEXEC)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    try:
-        pid = _spawn(argv, env, cwd, stdin_r, out_w, err_w)
-    except (OSError, ValueError, subprocess.SubprocessError) as exc:
-        for fd in (stdin_r, stdin_w, out_r, out_w, err_r, err_w):
-            os.close(fd)
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        where = f" in {cwd!r}" if isinstance(exc, OSError) and cwd and exc.filename == cwd else ""
-        result.error = f"cannot run {argv[0]!r}{where}: {reason}"
-        result.returncode = 127 if isinstance(exc, FileNotFoundError) else 126
-        result.stderr = result.error.encode()
-        result.duration = time.monotonic() - started
-        return result
-    result.pid = pid
-    result.started_ns = time.time_ns()
-    if on_started is not None:
-        on_started(result)
-    os.close(stdin_r)
-    os.close(out_w)
-    os.close(err_w)
-    pidfd = os.pidfd_open(pid)
-    tails = {out_r: _Tail(tail), err_r: _Tail(tail)}
+    process = Process(argv, env, cwd, stdin_data, timeout, tail)
+    if process.pid is not None and on_started is not None:
+        on_started(process.result)
     poller = select.poll()
-    for fd in tails:
-        poller.register(fd, _POLLIN)
-    poller.register(pidfd, select.POLLIN)
-    pending = memoryview(stdin_data) if stdin_data else None
-    if pending is not None:
-        os.set_blocking(stdin_w, False)
-        pending = _feed(stdin_w, pending)
-    if pending is None:
-        os.close(stdin_w)
-        stdin_w = -1
-    else:
-        poller.register(stdin_w, select.POLLOUT)
-    open_fds = set(tails)
-    deadline = started + timeout
-    exited = False
-    try:
-        while not exited:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                result.timed_out = True
-                break
-            for fd, _ in poller.poll(remaining * 1000):
-                if fd == pidfd:
-                    exited = True
-                elif fd == stdin_w:
-                    pending = _feed(stdin_w, pending)
-                    if pending is None:
-                        poller.unregister(stdin_w)
-                        os.close(stdin_w)
-                        stdin_w = -1
-                elif fd in open_fds:
-                    data = os.read(fd, _READ)
-                    if data:
-                        tails[fd].add(data)
-                    else:
-                        poller.unregister(fd)
-                        open_fds.discard(fd)
-        if result.timed_out:
-            _kill_group(pid, signal.SIGTERM)
-            select.select([pidfd], [], [], KILL_GRACE)
-            # Whatever of the group survived SIGTERM (or ignored it) goes now.
-            _kill_group(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        result.returncode = os.waitstatus_to_exitcode(status)
-        for fd in open_fds:
-            _drain(fd, tails[fd])
-    finally:
-        for fd in (stdin_w, out_r, err_r, pidfd):
-            if fd >= 0:
-                os.close(fd)
-    result.stdout = tails[out_r].value()
-    result.stderr = tails[err_r].value()
-    result.duration = time.monotonic() - started
-    return result
+    for fd, events in process.watched():
+        poller.register(fd, events)
+    while not process.exited:
+        wait = max(0.0, process.next_deadline() - time.monotonic())
+        for fd, _ in poller.poll(None if wait == float("inf") else wait * 1000):
+            if process.handle(fd):
+                poller.unregister(fd)
+        process.check_time(time.monotonic())
+    return process.finish()
 
 
 def _feed(fd: int, pending: memoryview):
@@ -234,3 +292,225 @@ def _drain(fd: int, tail: _Tail):
         if not data:
             return
         tail.add(data)
+
+
+# --- many runs at once -----------------------------------------------------------------------------------------
+
+class Commands:
+    """What a system hook run executes: commands in order, stopping at the first that fails."""
+
+    __slots__ = ("argvs", "env", "cwd", "stdin", "timeout")
+
+    def __init__(self, argvs: list, env: dict, cwd: str | None, stdin: bytes, timeout: float):
+        self.argvs = argvs
+        self.env = env
+        self.cwd = cwd
+        self.stdin = stdin
+        self.timeout = timeout
+
+
+class _Run:
+    __slots__ = ("job", "spec", "next_index", "results", "process")
+
+    def __init__(self, job, spec):
+        self.job = job
+        self.spec = spec
+        self.next_index = 0
+        self.results: list = []
+        self.process: Process | None = None
+
+
+class Executor:
+    """Runs jobs with at most ``limit`` in flight, all processes driven by one thread and one poll().
+
+    One thread instead of a thread per worker: every syscall of a run gives up the GIL and has to win it back, and
+    with several worker threads that hand-over costs more than the work itself.  ``prepare(job)`` (called on this
+    thread) returns :class:`Commands`, or a callable for blocking work (a G-code request) that runs on a thread of
+    its own and still takes a slot; ``complete(job, outcome)`` gets the list of :class:`RunResult` (or what the
+    callable returned, or the exception it raised) on this thread."""
+
+    def __init__(self, limit: int, prepare, complete, on_started=None, name: str = "hook-executor"):
+        self.limit = limit
+        self.prepare = prepare
+        self.complete = complete
+        self.on_started = on_started
+        self.name = name
+        self.inbox = queue.SimpleQueue()
+        self.active = 0
+        self.max_active = 0
+        self.not_started = 0
+        self._backlog: collections.deque = collections.deque()
+        self._finished = queue.SimpleQueue()
+        self._runs: set = set()
+        self._owner: dict = {}
+        self._poller = select.poll()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._poller.register(self._wake, select.POLLIN)
+        self._stopping = False
+        self._stop_deadline = None
+        self._thread = None
+
+    # --- other threads ---
+
+    def submit(self, job):
+        self.inbox.put(job)
+        os.eventfd_write(self._wake, 1)
+
+    def set_limit(self, limit: int):
+        self.limit = limit
+        os.eventfd_write(self._wake, 1)
+
+    def start(self):
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+            self._thread.start()
+
+    def stop(self, grace: float = 5.0):
+        """Start nothing more; running processes get ``grace`` seconds, then their groups are killed."""
+        self._stop_deadline = time.monotonic() + grace
+        self._stopping = True
+        os.eventfd_write(self._wake, 1)
+        if self._thread is not None:
+            self._thread.join(grace + KILL_GRACE + 5)
+
+    @property
+    def backlog(self) -> int:
+        return len(self._backlog) + self.inbox.qsize()
+
+    # --- the executor thread ---
+
+    def _loop(self):
+        try:
+            while True:
+                self._take_new()
+                if self._stopping:
+                    self.not_started += len(self._backlog)
+                    self._backlog.clear()
+                    if not self.active:
+                        return
+                    if time.monotonic() >= self._stop_deadline:
+                        self._kill_all()
+                while self._backlog and self.active < self.limit and not self._stopping:
+                    self._begin(self._backlog.popleft())
+                self._wait()
+        except Exception:
+            log.exception("hook executor stopped by an internal error")
+            raise
+
+    def _take_new(self):
+        inbox = self.inbox
+        while True:
+            try:
+                self._backlog.append(inbox.get_nowait())
+            except queue.Empty:
+                break
+        while True:
+            try:
+                run, outcome = self._finished.get_nowait()
+            except queue.Empty:
+                return
+            self._end(run, outcome)
+
+    def _wait(self):
+        deadline = min((run.process.next_deadline() for run in self._runs if run.process is not None),
+                       default=float("inf"))
+        if self._stopping:
+            deadline = min(deadline, self._stop_deadline)
+        wait = deadline - time.monotonic()
+        timeout = None if wait == float("inf") else max(0, wait * 1000)
+        for fd, _ in self._poller.poll(timeout):
+            if fd == self._wake:
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    pass
+                continue
+            run = self._owner.get(fd)
+            if run is None:
+                continue
+            process = run.process
+            if process.handle(fd):
+                self._poller.unregister(fd)
+                del self._owner[fd]
+            if process.exited:
+                self._command_done(run)
+        now = time.monotonic()
+        for run in list(self._runs):
+            if run.process is not None:
+                run.process.check_time(now)
+
+    def _begin(self, job):
+        self.active += 1
+        if self.active > self.max_active:
+            self.max_active = self.active
+        try:
+            spec = self.prepare(job)
+        except Exception as exc:
+            log.exception("cannot prepare a hook run")
+            self._end(_Run(job, None), exc)
+            return
+        run = _Run(job, spec)
+        if isinstance(spec, Commands):
+            self._runs.add(run)
+            self._next_command(run)
+        else:
+            threading.Thread(target=self._blocking, args=(run, spec), name=f"{self.name}-blocking",
+                             daemon=True).start()
+
+    def _blocking(self, run, work):
+        try:
+            outcome = work()
+        except Exception as exc:  # reported to complete(), which publishes the failure
+            outcome = exc
+        self._finished.put((run, outcome))
+        try:
+            os.eventfd_write(self._wake, 1)
+        except OSError:
+            pass  # stopped meanwhile
+
+    def _next_command(self, run):
+        while run.next_index < len(run.spec.argvs):
+            spec = run.spec
+            process = Process(spec.argvs[run.next_index], spec.env, spec.cwd, spec.stdin, spec.timeout)
+            run.next_index += 1
+            if process.pid is None:
+                run.results.append(process.finish())
+                break
+            if self.on_started is not None:
+                self.on_started(process.result)
+            run.process = process
+            for fd, events in process.watched():
+                self._poller.register(fd, events)
+                self._owner[fd] = run
+            return
+        self._runs.discard(run)
+        self._end(run, run.results)
+
+    def _command_done(self, run):
+        process = run.process
+        for fd in process.open_fds():
+            self._poller.unregister(fd)
+            self._owner.pop(fd, None)
+        result = process.finish()
+        run.results.append(result)
+        run.process = None
+        if result.ok:
+            self._next_command(run)
+        else:
+            self._runs.discard(run)
+            self._end(run, run.results)
+
+    def _end(self, run, outcome):
+        self.active -= 1
+        try:
+            self.complete(run.job, outcome)
+        except Exception:
+            log.exception("hook result handling failed")
+
+    def _kill_all(self):
+        for run in self._runs:
+            process = run.process
+            if process is not None and process.pid is not None and not process.killed:
+                process.result.timed_out = True
+                process.killed = True
+                _kill_group(process.pid, signal.SIGKILL)
