@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 from typing import Callable, List, Union
 
 import pytest
@@ -447,6 +448,32 @@ def test_the_fixture_takes_settings(virtual_printer):
     reply = command(ser, "M115")
     assert reply[0].startswith("FIRMWARE_NAME:Prusa-Firmware") and "EXTRUDER_COUNT:2" in reply[0]
     ser.close()
+
+
+def _thread_cpu_seconds(thread) -> float:
+    fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_halted_printer_with_auto_reports_does_not_spin(printer):
+    vp, ser = printer
+    command(ser, "M155 S0.05")
+    read_until(ser, lambda line: line.startswith(" T:"))
+    send(ser, "M112")
+    read_until(ser, "Error:Printer halted. kill() called!")
+    firmware = next(t for t in vp._threads if t.name == "virtual-printer-firmware")
+    before = _thread_cpu_seconds(firmware)
+    ser.timeout = 1.0
+    assert ser.readline() == b""  # no report from a halted printer...
+    assert _thread_cpu_seconds(firmware) - before < 0.3  # ...and no busy loop skipping them
+
+
+def test_a_printer_starts_once(tmp_path):
+    vp = make_printer(tmp_path)
+    vp.start()
+    vp.stop()
+    with pytest.raises(RuntimeError, match="starts once"):
+        vp.start()
 
 
 def test_reset_button_reboots(printer):

@@ -216,8 +216,8 @@ class VirtualPrinter(FirmwareMachine):
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> "VirtualPrinter":
-        if self._started:
-            raise RuntimeError("virtual printer already started")
+        if self._started or self._stopping:
+            raise RuntimeError("a virtual printer starts once; make a new one")
         if self._sd_root is None:
             self._sd_root = Path(tempfile.mkdtemp(prefix="zevents-sd-"))
         else:
@@ -294,7 +294,8 @@ class VirtualPrinter(FirmwareMachine):
         self._wake()
 
     def user_continue(self) -> None:
-        """Presses the LCD button: ends a wait for the user (M0/M1/M600) or a heating wait, like M108."""
+        """Presses the LCD button: ends a wait for the user (M0/M1/M600) or a heating wait, like M108.  Only a wait
+        already in progress ends (see ``waiting_for_user``), as in Marlin."""
         with self._lock:
             self._user_continue = True
             self._cond.notify_all()
@@ -312,7 +313,8 @@ class VirtualPrinter(FirmwareMachine):
         self._emit([f"//action:{action}"])
 
     def wait_received(self, match: Union[str, Callable[[str], bool]], timeout: float = 5.0) -> bool:
-        """Waits until an executed command matches (a string matches a command's start, case-insensitively)."""
+        """Waits until a command has been executed that matches (a string matches a command's start,
+        case-insensitively); commands executed before the call count.  False after ``timeout`` seconds."""
         if isinstance(match, str):
             prefix = match.upper()
             predicate: Callable[[str], bool] = lambda command: command.upper().startswith(prefix)

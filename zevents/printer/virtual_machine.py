@@ -149,15 +149,16 @@ class FirmwareMachine:
                 self._cond.wait(timeout)
 
     def _autoreports(self, now: float, generation: int, runnable: bool) -> float:
-        """Sends M155/M27 auto-reports that are due; returns when the next one is."""
-        if runnable and not self._in_temperature_wait and self._temp_autoreport > 0:
-            if now >= self._next_temp_report:
+        """Sends M155/M27 auto-reports that are due; returns when the next one is.  A report that falls due
+        while the firmware cannot talk (halted, silent) is skipped, not kept for later."""
+        if self._temp_autoreport > 0 and now >= self._next_temp_report:
+            if runnable and not self._in_temperature_wait:
                 self._emit([self.profile.temperature_autoreport(self._temperature_snapshot())], generation)
-                self._next_temp_report = now + self._temp_autoreport
-        if runnable and self._sd_autoreport > 0 and self._sd is not None and self._sd.printing:
-            if now >= self._next_sd_report:
+            self._next_temp_report = now + self._temp_autoreport
+        if self._sd_autoreport > 0 and self._sd is not None and self._sd.printing and now >= self._next_sd_report:
+            if runnable:
                 self._emit([f"SD printing byte {self._sd.position}/{self._sd.size}"], generation)
-                self._next_sd_report = now + self._sd_autoreport
+            self._next_sd_report = now + self._sd_autoreport
         due = math.inf
         if self._temp_autoreport > 0:
             due = min(due, self._next_temp_report)
