@@ -278,25 +278,49 @@ def test_injection_file_names_are_only_file_names(mode, hooks, publisher, result
     assert os.path.exists("/tmp/pwned") == existed
 
 
-def test_a_hook_that_hangs_is_killed_at_its_timeout_with_its_children(hooks, publisher, results, short_tmp):
+def process_dead(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "State:\tZ" in status  # killed, waiting for its (re-)parent to reap it
+
+
+@pytest.mark.parametrize("ignores_sigterm", [False, True])
+def test_a_hook_that_hangs_is_killed_at_its_timeout_with_its_children(ignores_sigterm, hooks, publisher, results,
+                                                                      short_tmp):
     pid_file = short_tmp / "child.pid"
+    trap = "trap \"\" TERM; " if ignores_sigterm else ""  # ignored signals stay ignored in the children too
     hooks([{"event": "Home", "type": "system", "name": "hangs", "timeout": 0.5,
-            "command": f"sh -c 'sleep 1000 & echo $! > {pid_file}; exec sleep 1000'"}])
+            "command": f"sh -c '{trap}sleep 1000 & echo $! > {pid_file}; wait'"}])
     publisher.publish("Home", {})
     result = collect(results, 1)[0]
     assert result.name == "HookTimedOut"
-    assert result.payload["subscription"] == "hangs" and result.payload["returncode"] == -15
+    assert result.payload["subscription"] == "hangs"
+    assert result.payload["returncode"] == (-9 if ignores_sigterm else -15)
     assert 0.5 <= result.payload["duration"] < 30
     child = int(pid_file.read_text())
+    wait_for(lambda: process_dead(child), 10, message=f"the hook's child {child} to be killed")
 
-    def dead():
-        try:
-            status = Path(f"/proc/{child}/status").read_text()
-        except FileNotFoundError:
-            return True
-        return "State:\tZ" in status  # killed, waiting for its (re-)parent to reap it
 
-    wait_for(dead, 10, message=f"the hook's child {child} to be killed")
+def test_stopping_the_service_kills_running_hooks(bus_config, running_broker, publisher, short_tmp):
+    pid_file = short_tmp / "child.pid"
+    cfg = zconfig.from_bus(bus_config, events={"subscriptions": [
+        {"event": "Home", "type": "system", "name": "long", "timeout": 3600,
+         "command": f"sh -c 'sleep 1000 & echo $! > {pid_file}; wait'"}]})
+    service = HooksService(cfg)
+    thread = threading.Thread(target=service.serve, daemon=True)
+    thread.start()
+    try:
+        assert service.ready.wait(10)
+        publisher.publish("Home", {})
+        wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 10, message="the hook to start")
+    finally:
+        service.stop()
+        thread.join(10)
+        service.close(grace=0.2)
+    child = int(pid_file.read_text())
+    wait_for(lambda: process_dead(child), 10, message=f"the hook's child {child} to be killed at shutdown")
 
 
 def test_a_crashing_hook_does_not_stop_the_next(hooks, publisher, results, short_tmp):

@@ -349,6 +349,8 @@ class Executor:
         self._stopping = False
         self._stop_deadline = None
         self._thread = None
+        self._blocking = 0          # blocking jobs still running on their threads (they write to _wake)
+        self._lock = threading.Lock()
 
     # --- other threads ---
 
@@ -372,6 +374,10 @@ class Executor:
         os.eventfd_write(self._wake, 1)
         if self._thread is not None:
             self._thread.join(grace + KILL_GRACE + 5)
+        with self._lock:
+            if not self._blocking and self._wake >= 0:
+                os.close(self._wake)  # left open while a blocking job may still write to it
+                self._wake = -1
 
     @property
     def backlog(self) -> int:
@@ -454,19 +460,21 @@ class Executor:
             self._runs.add(run)
             self._next_command(run)
         else:
-            threading.Thread(target=self._blocking, args=(run, spec), name=f"{self.name}-blocking",
+            with self._lock:
+                self._blocking += 1
+            threading.Thread(target=self._run_blocking, args=(run, spec), name=f"{self.name}-blocking",
                              daemon=True).start()
 
-    def _blocking(self, run, work):
+    def _run_blocking(self, run, work):
         try:
             outcome = work()
         except Exception as exc:  # reported to complete(), which publishes the failure
             outcome = exc
         self._finished.put((run, outcome))
-        try:
-            os.eventfd_write(self._wake, 1)
-        except OSError:
-            pass  # stopped meanwhile
+        with self._lock:
+            self._blocking -= 1
+            if self._wake >= 0:
+                os.eventfd_write(self._wake, 1)
 
     def _next_command(self, run):
         while run.next_index < len(run.spec.argvs):
