@@ -31,8 +31,9 @@ def test_published_event_bytes_are_pinned(name):
 
 
 def test_ingest_and_control_bytes_are_pinned():
-    topic, meta, payload = frames("ingest_home")
-    assert wire.ingest_meta("user", "p1") == meta and wire.pack({}) == payload and topic == b"gcode/Home"
+    (frame,) = frames("ingest_home")
+    assert wire.ingest_frame(b"gcode/Home", wire.ingest_meta("user", "p1"), wire.pack({"x": 1})) == frame
+    assert wire.split_ingest(frame) == (b"gcode/Home", wire.ingest_meta("user", "p1"), wire.pack({"x": 1}))
     d = GOLDEN["request_replay"]["decoded"]
     assert wire.request(wire.CMD_REPLAY, d["args"]) == frames("request_replay")
     d = GOLDEN["reply_ping"]["decoded"]
@@ -68,6 +69,11 @@ def test_decoder_cache_does_not_confuse_streams():
     for _ in range(2):
         assert decoder.header(a) == ("n", "p1", 1, "gcode", 1, 10)
         assert decoder.header(b) == ("n", "p2", 1, "gcode", 2, 11)
+        assert decoder.decode(b"gcode/Home", b, wire.pack({})).printer == "p2"
+    # Broker-stamped headers are decoded through the cached prefix: one entry per stream, none per event.
+    assert len(decoder._prefixes) == 2
+    assert decoder.header(wire.encode_header("n", "p1", 1, "gcode", 99, 12)) == ("n", "p1", 1, "gcode", 99, 12)
+    assert len(decoder._prefixes) == 2
 
 
 @pytest.mark.parametrize("topic,header,payload", [
@@ -104,3 +110,9 @@ def test_pack_recovers_after_an_unpackable_value():
     with pytest.raises(TypeError):
         wire.pack({"a": object()})
     assert wire.unpack(wire.pack({"b": 2})) == {"b": 2}
+
+
+@pytest.mark.parametrize("frame", [b"", b"\x05ab", b"\x02ab\x09x", b"\x00\x00\x80"])
+def test_split_ingest_refuses_lengths_that_do_not_fit(frame):
+    with pytest.raises(wire.WireError):
+        wire.split_ingest(frame)

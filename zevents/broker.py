@@ -5,7 +5,7 @@ header (node, epoch, per-group seq, ts), keeps a replay ring and a last-value ca
 A ROUTER answers control requests (REPLAY, SNAPSHOT, PUBLISH with an ack, STATUS, PING).  A ``sys/Heartbeat``
 every ``heartbeat`` seconds carries the latest seq of every stream so subscribers see tail loss and a dead broker.
 
-Garbage on the ingest never stops the broker: each bad message is counted by reason and logged (rate-limited).
+Garbage on the ingest never stops the broker: each bad frame is counted by reason and logged (rate-limited).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from pathlib import Path
 import zmq
 
 from zevents import wire
+from zevents.bus import fast_send
 from zevents.config import BusConfig
 
 log = logging.getLogger("zevents.broker")
@@ -98,6 +99,7 @@ class Broker:
         self.bad = _RateLimitedLog()
         self.subscriptions: collections.Counter = collections.Counter()
         self._topic_groups: dict[bytes, str] = {}
+        self._heads: dict[bytes, tuple] = {}
         self._lock = _NodeLock(bus.publish)
         self._stop = threading.Event()
         self._wake_endpoint = f"inproc://zevents-broker-wake-{id(self)}"
@@ -118,6 +120,7 @@ class Broker:
             self.pull.setsockopt(zmq.LINGER, 5000)
             self.xpub = self._socket(zmq.XPUB, sndhwm=self.bus.hwm)
             self.xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+            self._xsend = fast_send(self.xpub)
             self.router = self._socket(zmq.ROUTER)
             self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
             self.wake = self._socket(zmq.PAIR)
@@ -207,74 +210,104 @@ class Broker:
     # --- the hot path -----------------------------------------------------------------------------------------
 
     def _drain_ingest(self):
-        pull = self.pull
-        recv = pull.recv
-        more = pull.getsockopt
+        # The hot path, inlined on purpose: each method call here costs more than the work it would name.
+        recv = self.pull.recv
         nb = zmq.NOBLOCK
-        RCVMORE = zmq.RCVMORE
+        more = zmq.SNDMORE
+        heads = self._heads
+        seqs = self.seqs
+        send = self._xsend
+        remember = self.ring.append
+        last_values = self.last_values
+        stamp = wire.seq_ts_tail
+        validate = wire.unpack
+        clock = time.time_ns
+        max_payload = self.bus.max_payload
         for _ in range(INGEST_BATCH):
             try:
-                topic = recv(nb)
+                frame = recv(nb)
             except zmq.Again:
                 return
             try:
-                meta = recv(nb)
-                payload = recv(nb)
-            except zmq.Again:
-                self._reject("frame_count", "message with fewer than 3 frames")
+                end = frame[0] + 2 + frame[frame[0] + 1]
+            except IndexError:
+                self._reject("frame", f"ingest frame of {len(frame)} bytes is too short for its lengths")
                 continue
-            if more(RCVMORE):
-                self._resync_long(topic, meta, payload)
+            known = heads.get(frame[:end]) or self._learn_head(frame)
+            if known is None:
                 continue
-            self.ingest(topic, meta, payload)
+            payload = frame[end:]
+            if len(payload) > max_payload or not payload or not (
+                    0x80 <= payload[0] <= 0x8f or payload[0] == 0xde or payload[0] == 0xdf):
+                self._payload_ok(payload)  # counts and logs the precise reason
+                continue
+            try:
+                validate(payload)
+            except Exception:
+                self._payload_ok(payload)
+                continue
+            group, topic, prefix = known[0], known[1], known[2]
+            seq = seqs.get(group, 0) + 1
+            seqs[group] = seq
+            header = prefix + stamp(seq, clock() // 1000)
+            send(topic, more)
+            send(header, more)
+            send(payload)
+            entry = (group, seq, topic, header, payload)
+            remember(entry)
+            last_values[topic] = entry
 
-    def _resync_long(self, topic: bytes, meta: bytes, payload: bytes):
-        """More than 3 frames: either one long bad message, or a short bad one merged with its good successor
-        (a message's frames arrive together, so a short message's reads run into the next one).  A frame that is
-        a valid topic starts the next message; anything before it, or a message that stays too long, is bad."""
-        frames = [topic, meta, payload]
-        for start in (1, 2):
-            if self._topic_groups.get(frames[start]) or self._learn_topic(frames[start]):
-                rest = frames[start:]
-                try:
-                    while len(rest) < 3:
-                        rest.append(self.pull.recv(zmq.NOBLOCK))
-                except zmq.Again:
-                    break
-                if not self.pull.getsockopt(zmq.RCVMORE):
-                    self._reject("frame_count", "message with fewer than 3 frames")
-                    self.ingest(*rest)
-                    return
-        # No message boundary found in these frames: they belong to one long message; skip to its end.
-        while self.pull.getsockopt(zmq.RCVMORE):
-            self.pull.recv()
-        self._reject("frame_count", "message with more than 3 frames")
+    def ingest(self, frame: bytes) -> int | None:
+        """Validate, stamp, publish, remember one ingest frame.  Returns the seq, or None when it was bad."""
+        known = self._learn_head(frame)
+        if known is None:
+            return None
+        payload = frame[len(known[3]):]
+        if not self._payload_ok(payload):
+            return None
+        return self._publish(known[0], known[1], known[2], payload)
 
-    def ingest(self, topic: bytes, meta: bytes, payload: bytes) -> int | None:
-        """Validate, stamp, publish, remember.  Returns the seq, or None when the message was bad."""
-        group = self._topic_groups.get(topic)
+    def _learn_head(self, frame: bytes):
+        """Validate the topic and meta of an ingest frame; cache them by the frame's head bytes."""
+        try:
+            topic, meta, _ = wire.split_ingest(frame)
+        except wire.WireError as exc:
+            self._reject("frame", str(exc))
+            return None
+        group = self._learn_topic(topic)
         if group is None:
-            group = self._learn_topic(topic)
-            if group is None:
-                return self._bad(topic, meta, payload, "topic")
+            self._reject("topic", f"topic {topic[:60]!r} is not <group>/<Event> with a known group")
+            return None
         try:
             prefix = self.stamper.prefix(meta)
-        except wire.WireError:
-            return self._bad(topic, meta, payload, "meta")
-        if len(payload) > self.bus.max_payload or payload[:1] == b"" or not (
-                0x80 <= payload[0] <= 0x8f or payload[0] in (0xde, 0xdf)):
-            return self._bad(topic, meta, payload, "payload")
+        except wire.WireError as exc:
+            self._reject("meta", str(exc))
+            return None
+        head = wire.ingest_head(topic, meta)
+        if len(self._heads) >= 10000:
+            self._heads.clear()
+        entry = self._heads[head] = (group, topic, prefix, head)
+        return entry
+
+    def _payload_ok(self, payload: bytes) -> bool:
+        if len(payload) > self.bus.max_payload:
+            self._reject("payload", f"payload of {len(payload)} bytes exceeds the limit of {self.bus.max_payload}")
+            return False
+        if not payload or not (0x80 <= payload[0] <= 0x8f or payload[0] in (0xde, 0xdf)):
+            self._reject("payload", "payload is not a msgpack map")
+            return False
         try:
             wire.unpack(payload)
-        except Exception:
-            return self._bad(topic, meta, payload, "payload")
-        return self._publish(group, topic, prefix, payload)
+        except Exception as exc:
+            self._reject("payload", f"payload is not valid msgpack ({type(exc).__name__})")
+            return False
+        return True
 
     def _publish(self, group: str, topic: bytes, prefix: bytes, payload: bytes) -> int:
         seq = self.seqs.get(group, 0) + 1
         self.seqs[group] = seq
         header = prefix + wire.seq_ts_tail(seq, wire.now_us())
-        send = self.xpub.send
+        send = self._xsend
         send(topic, zmq.SNDMORE)
         send(header, zmq.SNDMORE)
         send(payload)
@@ -299,14 +332,6 @@ class Broker:
         self.counters["bad"] += 1
         self.counters["bad_" + reason] += 1
         self.bad.warn(reason, detail)
-
-    def _bad(self, topic: bytes, meta: bytes, payload: bytes, reason: str):
-        detail = {"topic": f"topic {topic[:60]!r} is not <group>/<Event>",
-                  "meta": "ingest meta is not a {src, printer} map",
-                  "payload": f"payload ({len(payload)} bytes) is not a msgpack map within "
-                             f"{self.bus.max_payload} bytes"}[reason]
-        self._reject(reason, detail)
-        return None
 
     def publish_local(self, name_or_topic: str, payload: dict, src: str = "broker") -> int:
         """Publish an event generated by the broker itself (heartbeats)."""
@@ -362,13 +387,13 @@ class Broker:
         if command == wire.CMD_SNAPSHOT:
             return self._snapshot(args, request_id)
         if command == wire.CMD_PUBLISH:
-            if len(frames) != 5:
-                raise wire.WireError("PUBLISH carries topic, meta and payload frames")
-            seq = self.ingest(frames[2], frames[3], frames[4])
+            if len(frames) != 3:
+                raise wire.WireError("PUBLISH carries one ingest frame")
+            seq = self.ingest(frames[2])
             if seq is None:
                 return wire.reply(False, {"id": request_id, "error": "rejected: see the broker log"})
-            return wire.reply(True, {"id": request_id, "epoch": self.epoch, "seq": seq,
-                                     "topic": frames[2].decode()})
+            topic, _, _ = wire.split_ingest(frames[2])
+            return wire.reply(True, {"id": request_id, "epoch": self.epoch, "seq": seq, "topic": topic.decode()})
         raise wire.WireError(f"unknown command {command[:20]!r}")
 
     def _replay(self, args: dict, request_id):

@@ -1,0 +1,189 @@
+"""Bus throughput and latency: Publisher → broker → Subscriber (decoded events), in three real processes,
+beside raw pyzmq PUB/SUB carrying the same payload measured in the same run.
+
+Run: pytest bench/bench_bus.py --benchmark-only -s
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+
+from zevents import bus, wire
+from zevents.config import BusConfig
+
+N = int(os.environ.get("ZEVENTS_BENCH_EVENTS", "200000"))
+RATE = 10_000              # events/s for the latency measurement
+LATENCY_EVENTS = 20_000
+PAYLOAD = {"new": 0.4, "old": 0.2, "layer": 2}
+ctx = mp.get_context("fork")
+
+
+def _raw_publisher(endpoint, go, count, rate):
+    context = zmq.Context()
+    pub = context.socket(zmq.XPUB)
+    pub.sndhwm = 0
+    pub.bind(endpoint)
+    pub.recv()  # a subscription arrived: nobody misses the start
+    go.wait()
+    send = pub.send
+    topic = b"gcode/ZChange"
+    for i in range(count):
+        payload = dict(PAYLOAD, i=i, t=time.time_ns()) if rate else PAYLOAD
+        send(topic, zmq.SNDMORE)
+        send(msgpack.packb(payload))
+        if rate:
+            _pace(i, rate)
+    pub.close(linger=-1)
+    context.term()
+
+
+def _pace(i, rate, start=[None]):
+    """Hold the average rate by sleeping in 1 ms ticks: a spinning publisher would steal one of the two cores
+    from the broker and the subscriber and measure the scheduler instead of the bus."""
+    if start[0] is None:
+        start[0] = time.perf_counter()
+    ahead = start[0] + (i + 1) / rate - time.perf_counter()
+    if ahead > 0.001:
+        time.sleep(ahead)
+
+
+def _zevents_publisher(bus_config, go, count, rate):
+    publisher = bus.Publisher(bus_config, src="bench")
+    go.wait()
+    publish = publisher.publish
+    for i in range(count):
+        publish("ZChange", dict(PAYLOAD, i=i, t=time.time_ns()) if rate else PAYLOAD)
+        if rate:
+            _pace(i, rate)
+    publisher.close()
+
+
+@pytest.fixture(scope="module")
+def broker_process():
+    directory = Path(tempfile.mkdtemp(prefix="zevb-"))
+    config = BusConfig.for_dir(directory, node="bench", heartbeat=1.0)
+    (directory / "c.yaml").write_text(
+        f"bus: {{node: bench, publish: '{config.publish}', ingest: '{config.ingest}', replay: '{config.replay}'}}\n")
+    process = subprocess.Popen([sys.executable, "-m", "zevents", "broker", "-c", str(directory / "c.yaml")],
+                               stderr=subprocess.DEVNULL)
+    control = bus.Control(config)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            control.ping(timeout=1)
+            break
+        except bus.BusError:
+            if time.monotonic() > deadline:
+                raise
+    control.close()
+    yield config
+    process.terminate()
+    process.wait(10)
+
+
+def _receive_raw(endpoint, count, rate):
+    context = zmq.Context()
+    sub = context.socket(zmq.SUB)
+    sub.rcvhwm = 0
+    sub.setsockopt(zmq.SUBSCRIBE, b"gcode/")
+    go = ctx.Event()
+    proc = ctx.Process(target=_raw_publisher, args=(endpoint, go, count, rate))
+    proc.start()
+    sub.connect(endpoint)
+    time.sleep(0.2)  # let the subscription reach the publisher, which waits for it before sending
+    go.set()
+    recv = sub.recv
+    unpack = msgpack.unpackb
+    latencies = []
+    start = None
+    for _ in range(count):
+        recv()
+        payload = unpack(recv())
+        if start is None:
+            start = time.perf_counter()
+        if rate:
+            latencies.append(time.time_ns() - payload["t"])
+    elapsed = time.perf_counter() - start
+    proc.join()
+    sub.close()
+    context.term()
+    return elapsed, latencies
+
+
+def _receive_zevents(bus_config, count, rate):
+    subscriber = bus.Subscriber(bus_config, groups=["gcode"])
+    go = ctx.Event()
+    proc = ctx.Process(target=_zevents_publisher, args=(bus_config, go, count, rate))
+    proc.start()
+    go.set()
+    recv = subscriber.recv
+    latencies = []
+    start = None
+    received = 0
+    while received < count:
+        envelope = recv(30)
+        assert envelope is not None, f"only {received} of {count} events arrived"
+        if envelope.name != "ZChange":
+            continue
+        received += 1
+        if start is None:
+            start = time.perf_counter()
+        if rate:
+            latencies.append(time.time_ns() - envelope.payload["t"])
+    elapsed = time.perf_counter() - start
+    proc.join()
+    stats = subscriber.stats.as_dict()
+    subscriber.close()
+    assert stats["lost"] == 0
+    return elapsed, latencies
+
+
+def _percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+RESULTS = {}
+
+
+def test_raw_pyzmq_pubsub_throughput(benchmark, figures):
+    endpoint = f"ipc://{tempfile.mkdtemp(prefix='zevr-')}/raw.sock"
+    elapsed = benchmark.pedantic(lambda: _receive_raw(endpoint, N, 0)[0], rounds=3, iterations=1)
+    RESULTS["raw"] = N / benchmark.stats.stats.min
+    benchmark.extra_info["events_per_s"] = RESULTS["raw"]
+    figures.add("bus", "raw pyzmq PUB/SUB (2 procs, decoded)", RESULTS["raw"], "events/s")
+    del elapsed
+
+
+def test_zevents_bus_throughput(benchmark, figures, broker_process):
+    benchmark.pedantic(lambda: _receive_zevents(broker_process, N, 0)[0], rounds=3, iterations=1)
+    rate = N / benchmark.stats.stats.min
+    benchmark.extra_info["events_per_s"] = rate
+    benchmark.extra_info["ratio_vs_raw"] = rate / RESULTS["raw"] if "raw" in RESULTS else None
+    figures.add("bus", "publisher→broker→subscriber (3 procs)", rate, "events/s", RESULTS.get("raw"), "raw")
+
+
+def test_latency_at_10k_events_per_second(benchmark, figures, broker_process):
+    endpoint = f"ipc://{tempfile.mkdtemp(prefix='zevr-')}/raw.sock"
+    _, raw = _receive_raw(endpoint, LATENCY_EVENTS, RATE)
+    result = {}
+
+    def run():
+        result["lat"] = _receive_zevents(broker_process, LATENCY_EVENTS, RATE)[1]
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    ours = result["lat"]
+    for q, label in ((0.5, "p50"), (0.99, "p99")):
+        value, baseline = _percentile(ours, q) / 1000, _percentile(raw, q) / 1000
+        benchmark.extra_info[f"{label}_us"] = value
+        figures.add("bus", f"latency {label} at {RATE} events/s", value, "µs", baseline, "raw")
+    figures.add("bus", "latency max at 10000 events/s", max(ours) / 1000, "µs", max(raw) / 1000, "raw")
