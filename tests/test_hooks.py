@@ -228,6 +228,14 @@ def test_enabled_false_at_both_levels_runs_nothing(idle_service, short_tmp):
     assert globally_off.table == {}
 
 
+def test_events_from_before_the_service_started_run_no_hook(idle_service, short_tmp):
+    service = idle_service([record_sub("Home", record=short_tmp / "record.jsonl")])
+    replayed = fake_envelope("Home", {})
+    replayed.ts = service.started_us - 1
+    assert service.dispatch(replayed) == 0
+    assert service.dispatch(fake_envelope("Home", {})) == 1
+
+
 def test_filter_and_min_interval_decide_what_runs(idle_service, short_tmp):
     record = short_tmp / "record.jsonl"
     service = idle_service([record_sub("PrintStarted", record=record, name="local", filter={"origin": "local"}),

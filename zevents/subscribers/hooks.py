@@ -35,7 +35,7 @@ import time
 from zevents import bus
 from zevents import config as zconfig
 from zevents import events as _events
-from zevents import placeholders
+from zevents import placeholders, wire
 from zevents.printer import channel
 from zevents.subscribers import hooks_config, hooks_exec
 from zevents.subscribers.hooks_config import Subscription
@@ -331,6 +331,7 @@ class HooksService:
         self._reload_reason = ""
         self._config_text = self._read(config.path) if config.path else None
         self.ready = threading.Event()
+        self.started_us = wire.now_us()
         self.problems = self._install(config)
 
     # --- configuration --------------------------------------------------------------------------------------
@@ -440,6 +441,11 @@ class HooksService:
         self.state.apply(name, payload)
         subscriptions = self.table.get(name)
         if not subscriptions:
+            return 0
+        if envelope.ts < self.started_us:
+            # A resynchronising subscriber (broker restarted or unreachable at start) replays the broker's ring from
+            # its beginning: events from before this service started are state, never a reason to run a hook.
+            self.stats["before_start"] += 1
             return 0
         # A publisher that left out catalogue keys: they render empty without a "missing" warning.
         payload = _events.complete_payload(name, payload)
