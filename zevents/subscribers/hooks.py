@@ -311,7 +311,7 @@ class HookRunner:
 # --- the service -----------------------------------------------------------------------------------------------
 
 class HooksService:
-    """Subscriber loop + worker pool + result publisher.  ``serve()`` blocks until ``stop()``; ``close()`` after."""
+    """Subscriber loop + executor + result publisher.  ``serve()`` blocks until ``stop()``; ``close()`` after."""
 
     def __init__(self, config, context=None, on_started=None):
         hooks_exec.ensure_std_fds()
@@ -360,13 +360,11 @@ class HooksService:
             log.info("event hooks are disabled (events.enabled: false)")
         self.subscriptions = subscriptions
         self.table = table
+        self.active = len({id(s) for runs_on in table.values() for s in runs_on})
         workers = int(config.get("hooks", "workers", default=4))
-        if hasattr(self, "executor"):
-            self.executor.set_limit(workers)
-        log.info("%d subscription(s) active on %d event name(s), %d left out, %d worker(s)",
-                 sum(1 for s in subscriptions if s.enabled) if enabled else 0, len(table),
-                 len(config.get("events", "subscriptions", default=None) or []) - len(subscriptions),
-                 workers)
+        self.executor.set_limit(workers)
+        log.info("%d subscription(s) active on %d event name(s), %d left out, %d worker(s)", self.active, len(table),
+                 len(config.get("events", "subscriptions", default=None) or []) - len(subscriptions), workers)
         return problems
 
     def request_reload(self, reason: str, delay: float = 0.0):
@@ -402,7 +400,7 @@ class HooksService:
         self.problems = self._install(new)
         self.stats["reloads"] += 1
         self._publish("SettingsUpdated", {"service": "hooks", "path": path, "reason": reason,
-                                          "subscriptions": sum(len(v) for v in self.table.values())})
+                                          "subscriptions": self.active})
         log.info("configuration reloaded from %s (%s)", path, reason)
         return True
 
