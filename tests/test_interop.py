@@ -3,7 +3,7 @@
 The clients live in tests/interop/ (c_subscriber.c is compiled here with gcc; node_subscriber.mjs needs
 `npm ci --prefix tests/interop`).  Both print one JSON object per delivered event, "READY" on stderr once their
 start point is known and "STATS ..." at exit.  Events reach the broker the way PROTOCOL.md section 3 says a foreign
-publisher sends them (PUSH, three frames), so these tests check the document as much as the broker.
+publisher sends them (PUSH, one frame per event), so these tests check the document as much as the broker.
 
 When gcc, libzmq3-dev, libmsgpack-dev, node or the npm packages are missing the tests skip, except under CI=true,
 where CI installs them and a missing piece is a failure.
@@ -235,8 +235,16 @@ def zmq_context():
     context.term()
 
 
+def ingest_frame(topic: str, payload: dict, src: str = "user", printer: str | None = None) -> bytes:
+    """One ingest frame built by hand as PROTOCOL.md section 3 describes it (not with zevents.wire)."""
+    topic_bytes = topic.encode()
+    meta = msgpack.packb({"src": src, "printer": printer})
+    return (bytes([len(topic_bytes)]) + topic_bytes + bytes([len(meta)]) + meta
+            + msgpack.packb(payload, use_bin_type=True))
+
+
 class IngestPublisher:
-    """Publishes as PROTOCOL.md section 3 tells a foreign program to: PUSH three frames to the ingest."""
+    """Publishes as PROTOCOL.md section 3 tells a foreign program to: PUSH one frame per event to the ingest."""
 
     def __init__(self, context: zmq.Context, bus: BusConfig):
         self.sock = context.socket(zmq.PUSH)
@@ -244,8 +252,7 @@ class IngestPublisher:
         self.sock.connect(bus.ingest)
 
     def publish(self, topic: str, payload: dict, src: str = "user", printer: str | None = None):
-        self.sock.send_multipart([topic.encode(), msgpack.packb({"src": src, "printer": printer}),
-                                  msgpack.packb(payload, use_bin_type=True)])
+        self.sock.send(ingest_frame(topic, payload, src, printer))
 
     def close(self):
         self.sock.close()
@@ -278,8 +285,7 @@ def wait_sequenced(context: zmq.Context, bus: BusConfig, group: str, seq: int, t
 
 def acknowledged_publish(context: zmq.Context, bus: BusConfig, topic: str, payload: dict, src: str = "user") -> dict:
     """PUBLISH on the control socket: returns once the broker has sequenced the event."""
-    return control_request(context, bus, b"PUBLISH", {}, topic.encode(),
-                           msgpack.packb({"src": src, "printer": None}), msgpack.packb(payload))
+    return control_request(context, bus, b"PUBLISH", {}, ingest_frame(topic, payload, src))
 
 
 # ---------------------------------------------------------------------------------------------- comparing
