@@ -255,11 +255,11 @@ def test_a_non_fatal_firmware_error_mid_print_cancels_it(bench):
     b = bench(speed=20.0)
     b.jobs.start(str(CUBE))
     b.wait_progress(20)
-    b.printer.send_line("Error:Heating failed, the hot end did not reach its target")
+    b.printer.send_line("Error:Filament runout sensor reports no filament")
     error = b.wait("Error")[1]
     assert error["reason"] == "firmware" and error["consequence"] == "cancel"
     cancelling = b.wait("PrintCancelling")[1]
-    assert "Heating failed" in cancelling["firmwareError"]
+    assert "runout" in cancelling["firmwareError"]
     assert b.wait("PrintFailed")[1]["reason"] == "cancelled"
     wait_until(lambda: b.link.state == "OPERATIONAL", what="operational after the cancel")
 

@@ -227,6 +227,7 @@ class PrinterLink:
         self._next_line = 1
         self._write_no = 1
         self._ack_no = 1
+        self._written_upto = 1     # 1 + the highest line number written at least once
         self._resend_target: int | None = None
         self._recovering = False
         self._resend_repeats = 0
@@ -324,7 +325,7 @@ class PrinterLink:
         self._queue.clear()
         self._history.clear()
         self._history_order.clear()
-        self._next_line = self._write_no = self._ack_no = 1
+        self._next_line = self._write_no = self._ack_no = self._written_upto = 1
         self._resend_target = None
         self._recovering = False
         self._resend_repeats = 0
@@ -573,6 +574,7 @@ class PrinterLink:
                 callback()
             if data is None:
                 continue
+            self.comm_log.append(">>> " + data.decode("ascii", "replace").rstrip())
             try:
                 ser.write(data)
             except (serial.SerialException, OSError, ValueError, TypeError, AttributeError) as exc:
@@ -580,7 +582,6 @@ class PrinterLink:
                     self._close(f"cannot write to {self.port}: {exc}", "connection", "disconnect")
                 return
             self.stats["lines_sent"] += 1
-            self.comm_log.append(">>> " + data.decode("ascii", "replace").rstrip())
 
     def _next_data(self) -> bytes | None:
         """The next bytes to write, or None when the window is full or there is nothing to send."""
@@ -594,6 +595,7 @@ class PrinterLink:
         if self._write_no < self._next_line:
             data = self._history[self._write_no][0]
             self._write_no += 1
+            self._written_upto = max(self._written_upto, self._write_no)
             self.stats["lines_resent"] += 1
             return data
         if queue:
@@ -624,11 +626,12 @@ class PrinterLink:
             data = numbered(f"M110 N{number}", number)
             self._next_line = number + 1
             self._ack_no = number
+            self._written_upto = number
         else:
             number = self._next_line
             self._next_line += 1
             data = numbered(command.line, number)
-        self._write_no = self._next_line
+        self._write_no = self._written_upto = self._next_line
         self._history[number] = (data, command)
         self._history_order.append(number)
         if len(self._history_order) > HISTORY:
@@ -741,6 +744,9 @@ class PrinterLink:
                 # Smoothie and Teacup comes alone.
                 self._on_resend(reply.resend_line, line.lstrip()[:1] in ("R", "r") and
                                 line.lstrip()[:6].lower() == "resend")
+        elif kind == "skip":
+            # Repetier already had this line (a resent copy): the ok that follows is the skip's.
+            self._rejection_oks += 1
         elif kind == "error":
             self._on_error(reply, line)
         elif kind == "firmware" and reply.firmware:
@@ -773,13 +779,17 @@ class PrinterLink:
             # The ok that follows a resend request acknowledges the rejection, not a line.
             self._rejection_oks -= 1
             return
-        if self._ack_no >= self._write_no:
+        if self._ack_no >= self._written_upto:
             self.stats["unexpected_ok"] += 1
             return
+        # Also when a rewind put writing back before it: some copy of the line got through after all, and
+        # writing skips ahead instead of sending a duplicate.
         self._acknowledge(self._ack_no)
 
     def _acknowledge(self, number: int):
         self._ack_no = number + 1
+        if self._write_no < self._ack_no:
+            self._write_no = self._ack_no
         if self._recovering and number >= self._resend_target:
             # A resent line got through: back to the full window.
             self._recovering = False
