@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import DATA, wait_for
 from zevents import bus, wire
@@ -405,6 +406,45 @@ def test_gcode_hook_fails_clearly_when_the_link_is_not_running(hooks, publisher,
     result = collect(results, 1)[0]
     assert result.name == "HookFailed"
     assert "printer link is not running" in result.payload["stderr"]
+
+
+def test_a_reload_that_subscribes_to_hook_results_starts_receiving_them(bus_config, running_broker, publisher,
+                                                                        results, short_tmp):
+    """Without hooks on hook results the service does not even receive its own results; a reload that adds one
+    switches subscribers without losing or repeating an event."""
+    record = short_tmp / "record.jsonl"
+    path = short_tmp / "config.yaml"
+
+    def write(subscriptions):
+        path.write_text(yaml.safe_dump({
+            "bus": {"node": bus_config.node, "publish": bus_config.publish, "ingest": bus_config.ingest,
+                    "replay": bus_config.replay, "heartbeat": bus_config.heartbeat},
+            "events": {"subscriptions": subscriptions}}))
+
+    first = record_sub("Home", "home", record=record, name="first")
+    write([first])
+    service = HooksService(zconfig.load(path))
+    thread = threading.Thread(target=service.serve, daemon=True)
+    thread.start()
+    try:
+        assert service.ready.wait(10)
+        assert "hook" not in service.subscriber.groups
+        publisher.publish("Home", {})
+        collect(results, 1, names={"HookFinished"})
+        write([first, record_sub("HookFinished", "{subscription}", record=record, name="second",
+                                 filter={"subscription": "first"})])
+        service.request_reload("test")
+        assert collect(results, 1, names={"SettingsUpdated"})[0].payload["subscriptions"] == 2
+        wait_for(lambda: service.subscriber.groups is None, 10, message="the switch to every group")
+        publisher.publish("Home", {})
+        publisher.publish("Home", {})
+        got = collect(results, 4, names={"HookFinished"})
+        assert sorted(e.payload["subscription"] for e in got) == ["first", "first", "second", "second"]
+        assert sorted(r["argv"][0] for r in read_records(record)) == ["first", "first", "home", "home", "home"]
+    finally:
+        service.stop()
+        thread.join(10)
+        service.close()
 
 
 # --- results and loops -----------------------------------------------------------------------------------------

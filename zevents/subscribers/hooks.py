@@ -331,6 +331,7 @@ class HooksService:
         self._reload_reason = ""
         self._config_text = self._read(config.path) if config.path else None
         self.ready = threading.Event()
+        self.subscriber = None
         self.started_us = wire.now_us()
         self.problems = self._install(config)
 
@@ -489,10 +490,41 @@ class HooksService:
             subscription.warned.add(("loop", kind))
             log.warning("hook %r %s", subscription.name, why)
 
+    def groups(self):
+        """The groups to receive: all of them, except our own results (``hook``) when no hook runs on those."""
+        if any(_events.group_of(name) == "hook" for name in self.table):
+            return None
+        return {group for group in _events.GROUPS if group != "hook"}
+
+    def _resubscribe(self, old):
+        """A subscriber for ``groups()`` that goes on exactly where ``old`` stopped (a group ``old`` did not
+        follow starts now)."""
+        while True:
+            envelope = old.recv(0)
+            if envelope is None:
+                break
+            self.dispatch(envelope)
+        try:
+            status = old.control.status(2.0)
+        except bus.BusError as exc:
+            log.warning("cannot change the groups followed (%s); trying again at the next reload", exc)
+            return old
+        if status["epoch"] != old.epoch:
+            new = bus.Subscriber(self.config, groups=self.groups(), context=self.context)
+        else:
+            followed = old.groups
+            since = {group: (old.last_seq.get(group, 0) if followed is None or group in followed else seq)
+                     for group, seq in status["streams"].items()}
+            since.update({group: seq for group, seq in old.last_seq.items() if group not in since})
+            new = bus.Subscriber(self.config, groups=self.groups(), since=since, epoch=old.epoch,
+                                 context=self.context)
+        old.close()
+        return new
+
     def serve(self):
         """Run until stop(): subscribe, learn the printer state, dispatch events, reload when asked."""
         self.start()
-        subscriber = bus.Subscriber(self.config, groups=None, context=self.context)
+        subscriber = self.subscriber = bus.Subscriber(self.config, groups=self.groups(), context=self.context)
         try:
             try:
                 self.state.load(subscriber.snapshot(STATE_GROUPS))
@@ -500,14 +532,14 @@ class HooksService:
                 log.warning("no snapshot from the broker (%s): printer state unknown until events arrive", exc)
             self.ready.set()
             log.info("hooks service ready: subscribed at %s", self.config.bus.publish)
-            recv = subscriber.recv
             dispatch = self.dispatch
             while not self._stop.is_set():
-                envelope = recv(0.2)
+                envelope = subscriber.recv(0.2)
                 if envelope is not None:
                     dispatch(envelope)
                 if self._reload_at is not None and time.monotonic() >= self._reload_at:
-                    self.reload()
+                    if self.reload() and self.groups() != subscriber.groups:
+                        subscriber = self.subscriber = self._resubscribe(subscriber)
         finally:
             subscriber.close()
 
