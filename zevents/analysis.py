@@ -208,9 +208,8 @@ def run_parse(files: list, as_json: bool, summary: bool, out=None, err=None,
                 progress.close()
         out.flush()
     except BrokenPipeError:  # `zevents parse big.gcode | head`: the reader has what it wanted
-        try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
-            pass
+        if out is sys.stdout:
+            # the interpreter flushes stdout at exit: point it at /dev/null so that flush cannot fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return status
     return status
