@@ -256,7 +256,7 @@ def test_m114_after_absolute_and_relative_moves_in_each_firmware_format(tmp_path
         except ImportError:
             classify_reply = None
         if classify_reply is not None:
-            assert "position" in str(classify_reply(report.encode())).lower()
+            assert classify_reply(report.encode()).kind == "position"
         ser.close()
 
 
@@ -275,6 +275,59 @@ def test_reply_layouts_match_the_firmware_responses_spec(tmp_path, firmware):
     assert _shape(temperature_line) in spec_shapes, m105
     assert any(line.startswith(("FIRMWARE_NAME", "ok FIRMWARE_NAME")) and line.split(":")[0] in
                {s.split(":")[0] for s in _spec_lines(firmware)} for line in m115), m115
+
+
+@pytest.mark.parametrize("firmware", FIRMWARES)
+def test_every_reply_is_understood_by_the_firmware_parser(tmp_path, firmware):
+    parser = pytest.importorskip("zevents.parser")
+    if not hasattr(parser, "classify_reply"):
+        pytest.skip("zevents.parser has no classify_reply")
+    with make_printer(tmp_path, firmware=firmware, busy_interval=0.01) as vp:
+        ser = serial.Serial(vp.port, 115200, timeout=0.2)
+        banner = read_until(ser, lambda line: line in ("echo:SD card ok", "SD card ok", "ok")) if (
+            vp.profile.boot_lines(1, True)) else []
+        replies = {}
+        for text in ["M115", "G1 X10 Y20 Z0.2", "M114", "M104 S200", "M105", "M9999", "T9", "M28 a.gco", "G28",
+                     "M29", "M20", "M23 a.gco", "M24"]:
+            replies[text] = command(ser, text)
+        replies["M24"] += read_until(ser, "Done printing file")
+        replies["M27"] = command(ser, "M27")
+        if vp.profile.checksum_policy == "resend":
+            ser.write(b"N1 M105*1\n")
+            replies["bad checksum"] = read_until(ser, lambda line: line.startswith(("Resend", "rs ")))
+        send(ser, "M600")
+        replies["M600"] = read_until(ser, "//action:paused")
+        vp.wait_received("M600")
+        deadline = time.monotonic() + 5
+        while not vp.waiting_for_user and time.monotonic() < deadline:
+            vp.wait_received("never", timeout=0.01)
+        vp.user_continue()
+        replies["M600"] += read_until(ser, lambda line: line.startswith("ok"))
+        send(ser, "M112")
+        replies["M112"] = [ser.readline().decode().rstrip("\r\n")]
+        ser.close()
+
+    def kinds(text):
+        return [parser.classify_reply(line).kind for line in replies[text]]
+
+    every = banner + [line for lines in replies.values() for line in lines]
+    unknown = [line for line in every if parser.classify_reply(line).kind == "unknown"]
+    assert set(unknown) <= {"Info:External Reset", "Free RAM:3102"}, unknown  # Repetier's boot chatter
+    assert "firmware" in kinds("M115")
+    position = parser.classify_reply(replies["M114"][0])
+    assert position.kind == "position" and position.position["x"] == 10.0 and position.position["z"] == 0.2
+    temperature = next(parser.classify_reply(line) for line in replies["M105"])
+    assert temperature.kind == "temperature" and temperature.temperatures["T0"] == (200.0, 200.0)
+    assert parser.classify_reply(replies["M9999"][0]).error_kind == "command"
+    assert parser.classify_reply(replies["T9"][0]).tool == 9
+    assert {"writing", "saved", "opened", "selected", "done", "printing"} <= {
+        key for text in ("M28 a.gco", "M29", "M23 a.gco", "M24", "M27") for line in replies[text]
+        for key in (parser.classify_reply(line).sd or {})}
+    if "bad checksum" in replies:
+        assert parser.classify_reply(replies["bad checksum"][-1]).resend_line == 1
+    assert [a for a in (parser.classify_reply(line).action for line in replies["M600"]) if a] == ["paused", "resumed"]
+    assert ("busy" in kinds("M600")) == vp.profile.keepalive
+    assert parser.classify_reply(replies["M112"][0]).error_kind == "fatal"
 
 
 def test_arcs_inches_and_home_clearing_offsets(printer):
