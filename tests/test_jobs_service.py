@@ -1,0 +1,199 @@
+"""`zevents printer` as a real process (built-in virtual printer) against a real broker, driven by the real CLI
+client commands: events on the bus with the right src, refusals with one clear line, clean shutdown."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zevents import bus
+from zevents.printer import channel
+
+DATA = Path(__file__).parent / "data" / "printer"
+CUBE = DATA / "sliced_cube20_prusaslicer250_mk3s_cut.gcode"
+ZEVENTS = [sys.executable, "-m", "zevents"]
+
+
+def write_config(directory: Path, bus_config, **printer) -> Path:
+    section = {"commands": f"ipc://{directory}/printer.sock", "timeout": 3.0,
+               "virtual": {"firmware": "marlin", "speed": 0, "tools": 1},
+               "scripts": {"afterPrintDone": "M117 done"}}
+    section.update(printer)
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump({
+        "bus": {"node": bus_config.node, "publish": bus_config.publish, "ingest": bus_config.ingest,
+                "replay": bus_config.replay, "heartbeat": bus_config.heartbeat},
+        "printer": section, "data_dir": str(directory / "data")}))
+    return path
+
+
+def cli(*args, config: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(ZEVENTS + list(args) + ["-c", str(config)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def next_event(subscriber, predicate, timeout: float = 30.0):
+    """The next event on the bus matching predicate(envelope); fails after timeout seconds without one."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while True:
+        remaining = deadline - time.monotonic()
+        envelope = subscriber.recv(timeout=max(0.0, remaining)) if remaining > 0 else None
+        if envelope is None:
+            raise AssertionError(f"no matching event within {timeout} s; saw {seen[-20:]}")
+        seen.append(envelope.name)
+        if predicate(envelope):
+            return envelope
+
+
+@pytest.fixture
+def printer_service(short_tmp, bus_config, running_broker):
+    """A running `zevents printer --virtual` process and a subscriber that saw it connect."""
+    config = write_config(short_tmp, bus_config)
+    subscriber = bus.Subscriber(bus_config, groups=["comm", "print", "file", "gcode"])
+    process = subprocess.Popen(ZEVENTS + ["printer", "--virtual", "-c", str(config)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        connected = next_event(subscriber, lambda e: e.name == "Connected" or e.name == "Error")
+        assert connected.name == "Connected", connected.payload
+        yield process, subscriber, config
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        process.stdout.close()
+        process.stderr.close()
+        subscriber.close()
+
+
+def test_print_send_and_refusals_through_the_cli(printer_service):
+    process, subscriber, config = printer_service
+    result = cli("print", str(CUBE), config=config)
+    assert result.returncode == 0, result.stderr
+    started = next_event(subscriber, lambda e: e.name == "PrintStarted")
+    assert started.src == "job" and started.payload["name"] == CUBE.name and started.group == "print"
+    home = next_event(subscriber, lambda e: e.name == "Home")
+    assert home.src == "job" and home.group == "gcode"
+    done = next_event(subscriber, lambda e: e.name in ("PrintDone", "PrintFailed"))
+    assert done.name == "PrintDone" and done.payload["time"] > 0
+    state = next_event(subscriber, lambda e: e.name == "PrinterStateChanged")
+    assert state.payload == {"state_id": "OPERATIONAL", "state_string": "Operational"}
+
+    result = cli("send", "G28", "G1 Z7 F600", config=config)
+    assert result.returncode == 0, result.stderr
+    home = next_event(subscriber, lambda e: e.name == "Home")
+    assert home.src == "user"
+    zchange = next_event(subscriber, lambda e: e.name == "ZChange")
+    assert zchange.payload["new"] == 7 and zchange.src == "user"
+
+    result = cli("send", "M0", config=config)
+    assert result.returncode == 0 and "suppressed: M0" in result.stderr
+    assert next_event(subscriber, lambda e: e.name == "CommandSuppressed").src == "user"
+
+    result = cli("pause", config=config)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "cannot pause: not printing" in result.stderr
+
+    result = cli("print", "/no/such/file.gcode", config=config)
+    assert result.returncode == 2 and "no such file" in result.stderr
+
+    client = channel.CommandClient(channel.endpoint(_load(config)))
+    try:
+        with pytest.raises(channel.ChannelError, match="lines"):
+            client.request("GCODE", {"lines": [1, 2]})
+        status = client.request("STATUS")
+        assert status["state_id"] == "OPERATIONAL" and status["printing"] is False
+    finally:
+        client.close()
+
+
+def test_pause_resume_cancel_and_sd_through_the_cli(short_tmp, bus_config, running_broker):
+    config = write_config(short_tmp, bus_config, virtual={"firmware": "marlin", "speed": 20, "tools": 1})
+    subscriber = bus.Subscriber(bus_config, groups=["comm", "print", "file"])
+    process = subprocess.Popen(ZEVENTS + ["printer", "-c", str(config)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        assert next_event(subscriber, lambda e: e.name in ("Connected", "Error")).name == "Connected"
+        assert cli("print", str(CUBE), config=config).returncode == 0
+        next_event(subscriber, lambda e: e.name == "PrintProgress" and e.payload["progress"] >= 20)
+        result = cli("pause", config=config)
+        assert result.returncode == 0, result.stderr
+        paused = next_event(subscriber, lambda e: e.name == "PrintPaused")
+        assert paused.payload["position"]["z"] is not None and '"position"' in result.stdout
+        assert cli("resume", config=config).returncode == 0
+        next_event(subscriber, lambda e: e.name == "PrintResumed")
+        assert cli("cancel", config=config).returncode == 0
+        failed = next_event(subscriber, lambda e: e.name in ("PrintFailed", "PrintDone"))
+        assert failed.name == "PrintFailed" and failed.payload["reason"] == "cancelled"
+
+        result = cli("sd", "upload", str(CUBE), "--as", "cube.gco", config=config, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert next_event(subscriber, lambda e: e.name == "TransferDone").payload["remote"] == "cube.gco"
+        listing = cli("sd", "ls", config=config)
+        assert listing.returncode == 0 and "cube.gco" in listing.stdout.lower()
+        result = cli("sd", "print", "cube.gco", config=config)
+        assert result.returncode == 0, result.stderr
+        started = next_event(subscriber, lambda e: e.name == "PrintStarted")
+        assert started.payload["origin"] == "sdcard"
+        result = cli("sd", "print", "missing.gco", config=config)
+        assert result.returncode == 1 and "cannot" in result.stderr
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+        subscriber.close()
+
+
+def test_sigterm_disconnects_cleanly(printer_service):
+    process, subscriber, config = printer_service
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(20) == 0
+    names = []
+    while True:
+        envelope = subscriber.recv(timeout=3)
+        if envelope is None:
+            break
+        names.append(envelope.name)
+        if envelope.name == "Disconnected":
+            break
+    assert names[-3:] == ["Disconnecting", "PrinterStateChanged", "Disconnected"]
+
+
+def test_client_commands_without_a_running_link_fail_with_one_line(short_tmp, bus_config):
+    config = write_config(short_tmp, bus_config)
+    for args in (["send", "G28"], ["pause"], ["print", str(CUBE)], ["sd", "ls"]):
+        result = cli(*args, config=config, timeout=30)
+        assert result.returncode == 1, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "not running" in lines[0], (args, result.stderr)
+
+
+def test_a_port_that_does_not_exist_is_reported_and_the_service_keeps_serving(short_tmp, bus_config,
+                                                                                running_broker):
+    config = write_config(short_tmp, bus_config, port=str(short_tmp / "ttyNOPE"))
+    subscriber = bus.Subscriber(bus_config, groups=["comm"])
+    process = subprocess.Popen(ZEVENTS + ["printer", "-c", str(config)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        error = next_event(subscriber, lambda e: e.name == "Error")
+        assert error.payload["reason"] == "connection" and "ttyNOPE" in error.payload["error"]
+        result = cli("send", "G28", config=config)
+        assert result.returncode == 1 and "not connected" in result.stderr
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+        subscriber.close()
+
+
+def _load(path: Path):
+    from zevents.config import load
+
+    return load(path)
