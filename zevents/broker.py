@@ -104,6 +104,7 @@ class Broker:
         self._stop = threading.Event()
         self._wake_endpoint = f"inproc://zevents-broker-wake-{id(self)}"
         self._sockets: list = []
+        self._ipc_files: list = []
         self._bound = False
 
     # --- lifecycle --------------------------------------------------------------------------------------------
@@ -133,6 +134,8 @@ class Broker:
                     sock.bind(endpoint)
                 except zmq.ZMQError as exc:
                     raise BrokerError(f"cannot bind {endpoint}: {exc}") from None
+                if path is not None:
+                    self._ipc_files.append(path)
             del ctx
         except BaseException:
             self.close()
@@ -167,6 +170,13 @@ class Broker:
         for sock in self._sockets:
             sock.close(linger=0)
         self._sockets.clear()
+        # No stale sockets for the next node: a file left behind would look like a node to other tools.
+        for path in self._ipc_files:
+            try:
+                path.unlink()
+            except OSError:
+                pass
+        self._ipc_files.clear()
         self._lock.release()
         self._bound = False
 

@@ -371,6 +371,17 @@ class Subscriber:
         self.close()
 
 
+def announce_started(bus_config, service: str, timeout: float = 10.0):
+    """Tell the node supervisor (and anyone listening) that a service is up: sys/ServiceStarted, acknowledged."""
+    import os
+
+    publisher = Publisher(bus_config, src=service)
+    try:
+        publisher.publish_confirmed("ServiceStarted", {"service": service, "pid": os.getpid()}, timeout=timeout)
+    finally:
+        publisher.close(linger=1)
+
+
 # --- commands ---------------------------------------------------------------------------------------------------
 
 def run_fire(config, event: str, payload_json: str | None, src: str, timeout: float) -> int:

@@ -74,6 +74,35 @@ def tail(prefixes: Optional[List[str]] = typer.Argument(None, help="Topic prefix
 
 
 @app.command()
+def run(config: Optional[str] = ConfigOption,
+        demo: bool = typer.Option(False, "--demo", help="Also print a bundled sample file on the virtual printer."),
+        port: Optional[str] = typer.Option(None, "--port", help="Serial port of a real printer (default: virtual)."),
+        baud: Optional[int] = typer.Option(None, "--baud", help="Baud rate of the printer (0: auto)."),
+        data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where files, timelapses, logs go."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="Don't show the events in the terminal.")):
+    """Run a whole node: broker, printer link, hooks and the other services, supervised."""
+    from zevents import node
+
+    cfg = load_config(config)
+    if port is not None:
+        cfg.data["printer"]["port"] = port
+    if baud is not None:
+        cfg.data["printer"]["baudrate"] = baud
+    if data_dir is not None:
+        cfg.data["data_dir"] = data_dir
+    raise typer.Exit(node.run(cfg, demo=demo, show=not quiet))
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json", help="One JSON document instead of tables."),
+           config: Optional[str] = ConfigOption):
+    """Show the node: each service (pid, uptime, restarts), the printer, the bus."""
+    from zevents import node_status
+
+    raise typer.Exit(node_status.run(load_config(config), as_json))
+
+
+@app.command()
 def parse(files: List[str] = typer.Argument(..., help="G-code files."),
           as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
           summary: bool = typer.Option(False, "--summary", help="Counts per event, layers, max Z.")):

@@ -1,0 +1,312 @@
+"""`zevents run`: a whole node from one command.
+
+The supervisor owns the node's processes: it writes the effective configuration once (so every child reads the
+same), starts each service as its own `zevents <service> -c <that file>` process, publishes ``Startup`` when every
+service has said it is up (``sys/ServiceStarted``), restarts a service that dies (with backoff, publishing
+``sys/ServiceRestarted``), and on SIGINT/SIGTERM publishes ``Shutdown`` and stops the children in reverse order.
+
+Children run in their own session (a terminal's Ctrl-C reaches only the supervisor, which stops them in order) and
+with a parent-death signal (if the supervisor is killed outright, they follow; nothing is orphaned).  A lock file
+refuses a second node on the same endpoints.  The supervisor's view (pids, uptimes, restarts) is kept in
+``node.json`` in the runtime directory for `zevents status`.
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from zevents import bus, config as zconfig
+
+log = logging.getLogger("zevents.node")
+
+PR_SET_PDEATHSIG = 1
+BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
+STABLE_AFTER = 30.0           # a service up this long has its backoff reset
+
+
+class NodeError(RuntimeError):
+    pass
+
+
+def _die_with_parent():
+    """Runs in the child between fork and exec: SIGTERM when the supervisor dies, whatever killed it."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+    os.setsid()
+
+
+@dataclass
+class Service:
+    name: str
+    argv: list
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff: float = BACKOFF_START
+    next_start: float = 0.0
+    ready: bool = False
+    returncodes: list = field(default_factory=list)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "pid": self.process.pid if self.alive() else None, "alive": self.alive(),
+                "uptime": round(time.time() - self.started_at, 1) if self.alive() else 0.0,
+                "restarts": self.restarts, "ready": self.ready, "last_returncode":
+                    self.returncodes[-1] if self.returncodes else None}
+
+
+def available_services() -> set:
+    """Service commands this installation has (the CLI grows as services are added)."""
+    from zevents.cli import app
+
+    names = {command.name or command.callback.__name__.replace("_", "-") for command in app.registered_commands}
+    names |= {group.name for group in app.registered_groups}
+    return names
+
+
+def plan_services(config) -> list:
+    """Which services this node runs, in start order."""
+    have = available_services()
+    wanted = ["broker"]
+    if config.get("printer", "port") and "printer" in have:
+        wanted.append("printer")
+    if config.get("events", "enabled") and "hooks" in have:
+        wanted.append("hooks")
+    for extra in ("timelapse", "files"):
+        if extra in have and config.get(extra, "enabled"):
+            wanted.append(extra)
+    return wanted
+
+
+class Supervisor:
+    def __init__(self, config, demo: bool = False, show: bool = True):
+        self.config = config
+        self.demo = demo
+        self.show = show
+        self.node = config.node
+        self.runtime = zconfig.runtime_dir() / self.node
+        self.runtime.mkdir(mode=0o700, exist_ok=True)
+        self.config_file = self.runtime / "node.yaml"
+        self.status_file = self.runtime / "node.json"
+        self.lock_file = self.runtime / "node.lock"
+        self.services: list[Service] = []
+        self.started = time.time()
+        self._stop = False
+        self._lock_fd = None
+        self.publisher = None
+
+    # --- lifecycle --------------------------------------------------------------------------------------------
+
+    def lock(self):
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = self.lock_file.read_text().strip() or "?"
+            raise NodeError(f"a zevents node named {self.node!r} is already running (pid {pid}); "
+                            f"stop it first, or give this one another bus.node") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def write_config(self):
+        """The effective configuration every child reads, endpoints resolved."""
+        data = json.loads(json.dumps(self.config.data, default=str))
+        resolved = self.config.bus
+        data["bus"].update(node=self.node, publish=resolved.publish, ingest=resolved.ingest, replay=resolved.replay)
+        data["data_dir"] = str(self.config.data_dir)
+        self.config_file.write_text(yaml.safe_dump(data, sort_keys=False))
+        os.chmod(self.config_file, 0o600)
+
+    def start(self, timeout: float = 30.0, on_bus_up=None):
+        """Start every service; ``on_bus_up()`` runs once the broker answers (the viewer starts there, so that
+        the user sees the services come up and Startup)."""
+        self.lock()
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.write_config()
+        names = plan_services(self.config)
+        self.services = [Service(name, [sys.executable, "-m", "zevents", name, "-c", str(self.config_file)])
+                         for name in names]
+        control = bus.Control(self.config.bus)
+        try:
+            broker = self.services[0]
+            self._spawn(broker)
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    control.ping(timeout=0.5)
+                    break
+                except bus.BusError:
+                    if not broker.alive():
+                        raise NodeError(f"the broker exited at start (code {broker.process.returncode}); "
+                                        "see its log above") from None
+                    if time.monotonic() > deadline:
+                        raise NodeError("the broker did not answer within the start-up timeout") from None
+            broker.ready = True
+        finally:
+            control.close()
+        if on_bus_up is not None:
+            on_bus_up()
+        self.publisher = bus.Publisher(self.config.bus, src="node")
+        watcher = bus.Subscriber(self.config.bus, groups=["sys"])
+        try:
+            for service in self.services[1:]:
+                self._spawn(service)
+            self._await_ready(watcher, deadline=time.monotonic() + timeout)
+        finally:
+            watcher.close()
+        self.publisher.publish_confirmed("Startup", {})
+        self.save_status()
+
+    def _await_ready(self, watcher, deadline: float):
+        waiting = {s.name: s for s in self.services if not s.ready}
+        while waiting:
+            for service in waiting.values():
+                if not service.alive():
+                    raise NodeError(f"service {service.name!r} exited at start (code {service.process.returncode})")
+            envelope = watcher.recv(timeout=0.2)
+            if envelope is not None and envelope.name == "ServiceStarted":
+                service = waiting.pop(envelope.payload.get("service"), None)
+                if service is not None:
+                    service.ready = True
+            if time.monotonic() > deadline:
+                raise NodeError(f"service(s) {', '.join(waiting)} did not report ready in time")
+
+    def _spawn(self, service: Service):
+        service.process = subprocess.Popen(service.argv, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL)
+        service.started_at = time.time()
+        log.info("started %s (pid %d)", service.name, service.process.pid)
+
+    def supervise(self, poll: float = 0.2):
+        """Restart services that die, until stop()."""
+        while not self._stop:
+            now = time.monotonic()
+            for service in self.services:
+                if service.alive():
+                    if service.backoff > BACKOFF_START and time.time() - service.started_at > STABLE_AFTER:
+                        service.backoff = BACKOFF_START
+                    continue
+                if service.process is not None and service.next_start == 0.0:
+                    code = service.process.returncode
+                    service.returncodes.append(code)
+                    service.next_start = now + service.backoff
+                    log.warning("%s exited with code %s; restarting in %.1f s", service.name, code, service.backoff)
+                elif service.next_start and now >= service.next_start:
+                    service.restarts += 1
+                    self._spawn(service)
+                    previous, service.backoff = service.backoff, min(service.backoff * 2, BACKOFF_MAX)
+                    service.next_start = 0.0
+                    self._announce_restart(service, previous)
+                    self.save_status()
+            self._sleep(poll)
+
+    def _announce_restart(self, service: Service, backoff: float):
+        if self.publisher is None:
+            return
+        try:
+            self.publisher.publish("ServiceRestarted", {
+                "service": service.name, "pid": service.process.pid, "restarts": service.restarts,
+                "returncode": service.returncodes[-1] if service.returncodes else None, "backoff": backoff})
+        except Exception as exc:  # the broker itself may be the one restarting
+            log.warning("could not announce the restart of %s: %s", service.name, exc)
+
+    def _sleep(self, seconds: float):
+        deadline = time.monotonic() + seconds
+        while not self._stop and time.monotonic() < deadline:
+            time.sleep(min(0.05, seconds))
+
+    def stop(self, *_):
+        self._stop = True
+
+    def announce_shutdown(self):
+        if self.publisher is not None:
+            try:
+                self.publisher.publish_confirmed("Shutdown", {}, timeout=2.0)
+            except bus.BusError as exc:
+                log.warning("could not publish Shutdown: %s", exc)
+            self.publisher.close(linger=1)
+            self.publisher = None
+
+    def shutdown(self, grace: float = 10.0):
+        self.announce_shutdown()
+        for service in reversed(self.services):
+            if service.alive():
+                service.process.terminate()
+                try:
+                    service.process.wait(grace)
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop in %.0f s; killing it", service.name, grace)
+                    service.process.kill()
+                    service.process.wait()
+        for path in (self.status_file, self.config_file):
+            try:
+                path.unlink()
+            except OSError:
+                pass
+        if self._lock_fd is not None:
+            try:
+                self.lock_file.unlink()
+            except OSError:
+                pass
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def save_status(self):
+        status = {"node": self.node, "pid": os.getpid(), "started": self.started,
+                  "config": str(self.config_file), "services": [s.as_dict() for s in self.services]}
+        temporary = self.status_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps(status))
+        temporary.replace(self.status_file)
+
+
+def run(config, demo: bool = False, show: bool = True) -> int:
+    """`zevents run`: start the node, show its events, supervise until SIGINT/SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    supervisor = Supervisor(config, demo=demo, show=show)
+    signal.signal(signal.SIGTERM, supervisor.stop)
+    signal.signal(signal.SIGINT, supervisor.stop)
+    viewers = []
+
+    def show_events():
+        if show:
+            from zevents import console
+
+            viewers.append(console.start_viewer(config.bus, demo=demo))
+
+    try:
+        supervisor.start(on_bus_up=show_events)
+    except (NodeError, zconfig.ConfigError, bus.BusError) as exc:
+        print(f"zevents: {exc}", file=sys.stderr)
+        for viewer in viewers:
+            viewer.stop()
+        supervisor.shutdown(grace=3)
+        return 1
+    if demo:
+        from zevents import demo as demo_mod
+
+        demo_mod.start(config, supervisor)
+    try:
+        supervisor.supervise()
+    finally:
+        supervisor.announce_shutdown()
+        for viewer in viewers:
+            viewer.stop(drain=True)
+        supervisor.shutdown()
+    return 0
