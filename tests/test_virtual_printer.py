@@ -131,6 +131,23 @@ def test_unknown_command_is_echoed_then_acknowledged(printer):
     assert command(ser, "HELLO") == ['echo:Unknown command: "HELLO"', "ok"]
 
 
+def test_each_profile_accepts_its_own_slicer_commands(tmp_path):
+    with make_printer(tmp_path, firmware="prusa") as vp:
+        ser = open_port(vp)
+        assert command(ser, "M862.3 P \"MK3S\"") == ["ok"]
+        ser.close()
+    with make_printer(tmp_path, firmware="klipper") as vp:
+        ser = serial.Serial(vp.port, 115200, timeout=0.2)
+        assert command(ser, "SET_VELOCITY_LIMIT ACCEL=5000") == ["ok"]
+        assert command(ser, "M862.3 P \"MK3S\"") == ['// Unknown command:"M862.3"', "ok"]
+        ser.close()
+    with make_printer(tmp_path) as vp:  # Marlin knows neither
+        ser = open_port(vp)
+        reply = command(ser, "SET_VELOCITY_LIMIT ACCEL=5000")
+        assert reply == ['echo:Unknown command: "SET_VELOCITY_LIMIT ACCEL=5000"', "ok"]
+        ser.close()
+
+
 def test_comment_only_and_empty_lines_get_no_answer(printer):
     vp, ser = printer
     ser.write(b"; just a comment\n\n   \nM105 ; with a comment\n")

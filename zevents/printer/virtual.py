@@ -11,10 +11,10 @@ play the firmware:
   heaters, SD card, pauses) and acknowledges each one once it has run: ``virtual_machine``.
 
 Opening the port resets the simulated board (as a DTR reset does) and prints the boot banner; closing it is noticed
-too (inotify on the device node, else the master's hang-up).  Simulated time runs ``speed`` times faster than the wall clock (``speed=0``: instant), while report and
-keep-alive intervals stay in wall-clock seconds, as a host measures them.  Reply layouts come from
-``virtual_firmware`` (Marlin, Prusa, Klipper, RepRapFirmware, Smoothieware, Repetier); the simulated parts
-(heaters, planner, SD card, fault specs) from ``virtual_parts``.
+too (inotify on the device node, else the master's hang-up). Simulated time runs ``speed`` times faster than the wall
+clock (``speed=0``: instant), while report and keep-alive intervals stay in wall-clock seconds, as a host measures
+them. Reply layouts come from ``virtual_firmware`` (Marlin, Prusa, Klipper, RepRapFirmware, Smoothieware, Repetier);
+the simulated parts (heaters, planner, SD card, fault specs) from ``virtual_parts``.
 
 Usage from tests::
 

@@ -81,6 +81,8 @@ class FirmwareProfile:
     wait_shows_residency = True
     error_prefix = "Error:"
     halt_lines: Sequence[str] = ("Error:Printer halted. kill() called!",)
+    #: Commands this firmware accepts beyond the Marlin set the machine knows (they change nothing simulated).
+    extra_commands: frozenset = frozenset()
     version = "2.1.3"
     build_date = "Aug  1 2024 12:00:00"
     uuid = "cede2a2f-41a2-4748-9b12-c55c62f367ff"
@@ -195,13 +197,16 @@ class PrusaProfile(FirmwareProfile):
     """Prusa-Firmware 3.x (Marlin 1.0 based)."""
 
     name = "prusa"
+    extra_commands = frozenset("G80 G81 M74 M142 M403 M555 M572 M593 M601 M602 M603 M701 M702 M860 M861 M862.1 "
+                               "M862.2 M862.3 M862.4 M862.5 M862.6".split())
     advanced_ok = False
     emergency_parser = False
     version = "3.8.1"
     capabilities = (("AUTOREPORT_TEMP", 1), ("AUTOREPORT_POSITION", 1))
 
     def boot_lines(self, tools: int, sd_present: bool) -> List[str]:
-        lines = ["start", f"echo: {self.version}-RC1", "echo: Last Updated: Jul 26 2020 | Author: (none, default config)",
+        lines = ["start", f"echo: {self.version}-RC1",
+                 "echo: Last Updated: Jul 26 2020 | Author: (none, default config)",
                  "echo: Free Memory: 2154  PlannerBufferBytes: 1392"]
         lines.append("echo:SD card ok" if sd_present else "echo:SD init fail")
         return lines
@@ -230,6 +235,11 @@ class KlipperProfile(FirmwareProfile):
     """Klipper's G-code host (klippy) as OctoPrint sees it through its pseudo-terminal."""
 
     name = "klipper"
+    # Extended commands of klippy, and the macros every sliced file for a Klipper printer calls.
+    extra_commands = frozenset("SET_VELOCITY_LIMIT SET_PRESSURE_ADVANCE SET_FAN_SPEED SET_GCODE_OFFSET "
+                               "SAVE_GCODE_STATE RESTORE_GCODE_STATE EXCLUDE_OBJECT_DEFINE EXCLUDE_OBJECT_START EXCLUDE_OBJECT_END "
+                               "START_PRINT END_PRINT PRINT_START PRINT_END SDCARD_LOOP_BEGIN SDCARD_LOOP_END "
+                               "SDCARD_LOOP_DESIST".split())
     error_prefix = "!! "
     halt_lines = ("!! Shutdown due to M112 command", "// Klipper state: Shutdown")
     advanced_ok = False

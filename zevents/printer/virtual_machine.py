@@ -32,13 +32,11 @@ HOMING_FEED_XY, HOMING_FEED_Z = 50.0, 4.0                   # mm/s
 
 #: Commands a Marlin build accepts and that change nothing the simulator models.
 _ACCEPTED = frozenset(
-    "G10 G11 G29 G53 G54 G55 G56 G57 G58 G59 G80 G90.1 G91.1 M3 M4 M5 M7 M8 M9 M17 M18 M31 M42 M73 M75 M76 M77 M78 "
-    "M80 M81 M84 M85 M92 M106 M107 M117 M119 M120 M121 M149 M150 M163 M164 M200 M201 M203 M204 M205 M206 M207 "
-    "M208 M209 M211 M221 M226 M280 M290 M300 M301 M302 M303 M304 M350 M351 M355 M380 M381 M401 M402 M404 M405 "
-    "M406 M407 M420 M421 M428 M486 M500 M501 M502 M503 M504 M540 M569 M575 M851 M900 M906 M907 M908 M909 M910 "
-    "M911 M912 M913 M914 M915 M993 M994 M995 M997 M999 M108 M110 M876".split())
-#: Prusa-Firmware additionally knows its own checks and mesh levelling.
-_PRUSA_ACCEPTED = frozenset("G80 G81 M862.1 M862.2 M862.3 M862.4 M862.5 M862.6 M601 M602 M603 M860 M861".split())
+    "G10 G11 G17 G18 G19 G29 G53 G54 G55 G56 G57 G58 G59 G80 G90.1 G91.1 M3 M4 M5 M7 M8 M9 M17 M18 M31 M42 M73 "
+    "M75 M76 M77 M78 M80 M81 M84 M85 M92 M106 M107 M117 M119 M120 M121 M149 M150 M163 M164 M200 M201 M203 M204 "
+    "M205 M206 M207 M208 M209 M211 M221 M226 M280 M290 M300 M301 M302 M303 M304 M350 M351 M355 M380 M381 M401 "
+    "M402 M404 M405 M406 M407 M420 M421 M428 M486 M500 M501 M502 M503 M504 M540 M569 M575 M851 M900 M906 M907 "
+    "M908 M909 M910 M911 M912 M913 M914 M915 M993 M994 M995 M997 M999 M108 M110 M808 M876".split())
 
 
 class Stopping(Exception):
@@ -271,9 +269,9 @@ class FirmwareMachine:
         handler = self._HANDLERS.get(word)
         if handler is not None:
             return handler(self, cmd, generation)
-        if word in _ACCEPTED or (isinstance(self.profile, fw.PrusaProfile) and word in _PRUSA_ACCEPTED):
-            return None
         command_word = word or cmd.line.split(" ", 1)[0]
+        if word in _ACCEPTED or command_word.upper() in self.profile.extra_commands:
+            return None
         return self.profile.unknown_command(cmd.line, command_word)
 
     # ---- motion
