@@ -90,6 +90,10 @@ def run(config: Optional[str] = ConfigOption,
         cfg.data["printer"]["baudrate"] = baud
     if data_dir is not None:
         cfg.data["data_dir"] = data_dir
+    if demo:
+        from zevents import demo as demo_mod
+
+        demo_mod.prepare(cfg)
     raise typer.Exit(node.run(cfg, demo=demo, show=not quiet))
 
 

@@ -1,0 +1,74 @@
+"""`zevents run --demo`: print a bundled sample on the (virtual) printer as soon as the node is up, so a newcomer
+sees the whole event flow within seconds: PrintStarted, Home, ZChange, LayerChanged, PrintProgress, PrintDone and
+the results of a demo hook.
+
+The sample is a real slicer output: a 20 mm cube sliced by PrusaSlicer 2.5.0 for an MK3S (gzipped in the package).
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import shutil
+import threading
+import time
+from importlib import resources
+from pathlib import Path
+
+log = logging.getLogger("zevents.demo")
+
+SAMPLE = "demo_cube20_prusaslicer250_mk3s.gcode.gz"
+
+DEMO_HOOKS = [
+    {"name": "demo: announce the print", "event": ["PrintStarted", "PrintDone"], "type": "system",
+     "command": "echo {__eventname}: {name} ({__progress} %)"},
+]
+
+
+def prepare(config):
+    """Demo settings on top of the user's: an instant virtual printer and one visible hook."""
+    printer = config.data.setdefault("printer", {})
+    if str(printer.get("port") or "").upper() == "VIRTUAL":
+        printer.setdefault("virtual", {})["speed"] = 0
+    events = config.data.setdefault("events", {})
+    events["enabled"] = True
+    events["subscriptions"] = list(events.get("subscriptions") or []) + DEMO_HOOKS
+
+
+def sample_file(data_dir: Path) -> Path:
+    target = Path(data_dir) / "demo" / SAMPLE[:-3]
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with resources.files("zevents").joinpath("data", SAMPLE).open("rb") as packed, \
+                gzip.open(packed) as source, open(target, "wb") as out:
+            shutil.copyfileobj(source, out)
+    return target
+
+
+def _print_when_ready(config, timeout: float):
+    from zevents.printer.channel import ChannelError, CommandClient, endpoint
+
+    path = sample_file(config.data_dir)
+    client = CommandClient(endpoint(config))
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                state = client.request("STATUS", timeout=2.0).get("state_id")
+            except ChannelError:
+                state = None
+            if state == "OPERATIONAL":
+                client.request("PRINT", {"path": str(path), "user": "demo"}, timeout=10.0)
+                log.info("demo: printing %s", path.name)
+                return
+            time.sleep(0.2)
+        log.error("demo: the printer was not operational within %.0f s; nothing printed", timeout)
+    except ChannelError as exc:
+        log.error("demo: the printer refused the demo print: %s", exc)
+    finally:
+        client.close()
+
+
+def start(config, supervisor=None, timeout: float = 60.0) -> threading.Thread:
+    thread = threading.Thread(target=_print_when_ready, args=(config, timeout), name="zevents-demo", daemon=True)
+    thread.start()
+    return thread
