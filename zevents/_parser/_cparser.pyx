@@ -14,7 +14,6 @@ parser never differ.  The build must not fuse multiply-adds (setup.py passes -ff
 rounds every operation, and the print-time estimate must come out bit-identical.
 """
 cimport cython
-import sys
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
@@ -199,50 +198,12 @@ cdef inline Py_ssize_t small_int(const unsigned char* s, Py_ssize_t i, Py_ssize_
     return i
 
 
-cdef extern from *:
-    int __builtin_ctzll(unsigned long long) nogil
-
-cdef bint SWAR = sys.byteorder == "little"
-cdef uint64_t POW10_INT[9]
-POW10_INT[0] = 1
-for _k in range(1, 9):
-    POW10_INT[_k] = POW10_INT[_k - 1] * 10
-
-
-cdef inline uint64_t load8(const unsigned char* p) noexcept nogil:
-    cdef uint64_t value
-    memcpy(&value, p, 8)
-    return value
-
-
-cdef inline int digit_run(uint64_t v, Py_ssize_t limit) noexcept nogil:
-    """How many of the 8 bytes in v (little endian) are ASCII digits before the first other byte, at most limit."""
-    cdef uint64_t x = v ^ 0x3030303030303030ULL
-    # per byte: high bit set unless the byte is 0-9 after the xor; 0x80 | x keeps the subtraction in its byte
-    cdef uint64_t other = (((x | 0x8080808080808080ULL) - 0x0A0A0A0A0A0A0A0AULL) | x) & 0x8080808080808080ULL
-    if limit < 8:
-        other |= 0x80ULL << (limit * 8)
-    if other == 0:
-        return 8
-    return __builtin_ctzll(other) >> 3
-
-
-cdef inline uint64_t digits_value(uint64_t v, int k) noexcept nogil:
-    """The number written by the first k (1-8) digit bytes of v: zero-fill on the left, then SWAR pair sums."""
-    cdef uint64_t x = (v ^ 0x3030303030303030ULL) << ((8 - k) * 8)
-    x = x * 10 + (x >> 8)
-    x = (((x & 0x000000FF000000FFULL) * (100ULL + (1000000ULL << 32)))
-         + (((x >> 16) & 0x000000FF000000FFULL) * (1ULL + (10000ULL << 32)))) >> 32
-    return x & 0xFFFFFFFFULL
-
-
-cdef inline Py_ssize_t move_number(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Py_ssize_t avail,
-                                   double* out, bint* found) except -2:
+cdef inline Py_ssize_t move_number(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, double* out,
+                                   bint* found) except -2:
     """A parameter number [+-]?(digits[.digits*]|.digits) at i: its end, found = whether there is one.
 
-    Where 8 bytes can be read (avail: readable bytes from s, past the line), the digit runs are measured and
-    converted 8 bytes at a time, without a branch per digit: the loops' unpredictable exits cost more than the
-    arithmetic.  Bytes at or past n never count as digits.
+    One pass, one digit loop per part.  (Converting 8 digits at a time with SWAR was tried: G-code numbers are
+    too short for it to pay.)
     """
     cdef Py_ssize_t j = i
     cdef Py_ssize_t digits_start
@@ -251,48 +212,10 @@ cdef inline Py_ssize_t move_number(const unsigned char* s, Py_ssize_t i, Py_ssiz
     cdef bint negative = False
     cdef uint64_t mantissa = 0
     cdef unsigned char d
-    cdef int run
-    cdef int run2
-    cdef uint64_t word
     cdef double value
     if j < n and (s[j] == 45 or s[j] == 43):
         negative = s[j] == 45
         j += 1
-    if SWAR and j + 8 <= avail:
-        word = load8(s + j)
-        run = digit_run(word, n - j)
-        if run < 8:
-            if run:
-                mantissa = digits_value(word, run)
-            j += run
-            if j < n and s[j] == 46:
-                if j + 9 <= avail:
-                    word = load8(s + j + 1)
-                    run2 = digit_run(word, n - j - 1)
-                    if run2 < 8:
-                        j += 1 + run2
-                        if run2 == 0:
-                            if run == 0:
-                                found[0] = False
-                                return j
-                            value = <double>mantissa
-                        else:
-                            value = <double>(mantissa * POW10_INT[run2] + digits_value(word, run2)) / POW10[run2]
-                        found[0] = True
-                        out[0] = -value if negative else value
-                        return j
-                j = i if s[i] != 45 and s[i] != 43 else i + 1  # the slow way below, from the start
-                mantissa = 0
-            elif run:
-                found[0] = True
-                value = <double>mantissa
-                out[0] = -value if negative else value
-                return j
-            else:
-                found[0] = False
-                return j
-        else:
-            mantissa = 0
     digits_start = j
     while j < n:
         d = s[j] - 48
@@ -346,7 +269,7 @@ cdef inline Py_ssize_t scan_params(const unsigned char* s, Py_ssize_t i, Py_ssiz
         if index >= 0:
             bit = 1u << index
             seen_bits |= bit
-            i = move_number(s, i + 1, n, n, &values[index], &found)
+            i = move_number(s, i + 1, n, &values[index], &found)
             if found:
                 valued_bits |= bit
             else:
@@ -366,44 +289,110 @@ cdef inline Py_ssize_t scan_params(const unsigned char* s, Py_ssize_t i, Py_ssiz
     return i
 
 
-# what scan_move does with each byte: 0 skip, 1-5 the parameter X Y Z E F, 6 end (; *), 7 a ( comment
-cdef unsigned char MOVE_ACTION[256]
-for _k in range(256):
-    MOVE_ACTION[_k] = 0
-for _k, _c in enumerate("XYZEF"):
-    MOVE_ACTION[ord(_c)] = MOVE_ACTION[ord(_c.lower())] = _k + 1
-MOVE_ACTION[ord(";")] = MOVE_ACTION[ord("*")] = 6
-MOVE_ACTION[ord("(")] = 7
+# scan_move in C: the number parser must inline into the scanning loop, which Cython cannot ask of the compiler.
+cdef extern from *:
+    """
+    #if defined(__GNUC__)
+    #define ZEV_INLINE static inline __attribute__((always_inline))
+    #define ZEV_COLD static __attribute__((noinline, cold))
+    #else
+    #define ZEV_INLINE static inline
+    #define ZEV_COLD static
+    #endif
 
+    /* what zev_scan_move does with each byte: 0 skip, 1-5 the parameter X Y Z E F, 6 end (; *), 7 a ( comment */
+    static unsigned char zev_move_action[256];
+    static double zev_pow10[23];
 
-cdef inline unsigned int scan_move(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Py_ssize_t avail,
-                                   double* values) except? 0xFFFFFFFF:
-    """scan_params for G0-G3, which read only X Y Z E F (values[0..4]): other letters' numbers are skipped as
-    the non-letters they are made of, which gives the same result.  Returns the valued bits (1 << slot)."""
-    cdef unsigned int valued = 0
-    cdef unsigned int bit
-    cdef unsigned char action
-    cdef bint found
-    cdef const unsigned char* close
-    while i < n:
-        action = MOVE_ACTION[s[i]]
-        if action == 0:
-            i += 1
-        elif action <= 5:
-            bit = 1u << (action - 1)
-            i = move_number(s, i + 1, n, avail, &values[action - 1], &found)
-            if found:
-                valued |= bit
-            else:
-                valued &= ~bit
-        elif action == 6:
-            break
-        else:
-            close = <const unsigned char*>memchr(s + i + 1, 41, n - i - 1)
-            if close == NULL:
-                break
-            i = close - s + 1
-    return valued
+    static void zev_init_tables(void) {
+        int k;
+        const char* letters = "XYZEF";
+        zev_pow10[0] = 1.0;
+        for (k = 1; k < 23; k++) zev_pow10[k] = zev_pow10[k - 1] * 10.0;
+        for (k = 0; k < 5; k++) {
+            zev_move_action[(unsigned char)letters[k]] = (unsigned char)(k + 1);
+            zev_move_action[(unsigned char)letters[k] | 0x20] = (unsigned char)(k + 1);
+        }
+        zev_move_action[';'] = zev_move_action['*'] = 6;
+        zev_move_action['('] = 7;
+    }
+
+    /* float() of a valid decimal token, the way Python does it: -1 with an exception set on failure */
+    ZEV_COLD int zev_slow_float(const unsigned char* s, Py_ssize_t n, double* out) {
+        char small[64];
+        char* text = small;
+        if (n >= 64) {
+            text = (char*)PyMem_Malloc(n + 1);
+            if (!text) { PyErr_NoMemory(); return -1; }
+        }
+        memcpy(text, s, n);
+        text[n] = 0;
+        *out = PyOS_string_to_double(text, NULL, NULL);
+        if (text != small) PyMem_Free(text);
+        return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
+    }
+
+    /* [+-]?(digits[.digits*]|.digits) at p: the end; *found whether there is a number; NULL on error.
+       m / 10**k with m < 2**53 and k <= 22 is one correctly rounded division of exact doubles: float()'s value. */
+    ZEV_INLINE const unsigned char* zev_number(const unsigned char* p, const unsigned char* end, double* out,
+                                               int* found) {
+        const unsigned char* start = p;
+        const unsigned char* digits;
+        uint64_t mantissa = 0;
+        Py_ssize_t integer, fraction = 0;
+        unsigned d;
+        int negative = 0;
+        double value;
+        if (p < end && (*p == '-' || *p == '+')) { negative = *p == '-'; p++; }
+        digits = p;
+        while (p < end && (d = (unsigned)*p - '0') < 10u) { mantissa = mantissa * 10 + d; p++; }
+        integer = p - digits;
+        if (p < end && *p == '.') {
+            digits = ++p;
+            while (p < end && (d = (unsigned)*p - '0') < 10u) { mantissa = mantissa * 10 + d; p++; }
+            fraction = p - digits;
+            if (integer == 0 && fraction == 0) { *found = 0; return p; }
+        } else if (integer == 0) {
+            *found = 0;
+            return p;
+        }
+        *found = 1;
+        if (integer + fraction > 19 || mantissa > 9007199254740992ULL || fraction > 22) {
+            return zev_slow_float(start, p - start, out) < 0 ? NULL : p;
+        }
+        value = (double)mantissa;
+        if (fraction) value = value / zev_pow10[fraction];
+        *out = negative ? -value : value;
+        return p;
+    }
+
+    /* scan_params for G0-G3, which read only X Y Z E F (values[0..4]): other letters' numbers are skipped as the
+       non-letters they are made of, which gives the same result.  The valued bits (1 << slot), or -1 on error. */
+    static int zev_scan_move(const unsigned char* p, const unsigned char* end, double* values) {
+        int valued = 0, found;
+        unsigned action;
+        const unsigned char* close;
+        while (p < end) {
+            action = zev_move_action[*p];
+            if (action == 0) { p++; continue; }
+            if (action <= 5) {
+                p = zev_number(p + 1, end, &values[action - 1], &found);
+                if (!p) return -1;
+                if (found) valued |= 1 << (action - 1); else valued &= ~(1 << (action - 1));
+                continue;
+            }
+            if (action == 6) break;
+            close = (const unsigned char*)memchr(p + 1, ')', (size_t)(end - p - 1));
+            if (!close) break;
+            p = close + 1;
+        }
+        return valued;
+    }
+    """
+    void zev_init_tables()
+    int zev_scan_move(const unsigned char* p, const unsigned char* end, double* values) except -1
+
+zev_init_tables()
 
 
 # ----------------------------------------------------------------------------------------- firmware replies
@@ -719,7 +708,7 @@ cdef class Parser:
             # the per-command path of the printer link: one complete line, nothing pending
             stream.lines += 1
             if sent:
-                self._sent_line(buf, n, n, stream.fed, stream.lines)
+                self._sent_line(buf, n, stream.fed, stream.lines)
             else:
                 self._received_line(buf, n, stream.fed, stream.lines)
             stream.fed += n + 1
@@ -746,7 +735,7 @@ cdef class Parser:
     cdef int _keep_partial(self, Stream* stream, const unsigned char* buf, Py_ssize_t n, long long offset) except -1:
         cdef Py_ssize_t take
         if stream.carry == NULL:
-            stream.carry = <unsigned char*>PyMem_Malloc(MAX_LINE + 8)  # + 8: the number parser reads words
+            stream.carry = <unsigned char*>PyMem_Malloc(MAX_LINE)
             if stream.carry == NULL:
                 raise MemoryError()
         if stream.carry_len < 0:
@@ -768,7 +757,7 @@ cdef class Parser:
         if length > MAX_LINE:
             self._long_line(stream, stream.carry_offset, length)
         if sent:
-            self._sent_line(stream.carry, stream.carry_kept, MAX_LINE + 8, stream.carry_offset, stream.lines)
+            self._sent_line(stream.carry, stream.carry_kept, stream.carry_offset, stream.lines)
         else:
             self._received_line(stream.carry, stream.carry_kept, stream.carry_offset, stream.lines)
         return 0
@@ -820,7 +809,7 @@ cdef class Parser:
                 self._long_line(stream, base + (p - buf), length)
                 length = MAX_LINE
             if sent:
-                self._sent_line(p, length, end - p, base + (p - buf), stream.lines)
+                self._sent_line(p, length, base + (p - buf), stream.lines)
             else:
                 self._received_line(p, length, base + (p - buf), stream.lines)
             p = self._after_terminator(stream, term, end)
@@ -844,8 +833,7 @@ cdef class Parser:
 
     # ------------------------------------------------------------------------------------------- sent lines
 
-    cdef int _sent_line(self, const unsigned char* s, Py_ssize_t n, Py_ssize_t avail, long long offset,
-                        long long lineno) except -1:
+    cdef int _sent_line(self, const unsigned char* s, Py_ssize_t n, long long offset, long long lineno) except -1:
         cdef Py_ssize_t i = 0
         cdef Py_ssize_t command_start
         cdef unsigned char c
@@ -899,7 +887,7 @@ cdef class Parser:
             return 0
         if c == 71:  # G
             if number <= 3:
-                return self._move(s, i, n, avail, offset, lineno)
+                return self._move(s, i, n, offset, lineno)
             return self._g_other(s, i, n, number, offset, lineno)
         if c == 77:  # M
             if number == 82:
@@ -996,17 +984,17 @@ cdef class Parser:
             value = old + value
         return value if c_isfinite(value) else old
 
-    cdef int _move(self, const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Py_ssize_t avail, long long offset,
+    cdef int _move(self, const unsigned char* s, Py_ssize_t i, Py_ssize_t n, long long offset,
                    long long lineno) except -1:
         cdef double values[5]
-        cdef unsigned int valued
+        cdef int valued
         cdef double ox = self.x, oy = self.y, oz = self.z, oe = self.e
         cdef double nx = ox, ny = oy, nz = oz
         cdef double value
         cdef double de = 0.0
         cdef double dx, dy, dz, distance
         cdef bint inches = self.inches
-        valued = scan_move(s, i, n, avail, values)
+        valued = zev_scan_move(s + i, s + n, values)
         if valued & 1:
             nx = self._axis(values[0] * INCH if inches else values[0], ox)
         if valued & 2:
