@@ -357,7 +357,8 @@ cdef extern from *:
             return p;
         }
         *found = 1;
-        if (integer + fraction > 19 || mantissa > 9007199254740992ULL || fraction > 22) {
+        if (integer + fraction > 15  /* up to 15 digits always fit 2**53 */
+                && (integer + fraction > 19 || mantissa > 9007199254740992ULL || fraction > 22)) {
             return zev_slow_float(start, p - start, out) < 0 ? NULL : p;
         }
         value = (double)mantissa;
@@ -562,6 +563,7 @@ cdef class Parser:
     cdef double x, y, z, e, feedrate, layer_z, filament, print_time
     cdef double bbox[6]
     cdef bint have_bbox
+    cdef bint bbox_holds_position  # the current position is in the box (the last command was an extruding move)
     cdef long tool, tool_before, layer
     cdef bint relative, relative_e, inches
     cdef set invalid_tools
@@ -601,6 +603,7 @@ cdef class Parser:
         self.filament = 0.0
         self.print_time = 0.0
         self.have_bbox = False
+        self.bbox_holds_position = False
         self.tool = self.tool_before = self.layer = 0
         self.relative = self.relative_e = self.inches = False
         self.invalid_tools = set()
@@ -842,6 +845,9 @@ cdef class Parser:
         cdef long subcode = -1
         cdef int reason = REASON_NONE
         cdef int k
+        if n >= 3 and s[0] == 71 and s[2] == 32 and (s[1] == 49 or s[1] == 48) and not self.suppress_moves:
+            # "G1 " / "G0 ": nine lines in ten of sliced G-code; the general path below reads them the same way
+            return self._move(s, 3, n, offset, lineno)
         while i < n and is_blank(s[i]):
             i += 1
         if i >= n or s[i] == 59:
@@ -922,6 +928,8 @@ cdef class Parser:
         cdef unsigned int seen = 0
         cdef unsigned int valued = 0
         cdef double value
+        if number == 28 or number == 92:
+            self.bbox_holds_position = False
         if number == 28:
             scan_params(s, i, n, values, &seen, &valued)
             self._set_feedrate(values, valued)
@@ -994,6 +1002,7 @@ cdef class Parser:
         cdef double de = 0.0
         cdef double dx, dy, dz, distance
         cdef bint inches = self.inches
+        cdef bint holds_start
         valued = zev_scan_move(s + i, s + n, values)
         if valued & 1:
             nx = self._axis(values[0] * INCH if inches else values[0], ox)
@@ -1020,12 +1029,15 @@ cdef class Parser:
 
         if not c_isnan(nz) and (c_isnan(oz) or nz != oz):
             self._emit("ZChange", {"new": nz, "old": maybe(oz)}, offset, lineno)
-        if de > 0.0 and ((not c_isnan(nx) and (c_isnan(ox) or nx != ox))
-                         or (not c_isnan(ny) and (c_isnan(oy) or ny != oy))):
+        holds_start = self.bbox_holds_position
+        self.bbox_holds_position = False
+        if de > 0.0 and ((nx != ox and not c_isnan(nx)) or (ny != oy and not c_isnan(ny))):
             if not c_isnan(nx) and not c_isnan(ny) and not c_isnan(nz):
                 self._extend_bbox(nx, ny, nz)
-                if not c_isnan(ox) and not c_isnan(oy) and not c_isnan(oz):
+                # the start point is the last move's end point: already in the box after an extruding move
+                if not holds_start and not c_isnan(ox) and not c_isnan(oy) and not c_isnan(oz):
                     self._extend_bbox(ox, oy, oz)
+                self.bbox_holds_position = True
             if not c_isnan(nz) and (c_isnan(self.layer_z) or fabs(nz - self.layer_z) > TOLERANCE):
                 self.layer += 1
                 self._emit("LayerChanged", {"layer": self.layer, "z": nz, "old_z": maybe(self.layer_z)},
