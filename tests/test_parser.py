@@ -104,6 +104,7 @@ def test_a_suppressed_command_changes_no_state(Parser):
     ({"blocked_commands": "M0"}, "must be a list"),
     ({"ignored_commands": [5]}, "not a G-code command name"),
     ({"blocked": ["M0"]}, "unknown parser config keys"),
+    ({"ignored_commands": [f"M{number}" for number in range(300)]}, "at most 256 commands"),
     ("M0", "must be a mapping"),
 ])
 def test_bad_config_is_a_clear_error(Parser, config, problem):

@@ -39,8 +39,8 @@ cdef enum:
     MAX_LINE = 65536  # _rules.MAX_LINE_BYTES, checked at import below
     MAX_SUPPRESSED = 256
 
-if MAX_LINE != _rules.MAX_LINE_BYTES:
-    raise ImportError("_cparser was built with another MAX_LINE_BYTES than _rules has; rebuild it")
+if MAX_LINE != _rules.MAX_LINE_BYTES or MAX_SUPPRESSED != _rules.MAX_SUPPRESSED:
+    raise ImportError("_cparser was built with other limits than _rules has; rebuild it")
 
 cdef double INCH = _rules.MM_PER_INCH
 cdef double TOLERANCE = _rules.LAYER_TOLERANCE
@@ -584,8 +584,6 @@ cdef class Parser:
     def __init__(self, config=None):
         cdef int k = 0
         table = _rules.suppression_table(config)
-        if len(table) > MAX_SUPPRESSED:
-            raise ValueError(f"at most {MAX_SUPPRESSED} suppressed commands can be configured, not {len(table)}")
         self.suppress_moves = False
         for (letter, number, subcode), reason in table.items():
             self.sup_letter[k] = ord(letter)

@@ -63,6 +63,9 @@ for _name in EVENT_NAMES:  # the catalogue is the authority on groups; fail at i
     if _events.group_of(_name) != GROUP:
         raise RuntimeError(f"catalogue puts parser event {_name} outside the {GROUP!r} group")
 
+#: The compiled parser keeps the suppressed commands in a fixed C table.
+MAX_SUPPRESSED = 256
+
 DEFAULT_BLOCKED = ("M0", "M1")
 DEFAULT_IGNORED = ()
 
@@ -195,6 +198,8 @@ def suppression_table(config) -> dict:
                 table[command_key(name)] = reason  # blocked wins over ignored: it is applied last
             except ValueError as exc:
                 raise ValueError(f"parser.{key}: {exc}") from None
+    if len(table) > MAX_SUPPRESSED:
+        raise ValueError(f"at most {MAX_SUPPRESSED} commands can be blocked or ignored, not {len(table)}")
     return table
 
 
