@@ -744,6 +744,11 @@ class PrinterLink:
                 # Smoothie and Teacup comes alone.
                 self._on_resend(reply.resend_line, line.lstrip()[:1] in ("R", "r") and
                                 line.lstrip()[:6].lower() == "resend")
+        elif kind == "wait":
+            # An idle firmware (Repetier, OctoPrint's simulator) while we wait for an ok: that ok was lost.
+            if self._ack_no < self._write_no:
+                self.stats["lost_ok_on_wait"] += 1
+                self._acknowledge(self._ack_no)
         elif kind == "skip":
             # Repetier already had this line (a resent copy): the ok that follows is the skip's.
             self._rejection_oks += 1
