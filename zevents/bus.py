@@ -371,15 +371,16 @@ class Subscriber:
         self.close()
 
 
-def announce_started(bus_config, service: str, timeout: float = 10.0):
-    """Tell the node supervisor (and anyone listening) that a service is up: sys/ServiceStarted, acknowledged."""
+def announce_started(bus_config, service: str):
+    """Tell the node supervisor (and anyone listening) that a service is up: sys/ServiceStarted.  Never blocks a
+    service that runs without a broker for more than a moment."""
     import os
 
     publisher = Publisher(bus_config, src=service)
     try:
-        publisher.publish_confirmed("ServiceStarted", {"service": service, "pid": os.getpid()}, timeout=timeout)
+        publisher.publish("ServiceStarted", {"service": service, "pid": os.getpid()})
     finally:
-        publisher.close(linger=1)
+        publisher.close(linger=2)
 
 
 # --- commands ---------------------------------------------------------------------------------------------------
