@@ -27,7 +27,9 @@ from __future__ import annotations
 import collections
 import glob
 import logging
+import os
 import re
+import select
 import threading
 import time
 from dataclasses import dataclass, field
@@ -69,6 +71,7 @@ AUTO_PORT_PATTERNS = ("/dev/ttyUSB*", "/dev/ttyACM*", "/dev/ttyAMA*", "/dev/seri
 
 HISTORY = 2000               # sent lines kept for resends
 RESEND_LOOP_LIMIT = 10       # the same line requested this many times in a row: the link is stuck
+MAX_BATCH = 32               # lines written with one system call at most
 MAX_REPLY = 4096             # longer replies are cut (a garbage line must not eat memory)
 LOG_LINES = 40               # lines of communication kept for Error {logs}
 _NUMBER_PREFIX = re.compile(r"^\s*N\d+\s+")
@@ -564,24 +567,31 @@ class PrinterLink:
             with self._cond:
                 if not self._running or self._serial is not ser:
                     return
-                data = self._next_data()
-                if data is None:
+                # Everything the window allows goes out in one write: fewer system calls per line.
+                chunks = []
+                while len(chunks) < MAX_BATCH:
+                    data = self._next_data()
+                    if data is None:
+                        break
+                    chunks.append(data)
+                if not chunks:
                     self._cond.wait(tick)
                     if self._running and self._serial is ser:
                         self._housekeeping()
                 deferred, self._deferred = self._deferred, []
             for callback in deferred:
                 callback()
-            if data is None:
+            if not chunks:
                 continue
-            self.comm_log.append(">>> " + data.decode("ascii", "replace").rstrip())
+            for data in chunks:
+                self.comm_log.append(">>> " + data.decode("ascii", "replace").rstrip())
             try:
-                ser.write(data)
+                ser.write(b"".join(chunks) if len(chunks) > 1 else chunks[0])
             except (serial.SerialException, OSError, ValueError, TypeError, AttributeError) as exc:
                 if self._running and self._serial is ser:
                     self._close(f"cannot write to {self.port}: {exc}", "connection", "disconnect")
                 return
-            self.stats["lines_sent"] += 1
+            self.stats["lines_sent"] += len(chunks)
 
     def _next_data(self) -> bytes | None:
         """The next bytes to write, or None when the window is full or there is nothing to send."""
@@ -667,11 +677,12 @@ class PrinterLink:
 
     def _read_loop(self, ser):
         buffer = bytearray()
+        read = self._reader(ser)
         while True:
             if not self._running or self._serial is not ser:
                 return
             try:
-                data = ser.read(ser.in_waiting or 1)
+                data = read()
             except (serial.SerialException, OSError, ValueError, TypeError, AttributeError) as exc:
                 if self._running and self._serial is ser:
                     self._close(f"lost the connection to {self.port}: {exc}", "connection", "disconnect")
@@ -692,6 +703,26 @@ class PrinterLink:
                 self.stats["garbage"] += 1
                 log.warning("link: dropped %d bytes without a line end from the printer", len(buffer))
                 buffer.clear()
+
+    def _reader(self, ser):
+        """A function returning what has arrived (b"" after read_timeout without data).  On a POSIX port: one
+        select and one read per wake-up (pyserial's read(in_waiting) costs an ioctl, a select and a read)."""
+        fd = getattr(ser, "fd", None)
+        if not isinstance(ser, serial.Serial) or not isinstance(fd, int) or fd < 0:
+            return lambda: ser.read(ser.in_waiting or 1)
+        timeout = self.read_timeout
+
+        def read() -> bytes:
+            if not select.select([fd], [], [], timeout)[0]:
+                return b""
+            data = os.read(fd, 65536)
+            if not data:
+                # Readable with nothing to read: the device went away (a pty whose other side closed).
+                raise serial.SerialException("the device reports readiness to read but returned no data "
+                                             "(device disconnected?)")
+            return data
+
+        return read
 
     def _on_line(self, raw: bytes):
         if len(raw) > MAX_REPLY:
