@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from test_link import Recorder, make_link, wait_until
+from zevents import analysis
 from zevents.parser import Parser
 from zevents.printer.job import JobError, Jobs
 from zevents.printer.link import strip_line
@@ -131,15 +132,9 @@ def test_a_real_sliced_file_prints_with_the_exact_event_sequence(bench):
     assert published == expected_gcode_events(CUBE)
     counts = {name: sum(1 for n, _ in published if n == name) for name in ("Home", "ZChange", "LayerChanged")}
     assert counts["Home"] == 1 and counts["LayerChanged"] == 5 and counts["ZChange"] > 5
-    try:
-        from zevents import analysis
-    except ImportError:
-        analysis = None
-    if analysis is not None and hasattr(analysis, "analyse"):
-        summary = analysis.analyse(str(CUBE))
-        per_event = summary.get("events") or summary.get("counts") or {}
-        for name, count in counts.items():
-            assert per_event.get(name, 0) == count, name
+    # ... and the counts are those of the parser's analysis of the same file.
+    analysed = analysis.analyse(str(CUBE))["events"]
+    assert counts == {name: analysed.get(name, 0) for name in counts}
 
     # Progress: every percent once, in order, ending at 100.
     assert progress_values(b.recorder) == list(range(0, 101))
@@ -298,7 +293,7 @@ def test_after_tool_change_script_runs_after_each_tool_change(bench, tmp_path):
 
 
 def test_sd_upload_list_and_print(bench, tmp_path):
-    b = bench()
+    b = bench(speed=20.0)
     result = b.jobs.sd_upload(str(CUBE), "cube.gco", wait=True)
     assert result["remote"] == "cube.gco"
     started = b.wait("TransferStarted")[1]
@@ -321,8 +316,15 @@ def test_sd_upload_list_and_print(bench, tmp_path):
     assert selected["name"] == "cube.gco"
     started = b.wait("PrintStarted")[1]
     assert started["origin"] == "sdcard" and started["size"] == stored[0].stat().st_size
-    b.wait("PrintDone", timeout=60)
+    done = b.wait("PrintDone", timeout=60)[1]
+    assert done["origin"] == "sdcard" and done["name"] == "cube.gco"
     wait_until(lambda: b.link.state == "OPERATIONAL", what="operational after the SD print")
+    # Progress comes from the firmware's M27 reports: increasing, at most once per percent.
+    sd_progress = [e[1] for e in b.recorder.named("PrintProgress") if e[1]["origin"] == "sdcard"]
+    values = [p["progress"] for p in sd_progress]
+    assert values and values == sorted(set(values)) and all(0 <= v <= 100 for v in values)
+    assert all(0 <= p["fileposition"] <= stored[0].stat().st_size for p in sd_progress), sd_progress
+    assert values[-1] >= 50  # the polls saw the print advance
     # Printing from SD is the printer's business: no gcode events from the host.
     assert not [e for e in b.recorder.events if e[0] == "ZChange" and e[2] == "job"]
 

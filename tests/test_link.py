@@ -283,6 +283,65 @@ def test_a_dropped_last_line_is_recovered_by_the_timeout_probe(printer, recorder
         the_link.disconnect(timeout=1.0)
 
 
+@pytest.mark.parametrize("firmware", ["marlin", "prusa", "repetier", "smoothie"])
+def test_every_form_of_resend_request_is_honoured(firmware, recorder, tmp_path):
+    """Marlin/Prusa "Resend: N" + ok, Repetier "Resend:N" + ok (and "skip" for copies), Smoothie "rs N"."""
+    vp = VirtualPrinter(firmware=firmware, speed=0, sd_dir=tmp_path / "sd", boot_delay=0.05)
+    vp.start()
+    the_link = make_link(vp.port, recorder, timeout=1.0, retries=5)
+    try:
+        assert the_link.connect(), the_link.error
+        lines = stream(120)
+        for at in (20, 55, 90):
+            vp.inject("corrupt_checksum", at=at)
+        the_link.send(lines)
+        assert the_link.wait_idle(30)
+        assert [c for c in commands(vp) if c.startswith("G1")] == lines
+        assert the_link.stats["resend_requests"] >= 3 and the_link.connected
+    finally:
+        the_link.disconnect(timeout=1.0)
+        vp.stop()
+
+
+def test_m110_renumbers_the_lines(link, printer):
+    link.send(["M110 N500", "G1 X1", "G1 X2"])
+    printer.wait_received("G1 X2")
+    assert link.wait_idle(10)
+    assert commands(printer)[-2:] == ["G1 X1", "G1 X2"]
+    assert "N501 G1 X1" in "\n".join(link.comm_log)
+
+
+def test_no_more_than_the_window_is_unacknowledged(printer, recorder):
+    the_link = make_link(printer.port, recorder, window=3, timeout=30.0)
+    assert the_link.connect()
+    try:
+        printer.inject("silent")
+        before = the_link.stats["lines_sent"]
+        the_link.send(stream(20))
+        wait_until(lambda: the_link.stats["lines_sent"] - before == 3, what="a full window")
+        assert the_link.wait_idle(0.5) is False  # nothing answers: the writer must stay at the window
+        assert the_link.stats["lines_sent"] - before == 3
+        assert the_link.status()["unacknowledged"] == 3
+    finally:
+        printer.recover()
+        the_link.disconnect(timeout=5.0)
+
+
+def test_busy_keepalives_hold_off_the_timeout(recorder, tmp_path):
+    vp = VirtualPrinter(speed=1.0, sd_dir=tmp_path / "sd", boot_delay=0.05, busy_interval=0.2)
+    vp.start()
+    the_link = make_link(vp.port, recorder, timeout=0.6, retries=1)
+    try:
+        assert the_link.connect(), the_link.error
+        assert the_link.send_and_wait("G4 S2", timeout=20) is not None   # 2 s dwell: 3 timeouts' worth
+        assert the_link.connected and not recorder.named("Error")
+        assert "echo:busy: processing" in "\n".join(the_link.comm_log)
+        assert the_link.stats["timeouts"] == 0
+    finally:
+        the_link.disconnect(timeout=1.0)
+        vp.stop()
+
+
 # --- failures -----------------------------------------------------------------------------------------------------
 
 def test_a_silent_printer_times_out_with_an_error_and_nothing_hangs(printer, recorder):
