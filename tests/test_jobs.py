@@ -211,6 +211,22 @@ def test_firmware_actions_pause_resume_and_cancel(bench):
     assert b.recorder.named("PrintCancelled")
 
 
+def test_a_filament_change_paused_by_the_firmware_resumes_when_the_user_continues(bench, tmp_path):
+    b = bench()
+    job = tmp_path / "m600.gcode"
+    job.write_text("G28\nG1 Z1 F600\nG1 X10 Y10\nM600\nG1 X20 Y20\nG1 Z2\n")
+    b.jobs.start(str(job))
+    paused = b.wait("PrintPaused")[1]
+    assert paused["position"] is None  # the firmware holds its queue: nothing to ask it now
+    wait_until(lambda: b.link.state == "PAUSED", what="paused")
+    assert b.wait("FilamentChange")[2] == "job"
+    assert "G1 X20 Y20" not in executed(b.printer)
+    b.printer.user_continue()
+    b.wait("PrintResumed")
+    b.wait("PrintDone")
+    assert executed(b.printer)[-3:] == ["M600", "G1 X20 Y20", "G1 Z2"]
+
+
 def test_a_printer_that_disconnects_mid_print_fails_the_job(bench):
     b = bench(speed=20.0)
     b.jobs.start(str(CUBE))

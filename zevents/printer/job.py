@@ -121,6 +121,7 @@ class Jobs(LinkListener):
         self.progress_percent: float | None = None
         self.fileposition: int | None = None
         self.transfer: dict | None = None
+        self._finish_after_resume = None
         self._lock = threading.RLock()
         self._sd_poller: threading.Thread | None = None
         self._poll_wakeup = threading.Event()  # never set: a stoppable sleep for the M27 poller
@@ -276,12 +277,23 @@ class Jobs(LinkListener):
             self.submit(self._finish, source)
 
     def _finish(self, source):
+        """The file is all sent: FINISHING until its last line is acknowledged, then done.  The wait happens on
+        the link (``when_idle``), not here, so the worker stays free for a pause or cancel meanwhile."""
         with self._lock:
             if source is not self.source or self.active is None:
                 return
+            if self.link.state == "PRINTING":
+                self.link.set_state("FINISHING")
+        self.link.when_idle(lambda: self.submit(self._finish_done, source))
+
+    def _finish_done(self, source):
+        with self._lock:
+            if source is not self.source or self.active is None:
+                return
+            if self.link.state in ("PAUSING", "PAUSED", "RESUMING"):
+                self._finish_after_resume = source   # a firmware pause (M600) among the last lines
+                return
             self.link.set_state("FINISHING")
-        if not self._wait_idle():
-            return
         self.run_script("afterPrintDone")
         with self._lock:
             if source is not self.source or self.active is None:
@@ -300,6 +312,7 @@ class Jobs(LinkListener):
         self.source = None
         self.active = None
         self.started = None
+        self._finish_after_resume = None
 
     def _position(self) -> dict | None:
         """The head position now: M114 once the moves in flight are acknowledged, plus tracked tool/feedrate."""
@@ -320,14 +333,18 @@ class Jobs(LinkListener):
 
     def pause(self, user: str | None = None, firmware: bool = False) -> dict:
         with self._lock:
-            if self.link.state != "PRINTING" or self.active is None:
+            # The firmware may pause (M600) while the last lines of a file are still executing.
+            allowed = ("PRINTING", "FINISHING") if firmware else ("PRINTING",)
+            if self.link.state not in allowed or self.active is None:
                 raise JobError(f"cannot pause: not printing (state: {self.link.status()['state_string']})")
             self.link.set_state("PAUSING")
             self.link.pause_source(True)
             sd = self.active.origin == "sdcard"
         if sd and not firmware:
             self.link.send_and_wait("M25", src="job", timeout=self.wait_timeout)
-        position = self._position()
+        # A pause the firmware handles itself (M600 and its "//action:paused") holds its queue until the user
+        # acts: an M114 would only be answered after the resume, so there is no position (as in OctoPrint).
+        position = None if firmware else self._position()
         with self._lock:
             if self.active is None:
                 raise JobError("the job ended while pausing")
@@ -354,8 +371,11 @@ class Jobs(LinkListener):
             self._chart("resume", "Resume")
             self.link.set_state("PRINTING")
             self.link.pause_source(False)
+            finish, self._finish_after_resume = self._finish_after_resume, None
         if sd and not firmware:
             self.link.send(["M24"], src="job")
+        if finish is not None:
+            self._finish(finish)
         return {}
 
     def cancel(self, user: str | None = None, firmware_error: str | None = None) -> dict:

@@ -248,6 +248,7 @@ class PrinterLink:
         self._firmware_seen = threading.Event()
         self._capture: list | None = None
         self._tool_change: dict | None = None
+        self._idle_callbacks: list = []
 
     # --- events --------------------------------------------------------------------------------------------------
 
@@ -335,6 +336,7 @@ class PrinterLink:
         self._rejection_oks = 0
         self._timeouts = 0
         self._m112_sent = False
+        self._idle_callbacks = []
         self._file_list = None
         self._hello_ok.clear()
         self._booted.clear()
@@ -493,11 +495,20 @@ class PrinterLink:
             return None
         return result if waiter.ok else None
 
+    def when_idle(self, callback: Callable[[], None]):
+        """Run ``callback`` (on a link thread, outside the lock; it must not block) once nothing is queued or
+        unacknowledged: at once if that is so now.  Dropped if the link closes first."""
+        with self._lock:
+            if not self._is_idle():
+                self._idle_callbacks.append(callback)
+                return
+        callback()
+
     def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is queued or in flight (a job's source is not waited for)."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._running and (self._queue or self._ack_no < self._next_line):
+            while self._running and not self._is_idle():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -835,6 +846,12 @@ class PrinterLink:
         command = entry[1] if entry is not None else None
         if command is not None and command.on_done is not None:
             self._deferred.append(lambda: command.on_done(True))
+        if self._idle_callbacks and self._is_idle():
+            self._deferred.extend(self._idle_callbacks)
+            self._idle_callbacks = []
+
+    def _is_idle(self) -> bool:
+        return not self._queue and self._ack_no >= self._next_line
 
     def _on_resend(self, number: int, followed_by_ok: bool):
         """Rewind to line ``number``.
