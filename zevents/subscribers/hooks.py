@@ -17,8 +17,8 @@ It owns:
   publishing ``SettingsUpdated``;
 * `zevents hooks test`: what would run for an event, or run it and show the results.
 
-The subscriber thread only decodes, matches and queues: spawning happens on the executor thread, so a slow hook never
-delays the next event's match.
+The subscriber thread only decodes, matches and queues: spawning happens on the executor's threads, so a slow hook
+never delays the next event's match.
 """
 from __future__ import annotations
 
@@ -418,14 +418,16 @@ class HooksService:
         return self.executor.max_active
 
     def _complete(self, job: Job, outcome):
+        """On a worker thread: count the run and publish its result event."""
         name, payload = self.runner.outcome(job, outcome)
-        self.stats[name] += 1
-        self._publish(name, payload)
+        self._publish(name, payload, count=True)
 
-    def _publish(self, name: str, payload: dict):
-        if self._publisher is None:
-            return
-        with self._publish_lock:
+    def _publish(self, name: str, payload: dict, count: bool = False):
+        with self._publish_lock:  # the publisher's socket and the counters are shared by the workers
+            if count:
+                self.stats[name] += 1
+            if self._publisher is None:
+                return
             try:
                 self._publisher.publish(name, payload)
             except Exception as exc:  # an unpackable value in a payload; the run itself already happened

@@ -1,10 +1,11 @@
 """Running hook commands: spawn without a shell, feed stdin, keep a bounded tail of the output, kill at timeout;
-and the :class:`Executor` that runs many of them at once, up to a limit, from one thread.
+and the :class:`Executor`, a pool of threads that runs many of them at once, up to a limit.
 
-Spawning is the hot path of the hooks service, so it uses ``os.posix_spawn`` (vfork+exec in glibc, about a third of
-``subprocess.Popen``'s cost here) with the child in a new session, hence its own process group: at the timeout the
-whole group gets SIGTERM, then SIGKILL after ``KILL_GRACE`` seconds, so a hook's children die with it.  A command with
-a ``cwd`` goes through ``subprocess.Popen``, since posix_spawn cannot change directory from Python.
+Spawning is the hot path of the hooks service.  It calls glibc's ``posix_spawn`` (vfork+exec, no copy of the
+parent's memory) through ctypes so that the GIL is free while the parent waits for the child's exec; the child starts
+in a new session, hence its own process group: at the timeout the whole group gets SIGTERM, then SIGKILL after
+``KILL_GRACE`` seconds, so a hook's children die with it.  A command with a ``cwd`` goes through
+``subprocess.Popen``, since posix_spawn cannot change directory portably.
 
 The exit is watched through a pidfd, not by waiting for EOF on the pipes: a hook that leaves a background child
 holding its stdout is done when its own process exits.
@@ -105,14 +106,79 @@ def _program(name: str, path: str | None) -> str:
     return found
 
 
+class _LibcSpawn:
+    """glibc's posix_spawn called through ctypes, which lets go of the GIL for the call: os.posix_spawn keeps it
+    while the parent is held in vfork until the child has exec'd (up to a millisecond or more when the CPUs are
+    busy), so hooks could only ever start one at a time and every other thread of the service stalled meanwhile."""
+
+    _SETSIGDEF, _SETSIGMASK, _SETSID = 0x04, 0x08, 0x80
+
+    def __init__(self):
+        import ctypes
+        import ctypes.util
+
+        self.ctypes = ctypes
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        self.libc = libc
+        self.spawn = libc.posix_spawn
+        self.spawn.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_void_p]
+        # Opaque glibc structures, with room to spare (80, 336 and 128 bytes on x86-64 and arm64).
+        self.attr = ctypes.create_string_buffer(1024)
+        sigdef = ctypes.create_string_buffer(256)
+        mask = ctypes.create_string_buffer(256)
+        libc.sigemptyset(sigdef)
+        for number in _DEFAULT_SIGNALS:
+            libc.sigaddset(sigdef, int(number))
+        libc.sigemptyset(mask)
+        if (libc.posix_spawnattr_init(self.attr) or libc.posix_spawnattr_setsigdefault(self.attr, sigdef)
+                or libc.posix_spawnattr_setsigmask(self.attr, mask)
+                or libc.posix_spawnattr_setflags(self.attr, ctypes.c_short(
+                    self._SETSIGDEF | self._SETSIGMASK | self._SETSID))):
+            raise OSError("posix_spawnattr setup failed")
+        self._keep = (sigdef, mask)
+
+    def __call__(self, program: str, argv: list, env: dict, fds) -> int:
+        ctypes = self.ctypes
+        args = [os.fsencode(a) for a in argv]
+        pairs = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
+        if any(b"\0" in item for item in args) or any(b"\0" in item for item in pairs):
+            raise ValueError("embedded null byte")
+        c_argv = (ctypes.c_char_p * (len(args) + 1))(*args, None)
+        c_env = (ctypes.c_char_p * (len(pairs) + 1))(*pairs, None)
+        actions = ctypes.create_string_buffer(256)
+        libc = self.libc
+        libc.posix_spawn_file_actions_init(actions)
+        try:
+            for fd, target in fds:
+                libc.posix_spawn_file_actions_adddup2(actions, fd, target)
+            pid = ctypes.c_int()
+            err = self.spawn(ctypes.byref(pid), os.fsencode(program), actions, self.attr, c_argv, c_env)
+        finally:
+            libc.posix_spawn_file_actions_destroy(actions)
+        if err:
+            raise OSError(err, os.strerror(err), program)
+        return pid.value
+
+
+def _os_spawn(program: str, argv: list, env: dict, fds) -> int:
+    # setsigdef: Python ignores SIGPIPE, and an ignored signal would stay ignored in the child.
+    return os.posix_spawn(program, argv, env, setsid=True, setsigdef=_DEFAULT_SIGNALS, setsigmask=(),
+                          file_actions=[(_DUP2, fd, target) for fd, target in fds])
+
+
+try:
+    _posix_spawn = _LibcSpawn()
+except (OSError, AttributeError):  # not glibc-like: the GIL-holding spawn still works
+    _posix_spawn = _os_spawn
+
+
 def _spawn(argv: list, env: dict, cwd: str | None, stdin_r: int, out_w: int, err_w: int, retry: bool = True) -> int:
     if cwd is None:
         path = env.get("PATH", os.defpath)
         program = _program(argv[0], path)
         try:
-            # setsigdef: Python ignores SIGPIPE, and an ignored signal would stay ignored in the child.
-            return os.posix_spawn(program, argv, env, setsid=True, setsigdef=_DEFAULT_SIGNALS, setsigmask=(),
-                                  file_actions=[(_DUP2, stdin_r, 0), (_DUP2, out_w, 1), (_DUP2, err_w, 2)])
+            return _posix_spawn(program, argv, env, ((stdin_r, 0), (out_w, 1), (err_w, 2)))
         except FileNotFoundError:
             if not retry or _resolved.pop((argv[0], path), None) is None:
                 raise
@@ -226,6 +292,13 @@ class Process:
             self.killed = True
             _kill_group(self.pid, signal.SIGKILL)
 
+    def kill(self):
+        """At shutdown, from another thread: SIGKILL the whole group now (reported like a timeout)."""
+        if self.pid is not None and not self.exited and not self.killed:
+            self.killed = True
+            self.result.timed_out = True
+            _kill_group(self.pid, signal.SIGKILL)
+
     def open_fds(self) -> list:
         return [fd for fd in (*self.reading, self.pidfd, self.stdin_w) if fd >= 0]
 
@@ -249,22 +322,27 @@ class Process:
         return result
 
 
+def drive(process: Process) -> RunResult:
+    """Serve one process until it exits (killing it at its timeout); its result."""
+    poller = select.poll()
+    for fd, events in process.watched():
+        poller.register(fd, events)
+    while not process.exited:
+        wait = process.next_deadline() - time.monotonic()
+        for fd, _ in poller.poll(None if wait == float("inf") else max(0.0, wait) * 1000):
+            if process.handle(fd):
+                poller.unregister(fd)
+        process.check_time(time.monotonic())
+    return process.finish()
+
+
 def run(argv: list, env: dict, cwd: str | None = None, stdin_data: bytes = b"", timeout: float = 60.0,
         on_started=None, tail: int = TAIL_BYTES) -> RunResult:
     """Run one command to its end (or its timeout) and return what happened; never raises for the command's sake."""
     process = Process(argv, env, cwd, stdin_data, timeout, tail)
     if process.pid is not None and on_started is not None:
         on_started(process.result)
-    poller = select.poll()
-    for fd, events in process.watched():
-        poller.register(fd, events)
-    while not process.exited:
-        wait = max(0.0, process.next_deadline() - time.monotonic())
-        for fd, _ in poller.poll(None if wait == float("inf") else wait * 1000):
-            if process.handle(fd):
-                poller.unregister(fd)
-        process.check_time(time.monotonic())
-    return process.finish()
+    return drive(process)
 
 
 def _feed(fd: int, pending: memoryview):
@@ -309,27 +387,17 @@ class Commands:
         self.timeout = timeout
 
 
-class _Run:
-    __slots__ = ("job", "spec", "next_index", "results", "process")
-
-    def __init__(self, job, spec):
-        self.job = job
-        self.spec = spec
-        self.next_index = 0
-        self.results: list = []
-        self.process: Process | None = None
+_RETIRE = object()
 
 
 class Executor:
-    """Runs jobs with at most ``limit`` in flight, all processes driven by one thread and one poll().
+    """Runs jobs on a pool of ``limit`` threads: at most ``limit`` in flight, each job's commands in order.
 
-    One thread instead of a thread per worker: every syscall of a run gives up the GIL and has to win it back, and
-    with several worker threads that hand-over costs more than the work itself.  ``prepare(job)`` (called on this
-    thread) returns :class:`Commands`, or a callable for blocking work (a G-code request) that runs on a thread of
-    its own and still takes a slot; ``complete(job, outcome)`` gets the list of :class:`RunResult` (or what the
-    callable returned, or the exception it raised) on this thread."""
+    ``prepare(job)`` returns :class:`Commands`, or a callable for other work (a G-code request);
+    ``complete(job, outcome)`` gets the list of :class:`RunResult` (or what the callable returned, or the exception
+    it raised), on the worker's thread.  ``inbox`` is the queue of jobs not started yet."""
 
-    def __init__(self, limit: int, prepare, complete, on_started=None, name: str = "hook-executor"):
+    def __init__(self, limit: int, prepare, complete, on_started=None, name: str = "hook-worker"):
         self.limit = limit
         self.prepare = prepare
         self.complete = complete
@@ -339,186 +407,105 @@ class Executor:
         self.active = 0
         self.max_active = 0
         self.not_started = 0
-        self._backlog: collections.deque = collections.deque()
-        self._finished = queue.SimpleQueue()
-        self._runs: set = set()
-        self._owner: dict = {}
-        self._poller = select.poll()
-        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._poller.register(self._wake, select.POLLIN)
-        self._stopping = False
-        self._stop_deadline = None
-        self._thread = None
-        self._blocking = 0          # blocking jobs still running on their threads (they write to _wake)
+        self._threads: list = []
+        self._running: set = set()      # processes alive now, for the kill at stop
         self._lock = threading.Lock()
-
-    # --- other threads ---
+        self._started = False
+        self._stopping = False
 
     def submit(self, job):
         self.inbox.put(job)
-        os.eventfd_write(self._wake, 1)
 
     def set_limit(self, limit: int):
         self.limit = limit
-        os.eventfd_write(self._wake, 1)
+        if self._started:
+            self._resize()
 
     def start(self):
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
-            self._thread.start()
+        self._started = True
+        self._resize()
+
+    def _resize(self):
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            missing = self.limit - len(self._threads)
+            for _ in range(max(0, missing)):
+                thread = threading.Thread(target=self._work, name=f"{self.name}-{len(self._threads)}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        for _ in range(max(0, -missing)):
+            self.inbox.put(_RETIRE)  # a worker retires when it reaches this, after the jobs queued before it
 
     def stop(self, grace: float = 5.0):
         """Start nothing more; running processes get ``grace`` seconds, then their groups are killed."""
-        self._stop_deadline = time.monotonic() + grace
         self._stopping = True
-        os.eventfd_write(self._wake, 1)
-        if self._thread is not None:
-            self._thread.join(grace + KILL_GRACE + 5)
-        with self._lock:
-            if not self._blocking and self._wake >= 0:
-                os.close(self._wake)  # left open while a blocking job may still write to it
-                self._wake = -1
+        threads = list(self._threads)
+        for _ in threads:
+            self.inbox.put(_RETIRE)
+        deadline = time.monotonic() + grace
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in threads):
+            with self._lock:
+                running = list(self._running)
+            for process in running:
+                process.kill()
+            for thread in threads:
+                thread.join(KILL_GRACE + 5)
+        while True:
+            try:
+                job = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if job is not _RETIRE:
+                self.not_started += 1
 
     @property
     def backlog(self) -> int:
-        return len(self._backlog) + self.inbox.qsize()
+        return self.inbox.qsize()
 
-    # --- the executor thread ---
-
-    def _loop(self):
-        try:
-            while True:
-                self._take_new()
-                if self._stopping:
-                    self.not_started += len(self._backlog)
-                    self._backlog.clear()
-                    if not self.active:
-                        return
-                    if time.monotonic() >= self._stop_deadline:
-                        self._kill_all()
-                while self._backlog and self.active < self.limit and not self._stopping:
-                    self._begin(self._backlog.popleft())
-                self._wait()
-        except Exception:
-            log.exception("hook executor stopped by an internal error")
-            raise
-
-    def _take_new(self):
-        inbox = self.inbox
+    def _work(self):
         while True:
-            try:
-                self._backlog.append(inbox.get_nowait())
-            except queue.Empty:
-                break
-        while True:
-            try:
-                run, outcome = self._finished.get_nowait()
-            except queue.Empty:
+            job = self.inbox.get()
+            if job is _RETIRE:
                 return
-            self._end(run, outcome)
-
-    def _wait(self):
-        deadline = min((run.process.next_deadline() for run in self._runs if run.process is not None),
-                       default=float("inf"))
-        if self._stopping:
-            deadline = min(deadline, self._stop_deadline)
-        wait = deadline - time.monotonic()
-        timeout = None if wait == float("inf") else max(0, wait * 1000)
-        for fd, _ in self._poller.poll(timeout):
-            if fd == self._wake:
-                try:
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    pass
+            if self._stopping:
+                self.not_started += 1
                 continue
-            run = self._owner.get(fd)
-            if run is None:
-                continue
-            process = run.process
-            if process.handle(fd):
-                self._poller.unregister(fd)
-                del self._owner[fd]
-            if process.exited:
-                self._command_done(run)
-        now = time.monotonic()
-        for run in list(self._runs):
-            if run.process is not None:
-                run.process.check_time(now)
-
-    def _begin(self, job):
-        self.active += 1
-        if self.active > self.max_active:
-            self.max_active = self.active
-        try:
-            spec = self.prepare(job)
-        except Exception as exc:
-            log.exception("cannot prepare a hook run")
-            self._end(_Run(job, None), exc)
-            return
-        run = _Run(job, spec)
-        if isinstance(spec, Commands):
-            self._runs.add(run)
-            self._next_command(run)
-        else:
             with self._lock:
-                self._blocking += 1
-            threading.Thread(target=self._run_blocking, args=(run, spec), name=f"{self.name}-blocking",
-                             daemon=True).start()
+                self.active += 1
+                if self.active > self.max_active:
+                    self.max_active = self.active
+            try:
+                spec = self.prepare(job)
+                outcome = self._execute(spec) if isinstance(spec, Commands) else spec()
+            except Exception as exc:  # reported to complete(), which publishes the failure
+                log.exception("hook run failed inside zevents")
+                outcome = exc
+            finally:
+                with self._lock:
+                    self.active -= 1
+            try:
+                self.complete(job, outcome)
+            except Exception:
+                log.exception("hook result handling failed")
 
-    def _run_blocking(self, run, work):
-        try:
-            outcome = work()
-        except Exception as exc:  # reported to complete(), which publishes the failure
-            outcome = exc
-        self._finished.put((run, outcome))
-        with self._lock:
-            self._blocking -= 1
-            if self._wake >= 0:
-                os.eventfd_write(self._wake, 1)
-
-    def _next_command(self, run):
-        while run.next_index < len(run.spec.argvs):
-            spec = run.spec
-            process = Process(spec.argvs[run.next_index], spec.env, spec.cwd, spec.stdin, spec.timeout)
-            run.next_index += 1
-            if process.pid is None:
-                run.results.append(process.finish())
+    def _execute(self, spec: Commands) -> list:
+        results = []
+        for argv in spec.argvs:
+            process = Process(argv, spec.env, spec.cwd, spec.stdin, spec.timeout)
+            if process.pid is not None:
+                if self.on_started is not None:
+                    self.on_started(process.result)
+                with self._lock:
+                    self._running.add(process)
+                try:
+                    results.append(drive(process))
+                finally:
+                    with self._lock:
+                        self._running.discard(process)
+            else:
+                results.append(process.finish())
+            if not results[-1].ok:
                 break
-            if self.on_started is not None:
-                self.on_started(process.result)
-            run.process = process
-            for fd, events in process.watched():
-                self._poller.register(fd, events)
-                self._owner[fd] = run
-            return
-        self._runs.discard(run)
-        self._end(run, run.results)
-
-    def _command_done(self, run):
-        process = run.process
-        for fd in process.open_fds():
-            self._poller.unregister(fd)
-            self._owner.pop(fd, None)
-        result = process.finish()
-        run.results.append(result)
-        run.process = None
-        if result.ok:
-            self._next_command(run)
-        else:
-            self._runs.discard(run)
-            self._end(run, run.results)
-
-    def _end(self, run, outcome):
-        self.active -= 1
-        try:
-            self.complete(run.job, outcome)
-        except Exception:
-            log.exception("hook result handling failed")
-
-    def _kill_all(self):
-        for run in self._runs:
-            process = run.process
-            if process is not None and process.pid is not None and not process.killed:
-                process.result.timed_out = True
-                process.killed = True
-                _kill_group(process.pid, signal.SIGKILL)
+        return results
