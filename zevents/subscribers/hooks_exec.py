@@ -140,12 +140,12 @@ class _LibcSpawn:
 
     def __call__(self, program: str, argv: list, env: dict, fds) -> int:
         ctypes = self.ctypes
-        args = [os.fsencode(a) for a in argv]
-        pairs = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
-        if any(b"\0" in item for item in args) or any(b"\0" in item for item in pairs):
-            raise ValueError("embedded null byte")
-        c_argv = (ctypes.c_char_p * (len(args) + 1))(*args, None)
-        c_env = (ctypes.c_char_p * (len(pairs) + 1))(*pairs, None)
+        if "\0" in "".join(argv) or "\0" in "".join(env.values()):
+            raise ValueError("embedded null byte")  # C would silently cut the string there
+        c_argv = (ctypes.c_char_p * (len(argv) + 1))()
+        c_argv[:-1] = [a.encode("utf-8", "surrogateescape") for a in argv]
+        c_env = (ctypes.c_char_p * (len(env) + 1))()
+        c_env[:-1] = [f"{k}={v}".encode("utf-8", "surrogateescape") for k, v in env.items()]
         actions = ctypes.create_string_buffer(256)
         libc = self.libc
         libc.posix_spawn_file_actions_init(actions)
