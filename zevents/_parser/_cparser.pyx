@@ -244,6 +244,8 @@ cdef extern from *:
 
     /* what zev_scan_move does with each byte: 0 skip, 1-5 the parameter X Y Z E F, 6 end (; *), 7 a ( comment */
     static unsigned char zev_move_action[256];
+    /* zev_move_action for zev_run_moves, which also stops at the line's terminator: 8 for CR and LF */
+    static unsigned char zev_run_action[256];
     static double zev_pow10[23];
 
     static void zev_init_tables(void) {
@@ -257,6 +259,8 @@ cdef extern from *:
         }
         zev_move_action[';'] = zev_move_action['*'] = 6;
         zev_move_action['('] = 7;
+        memcpy(zev_run_action, zev_move_action, sizeof zev_run_action);
+        zev_run_action[10] = zev_run_action[13] = 8;  /* LF CR */
     }
 
     /* float() of a valid decimal token, the way Python does it: -1 with an exception set on failure */
@@ -382,13 +386,11 @@ cdef extern from *:
     }
 
     /* A G0-G3 with its parameters in [p, end): the twin's Parser._move, events as ZEV_* bits, -1 on error. */
-    ZEV_INLINE int zev_move_impl(zev_machine* m, const unsigned char* p, const unsigned char* end, double tolerance,
-                                 zev_move_events* events, const int terminated) {
-        double v[5], ox = m->x, oy = m->y, oz = m->z, oe = m->e, nx = ox, ny = oy, nz = oz, de = 0.0, value;
+    ZEV_INLINE int zev_apply_move(zev_machine* m, int valued, const double* v, double tolerance,
+                                  zev_move_events* events) {
+        double ox = m->x, oy = m->y, oz = m->z, oe = m->e, nx = ox, ny = oy, nz = oz, de = 0.0, value;
         double dx, dy, dz, distance;
         int inches = m->inches, holds_start, fired = 0;
-        int valued = zev_scan_move(p, end, v, terminated);
-        if (valued < 0) return -1;
         if (valued & 1) nx = zev_axis(m, inches ? v[0] * 25.4 : v[0], ox);
         if (valued & 2) ny = zev_axis(m, inches ? v[1] * 25.4 : v[1], oy);
         if (valued & 4) nz = zev_axis(m, inches ? v[2] * 25.4 : v[2], oz);
@@ -440,6 +442,14 @@ cdef extern from *:
         return fired;
     }
 
+    ZEV_INLINE int zev_move_impl(zev_machine* m, const unsigned char* p, const unsigned char* end, double tolerance,
+                                 zev_move_events* events, const int terminated) {
+        double v[5];
+        int valued = zev_scan_move(p, end, v, terminated);
+        if (valued < 0) return -1;
+        return zev_apply_move(m, valued, v, tolerance, events);
+    }
+
     static int zev_move(zev_machine* m, const unsigned char* p, const unsigned char* end, double tolerance,
                         zev_move_events* events) {
         return zev_move_impl(m, p, end, tolerance, events, 0);
@@ -449,6 +459,59 @@ cdef extern from *:
     static int zev_move_terminated(zev_machine* m, const unsigned char* p, const unsigned char* end,
                                    double tolerance, zev_move_events* events) {
         return zev_move_impl(m, p, end, tolerance, events, 1);
+    }
+
+    #define ZEV_MAX_LINE 65536
+
+    /* the last CR or LF in [p, end), or NULL */
+    static const unsigned char* zev_last_terminator(const unsigned char* p, const unsigned char* end) {
+        while (end > p) {
+            end--;
+            if (*end == 10 || *end == 13) return end;  /* LF CR */
+        }
+        return NULL;
+    }
+
+    /* The G0/G1 lines ("G1 " or "G0 " then parameters up to the terminator, no comment, not over-long) from *pp
+       on, in one pass each: the scanner stops at the line's terminator, so no search for it is made first.
+       last is a terminator (CR or LF), so every line starting before it ends at or before it.  Returns the lines
+       done (-1 with an exception set on error).  It stops before the first line it does not take (*pp = its
+       start, *term = NULL), or after a line that fired events or ends in a CR at the end of the buffer (*pp = its
+       start, *term = its terminator, *fired = the events, the line counted). */
+    static Py_ssize_t zev_run_moves(zev_machine* m, const unsigned char** pp, const unsigned char* last,
+                                    const unsigned char* end, double tolerance, zev_move_events* events,
+                                    int* fired, const unsigned char** term) {
+        const unsigned char* p = *pp;
+        const unsigned char* q;
+        Py_ssize_t done = 0;
+        double v[5];
+        int valued, found, f;
+        unsigned action;
+        *term = NULL;
+        *fired = 0;
+        while (p < last && p[0] == 'G' && (p[1] == '1' || p[1] == '0') && p[2] == ' ') {
+            valued = 0;
+            q = p + 3;
+            for (;;) {
+                action = zev_run_action[*q];
+                if (action == 0) { q++; continue; }
+                if (action > 5) break;
+                q = zev_number(q + 1, end, &v[action - 1], &found, 1);
+                if (!q) { *pp = p; return -1; }
+                if (found) valued |= 1 << (action - 1); else valued &= ~(1 << (action - 1));
+            }
+            if (action != 8 || q - p > ZEV_MAX_LINE) break;
+            f = zev_apply_move(m, valued, v, tolerance, events);
+            done++;
+            if (f || (*q == 13 && q + 1 == end)) {  /* a CR last: the next buffer may start with its LF */
+                *fired = f;
+                *term = q;
+                break;
+            }
+            p = q + 1 + (*q == 13 && q[1] == 10);  /* CRLF */
+        }
+        *pp = p;
+        return done;
     }
     """
     ctypedef struct zev_machine:
@@ -464,11 +527,18 @@ cdef extern from *:
     int zev_move_terminated(zev_machine* m, const unsigned char* p, const unsigned char* end, double tolerance,
                             zev_move_events* events) except -1
     void zev_init_tables()
+    int ZEV_MAX_LINE
+    const unsigned char* zev_last_terminator(const unsigned char* p, const unsigned char* end) noexcept
+    Py_ssize_t zev_run_moves(zev_machine* m, const unsigned char** pp, const unsigned char* last,
+                             const unsigned char* end, double tolerance, zev_move_events* events, int* fired,
+                             const unsigned char** term) except -1
     int zev_slow_float(const unsigned char* s, Py_ssize_t n, double* out) except -1
     const unsigned char* zev_param_number(const unsigned char* p, const unsigned char* end, double* out,
                                           int* found)
 
 zev_init_tables()
+if ZEV_MAX_LINE != MAX_LINE:
+    raise ImportError("_cparser's C code was built with another line limit than _rules has; rebuild it")
 
 
 # ----------------------------------------------------------------------------------------- firmware replies
@@ -850,6 +920,10 @@ cdef class Parser:
         cdef Py_ssize_t length
         cdef zev_move_events moved
         cdef int fired
+        cdef const unsigned char* last = NULL
+        cdef const unsigned char* run_term
+        cdef Py_ssize_t done
+        cdef bint run = sent and not self.suppress_moves
         if stream.refused or stream.head_len < 4:
             self._check_head(stream, buf, n)
         if stream.pending_cr and n > 0:
@@ -866,7 +940,19 @@ cdef class Parser:
             p = self._after_terminator(stream, term, end)
         newline = <const unsigned char*>memchr(p, 10, end - p) if p < end else NULL
         carriage = <const unsigned char*>memchr(p, 13, end - p) if p < end else NULL
+        if run:
+            last = zev_last_terminator(p, end)
+            run = last != NULL
         while True:
+            if run and p < last:
+                # simple G0/G1 lines, nine in ten of sliced G-code, in a C loop; it stops at anything else
+                done = zev_run_moves(&self.m, &p, last, end, TOLERANCE, &moved, &fired, &run_term)
+                stream.lines += done
+                if run_term != NULL:
+                    if fired:
+                        self._move_events(fired, &moved, base + (p - buf), stream.lines)
+                    p = self._after_terminator(stream, run_term, end)
+                    continue
             # each search result stays valid until the walk passes it; NULL means none in the rest
             if newline != NULL and newline < p:
                 newline = <const unsigned char*>memchr(p, 10, end - p) if p < end else NULL
