@@ -458,7 +458,8 @@ class Executor:
             except queue.Empty:
                 break
             if job is not _RETIRE:
-                self.not_started += 1
+                with self._lock:
+                    self.not_started += 1
 
     @property
     def backlog(self) -> int:
@@ -469,10 +470,10 @@ class Executor:
             job = self.inbox.get()
             if job is _RETIRE:
                 return
-            if self._stopping:
-                self.not_started += 1
-                continue
             with self._lock:
+                if self._stopping:
+                    self.not_started += 1
+                    continue
                 self.active += 1
                 if self.active > self.max_active:
                     self.max_active = self.active
