@@ -115,10 +115,9 @@ class _LibcSpawn:
 
     def __init__(self):
         import ctypes
-        import ctypes.util
 
         self.ctypes = ctypes
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # the C library Python itself is linked with
         self.libc = libc
         self.spawn = libc.posix_spawn
         self.spawn.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p,
@@ -167,10 +166,17 @@ def _os_spawn(program: str, argv: list, env: dict, fds) -> int:
                           file_actions=[(_DUP2, fd, target) for fd, target in fds])
 
 
-try:
-    _posix_spawn = _LibcSpawn()
-except (OSError, AttributeError):  # not glibc-like: the GIL-holding spawn still works
-    _posix_spawn = _os_spawn
+_posix_spawn = None
+
+
+def _spawner():
+    global _posix_spawn
+    if _posix_spawn is None:
+        try:
+            _posix_spawn = _LibcSpawn()
+        except (OSError, AttributeError):  # no usable posix_spawn symbol: the GIL-holding one still works
+            _posix_spawn = _os_spawn
+    return _posix_spawn
 
 
 def _spawn(argv: list, env: dict, cwd: str | None, stdin_r: int, out_w: int, err_w: int, retry: bool = True) -> int:
@@ -178,7 +184,7 @@ def _spawn(argv: list, env: dict, cwd: str | None, stdin_r: int, out_w: int, err
         path = env.get("PATH", os.defpath)
         program = _program(argv[0], path)
         try:
-            return _posix_spawn(program, argv, env, ((stdin_r, 0), (out_w, 1), (err_w, 2)))
+            return (_posix_spawn or _spawner())(program, argv, env, ((stdin_r, 0), (out_w, 1), (err_w, 2)))
         except FileNotFoundError:
             if not retry or _resolved.pop((argv[0], path), None) is None:
                 raise
