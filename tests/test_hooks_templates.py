@@ -177,3 +177,27 @@ def test_default_name_and_timeout(tmp_path):
     first, second = hooks_config.compile_section(zconfig.load(path))[0]
     assert first.name == "#0 PrintDone,PrintFailed" and first.timeout == 7
     assert second.name == "mine" and second.timeout == 2
+
+
+# --- spawning ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spawner", ["libc", "os"])
+def test_hook_processes_lead_their_own_session_with_default_signals(spawner, monkeypatch):
+    if spawner == "os":
+        monkeypatch.setattr(hooks_exec, "_posix_spawn", hooks_exec._os_spawn)
+    else:
+        monkeypatch.setattr(hooks_exec, "_posix_spawn", None)
+    result = hooks_exec.run(["sh", "-c", "cat /proc/$$/stat; grep SigIgn /proc/$$/status"], dict(os.environ))
+    assert result.ok, result.stderr
+    stat, ignored = result.stdout.decode().splitlines()
+    pid, pgrp, session = (int(x) for x in [stat.split()[0], *stat.rsplit(")", 1)[1].split()[2:4]])
+    assert pid == pgrp == session  # killpg at the timeout reaches the hook and everything it started
+    sigpipe = 1 << (13 - 1)
+    assert not int(ignored.split()[1], 16) & sigpipe  # Python ignores SIGPIPE; the hook must not inherit that
+    if spawner == "libc":
+        assert isinstance(hooks_exec._posix_spawn, hooks_exec._LibcSpawn)
+
+
+def test_embedded_nul_bytes_are_refused_not_cut():
+    result = hooks_exec.run(["echo", "a\x00b"], dict(os.environ))
+    assert result.returncode == 126 and "embedded null byte" in result.error
