@@ -158,6 +158,9 @@ class Jobs(LinkListener):
         payload.update(extra)
         return payload
 
+    def _state(self, state_id: str):
+        self.link.set_state(state_id, src="job")
+
     def _chart(self, kind: str, label: str):
         self.emit("ChartMarked", {"type": kind, "label": label, "time": time.time()})
 
@@ -250,14 +253,15 @@ class Jobs(LinkListener):
             self.progress_percent, self.fileposition = 0.0, 0
             source = LocalSource(self, ref)
             self.source = source
-            self.link.set_state("PRINTING")
+            self._state("PRINTING")
             self.emit("PrintStarted", ref.payload(user) | {"user": user})
             self._chart("print", "Start")
         self.run_script("beforePrintStarted", wait=False)
         try:
             self.link.set_source(source)
         except LinkError as exc:
-            source.close()
+            # The link went down between the check and now: the job that just started has failed.
+            self._fail(str(exc))
             raise JobError(str(exc)) from None
         return ref.payload(user)
 
@@ -283,7 +287,7 @@ class Jobs(LinkListener):
             if source is not self.source or self.active is None:
                 return
             if self.link.state == "PRINTING":
-                self.link.set_state("FINISHING")
+                self._state("FINISHING")
         self.link.when_idle(lambda: self.submit(self._finish_done, source))
 
     def _finish_done(self, source):
@@ -293,7 +297,7 @@ class Jobs(LinkListener):
             if self.link.state in ("PAUSING", "PAUSED", "RESUMING"):
                 self._finish_after_resume = source   # a firmware pause (M600) among the last lines
                 return
-            self.link.set_state("FINISHING")
+            self._state("FINISHING")
         self.run_script("afterPrintDone")
         with self._lock:
             if source is not self.source or self.active is None:
@@ -303,7 +307,7 @@ class Jobs(LinkListener):
             self._chart("done", "Done")
             self._end_job()
             if self.link.connected:
-                self.link.set_state("OPERATIONAL")
+                self._state("OPERATIONAL")
 
     def _end_job(self):
         if self.source is not None:
@@ -337,7 +341,7 @@ class Jobs(LinkListener):
             allowed = ("PRINTING", "FINISHING") if firmware else ("PRINTING",)
             if self.link.state not in allowed or self.active is None:
                 raise JobError(f"cannot pause: not printing (state: {self.link.status()['state_string']})")
-            self.link.set_state("PAUSING")
+            self._state("PAUSING")
             self.link.pause_source(True)
             sd = self.active.origin == "sdcard"
         if sd and not firmware:
@@ -354,14 +358,14 @@ class Jobs(LinkListener):
         self.run_script("afterPrintPaused")
         with self._lock:
             if self.active is not None:
-                self.link.set_state("PAUSED")
+                self._state("PAUSED")
         return {"position": position, "fileposition": self.fileposition, "progress": self._progress()}
 
     def resume(self, user: str | None = None, firmware: bool = False) -> dict:
         with self._lock:
             if self.link.state != "PAUSED" or self.active is None:
                 raise JobError(f"cannot resume: not paused (state: {self.link.status()['state_string']})")
-            self.link.set_state("RESUMING")
+            self._state("RESUMING")
             sd = self.active.origin == "sdcard"
         self.run_script("beforePrintResumed")
         with self._lock:
@@ -369,7 +373,7 @@ class Jobs(LinkListener):
                 raise JobError("the job ended while resuming")
             self.emit("PrintResumed", self._job_payload(user=user))
             self._chart("resume", "Resume")
-            self.link.set_state("PRINTING")
+            self._state("PRINTING")
             self.link.pause_source(False)
             finish, self._finish_after_resume = self._finish_after_resume, None
         if sd and not firmware:
@@ -382,7 +386,7 @@ class Jobs(LinkListener):
         with self._lock:
             if self.active is None or self.link.state not in PRINTING_STATES:
                 raise JobError(f"cannot cancel: no job is running (state: {self.link.status()['state_string']})")
-            self.link.set_state("CANCELLING")
+            self._state("CANCELLING")
             self.emit("PrintCancelling", self._job_payload(user=user, firmwareError=firmware_error))
             source = self.source
             if source is not None:
@@ -403,7 +407,7 @@ class Jobs(LinkListener):
             self._chart("cancel", "Cancel")
             self._end_job()
             if self.link.connected:
-                self.link.set_state("OPERATIONAL")
+                self._state("OPERATIONAL")
         return {"position": position, "progress": progress}
 
     def _progress(self) -> float | None:
@@ -514,7 +518,7 @@ class Jobs(LinkListener):
             ref = FileRef(target.name, str(target.resolve()), "local", target.stat().st_size)
             self.transfer = {"local": target.name, "remote": remote, "started": time.monotonic(),
                              "done": threading.Event()}
-            self.link.set_state("TRANSFERING_FILE")
+            self._state("TRANSFERING_FILE")
             self.emit("TransferStarted", {"local": target.name, "remote": remote})
         done = self.transfer["done"]
         self.link.send([f"M28 {remote}"], src="job")
@@ -541,7 +545,7 @@ class Jobs(LinkListener):
             self.emit("TransferDone", {"time": round(time.monotonic() - transfer["started"], 3),
                                        "local": transfer["local"], "remote": transfer["remote"]})
             if self.link.connected:
-                self.link.set_state("OPERATIONAL")
+                self._state("OPERATIONAL")
 
     def sd_select(self, remote: str) -> dict:
         with self._lock:
@@ -572,7 +576,7 @@ class Jobs(LinkListener):
         self.started = time.monotonic()
         self.progress_percent, self.fileposition = None, 0
         self.source = None
-        self.link.set_state("PRINTING")
+        self._state("PRINTING")
         self.emit("PrintStarted", ref.payload(user) | {"user": user})
         self._chart("print", "Start")
         self.run_script("beforePrintStarted", wait=False)
@@ -596,7 +600,7 @@ class Jobs(LinkListener):
         with self._lock:
             if self.active is not ref:
                 return
-            self.link.set_state("FINISHING")
+            self._state("FINISHING")
         self.run_script("afterPrintDone")
         with self._lock:
             if self.active is not ref:
@@ -605,7 +609,7 @@ class Jobs(LinkListener):
             self._chart("done", "Done")
             self._end_job()
             if self.link.connected:
-                self.link.set_state("OPERATIONAL")
+                self._state("OPERATIONAL")
 
     # --- status --------------------------------------------------------------------------------------------------
 

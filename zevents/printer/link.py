@@ -249,13 +249,16 @@ class PrinterLink:
         self._capture: list | None = None
         self._tool_change: dict | None = None
         self._idle_callbacks: list = []
+        self._last_suppressed = False
 
     # --- events --------------------------------------------------------------------------------------------------
 
     def emit(self, name: str, payload: dict | None = None, src: str = "firmware"):
         self._emit_fn(name, zevents_events.complete_payload(name, payload), src)
 
-    def set_state(self, state_id: str, detail: str | None = None):
+    def set_state(self, state_id: str, detail: str | None = None, src: str = "firmware"):
+        """PrinterStateChanged with OctoPrint's id and string; ``src`` says who caused it (the link's own
+        transitions are ``firmware``, a job's ``job``)."""
         with self._lock:
             if state_id == self.state and detail is None:
                 return
@@ -263,7 +266,7 @@ class PrinterLink:
             text = STATE_STRINGS.get(state_id, state_id.title())
             if detail:
                 text = f"{text}: {detail}"
-            self.emit("PrinterStateChanged", {"state_id": state_id, "state_string": text})
+            self.emit("PrinterStateChanged", {"state_id": state_id, "state_string": text}, src)
 
     @property
     def connected(self) -> bool:
@@ -534,8 +537,6 @@ class PrinterLink:
         with self._lock:
             if source is None or self._source is source:
                 self._source = None
-
-    _last_suppressed = False
 
     def _prepare(self, raw: str, src: str, parse: bool = True) -> Command | None:
         """Parse one line (publishing its gcode events) and turn it into a Command; None if there is nothing to
