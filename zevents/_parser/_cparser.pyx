@@ -2,15 +2,19 @@
 """The compiled G-code parser: the same events and state as ``_pyparser`` (the specification), fast.
 
 The hot path touches no Python object per line: it walks a ``const unsigned char*`` over the caller's buffer,
-finds line ends with memchr (a CR search runs only while the buffer still has a CR ahead), parses numbers itself
-and keeps the machine state in a C struct (NaN = unknown).  G0-G3, nine lines in ten, go straight from the line
-loop to ``zev_move``, plain C (below) so that the number parser inlines into the scanner; everything else goes
-through ``_sent_line``.  Python objects are made only for events and on rare paths (a suppressed command, an
-over-long line), where it calls the helpers of ``_rules`` so that both implementations share one wording.
+parses numbers itself and keeps the machine state in a C struct (NaN = unknown).  Simple G0/G1 lines ("G1 " then
+parameters, no comment), nine lines in ten, run in one C loop (``zev_run_moves``) that parses each line in one
+pass up to its terminator, with no search for the line end first: the last terminator of the buffer bounds the
+run.  Everything else finds its line end with memchr (a CR search runs only while the buffer still has a CR
+ahead) and goes through ``_sent_line``.  Python objects are made only for events and on rare paths (a suppressed
+command, an over-long line), where it calls the helpers of ``_rules`` so that both implementations share one
+wording.
 
-Speed was measured in instructions per line (callgrind on the bunny), wall time being too noisy on a shared
-machine: 950 for the first version, 627 now.  A SWAR conversion of 8 digits at a time was tried twice and did
-not pay: G-code numbers are too short.
+Speed was measured in instructions per line (callgrind on the first 100 000 lines of the bunny, feed_sent of the
+whole buffer), wall time being too noisy on a shared machine: 950 for the first version, 627 with the move fast
+path, 550 with the run loop.  Of those 550, the numbers take about 290 (eight per digit, about 45 per number
+besides) and the move's state update about 170.  A SWAR conversion of 8 digits at a time was tried three times
+and did not pay, in instructions or in wall time: G-code numbers are too short.
 
 Numbers: a decimal of at most 19 significant digits whose integer fits 2**53, with at most 22 fraction digits,
 is m / 10**k, both exact doubles, so the one IEEE division is correctly rounded, exactly what Python's float()
@@ -237,9 +241,11 @@ cdef extern from *:
     #if defined(__GNUC__)
     #define ZEV_INLINE static inline __attribute__((always_inline))
     #define ZEV_COLD static __attribute__((noinline, cold))
+    #define ZEV_NOINLINE static __attribute__((noinline))
     #else
     #define ZEV_INLINE static inline
     #define ZEV_COLD static
+    #define ZEV_NOINLINE static
     #endif
 
     /* what zev_scan_move does with each byte: 0 skip, 1-5 the parameter X Y Z E F, 6 end (; *), 7 a ( comment */
@@ -477,8 +483,9 @@ cdef extern from *:
        last is a terminator (CR or LF), so every line starting before it ends at or before it.  Returns the lines
        done (-1 with an exception set on error).  It stops before the first line it does not take (*pp = its
        start, *term = NULL), or after a line that fired events or ends in a CR at the end of the buffer (*pp = its
-       start, *term = its terminator, *fired = the events, the line counted). */
-    static Py_ssize_t zev_run_moves(zev_machine* m, const unsigned char** pp, const unsigned char* last,
+       start, *term = its terminator, *fired = the events, the line counted).  Not inlined into the Cython
+       caller: in a function of its own the loop keeps its values in registers. */
+    ZEV_NOINLINE Py_ssize_t zev_run_moves(zev_machine* m, const unsigned char** pp, const unsigned char* last,
                                     const unsigned char* end, double tolerance, zev_move_events* events,
                                     int* fired, const unsigned char** term) {
         const unsigned char* p = *pp;
