@@ -20,7 +20,7 @@ SAMPLE = "demo_cube20_prusaslicer250_mk3s.gcode.gz"
 
 DEMO_HOOKS = [
     {"name": "demo: announce the print", "event": ["PrintStarted", "PrintDone"], "type": "system",
-     "command": "echo {__eventname}: {name} ({__progress} %)"},
+     "command": "echo {__eventname}: {name} at {__progress} percent"},
 ]
 
 

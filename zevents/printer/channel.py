@@ -87,6 +87,7 @@ class CommandServer:
         self.sock = self.context.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(endpoint)
+        self._ipc_file = endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else None
 
     def receive(self):
         """One pending request as (reply_to, command, args), or None when none is waiting or it was malformed."""
@@ -117,3 +118,11 @@ class CommandServer:
 
     def close(self):
         self.sock.close(linger=0)
+        if self._ipc_file:  # no stale socket for the next node
+            try:
+                import os
+
+                os.unlink(self._ipc_file)
+            except OSError:
+                pass
+            self._ipc_file = None

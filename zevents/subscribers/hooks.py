@@ -599,6 +599,11 @@ def run(config) -> int:
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_hup)
+    def announce_when_subscribed():
+        if service.ready.wait(60):
+            bus.announce_started(config, "hooks")  # the node supervisor waits for this before Startup
+
+    threading.Thread(target=announce_when_subscribed, name="zevents-hooks-announce", daemon=True).start()
     observer = None
     if config.path:
         try:

@@ -1,0 +1,260 @@
+"""`zevents run`, the whole node, as a newcomer starts it: real processes in a temporary HOME."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_for
+from zevents import bus, config as zconfig
+
+
+def node_env(home: Path) -> dict:
+    env = dict(os.environ)
+    for key in ("ZEVENTS_CONFIG", "XDG_DATA_HOME"):
+        env.pop(key, None)
+    runtime = home / "run"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    env.update(HOME=str(home), XDG_RUNTIME_DIR=str(runtime), PYTHONUNBUFFERED="1")
+    return env
+
+
+class Node:
+    """A `zevents run` child process plus a view of its bus."""
+
+    def __init__(self, home: Path, *args: str):
+        self.home = home
+        self.env = node_env(home)
+        self.args = args
+        self.process = None
+        self.log = home / f"node-{len(list(home.glob('node-*.log')))}.log"
+
+    def config(self):
+        """The node's configuration as its children see it (same HOME, same runtime dir)."""
+        previous = {k: os.environ.get(k) for k in ("HOME", "XDG_RUNTIME_DIR")}
+        os.environ.update(HOME=self.env["HOME"], XDG_RUNTIME_DIR=self.env["XDG_RUNTIME_DIR"])
+        try:
+            config_arg = [a for i, a in enumerate(self.args) if i and self.args[i - 1] in ("-c", "--config")]
+            config = zconfig.load(config_arg[0] if config_arg else None, text=None if config_arg else "")
+            # Resolve the endpoints here, where the runtime directory is the node's.
+            resolved = config.bus
+            config.data["bus"].update(node=config.node, publish=resolved.publish, ingest=resolved.ingest,
+                                      replay=resolved.replay)
+            config.data["printer"]["commands"] = config.endpoint("printer", "commands", "printer.sock")
+            return config
+        finally:
+            for key, value in previous.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+    def start(self):
+        self.output = open(self.log, "w")
+        self.process = subprocess.Popen([sys.executable, "-m", "zevents", "run", *self.args], env=self.env,
+                                        stdout=self.output, stderr=subprocess.STDOUT, text=True)
+        return self
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout
+        return [int(pid) for pid in out.split()]
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30):
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.output.close()
+        return self.process.returncode
+
+
+@pytest.fixture
+def home(tmp_path_factory):
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="zevh-"))  # short: ipc paths live below it
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def status_of(node: Node) -> dict | None:
+    path = Path(node.env["XDG_RUNTIME_DIR"]) / "zevents" / node.config().node / "node.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def wait_started(node: Node, timeout: float = 60) -> dict:
+    """Wait for Startup; returns the supervisor's status (services with pids)."""
+    def ready():
+        assert node.process.poll() is None, f"zevents run exited early:\n{node.text()}"
+        status = status_of(node)
+        return status if status and all(s["ready"] for s in status["services"]) and "Startup" in node.text() \
+            else None
+
+    return wait_for(ready, timeout, 0.1, message="Startup")
+
+
+def test_run_with_no_arguments_starts_a_whole_node_and_stops_cleanly(home):
+    node = Node(home).start()
+    try:
+        status = wait_started(node)
+        names = [s["name"] for s in status["services"]]
+        assert names[0] == "broker" and "printer" in names and "hooks" in names
+        pids = [s["pid"] for s in status["services"]]
+        assert sorted(pids) == sorted(node.children())
+        config = node.config()
+        assert config.bus.publish.startswith(f"ipc://{home}/run/zevents/")
+        # The printer link is connected to the built-in virtual printer.
+        from zevents.printer.channel import CommandClient, endpoint
+
+        client = CommandClient(endpoint(config))
+        state = wait_for(lambda: client.request("STATUS", timeout=5)["state_id"] == "OPERATIONAL", 30,
+                         0.2, message="the virtual printer to be operational")
+        assert state
+        client.close()
+        # The data dir follows XDG: $HOME/.local/share/zevents.
+        assert (home / ".local" / "share" / "zevents").is_dir()
+        sub = bus.Subscriber(config, groups=["server"])
+    finally:
+        code = node.stop(signal.SIGTERM)
+    assert code == 0, node.text()
+    shutdown = sub.recv(10) if node else None
+    sub.close()
+    assert shutdown is not None and shutdown.name == "Shutdown"
+    assert all(not Path(f"/proc/{pid}").exists() for pid in pids), "a child outlived the node"
+    runtime = home / "run" / "zevents" / config.node
+    assert not list(runtime.glob("*.sock")), "stale sockets left behind"
+
+    second = Node(home).start()  # right after: starts cleanly
+    try:
+        wait_started(second)
+    finally:
+        assert second.stop() == 0, second.text()
+
+
+def test_a_second_node_on_the_same_endpoints_is_refused(home):
+    node = Node(home).start()
+    try:
+        wait_started(node)
+        result = subprocess.run([sys.executable, "-m", "zevents", "run"], env=node_env(home), capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 1
+        assert "already running" in result.stderr
+        assert node.process.poll() is None
+    finally:
+        node.stop()
+
+
+def test_demo_prints_the_sample_with_every_event_in_order(home):
+    node = Node(home, "--demo").start()
+    try:
+        wait_started(node)
+        config = node.config()
+        # Read the whole flow from the broker's replay ring: nothing can be missed however fast the demo runs.
+        wanted = ["PrintStarted", "Home", "ZChange", "LayerChanged", "PrintProgress", "PrintDone"]
+        control = bus.Control(config)
+
+        def done():
+            return control.status()["streams"].get("print", 0) and _events(control, "print", "PrintDone")
+
+        wait_for(done, 120, 0.5, message="the demo print to finish")
+        seen = {}
+        for group in ("print", "gcode", "hook"):
+            for envelope in _events(control, group):
+                seen.setdefault(envelope.name, envelope)
+        for name in wanted:
+            assert name in seen, f"{name} missing from the demo flow"
+        order = [seen[name].ts for name in ("PrintStarted", "Home", "LayerChanged", "PrintDone")]
+        assert order == sorted(order)
+        assert seen["PrintDone"].payload["name"].startswith("demo_cube20")
+        hook_results = _events(control, "hook")
+        assert any(e.name == "HookFinished" for e in hook_results), "the demo hook did not run"
+        control.close()
+        assert "PrintDone" in node.text()  # shown in the terminal
+    finally:
+        assert node.stop() == 0
+
+
+def _events(control, group, name=None):
+    from zevents import wire
+
+    meta, frames = control.request(wire.CMD_REPLAY, {"group": group, "since": 0})
+    envelopes = [wire.decode(*frames[i:i + 3]) for i in range(0, len(frames), 3)]
+    return [e for e in envelopes if name is None or e.name == name]
+
+
+def test_a_killed_service_is_restarted_and_hooks_still_run(home, tmp_path):
+    marker = tmp_path / "hook-ran"
+    config_file = home / "zevents.yaml"
+    config_file.write_text(json.dumps({
+        "events": {"subscriptions": [{"event": "MyTest_Ping", "type": "system", "name": "touch",
+                                      "command": f"touch {marker}"}]}}))
+    node = Node(home, "-c", str(config_file)).start()
+    try:
+        status = wait_started(node)
+        hooks = next(s for s in status["services"] if s["name"] == "hooks")
+        config = node.config()
+        sub = bus.Subscriber(config, groups=["sys", "hook"])
+        os.kill(hooks["pid"], signal.SIGKILL)
+        restarted = wait_for(lambda: (e := sub.recv(0.5)) is not None and e.name == "ServiceRestarted" and e, 60,
+                             0, message="ServiceRestarted")
+        assert restarted.payload["service"] == "hooks" and restarted.payload["restarts"] == 1
+        wait_for(lambda: (e := sub.recv(0.5)) is not None and e.name == "ServiceStarted"
+                 and e.payload["service"] == "hooks", 60, 0, message="the new hooks service")
+        with bus.Publisher(config) as pub:
+            pub.publish_confirmed("MyTest_Ping", {})
+        wait_for(marker.exists, 30, message="the hook to run after the restart")
+        new_status = status_of(node)
+        new_hooks = next(s for s in new_status["services"] if s["name"] == "hooks")
+        assert new_hooks["pid"] != hooks["pid"] and new_hooks["restarts"] == 1
+        sub.close()
+    finally:
+        assert node.stop() == 0
+
+
+def test_a_bad_config_gives_one_clear_line_and_starts_nothing(home):
+    bad = home / "bad.yaml"
+    bad.write_text("bus:\n  nodee: x\n")
+    result = subprocess.run([sys.executable, "-m", "zevents", "run", "-c", str(bad)], env=node_env(home),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"zevents: config error: {bad}:2: bus.nodee: unknown key (did you mean 'node'?)"]
+    assert not (home / "run" / "zevents").exists() or not list((home / "run" / "zevents").rglob("*.sock"))
+
+
+def test_status_json(home):
+    node = Node(home).start()
+    try:
+        wait_started(node)
+        result = subprocess.run([sys.executable, "-m", "zevents", "status", "--json"], env=node_env(home),
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        status = json.loads(result.stdout)
+        assert {s["name"] for s in status["services"]["services"]} >= {"broker", "printer", "hooks"}
+        assert status["bus"]["ring"]["capacity"] == 100000
+        assert status["printer"]["state_id"] in ("OPERATIONAL", "CONNECTING", "DETECT_SERIAL", "OPEN_SERIAL")
+    finally:
+        node.stop()
+
+
+def test_the_demo_hooks_are_a_valid_events_section(tmp_path):
+    from zevents import demo
+
+    path = tmp_path / "demo.yaml"
+    path.write_text(json.dumps({"events": {"subscriptions": demo.DEMO_HOOKS}}))
+    assert zconfig.check(path) == []
