@@ -240,6 +240,20 @@ def test_a_printer_that_disconnects_mid_print_fails_the_job(bench):
     assert b.jobs.active is None and b.link.state == "CLOSED_WITH_ERROR"
 
 
+def test_disconnecting_mid_print_stops_the_stream_and_fails_the_job(bench):
+    b = bench(speed=20.0)
+    b.jobs.start(str(CUBE))
+    b.wait_progress(20)
+    b.link.disconnect(timeout=5.0)
+    failed = b.wait("PrintFailed")[1]
+    assert failed["reason"] == "error"
+    names = [n for n in b.recorder.names() if n in ("Disconnecting", "PrintFailed", "Disconnected")]
+    assert names == ["Disconnecting", "PrintFailed", "Disconnected"]
+    assert b.link.state == "CLOSED" and not b.recorder.named("Error")
+    sent = len([c for c in executed(b.printer) if not c.startswith("M117")])
+    assert sent < len(file_commands(CUBE))
+
+
 def test_a_silent_printer_mid_print_fails_the_job_without_hanging(bench):
     b = bench(speed=20.0, timeout=0.5, retries=2)
     b.jobs.start(str(CUBE))

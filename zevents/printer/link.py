@@ -151,8 +151,8 @@ class LinkListener:
         """A firmware error that is not fatal; returns the consequence taken ("cancel") or None."""
         return None
 
-    def on_link_failed(self, error: str, reason: str):
-        """The link is going down because of an error while connected (a running job fails)."""
+    def on_link_failed(self, error: str, reason: str | None):
+        """The port is about to close, after an error (``reason`` set) or on request: a running job fails."""
 
     def on_closed(self):
         pass
@@ -409,6 +409,7 @@ class PrinterLink:
         with self._lock:
             if not self._running or self._closing:
                 return
+            self._source = None  # a running job stops here (it fails when the port closes)
         self.emit("Disconnecting", {})
         self.wait_idle(timeout)
         self._close(error=None)
@@ -427,7 +428,8 @@ class PrinterLink:
             self.emit("Error", {"error": error, "reason": reason, "consequence": consequence,
                                 "logs": list(self.comm_log)})
             self.set_state("ERROR", error)
-            self.listener.on_link_failed(error, reason)
+        # A job running now has failed, before the port is reported closed (also on a requested disconnect).
+        self.listener.on_link_failed(error or "disconnected while printing", reason)
         self._shutdown_threads()
         for command in pending:
             if command.on_done is not None:
