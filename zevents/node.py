@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,12 +73,10 @@ class Service:
 
 
 def available_services() -> set:
-    """Service commands this installation has (the CLI grows as services are added)."""
-    from zevents.cli import app
+    """Services this installation can run as node children."""
+    from zevents.service import SERVICES
 
-    names = {command.name or command.callback.__name__.replace("_", "-") for command in app.registered_commands}
-    names |= {group.name for group in app.registered_groups}
-    return names
+    return set(SERVICES)
 
 
 def plan_services(config) -> list:
@@ -108,6 +107,7 @@ class Supervisor:
         self.services: list[Service] = []
         self.started = time.time()
         self._stop = False
+        self._wake = threading.Event()
         self._lock_fd = None
         self.publisher = None
 
@@ -142,7 +142,7 @@ class Supervisor:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         self.write_config()
         names = plan_services(self.config)
-        self.services = [Service(name, [sys.executable, "-m", "zevents", name, "-c", str(self.config_file)])
+        self.services = [Service(name, [sys.executable, "-m", "zevents.service", name, "-c", str(self.config_file)])
                          for name in names]
         control = bus.Control(self.config.bus)
         try:
@@ -194,7 +194,7 @@ class Supervisor:
         service.started_at = time.time()
         log.info("started %s (pid %d)", service.name, service.process.pid)
 
-    def supervise(self, poll: float = 0.2):
+    def supervise(self, poll: float = 1.0):
         """Restart services that die, until stop()."""
         while not self._stop:
             now = time.monotonic()
@@ -228,12 +228,11 @@ class Supervisor:
             log.warning("could not announce the restart of %s: %s", service.name, exc)
 
     def _sleep(self, seconds: float):
-        deadline = time.monotonic() + seconds
-        while not self._stop and time.monotonic() < deadline:
-            time.sleep(min(0.05, seconds))
+        self._wake.wait(seconds)
 
     def stop(self, *_):
         self._stop = True
+        self._wake.set()
 
     def announce_shutdown(self):
         if self.publisher is not None:
