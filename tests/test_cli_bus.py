@@ -1,0 +1,137 @@
+"""`zevents fire`, `tail`, `broker` as a user runs them: real processes, exit codes, one clear line on errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+
+import pytest
+
+from conftest import wait_for
+from zevents import bus
+
+
+@pytest.fixture
+def config_file(short_tmp, bus_config):
+    path = short_tmp / "zevents.yaml"
+    path.write_text(json.dumps({"bus": {"node": bus_config.node, "publish": bus_config.publish,
+                                        "ingest": bus_config.ingest, "replay": bus_config.replay,
+                                        "heartbeat": bus_config.heartbeat}}))
+    return path
+
+
+def zevents(zevents_cmd, *args, timeout=60):
+    return subprocess.run(zevents_cmd + list(args), capture_output=True, text=True, timeout=timeout)
+
+
+def test_fire_returns_once_the_broker_has_the_event(running_broker, bus_config, config_file, zevents_cmd):
+    with bus.Subscriber(bus_config, groups=["print"]) as sub:
+        result = zevents(zevents_cmd, "fire", "PrintDone", "--payload", '{"name": "a.gcode", "time": 12.5}',
+                         "-c", str(config_file))
+        assert result.returncode == 0, result.stderr
+        assert "print/PrintDone seq 1" in result.stderr
+        envelope = sub.recv(5)
+    assert envelope.payload == {"name": "a.gcode", "path": None, "origin": None, "size": None, "owner": None,
+                                "time": 12.5}
+    assert envelope.src == "user"
+
+
+def test_fire_a_custom_event_and_an_alias(running_broker, bus_config, config_file, zevents_cmd):
+    assert zevents(zevents_cmd, "fire", "MyPlugin_Thing", "-c", str(config_file)).returncode == 0
+    assert zevents(zevents_cmd, "fire", "Dwelling", "-c", str(config_file)).returncode == 0
+    assert running_broker.seqs["custom"] == 1 and running_broker.seqs["gcode"] == 1
+    assert {b"custom/MyPlugin_Thing", b"gcode/Dwell"} <= set(running_broker.last_values)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["PrintDone", "--payload", "{not json"], "--payload is not valid JSON"),
+    (["PrintDone", "--payload", "[1, 2]"], "--payload must be a JSON object"),
+    (["print/PrintDone"], "is not an event name"),
+])
+def test_fire_refuses_bad_input_with_one_line(config_file, zevents_cmd, args, message):
+    result = zevents(zevents_cmd, "fire", *args, "-c", str(config_file))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+
+
+def test_fire_without_a_broker_says_so(config_file, zevents_cmd):
+    result = zevents(zevents_cmd, "fire", "Home", "--timeout", "1", "-c", str(config_file))
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("zevents: no answer from the broker at ipc://")
+    assert "is it running?" in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+def test_unknown_config_key_is_one_clear_line(short_tmp, zevents_cmd):
+    bad = short_tmp / "bad.yaml"
+    bad.write_text("bus:\n  node: x\n  publsh: ipc:///tmp/x\n")
+    for command in (["fire", "Home"], ["tail"], ["broker"]):
+        result = zevents(zevents_cmd, *command, "-c", str(bad))
+        assert result.returncode == 2, command
+        assert result.stderr.strip() == f"zevents: config error: {bad}:3: bus.publsh: unknown key (did you mean " \
+                                        "'publish'?)"
+
+
+def test_tail_json_count_and_prefix_filter(running_broker, bus_config, config_file, zevents_cmd):
+    tail = subprocess.Popen(zevents_cmd + ["tail", "gcode/ZChange", "print", "--json", "--count", "3",
+                                           "--timeout", "30", "-c", str(config_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stop = threading.Event()
+
+    def publish():
+        # The tail only sees what is published after it started: keep publishing until it has what it needs.
+        with bus.Publisher(bus_config, src="test") as pub:
+            n = 0
+            while not stop.is_set() and n < 2000:
+                n += 1
+                pub.publish("Home", {"n": n})          # same group, other event: filtered out
+                pub.publish("ZChange", {"new": n})
+                pub.publish("PrintProgress", {"progress": n})
+                stop.wait(0.05)
+
+    publisher = threading.Thread(target=publish)
+    publisher.start()
+    try:
+        out, err = tail.communicate(timeout=60)
+    finally:
+        stop.set()
+        publisher.join()
+    assert tail.returncode == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 3
+    assert {row["event"] for row in rows} <= {"ZChange", "PrintProgress"}
+    for row in rows:
+        assert set(row) == {"topic", "event", "group", "node", "printer", "seq", "epoch", "ts", "src", "payload"}
+        assert row["node"] == "testnode" and row["src"] == "test"
+
+
+def test_tail_times_out_non_zero(running_broker, config_file, zevents_cmd):
+    result = zevents(zevents_cmd, "tail", "slicing", "--count", "1", "--timeout", "1", "-c", str(config_file))
+    assert result.returncode == 1
+    assert "timed out after 1 s with 0 of 1 events" in result.stderr
+
+
+def test_tail_without_a_broker_and_with_a_bad_group(config_file, zevents_cmd):
+    result = zevents(zevents_cmd, "tail", "--timeout", "1", "-c", str(config_file))
+    assert result.returncode == 1 and "no answer from the broker" in result.stderr
+    result = zevents(zevents_cmd, "tail", "gcodes", "-c", str(config_file))
+    assert result.returncode == 2 and "unknown group 'gcodes'" in result.stderr
+
+
+def test_broker_process_serves_and_stops_on_sigterm(config_file, bus_config, zevents_cmd):
+    broker = subprocess.Popen(zevents_cmd + ["broker", "-c", str(config_file)], stderr=subprocess.PIPE, text=True)
+    control = bus.Control(bus_config)
+    try:
+        def answers():
+            try:
+                return control.ping(timeout=0.5)
+            except bus.BusError:
+                assert broker.poll() is None, broker.stderr.read()
+                return None
+
+        assert wait_for(answers, 20, 0, message="the broker")["node"] == "testnode"
+        second = zevents(zevents_cmd, "broker", "-c", str(config_file))
+        assert second.returncode == 1 and "already" in second.stderr
+    finally:
+        control.close()
+        broker.terminate()
+        assert broker.wait(10) == 0
