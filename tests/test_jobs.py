@@ -364,3 +364,17 @@ def test_sd_print_of_a_missing_file_is_refused(bench):
     with pytest.raises(JobError, match="cannot open"):
         b.jobs.sd_print("nothere.gco")
     assert not b.recorder.named("PrintStarted")
+    assert b.wait("Error")[1]["reason"] == "start_print"
+
+
+def test_a_selected_file_that_vanished_cannot_start(bench, tmp_path):
+    b = bench()
+    doomed = tmp_path / "doomed.gcode"
+    doomed.write_text("G28\n")
+    b.jobs.select(str(doomed))
+    doomed.unlink()
+    with pytest.raises(JobError, match="cannot open"):
+        b.jobs.start()
+    error = b.wait("Error")[1]
+    assert error["reason"] == "start_print" and "doomed.gcode" in error["error"]
+    assert not b.recorder.named("PrintStarted") and b.link.state == "OPERATIONAL"

@@ -246,12 +246,13 @@ class Jobs(LinkListener):
                 raise JobError("no file selected (give a file to print)")
             if ref.origin == "sdcard":
                 return self._start_sd(ref, user)
-            if not Path(ref.path).is_file():
-                raise JobError(f"the selected file is gone: {ref.path}")
+            try:
+                source = LocalSource(self, ref)
+            except OSError as exc:
+                raise self._start_failed(f"cannot open the selected file {ref.path}: {exc.strerror or exc}")
             self.active, self.user = ref, user
             self.started = time.monotonic()
             self.progress_percent, self.fileposition = 0.0, 0
-            source = LocalSource(self, ref)
             self.source = source
             self._state("PRINTING")
             self.emit("PrintStarted", ref.payload(user) | {"user": user})
@@ -264,6 +265,12 @@ class Jobs(LinkListener):
             self._fail(str(exc))
             raise JobError(str(exc)) from None
         return ref.payload(user)
+
+    def _start_failed(self, message: str) -> JobError:
+        """Error (reason start_print, OctoPrint's) for a print that could not start; the JobError to raise."""
+        self.emit("Error", {"error": message, "reason": "start_print", "consequence": None,
+                            "logs": list(self.link.comm_log)})
+        return JobError(message)
 
     def progress(self, percent: int, fileposition: int):
         """Called by the source on the link's writer thread when a new percent is reached."""
@@ -562,7 +569,7 @@ class Jobs(LinkListener):
                     size = int(match.group(2))
                     break
                 if "open failed" in line.lower():
-                    raise JobError(f"the printer cannot open {remote} on its SD card: {line.strip()}")
+                    raise self._start_failed(f"the printer cannot open {remote} on its SD card: {line.strip()}")
             self.selected = FileRef(remote, remote, "sdcard", size)
             self.emit("FileSelected", {"name": remote, "path": remote, "origin": "sdcard"})
             return self.selected.payload()
