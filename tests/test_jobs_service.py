@@ -152,6 +152,34 @@ def test_pause_resume_cancel_and_sd_through_the_cli(short_tmp, bus_config, runni
         subscriber.close()
 
 
+def test_a_separately_started_faulty_printer_on_a_real_port(short_tmp, bus_config, running_broker):
+    """`zevents virtual-printer` with injected faults as its own process, `zevents printer --port` on its pty."""
+    simulator = subprocess.Popen(ZEVENTS + ["virtual-printer", "--speed", "0", "--fault", "corrupt_checksum@60",
+                                            "--fault", "drop_line@200", "--fault", "corrupt_checksum@N400"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    subscriber = bus.Subscriber(bus_config, groups=["comm", "print"])
+    process = None
+    try:
+        port = simulator.stdout.readline().strip()
+        assert port.startswith("/dev/"), port
+        config = write_config(short_tmp, bus_config, port=port, baudrate=115200)
+        process = subprocess.Popen(ZEVENTS + ["printer", "-c", str(config)], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        connected = next_event(subscriber, lambda e: e.name in ("Connected", "Error"))
+        assert connected.name == "Connected" and connected.payload == {"port": port, "baudrate": 115200}
+        assert cli("print", str(CUBE), config=config).returncode == 0
+        done = next_event(subscriber, lambda e: e.name in ("PrintDone", "PrintFailed", "Error"), timeout=60)
+        assert done.name == "PrintDone", done.payload
+    finally:
+        if process is not None:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(20) == 0
+        simulator.terminate()
+        simulator.wait(20)
+        simulator.stdout.close()
+        subscriber.close()
+
+
 def test_sigterm_disconnects_cleanly(printer_service):
     process, subscriber, config = printer_service
     process.send_signal(signal.SIGTERM)
