@@ -274,6 +274,9 @@ def run(config, port: str | None = None, baud: int | None = None, virtual: bool 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     started = time.monotonic()
+    from zevents.bus import announce_started
+
+    announce_started(config, "printer")  # the command channel answers from here on
     try:
         service.serve()
     finally:
