@@ -65,6 +65,8 @@ def _zevents_publisher(bus_config, go, count, rate):
         if rate:
             _pace(i, rate)
     publisher.close()
+    # This process ends in os._exit (multiprocessing): only term() makes the context's I/O thread finish sending.
+    zmq.Context.instance().term()
 
 
 @pytest.fixture(scope="module")

@@ -131,7 +131,7 @@ class Hooks:
 
 
 @pytest.mark.parametrize("workers", [4, 2])
-def test_hook_latency_and_throughput(benchmark, node, workers):
+def test_hook_latency_and_throughput(benchmark, figures, node, workers):
     """Each round measures the subprocess.run loop right before the burst, so both see the same machine load."""
     bus_config, directory, broker_pid = node
     hooks = Hooks(bus_config, directory, workers)
@@ -160,6 +160,10 @@ def test_hook_latency_and_throughput(benchmark, node, workers):
             "baseline_runs_per_s": round(statistics.median(baselines)),
             "ratio_vs_subprocess_run_loop": round(statistics.median(ratios), 2), **where}
     benchmark.extra_info.update(info)
+    figures.add("hooks", f"runs/s of `true`, {workers} workers", info["hook_runs_per_s"], "runs/s",
+                info["baseline_runs_per_s"], "subprocess.run loop")
+    figures.add("hooks", f"event→command started p50, {workers} workers", p50 * 1000, "µs")
+    figures.add("hooks", f"event→command started p99, {workers} workers", p99 * 1000, "µs")
     print(f"\nhooks ({workers} workers, {os.cpu_count()} CPUs): event→started p50 {p50:.3f} ms, p99 {p99:.3f} ms; "
           f"{info['hook_runs_per_s']} runs/s vs subprocess.run loop {info['baseline_runs_per_s']} runs/s = "
           f"{info['ratio_vs_subprocess_run_loop']}× (median of rounds); CPU µs per run: "

@@ -225,3 +225,45 @@ def _load(path: Path):
     from zevents.config import load
 
     return load(path)
+
+
+def test_hooks_may_not_move_the_printer_unless_the_config_allows_it(printer_service, short_tmp, bus_config):
+    """Hooks run on bus events, which anyone on the machine can fire: by default their G-code may not move."""
+    process, subscriber, config = printer_service
+    client = channel.CommandClient(channel.endpoint(_load(config)))
+    try:
+        with pytest.raises(channel.ChannelError, match="printer.allow_bus_commands"):
+            client.gcode(["M117 hooked", "G28"], src="hook")
+        assert client.gcode(["M117 hooked", "M105"], src="hook")["accepted"] == 2
+        # The user's own commands are not bus events: they may move it.
+        assert client.gcode(["G28"], src="user")["accepted"] == 1
+        assert next_event(subscriber, lambda e: e.name == "Home").src == "user"
+    finally:
+        client.close()
+
+
+def test_allow_bus_commands_lets_hooks_move_the_printer(short_tmp, bus_config, running_broker):
+    config = write_config(short_tmp, bus_config, allow_bus_commands=True)
+    subscriber = bus.Subscriber(bus_config, groups=["comm", "gcode"])
+    process = subprocess.Popen(ZEVENTS + ["printer", "--virtual", "-c", str(config)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    client = channel.CommandClient(channel.endpoint(_load(config)))
+    try:
+        assert next_event(subscriber, lambda e: e.name in ("Connected", "Error")).name == "Connected"
+        assert client.gcode(["G28"], src="hook")["accepted"] == 1
+        assert next_event(subscriber, lambda e: e.name == "Home").src == "hook"
+    finally:
+        client.close()
+        subscriber.close()
+        process.terminate()
+        process.wait(15)
+
+
+@pytest.mark.parametrize("line,moves", [
+    ("G28", True), ("g1 x10", True), ("G1X10", True), ("G01 X1", True), ("N12 G28*33", True), ("T1", True),
+    ("M600", True), ("G38.2 Z-1", True), ("M24", True), ("M117 hello G28", False), ("M104 T1 S200", False),
+    ("G4 P100", False), ("; G28", False), ("(G28)", False), ("G280", False), ("G92 E0", False), ("", False)])
+def test_which_lines_move_the_printer(line, moves):
+    from zevents.printer.service import moves_the_printer
+
+    assert moves_the_printer(line) is moves

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import queue
+import re
 import signal
 import threading
 import time
@@ -25,9 +27,27 @@ from zevents.printer.link import LinkError, PrinterLink
 
 log = logging.getLogger("zevents.printer.service")
 
-LOOP_INTERVAL = 0.02   # seconds the loop waits for a request before draining the event queue again
+LOOP_INTERVAL = 1.0    # seconds the loop may sleep: events and finished jobs wake it through a pipe
 VIRTUAL = "VIRTUAL"
 SRC_VALUES = ("user", "hook", "job", "firmware")
+
+# Commands that move an axis, extrude, or start a print by themselves.  Hooks run on bus events (anyone on the
+# machine can fire one), so these are refused from hooks unless printer.allow_bus_commands says otherwise.
+MOTION_COMMANDS = frozenset({
+    "G0", "G1", "G2", "G3", "G5", "G10", "G11", "G12", "G26", "G27", "G28", "G29", "G30", "G33", "G34", "G35",
+    "G38.2", "G38.3", "G38.4", "G38.5", "G425", "M24", "M32", "M33", "M125", "M600", "M701", "M702", "M808"})
+
+
+_FIRST_WORD = re.compile(r"\s*(?:N\d+\s*)?([GMT])0*(\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+def moves_the_printer(line: str) -> bool:
+    """True when a G-code line moves the printer (motion, homing, probing, extrusion, tool change, SD start)."""
+    match = _FIRST_WORD.match(line.split(";", 1)[0])
+    if match is None:
+        return False
+    letter, number = match.group(1).upper(), match.group(2)
+    return letter == "T" or f"{letter}{number}" in MOTION_COMMANDS
 
 
 class ServiceError(RuntimeError):
@@ -56,6 +76,9 @@ class PrinterService:
         self.jobs: Jobs | None = None
         self._pending: list = []
         self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
 
     # --- life cycle ----------------------------------------------------------------------------------------------
 
@@ -79,7 +102,9 @@ class PrinterService:
             retries=int(self.section.get("retries", 3)))
         self.jobs = Jobs(self.link, scripts=self.section.get("scripts") or {})
         if self.autoconnect:
-            self._pending.append((self.jobs.submit(self._connect), None, None))
+            future = self.jobs.submit(self._connect)
+            future.add_done_callback(self._wake)
+            self._pending.append((future, None, None))
 
     def _start_virtual(self) -> str:
         try:
@@ -107,8 +132,13 @@ class PrinterService:
         """The service loop: requests in, events out, until stop()."""
         poller = zmq.Poller()
         poller.register(self.server.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         while not self._stop.is_set():
             if poller.poll(LOOP_INTERVAL * 1000):
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
                 while True:
                     request = self.server.receive()
                     if request is None:
@@ -118,8 +148,16 @@ class PrinterService:
             self._publish_events()
         self._publish_events()
 
+    def _wake(self, *_):
+        """Any thread: make the service loop look at its queues now (an idle loop sleeps, it does not poll)."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a full pipe already means "wake up"
+
     def stop(self):
         self._stop.set()
+        self._wake()
 
     def close(self):
         """Disconnect politely, publish what is left, release everything."""
@@ -137,11 +175,18 @@ class PrinterService:
             self.server.close()
         if self.publisher is not None:
             self.publisher.close(linger=2.0)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
 
     # --- events --------------------------------------------------------------------------------------------------
 
     def _enqueue_event(self, name: str, payload: dict, src: str):
         self.events.put((name, payload, src))
+        self._wake()
 
     def _publish_events(self):
         events = self.events
@@ -164,6 +209,7 @@ class PrinterService:
                 server.reply(reply_to, args, True, **self._gcode(args))
             elif command in self._JOB_COMMANDS:
                 future = self.jobs.submit(self._JOB_COMMANDS[command], self, args)
+                future.add_done_callback(self._wake)
                 self._pending.append((future, reply_to, args))
             else:
                 server.reply(reply_to, args, False, error=f"unknown command {command!r}")
@@ -179,6 +225,11 @@ class PrinterService:
         src = args.get("src") or "user"
         if src not in SRC_VALUES:
             raise ValueError(f"src must be one of {', '.join(SRC_VALUES)}, not {src!r}")
+        if src == "hook" and not self.section.get("allow_bus_commands"):
+            moving = [line for line in lines if moves_the_printer(line)]
+            if moving:
+                raise LinkError(f"refused {moving[0].strip()!r}: G-code sent by hooks (triggered by bus events) may "
+                                "not move the printer unless printer.allow_bus_commands is true")
         if not self.link.connected:
             raise LinkError(f"the printer is not connected (state: {self.link.status()['state_string']})")
         accepted, suppressed = self.link.send(lines, src=src)
@@ -211,6 +262,7 @@ class PrinterService:
             if done is not None and args and args.get("wait"):
                 # An SD upload the client waits for: reply once TransferDone is out, without blocking anything.
                 waiting = concurrent.futures.Future()
+                waiting.add_done_callback(self._wake)
                 threading.Thread(target=lambda: (done.wait(), waiting.set_result(result)), daemon=True).start()
                 still.append((waiting, reply_to, args))
                 continue
