@@ -17,7 +17,7 @@ import msgpack
 import pytest
 import zmq
 
-from zevents import bus, wire
+from zevents import bus
 from zevents.config import BusConfig
 
 N = int(os.environ.get("ZEVENTS_BENCH_EVENTS", "200000"))

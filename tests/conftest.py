@@ -33,6 +33,20 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01, message: 
         time.sleep(interval)
 
 
+def collect(subscriber, count: int, timeout: float = 30.0, names=None) -> list:
+    """``count`` events (of the given names) from a subscriber, or fail."""
+    got = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            pytest.fail(f"got {len(got)} of {count} events: {got}")
+        envelope = subscriber.recv(remaining)
+        if envelope is not None and (names is None or envelope.name in names):
+            got.append(envelope)
+    return got
+
+
 @pytest.fixture
 def short_tmp(tmp_path_factory):
     """A short directory: ipc socket paths must stay under ~100 bytes."""

@@ -4,10 +4,8 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 import signal
 import subprocess
-import sys
 import threading
 
 import msgpack

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import DATA, wait_for
+from conftest import DATA, collect, wait_for
 from zevents import bus, wire
 from zevents import config as zconfig
 from zevents.printer import channel
@@ -36,19 +36,6 @@ def wait_records(path: Path, count: int, timeout: float = 30.0) -> list:
     wait_for(lambda: len(read_records(path)) >= count, timeout, message=f"{count} hook records in {path}")
     return read_records(path)
 
-
-def collect(subscriber, count: int, timeout: float = 30.0, names=None) -> list:
-    """``count`` events (of the given names) from a subscriber, or fail."""
-    got = []
-    deadline = time.monotonic() + timeout
-    while len(got) < count:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            pytest.fail(f"got {len(got)} of {count} events: {got}")
-        envelope = subscriber.recv(remaining)
-        if envelope is not None and (names is None or envelope.name in names):
-            got.append(envelope)
-    return got
 
 
 def record_sub(event, *args, record: Path, **extra) -> dict:

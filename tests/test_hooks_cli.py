@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import DATA, wait_for
+from conftest import DATA, collect, wait_for
 from zevents import bus
 from zevents.printer import channel
 
@@ -35,18 +34,6 @@ def records(path: Path) -> list:
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-
-def collect(subscriber, count: int, timeout: float = 30.0, names=None) -> list:
-    got = []
-    deadline = time.monotonic() + timeout
-    while len(got) < count:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            pytest.fail(f"got {len(got)} of {count} events: {got}")
-        envelope = subscriber.recv(remaining)
-        if envelope is not None and (names is None or envelope.name in names):
-            got.append(envelope)
-    return got
 
 
 @pytest.fixture

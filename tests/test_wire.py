@@ -1,7 +1,6 @@
 """The bytes: golden frames pin them, the documented example matches them, malformed frames are refused."""
 import json
 import re
-from pathlib import Path
 
 import pytest
 

@@ -12,7 +12,6 @@ holding its stdout is done when its own process exits.
 """
 from __future__ import annotations
 
-import collections
 import errno
 import logging
 import os
