@@ -284,8 +284,24 @@ cdef extern from *:
         return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
     }
 
+    /* The value of a scanned number [start, p): m / 10**k with m < 2**53 and k <= 22 is one correctly rounded
+       division of exact doubles (float()'s value); longer numbers go through float() itself. */
+    ZEV_INLINE const unsigned char* zev_number_value(const unsigned char* start, const unsigned char* p,
+                                                     uint64_t mantissa, Py_ssize_t integer, Py_ssize_t fraction,
+                                                     int negative, double* out) {
+        double value;
+        if (integer + fraction > 15  /* up to 15 digits always fit 2**53 */
+                && (integer + fraction > 19 || mantissa > 9007199254740992ULL || fraction > 22)) {
+            return zev_slow_float(start, p - start, out) < 0 ? NULL : p;
+        }
+        value = (double)mantissa;
+        if (fraction) value = value / zev_pow10[fraction];
+        *out = negative ? -value : value;
+        return p;
+    }
+
     /* [+-]?(digits[.digits*]|.digits) at p: the end; *found whether there is a number; NULL on error.
-       m / 10**k with m < 2**53 and k <= 22 is one correctly rounded division of exact doubles: float()'s value. */
+       The value comes from zev_number_value. */
     ZEV_INLINE const unsigned char* zev_number(const unsigned char* p, const unsigned char* end, double* out,
                                                int* found, const int terminated) {
         const unsigned char* start = p;
@@ -294,7 +310,6 @@ cdef extern from *:
         Py_ssize_t integer, fraction = 0;
         unsigned d;
         int negative = 0;
-        double value;
         if (p < end && (*p == '-' || *p == '+')) { negative = *p == '-'; p++; }
         digits = p;
         /* terminated: *end is the line's terminator (CR or LF), which stops a digit run by itself */
@@ -310,14 +325,7 @@ cdef extern from *:
             return p;
         }
         *found = 1;
-        if (integer + fraction > 15  /* up to 15 digits always fit 2**53 */
-                && (integer + fraction > 19 || mantissa > 9007199254740992ULL || fraction > 22)) {
-            return zev_slow_float(start, p - start, out) < 0 ? NULL : p;
-        }
-        value = (double)mantissa;
-        if (fraction) value = value / zev_pow10[fraction];
-        *out = negative ? -value : value;
-        return p;
+        return zev_number_value(start, p, mantissa, integer, fraction, negative, out);
     }
 
     /* the digit run at p, two digits a step: its end, the run's digits appended to *mantissa.  The run ends
@@ -346,7 +354,6 @@ cdef extern from *:
         uint64_t mantissa = 0;
         Py_ssize_t integer, fraction = 0;
         int negative = 0;
-        double value;
         if (*p == '-' || *p == '+') { negative = *p == '-'; p++; }
         digits = p;
         p = zev_digit_pairs(p, &mantissa);
@@ -361,14 +368,7 @@ cdef extern from *:
             return p;
         }
         *found = 1;
-        if (integer + fraction > 15  /* up to 15 digits always fit 2**53 */
-                && (integer + fraction > 19 || mantissa > 9007199254740992ULL || fraction > 22)) {
-            return zev_slow_float(start, p - start, out) < 0 ? NULL : p;
-        }
-        value = (double)mantissa;
-        if (fraction) value = value / zev_pow10[fraction];
-        *out = negative ? -value : value;
-        return p;
+        return zev_number_value(start, p, mantissa, integer, fraction, negative, out);
     }
 
     /* zev_number for the general parameter scanner (G4, G28, G92: rare lines) */
