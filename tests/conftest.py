@@ -97,3 +97,18 @@ def virtual_printer(request, tmp_path):
     printer = VirtualPrinter(**settings).start()
     yield printer
     printer.stop()
+
+
+@pytest.fixture(params=["py", "c"])
+def Parser(request):
+    """Each parser test runs on the pure twin and on the compiled parser (skipped when ZEVENTS_PUREPYTHON=1 forces
+    the twin; a failure, not a skip, when the compiled one did not load)."""
+    from zevents.parser import C_LOAD_ERROR, CParser, FORCED_PURE, PyParser
+
+    if request.param == "py":
+        return PyParser
+    if FORCED_PURE:
+        pytest.skip("ZEVENTS_PUREPYTHON=1: only the pure twin is under test")
+    if CParser is None:
+        pytest.fail(f"the compiled parser did not load: {C_LOAD_ERROR}")
+    return CParser

@@ -11,16 +11,6 @@ from zevents.parser import (C_LOAD_ERROR, CParser, FORCED_PURE, IMPLEMENTATION, 
 from zevents._parser import _rules
 
 
-@pytest.fixture(params=["py", "c"])
-def Parser(request):
-    """Each test runs on the pure twin and on the compiled parser."""
-    if request.param == "py":
-        return PyParser
-    if FORCED_PURE:
-        pytest.skip("ZEVENTS_PUREPYTHON=1: only the pure twin is under test")
-    if CParser is None:
-        pytest.fail(f"the compiled parser did not load: {C_LOAD_ERROR}")
-    return CParser
 
 
 def names(events):

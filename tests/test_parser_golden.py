@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from zevents.parser import C_LOAD_ERROR, CParser, FORCED_PURE, BinaryGcodeError, PyParser
+from zevents.parser import CParser, FORCED_PURE, BinaryGcodeError, PyParser
 
 DATA = Path(__file__).resolve().parent / "data" / "parser"
 SHARED = Path(os.environ.get("ZEVENTS_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -23,15 +23,6 @@ CHUNK_SIZES = [1, 2, 3, 7, 64, 4096]
 REGENERATE = os.environ.get("ZEVENTS_REGEN_GOLDEN") == "1"
 
 
-@pytest.fixture(params=["py", "c"])
-def Parser(request):
-    if request.param == "py":
-        return PyParser
-    if FORCED_PURE:
-        pytest.skip("ZEVENTS_PUREPYTHON=1: only the pure twin is under test")
-    if CParser is None:
-        pytest.fail(f"the compiled parser did not load: {C_LOAD_ERROR}")
-    return CParser
 
 
 def run(parser_class, data: bytes, chunk: int | None = None):
