@@ -72,13 +72,13 @@ class Field:
 class Template:
     """A parsed template: literal strings and :class:`Field` s, in order."""
 
-    __slots__ = ("source", "parts", "fields", "quote_for_shell", "constant")
+    __slots__ = ("source", "parts", "fields", "shell_quoting", "constant")
 
-    def __init__(self, source: str, parts: list, quote_for_shell: bool = False):
+    def __init__(self, source: str, parts: list, shell_quoting: bool = False):
         self.source = source
         self.parts = tuple(parts)
         self.fields = tuple(p for p in self.parts if isinstance(p, Field))
-        self.quote_for_shell = quote_for_shell
+        self.shell_quoting = shell_quoting
         self.constant = None if self.fields else "".join(self.parts)
 
     def render(self, values: "Values", sanitize=None) -> str:
@@ -93,7 +93,7 @@ class Template:
             text = values.format(part)
             if sanitize is not None:
                 text = sanitize(text)
-            if self.quote_for_shell:
+            if self.shell_quoting:
                 text = _shell_quote(text, part.context)
             out.append(text)
         return "".join(out)
@@ -276,7 +276,7 @@ def compile_shell(source: str) -> Template:
         field.context = scan.contexts.get(index, "N")
         if field.context == "BQ":
             raise TemplateError(f"{field.text} inside `...` cannot be quoted safely; write $(...) instead")
-    return Template(source, _parts_of(marked, fields), quote_for_shell=True)
+    return Template(source, _parts_of(marked, fields), shell_quoting=True)
 
 
 def compile_argv(source: str) -> list:
