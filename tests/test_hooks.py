@@ -50,9 +50,9 @@ def hooks(bus_config, running_broker, short_tmp):
     """Start HooksService instances in-process (on a thread) against the test broker."""
     started = []
 
-    def start(subscriptions, workers=4, enabled=True, on_started=None):
+    def start(subscriptions, workers=4, enabled=True, on_started=None, max_queued=10000):
         cfg = zconfig.from_bus(bus_config, events={"enabled": enabled, "subscriptions": subscriptions},
-                               hooks={"workers": workers},
+                               hooks={"workers": workers, "max_queued": max_queued},
                                printer={"commands": f"ipc://{short_tmp}/printer.sock"})
         service = HooksService(cfg, on_started=on_started)
         thread = threading.Thread(target=service.serve, daemon=True)
@@ -199,9 +199,8 @@ def idle_service(bus_config):
 
 
 def queued(service) -> list:
-    jobs = []
-    while not service.executor.inbox.empty():
-        jobs.append(service.executor.inbox.get())
+    jobs = list(service.runs.queue)
+    service.runs.queue.clear()
     return jobs
 
 
@@ -365,6 +364,30 @@ def test_burst_of_1000_events_with_a_slow_hook_loses_nothing_and_the_pool_limit_
     assert 2 <= most <= 3
     wait_for(lambda: service.stats["HookFinished"] == 1000, 30, message="1000 HookFinished")
     assert service.max_running <= 3
+
+
+def test_a_full_queue_refuses_runs_with_a_hook_failed_each_and_runs_the_rest(hooks, publisher, results, short_tmp,
+                                                                             caplog):
+    gate = short_tmp / "gate"
+    os.mkfifo(gate)
+    record = short_tmp / "record.jsonl"
+    # The first run blocks on the fifo, holding the only slot; two more wait in the queue; the rest are refused.
+    service = hooks([{"event": "Home", "type": "system", "name": "gate", "command": f"cat {gate}"},
+                     record_sub("ZChange", "{new}", record=record, name="queued")], workers=1, max_queued=2)
+    publisher.publish("Home", {})
+    wait_for(lambda: service.runs.active == 1, 10, message="the gate hook running")
+    for i in range(5):
+        publisher.publish("ZChange", {"new": i, "old": i - 1})
+    refused = collect(results, 3, names={"HookFailed"})
+    assert all("hooks.max_queued" in e.payload["stderr"] and e.payload["subscription"] == "queued"
+               for e in refused)
+    assert service.stats["refused"] == 3
+    with open(gate, "w") as opened:  # lets `cat` finish: the queued runs go on
+        opened.write("open\n")
+    finished = collect(results, 3, names={"HookFinished"})
+    assert [e.payload["subscription"] for e in finished] == ["gate", "queued", "queued"]
+    assert [r["argv"] for r in read_records(record)] == [["0"], ["1"]]
+    assert sum("hooks.max_queued" in r.message for r in caplog.records) == 1  # logged once, counted always
 
 
 # --- gcode -----------------------------------------------------------------------------------------------------

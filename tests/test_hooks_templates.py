@@ -162,7 +162,8 @@ def test_warnings_keep_the_subscription(tmp_path):
 
 
 @pytest.mark.parametrize("hooks_section, message", [({"workers": 0}, "between 1 and 256"),
-                                                    ({"timeout": 0}, "must be > 0")])
+                                                    ({"timeout": 0}, "must be > 0"),
+                                                    ({"max_queued": 0}, "at least 1")])
 def test_hooks_section_limits_are_fatal(tmp_path, hooks_section, message):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"hooks": hooks_section}))
@@ -181,12 +182,7 @@ def test_default_name_and_timeout(tmp_path):
 
 # --- spawning ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("spawner", ["libc", "os"])
-def test_hook_processes_lead_their_own_session_with_default_signals(spawner, monkeypatch):
-    if spawner == "os":
-        monkeypatch.setattr(hooks_exec, "_posix_spawn", hooks_exec._os_spawn)
-    else:
-        monkeypatch.setattr(hooks_exec, "_posix_spawn", None)
+def test_hook_processes_lead_their_own_session_with_default_signals():
     result = hooks_exec.run(["sh", "-c", "cat /proc/$$/stat; grep SigIgn /proc/$$/status"], dict(os.environ))
     assert result.ok, result.stderr
     stat, ignored = result.stdout.decode().splitlines()
@@ -194,8 +190,6 @@ def test_hook_processes_lead_their_own_session_with_default_signals(spawner, mon
     assert pid == pgrp == session  # killpg at the timeout reaches the hook and everything it started
     sigpipe = 1 << (13 - 1)
     assert not int(ignored.split()[1], 16) & sigpipe  # Python ignores SIGPIPE; the hook must not inherit that
-    if spawner == "libc":
-        assert isinstance(hooks_exec._posix_spawn, hooks_exec._LibcSpawn)
 
 
 def test_embedded_nul_bytes_are_refused_not_cut():

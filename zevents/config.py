@@ -52,7 +52,7 @@ SCHEMA: dict = {
     },
     "parser": {"blocked_commands": list, "ignored_commands": list},
     "events": {"enabled": bool, "subscriptions": list},
-    "hooks": {"workers": int, "timeout": NUMBER},
+    "hooks": {"workers": int, "timeout": NUMBER, "max_queued": int},
     "data_dir": OPT_STR,
 }
 

@@ -5,8 +5,8 @@ It owns:
 * the subscriber loop: every event is matched against ``events.subscriptions`` (see
   :mod:`zevents.subscribers.hooks_config`) and each admitted run is queued with the printer state of that moment
   (``__currentZ``, ``__filename``, ..., kept here from the broker's snapshot at start-up, then live events);
-* the runs, at most ``hooks.workers`` at once (:class:`zevents.subscribers.hooks_exec.Executor`): the commands of one
-  run in order, stopping at the first failure; system commands without a shell (:mod:`zevents.placeholders`, :mod:`zevents.subscribers.hooks_exec`),
+* the runs, at most ``hooks.workers`` processes at once, at most ``hooks.max_queued`` waiting
+  (:class:`zevents.subscribers.hooks_exec.Runs`): the commands of one run in order, stopping at the first failure; system commands without a shell (:mod:`zevents.placeholders`, :mod:`zevents.subscribers.hooks_exec`),
   G-code through the printer link's command channel, never the PUB/SUB bus;
 * the result events ``hook/HookFinished``, ``hook/HookFailed``, ``hook/HookTimedOut`` (src ``hook``), whose payload
   adds ``stdout`` (tail), ``depth`` (how many hook runs led to this one), ``started`` (µs) and ``type`` to the
@@ -17,8 +17,10 @@ It owns:
   publishing ``SettingsUpdated``;
 * `zevents hooks test`: what would run for an event, or run it and show the results.
 
-The subscriber thread only decodes, matches and queues: spawning happens on the executor's threads, so a slow hook
-never delays the next event's match.
+One thread does the work: a single poll waits on the bus socket and on every running hook's pipes and pidfd, an
+event is matched and its commands spawned at once (posix_spawn holds the thread only until the child has exec'd),
+and a process's exit completes its run.  A slow hook never delays the next event's match; only G-code hooks, which
+wait for the printer's reply, run on a background thread.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ import signal
 import sys
 import threading
 import time
+
+import zmq
 
 from zevents import bus
 from zevents import config as zconfig
@@ -46,11 +50,13 @@ zconfig.SECTION_VALIDATORS["events"] = hooks_config.validate_events
 zconfig.SECTION_VALIDATORS["hooks"] = hooks_config.validate_hooks
 
 MAX_HOOK_DEPTH = 3
+SERVE_TICK = 0.2  # seconds between checks for stop() and reloads
 GCODE_REPLY_TIMEOUT = 10.0
 STATE_GROUPS = ("gcode", "file", "print", "comm")
 RESULT_TEXT_LIMIT = 2000
 ENV_VALUE_LIMIT = 65536
 FINISHED, FAILED, TIMED_OUT = "HookFinished", "HookFailed", "HookTimedOut"
+DEFAULT_MAX_QUEUED = 10000
 
 
 # --- printer state behind the generic placeholders ---------------------------------------------------------------
@@ -232,7 +238,7 @@ class HookRunner:
                                    payload_json.encode("utf-8", "replace"), subscription.timeout)
 
     def outcome(self, job: Job, outcome) -> tuple[str, dict]:
-        """(result event name, payload) from what the executor reports for a job."""
+        """(result event name, payload) from what the runs report for a job."""
         subscription = job.subscription
         if isinstance(outcome, BaseException):
             name, fields = FAILED, {"stderr": f"internal error: {outcome!r}"}
@@ -250,7 +256,7 @@ class HookRunner:
         return name, _events.complete_payload(name, payload)
 
     def execute(self, job: Job) -> tuple[str, dict]:
-        """Run one job here and now (``zevents hooks test --run``); the service uses an Executor instead."""
+        """Run one job here and now (``zevents hooks test --run``); the service drives many at once through Runs."""
         spec = self.prepare(job)
         if not isinstance(spec, hooks_exec.Commands):
             return self.outcome(job, spec())
@@ -311,7 +317,7 @@ class HookRunner:
 # --- the service -----------------------------------------------------------------------------------------------
 
 class HooksService:
-    """Subscriber loop + executor + result publisher.  ``serve()`` blocks until ``stop()``; ``close()`` after."""
+    """Subscriber loop + runs + result publisher.  ``serve()`` blocks until ``stop()``; ``close()`` after."""
 
     def __init__(self, config, context=None, on_started=None):
         hooks_exec.ensure_std_fds()
@@ -322,8 +328,9 @@ class HooksService:
         self.stats: collections.Counter = collections.Counter()
         self.subscriptions: list = []
         self.table: dict = {}
-        self.executor = hooks_exec.Executor(int(config.get("hooks", "workers", default=4)), self.runner.prepare,
-                                            self._complete, on_started)
+        self.runs = hooks_exec.Runs(int(config.get("hooks", "workers", default=4)), self.runner.prepare,
+                                    self._complete, on_started,
+                                    max_queued=int(config.get("hooks", "max_queued", default=DEFAULT_MAX_QUEUED)))
         self._publisher = None
         self._publish_lock = threading.Lock()
         self._stop = threading.Event()
@@ -363,7 +370,8 @@ class HooksService:
         self.table = table
         self.active = len({id(s) for runs_on in table.values() for s in runs_on})
         workers = int(config.get("hooks", "workers", default=4))
-        self.executor.set_limit(workers)
+        self.runs.set_limit(workers)
+        self.runs.max_queued = int(config.get("hooks", "max_queued", default=DEFAULT_MAX_QUEUED))
         log.info("%d subscription(s) active on %d event name(s), %d left out, %d worker(s)", self.active, len(table),
                  len(config.get("events", "subscriptions", default=None) or []) - len(subscriptions), workers)
         return problems
@@ -411,11 +419,11 @@ class HooksService:
         if self._publisher is None:
             self._publisher = bus.Publisher(self.config, src="hook", printer=self.config.get("printer", "name"),
                                             context=self.context)
-        self.executor.start()
+        self.runs.start()
 
     @property
     def max_running(self) -> int:
-        return self.executor.max_active
+        return self.runs.max_active
 
     def _complete(self, job: Job, outcome):
         """On a worker thread: count the run and publish its result event."""
@@ -458,9 +466,26 @@ class HooksService:
         queued = 0
         for subscription in subscriptions:
             if self.admit(subscription, envelope.group, name, payload, depth):
-                self.executor.submit(Job(subscription, name, payload, envelope.ts, state, depth + 1))
-                queued += 1
+                job = Job(subscription, name, payload, envelope.ts, state, depth + 1)
+                if self.runs.submit(job):
+                    queued += 1
+                else:
+                    self._overflow(job)
         return queued
+
+    def _overflow(self, job: Job):
+        """A full queue: the run is refused, and says so on the bus like any failed run."""
+        why = (f"not run: {self.runs.backlog} runs are already waiting (hooks.max_queued); hooks are slower than "
+               "the events that trigger them")
+        if ("overflow", None) not in job.subscription.warned:
+            job.subscription.warned.add(("overflow", None))
+            log.error("hook %r on %s %s (logged once; each refused run publishes HookFailed)",
+                      job.subscription.name, job.name, why)
+        payload = {"subscription": job.subscription.name, "event": job.name, "depth": job.depth,
+                   "type": job.subscription.type, "duration": 0.0, "argv": None, "returncode": None,
+                   "stderr": why, "stdout": "", "started": None}
+        self.stats["refused"] += 1
+        self._publish(FAILED, _events.complete_payload(FAILED, payload), count=True)
 
     def admit(self, subscription: Subscription, group: str, name: str, payload: dict, depth: int) -> bool:
         if group == "hook":
@@ -524,9 +549,12 @@ class HooksService:
         return new
 
     def serve(self):
-        """Run until stop(): subscribe, learn the printer state, dispatch events, reload when asked."""
+        """Run until stop(): subscribe, learn the printer state, dispatch events, drive the runs, reload when asked."""
         self.start()
         subscriber = self.subscriber = bus.Subscriber(self.config, groups=self.groups(), context=self.context)
+        runs = self.runs
+        poller = runs.poller
+        poller.register(subscriber.sock, zmq.POLLIN)
         try:
             try:
                 self.state.load(subscriber.snapshot(STATE_GROUPS))
@@ -534,15 +562,26 @@ class HooksService:
                 log.warning("no snapshot from the broker (%s): printer state unknown until events arrive", exc)
             self.ready.set()
             log.info("hooks service ready: subscribed at %s", self.config.bus.publish)
-            dispatch = self.dispatch
+            dispatch, handle, monotonic = self.dispatch, runs.handle, time.monotonic
             while not self._stop.is_set():
-                envelope = subscriber.recv(0.2)
-                if envelope is not None:
-                    dispatch(envelope)
-                if self._reload_at is not None and time.monotonic() >= self._reload_at:
+                sock = subscriber.sock
+                wait = min(runs.next_deadline() - monotonic(), SERVE_TICK)
+                for ready, _ in poller.poll(max(0.0, wait) * 1000):
+                    if ready is sock:
+                        envelope = subscriber.recv(0)
+                        while envelope is not None:
+                            dispatch(envelope)
+                            envelope = subscriber.recv(0)
+                    else:
+                        handle(ready)
+                runs.check_time(monotonic())
+                if self._reload_at is not None and monotonic() >= self._reload_at:
                     if self.reload() and self.groups() != subscriber.groups:
+                        poller.unregister(subscriber.sock)
                         subscriber = self.subscriber = self._resubscribe(subscriber)
+                        poller.register(subscriber.sock, zmq.POLLIN)
         finally:
+            poller.unregister(subscriber.sock)
             subscriber.close()
 
     def stop(self):
@@ -550,12 +589,12 @@ class HooksService:
 
     def close(self, grace: float = 5.0):
         """Stop running hooks: running ones get ``grace`` seconds (then their process groups are killed), queued
-        ones are not started."""
+        ones are not started.  Call once ``serve()`` has returned (or was never called)."""
         self._stop.set()
-        self.executor.stop(grace)
-        if self.executor.not_started:
+        self.runs.stop(grace)
+        if self.runs.not_started:
             log.warning("%d queued hook run(s) were not started because the service stopped",
-                        self.executor.not_started)
+                        self.runs.not_started)
         self.runner.close()
         if self._publisher is not None:
             self._publisher.close(linger=1.0)

@@ -335,12 +335,15 @@ def validate_events(config, section) -> list:
 
 
 def validate_hooks(config, section) -> list:
-    """``hooks.workers`` ≥ 1 and ``hooks.timeout`` > 0 (the schema checks their types)."""
+    """``hooks.workers`` ≥ 1, ``hooks.max_queued`` ≥ 1 and ``hooks.timeout`` > 0 (the schema checks their types)."""
     problems = []
     section = section or {}
     workers = section.get("workers")
     if isinstance(workers, int) and not isinstance(workers, bool) and not 1 <= workers <= 256:
         problems.append(config.error(f"must be between 1 and 256, not {workers}", "hooks", "workers"))
+    max_queued = section.get("max_queued")
+    if isinstance(max_queued, int) and not isinstance(max_queued, bool) and max_queued < 1:
+        problems.append(config.error(f"must be at least 1, not {max_queued}", "hooks", "max_queued"))
     timeout = section.get("timeout")
     if _number(timeout) and timeout <= 0:
         problems.append(config.error(f"must be > 0 seconds, not {timeout}", "hooks", "timeout"))

@@ -1,9 +1,9 @@
 """Running hook commands: spawn without a shell, feed stdin, keep a bounded tail of the output, kill at timeout;
-and the :class:`Executor`, a pool of threads that runs many of them at once, up to a limit.
+and :class:`Runs`, which runs many of them at once, up to a limit, from one thread's poll loop.
 
-Spawning is the hot path of the hooks service.  It calls glibc's ``posix_spawn`` (vfork+exec, no copy of the
-parent's memory) through ctypes so that the GIL is free while the parent waits for the child's exec; the child starts
-in a new session, hence its own process group: at the timeout the whole group gets SIGTERM, then SIGKILL after
+Spawning is the hot path of the hooks service: ``os.posix_spawn`` (glibc's is a vfork+exec: no copy of the
+parent's memory, and the parent is held only until the child has exec'd); the child starts in a new session, hence
+its own process group: at the timeout the whole group gets SIGTERM, then SIGKILL after
 ``KILL_GRACE`` seconds, so a hook's children die with it.  A command with a ``cwd`` goes through
 ``subprocess.Popen``, since posix_spawn cannot change directory portably.
 
@@ -12,6 +12,7 @@ holding its stdout is done when its own process exits.
 """
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -105,77 +106,10 @@ def _program(name: str, path: str | None) -> str:
     return found
 
 
-class _LibcSpawn:
-    """glibc's posix_spawn called through ctypes, which lets go of the GIL for the call: os.posix_spawn keeps it
-    while the parent is held in vfork until the child has exec'd (up to a millisecond or more when the CPUs are
-    busy), so hooks could only ever start one at a time and every other thread of the service stalled meanwhile."""
-
-    _SETSIGDEF, _SETSIGMASK, _SETSID = 0x04, 0x08, 0x80
-
-    def __init__(self):
-        import ctypes
-
-        self.ctypes = ctypes
-        libc = ctypes.CDLL(None, use_errno=True)  # the C library Python itself is linked with
-        self.libc = libc
-        self.spawn = libc.posix_spawn
-        self.spawn.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p,
-                               ctypes.c_void_p, ctypes.c_void_p]
-        # Opaque glibc structures, with room to spare (80, 336 and 128 bytes on x86-64 and arm64).
-        self.attr = ctypes.create_string_buffer(1024)
-        sigdef = ctypes.create_string_buffer(256)
-        mask = ctypes.create_string_buffer(256)
-        libc.sigemptyset(sigdef)
-        for number in _DEFAULT_SIGNALS:
-            libc.sigaddset(sigdef, int(number))
-        libc.sigemptyset(mask)
-        if (libc.posix_spawnattr_init(self.attr) or libc.posix_spawnattr_setsigdefault(self.attr, sigdef)
-                or libc.posix_spawnattr_setsigmask(self.attr, mask)
-                or libc.posix_spawnattr_setflags(self.attr, ctypes.c_short(
-                    self._SETSIGDEF | self._SETSIGMASK | self._SETSID))):
-            raise OSError("posix_spawnattr setup failed")
-        self._keep = (sigdef, mask)
-
-    def __call__(self, program: str, argv: list, env: dict, fds) -> int:
-        ctypes = self.ctypes
-        if "\0" in "".join(argv) or "\0" in "".join(env.values()):
-            raise ValueError("embedded null byte")  # C would silently cut the string there
-        c_argv = (ctypes.c_char_p * (len(argv) + 1))()
-        c_argv[:-1] = [a.encode("utf-8", "surrogateescape") for a in argv]
-        c_env = (ctypes.c_char_p * (len(env) + 1))()
-        c_env[:-1] = [f"{k}={v}".encode("utf-8", "surrogateescape") for k, v in env.items()]
-        actions = ctypes.create_string_buffer(256)
-        libc = self.libc
-        libc.posix_spawn_file_actions_init(actions)
-        try:
-            for fd, target in fds:
-                libc.posix_spawn_file_actions_adddup2(actions, fd, target)
-            pid = ctypes.c_int()
-            err = self.spawn(ctypes.byref(pid), os.fsencode(program), actions, self.attr, c_argv, c_env)
-        finally:
-            libc.posix_spawn_file_actions_destroy(actions)
-        if err:
-            raise OSError(err, os.strerror(err), program)
-        return pid.value
-
-
-def _os_spawn(program: str, argv: list, env: dict, fds) -> int:
+def _posix_spawn(program: str, argv: list, env: dict, fds) -> int:
     # setsigdef: Python ignores SIGPIPE, and an ignored signal would stay ignored in the child.
     return os.posix_spawn(program, argv, env, setsid=True, setsigdef=_DEFAULT_SIGNALS, setsigmask=(),
                           file_actions=[(_DUP2, fd, target) for fd, target in fds])
-
-
-_posix_spawn = None
-
-
-def _spawner():
-    global _posix_spawn
-    if _posix_spawn is None:
-        try:
-            _posix_spawn = _LibcSpawn()
-        except (OSError, AttributeError):  # no usable posix_spawn symbol: the GIL-holding one still works
-            _posix_spawn = _os_spawn
-    return _posix_spawn
 
 
 def _spawn(argv: list, env: dict, cwd: str | None, stdin_r: int, out_w: int, err_w: int, retry: bool = True) -> int:
@@ -183,7 +117,7 @@ def _spawn(argv: list, env: dict, cwd: str | None, stdin_r: int, out_w: int, err
         path = env.get("PATH", os.defpath)
         program = _program(argv[0], path)
         try:
-            return (_posix_spawn or _spawner())(program, argv, env, ((stdin_r, 0), (out_w, 1), (err_w, 2)))
+            return _posix_spawn(program, argv, env, ((stdin_r, 0), (out_w, 1), (err_w, 2)))
         except FileNotFoundError:
             if not retry or _resolved.pop((argv[0], path), None) is None:
                 raise
@@ -392,126 +326,207 @@ class Commands:
         self.timeout = timeout
 
 
-_RETIRE = object()
+class _Run:
+    __slots__ = ("job", "spec", "index", "results", "process")
+
+    def __init__(self, job, spec: Commands):
+        self.job = job
+        self.spec = spec
+        self.index = 0
+        self.results: list = []
+        self.process: Process | None = None
 
 
-class Executor:
-    """Runs jobs on a pool of ``limit`` threads: at most ``limit`` in flight, each job's commands in order.
+class Runs:
+    """Many system-command runs at once, driven by the poll loop of one thread: at most ``limit`` processes alive,
+    the jobs beyond that queued (at most ``max_queued``; more are refused and counted, never silently dropped).
 
-    ``prepare(job)`` returns :class:`Commands`, or a callable for other work (a G-code request);
-    ``complete(job, outcome)`` gets the list of :class:`RunResult` (or what the callable returned, or the exception
-    it raised), on the worker's thread.  ``inbox`` is the queue of jobs not started yet."""
+    Why one thread and no worker pool: a spawn takes the parent only until the child has exec'd (posix_spawn is a
+    vfork), and everything after is waiting on file descriptors, which one poll does for all of them.  Threads only
+    added GIL hand-offs and wake-ups between the event and the spawn.  The owner polls :attr:`poller` (a
+    ``zmq.Poller``, so the bus socket can be polled with the processes' pipes and pidfds), passes every ready fd to
+    :meth:`handle` and calls :meth:`check_time` after each wake-up.
 
-    def __init__(self, limit: int, prepare, complete, on_started=None, name: str = "hook-worker"):
+    ``prepare(job)`` returns :class:`Commands`, or a callable for other work (a G-code request), which runs on one
+    background thread since it waits for a reply; ``complete(job, outcome)`` gets the list of :class:`RunResult`
+    (or the callable's return value, or the exception raised), on the polling thread or the background one.
+    Jobs submitted before :meth:`start` wait in :attr:`queue`."""
+
+    def __init__(self, limit: int, prepare, complete, on_started=None, max_queued: int = 10000):
+        import zmq  # the bus's poller, so that one poll serves the subscriber socket and the processes
+
+        self.poller = zmq.Poller()
+        self._in, self._out = zmq.POLLIN, zmq.POLLOUT
         self.limit = limit
         self.prepare = prepare
         self.complete = complete
         self.on_started = on_started
-        self.name = name
-        self.inbox = queue.SimpleQueue()
+        self.max_queued = max_queued
+        self.queue: collections.deque = collections.deque()
         self.active = 0
         self.max_active = 0
         self.not_started = 0
-        self._threads: list = []
-        self._running: set = set()      # processes alive now, for the kill at stop
-        self._lock = threading.Lock()
-        self._started = False
-        self._stopping = False
-
-    def submit(self, job):
-        self.inbox.put(job)
-
-    def set_limit(self, limit: int):
-        self.limit = limit
-        if self._started:
-            self._resize()
-
-    def start(self):
-        self._started = True
-        self._resize()
-
-    def _resize(self):
-        with self._lock:
-            self._threads = [t for t in self._threads if t.is_alive()]
-            missing = self.limit - len(self._threads)
-            for _ in range(max(0, missing)):
-                thread = threading.Thread(target=self._work, name=f"{self.name}-{len(self._threads)}", daemon=True)
-                thread.start()
-                self._threads.append(thread)
-        for _ in range(max(0, -missing)):
-            self.inbox.put(_RETIRE)  # a worker retires when it reaches this, after the jobs queued before it
-
-    def stop(self, grace: float = 5.0):
-        """Start nothing more; running processes get ``grace`` seconds, then their groups are killed."""
-        self._stopping = True
-        threads = list(self._threads)
-        for _ in threads:
-            self.inbox.put(_RETIRE)
-        deadline = time.monotonic() + grace
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        if any(t.is_alive() for t in threads):
-            with self._lock:
-                running = list(self._running)
-            for process in running:
-                process.kill()
-            for thread in threads:
-                thread.join(KILL_GRACE + 5)
-        while True:
-            try:
-                job = self.inbox.get_nowait()
-            except queue.Empty:
-                break
-            if job is not _RETIRE:
-                with self._lock:
-                    self.not_started += 1
+        self.refused = 0
+        self.started = False
+        self.stopping = False
+        self._runs: set = set()         # runs with a live process
+        self._owner: dict = {}          # fd being polled -> its run
+        self._offload = None
 
     @property
     def backlog(self) -> int:
-        return self.inbox.qsize()
+        return len(self.queue)
+
+    def set_limit(self, limit: int):
+        self.limit = limit
+        self._fill()
+
+    def start(self):
+        self.started = True
+        self._fill()
+
+    def submit(self, job) -> bool:
+        """Queue a job (started at once when a slot is free); False when the queue is full and the job refused."""
+        if len(self.queue) >= self.max_queued:
+            self.refused += 1
+            return False
+        self.queue.append(job)
+        if self.started and self.active < self.limit:
+            self._fill()
+        return True
+
+    def _fill(self):
+        while self.queue and self.active < self.limit and self.started and not self.stopping:
+            self._begin(self.queue.popleft())
+
+    def _begin(self, job):
+        try:
+            spec = self.prepare(job)
+        except Exception as exc:  # reported to complete(), which publishes the failure
+            log.exception("hook run failed inside zevents")
+            self._complete(job, exc)
+            return
+        if not isinstance(spec, Commands):
+            if self._offload is None:
+                self._offload = _Offload(self._complete)
+            self._offload.submit(job, spec)
+            return
+        self.active += 1
+        if self.active > self.max_active:
+            self.max_active = self.active
+        self._advance(_Run(job, spec))
+
+    def _advance(self, run: _Run):
+        """Start the run's next command, or complete the run when it has none left or the last one failed."""
+        spec = run.spec
+        while run.index < len(spec.argvs) and (not run.results or run.results[-1].ok):
+            process = Process(spec.argvs[run.index], spec.env, spec.cwd, spec.stdin, spec.timeout)
+            run.index += 1
+            if process.pid is None:
+                run.results.append(process.finish())
+                continue
+            if self.on_started is not None:
+                self.on_started(process.result)
+            run.process = process
+            self._runs.add(run)
+            register, owner = self.poller.register, self._owner
+            for fd in process.reading:
+                register(fd, self._in)
+                owner[fd] = run
+            register(process.pidfd, self._in)
+            owner[process.pidfd] = run
+            if process.stdin_w >= 0:
+                register(process.stdin_w, self._out)
+                owner[process.stdin_w] = run
+            return
+        self.active -= 1
+        self._complete(run.job, run.results)
+        self._fill()
+
+    def handle(self, fd: int):
+        """Serve one ready fd of a running process."""
+        run = self._owner.get(fd)
+        if run is None:
+            return
+        process = run.process
+        if process.handle(fd):
+            self.poller.unregister(fd)
+            del self._owner[fd]
+        if process.exited:
+            self._reap(run)
+
+    def _reap(self, run: _Run):
+        process = run.process
+        for fd in process.open_fds():
+            if self._owner.pop(fd, None) is not None:
+                self.poller.unregister(fd)
+        self._runs.discard(run)
+        run.process = None
+        run.results.append(process.finish())
+        self._advance(run)
+
+    def next_deadline(self) -> float:
+        """The monotonic time of the next timeout or kill (inf with nothing running)."""
+        return min((run.process.next_deadline() for run in self._runs), default=float("inf"))
+
+    def check_time(self, now: float):
+        for run in self._runs:
+            run.process.check_time(now)
+
+    def _complete(self, job, outcome):
+        try:
+            self.complete(job, outcome)
+        except Exception:
+            log.exception("hook result handling failed")
+
+    def stop(self, grace: float = 5.0):
+        """Start nothing more; running processes get ``grace`` seconds, then their groups are killed (their results
+        are still completed).  Call from the polling thread, or once it has stopped polling."""
+        self.stopping = True
+        self.not_started += len(self.queue)
+        self.queue.clear()
+        deadline = time.monotonic() + grace
+        killed = False
+        while self._runs:
+            now = time.monotonic()
+            if not killed and now >= deadline:
+                killed = True
+                for run in list(self._runs):
+                    run.process.kill()
+            wake = self.next_deadline() if killed else min(deadline, self.next_deadline())
+            for fd, _ in self.poller.poll(max(0.0, min(wake - now, 0.5)) * 1000):
+                self.handle(fd)
+            self.check_time(time.monotonic())
+        if self._offload is not None:
+            self._offload.stop(max(0.0, deadline - time.monotonic()) + KILL_GRACE)
+
+
+class _Offload:
+    """One background thread for runs that wait on something other than a process (a G-code request and its
+    reply): they go one at a time, in order, whichever hook sends them."""
+
+    def __init__(self, complete):
+        self.complete = complete
+        self.inbox = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._work, name="hook-gcode", daemon=True)
+        self.thread.start()
+
+    def submit(self, job, work):
+        self.inbox.put((job, work))
 
     def _work(self):
         while True:
-            job = self.inbox.get()
-            if job is _RETIRE:
+            item = self.inbox.get()
+            if item is None:
                 return
-            with self._lock:
-                if self._stopping:
-                    self.not_started += 1
-                    continue
-                self.active += 1
-                if self.active > self.max_active:
-                    self.max_active = self.active
+            job, work = item
             try:
-                spec = self.prepare(job)
-                outcome = self._execute(spec) if isinstance(spec, Commands) else spec()
+                outcome = work()
             except Exception as exc:  # reported to complete(), which publishes the failure
                 log.exception("hook run failed inside zevents")
                 outcome = exc
-            finally:
-                with self._lock:
-                    self.active -= 1
-            try:
-                self.complete(job, outcome)
-            except Exception:
-                log.exception("hook result handling failed")
+            self.complete(job, outcome)
 
-    def _execute(self, spec: Commands) -> list:
-        results = []
-        for argv in spec.argvs:
-            process = Process(argv, spec.env, spec.cwd, spec.stdin, spec.timeout)
-            if process.pid is not None:
-                if self.on_started is not None:
-                    self.on_started(process.result)
-                with self._lock:
-                    self._running.add(process)
-                try:
-                    results.append(drive(process))
-                finally:
-                    with self._lock:
-                        self._running.discard(process)
-            else:
-                results.append(process.finish())
-            if not results[-1].ok:
-                break
-        return results
+    def stop(self, timeout: float):
+        self.inbox.put(None)
+        self.thread.join(timeout)
