@@ -188,6 +188,59 @@ def test_mutated_real_gcode(picks, mutations, sizes):
     assert_same([("sent", chunk) for chunk in chunked(data, sizes)])
 
 
+# The compiled parser's fast path for "G1 " lines reads a number of up to 7 characters in one 8-byte word (when 16
+# bytes of the buffer lie ahead) and applies the move without NaN and overflow checks while the state allows it:
+# these cases aim at the edges of both.
+
+SHORT_NUMBERS = [sign + body for sign in (b"", b"-", b"+") for body in (
+    [b"1234567890"[:integer] + b"." + b"9876543210"[:fraction] for integer in range(10) for fraction in range(10)
+     if integer + fraction <= 9]
+    + [b"1234567890"[:integer] for integer in range(10)]
+    + [b"0", b"05", b"0.0", b"9999999", b"99999999", b"999999.9", b"0000001", b"00000001.5", b"1.2.3", b"..5"])]
+AFTER_NUMBER = [b" ", b"\n", b"\r\n", b"\r", b";c", b"*12", b"(c) ", b"\xff", b"\x8a", b"\x89", b"/", b":", b"E1",
+                b"x", b"\t", b"\x00", b"(", b".5"]
+
+
+@pytest.mark.parametrize("after", AFTER_NUMBER)
+def test_short_numbers_of_every_shape_in_the_fast_path(after):
+    lines = [b"G1 X1 Y1 Z1 F600", b"G92 E0", b"M83"]
+    for number in SHORT_NUMBERS:
+        for letter in (b"X", b"y", b"Z", b"E", b"f"):
+            lines.append(b"G1 " + letter + number + after + b" E.5")
+            lines.append(b"G1 X3 Y4 " + letter + number + after)
+    data = b"\n".join(lines) + b"\n"
+    padded = data + b"; padding: every number of the lines above has 16 bytes of buffer after it\n"
+    assert_same([("sent", data)])  # the last numbers lie within 16 bytes of the end: the byte-wise reader
+    assert_same([("sent", padded)])
+    assert_same([("line", line) for line in lines])
+
+
+MODE_LINES = [b"G90", b"G91", b"M82", b"M83", b"G20", b"G21", b"G92 E0", b"G92 E" + b"9" * 308,
+              b"G92 X0 Y0 Z0", b"G28", b"G28 X", b"G1 F0", b"G1 F-100", b"G1 F1200", b"G4 S1", b"T1", b"M600"]
+fast_number = st.one_of(
+    st.from_regex(rb"\A-?[0-9]{0,3}\.[0-9]{1,5}\Z"),
+    st.from_regex(rb"\A[+-]?[0-9]{1,7}\Z"),
+    st.sampled_from([b"0", b"-0", b".5", b"5.", b"9999999", b"1234.5678", b"0.00000001", b"9" * 30]),
+)
+fast_move = st.tuples(
+    st.sampled_from([b"G1 ", b"G0 "]),
+    st.lists(st.tuples(st.sampled_from([b"X", b"Y", b"Z", b"E", b"F", b"x", b"e", b"S"]), fast_number),
+             min_size=1, max_size=5).map(lambda items: b" ".join(letter + number for letter, number in items)),
+    st.sampled_from([b"", b"", b"", b" ; c", b"*12", b" "]),
+).map(b"".join)
+
+
+@FUZZ
+@given(lines=st.lists(st.one_of(fast_move, fast_move, fast_move, st.sampled_from(MODE_LINES)), max_size=80),
+       terminators=st.lists(terminator, min_size=1, max_size=3), sizes=st.lists(st.integers(1, 400), max_size=6))
+def test_sliced_moves_under_changing_modes(lines, terminators, sizes):
+    """Moves of sliced shape between mode changes that enter and leave the fast path's simple state (relative,
+    inches, unknown axes after G28, feedrate 0 or negative, a huge E) give the same events and the same floats."""
+    data = stream_of([b"G1 X10 Y10 Z0.2 F1200", b"G1 X11 Y10 E1"] + lines, terminators)
+    assert_same([("sent", data)])
+    assert_same([("sent", chunk) for chunk in chunked(data, sizes)])
+
+
 @pytest.mark.parametrize("head", [b"GCDE", b"GCDE\x01\x00\x00\x00", b"GC", b"GCD\n", b"\nGCDE", b"GCDF"])
 @pytest.mark.parametrize("sizes", [[1], [2], [3], [100]])
 def test_bgcode_magic_in_any_chunking(head, sizes):

@@ -26,10 +26,12 @@ cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from cpython.ref cimport PyObject
+from cpython.ref cimport Py_INCREF, PyObject
 from libc.math cimport fabs, sqrt
 from libc.stdint cimport uint64_t
 from libc.string cimport memchr, memcmp, memcpy
+
+from types import MemberDescriptorType
 
 from zevents._parser import _rules
 from zevents._parser._rules import BinaryGcodeError, Event, ParserState
@@ -253,6 +255,8 @@ cdef extern from *:
     /* zev_move_action for zev_run_moves, which also stops at the line's terminator: 8 for CR and LF */
     static unsigned char zev_run_action[256];
     static double zev_pow10[23];
+    static const uint64_t zev_low_bytes[8] = {  /* the low k bytes of a word */
+        0, 0xFF, 0xFFFF, 0xFFFFFF, 0xFFFFFFFFULL, 0xFFFFFFFFFFULL, 0xFFFFFFFFFFFFULL, 0xFFFFFFFFFFFFFFULL};
 
     static void zev_init_tables(void) {
         int k;
@@ -369,6 +373,67 @@ cdef extern from *:
         }
         *found = 1;
         return zev_number_value(start, p, mantissa, integer, fraction, negative, out);
+    }
+
+    #if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    #define ZEV_SWAR 1
+    #else
+    #define ZEV_SWAR 0  /* zev_number_word needs the first byte in the low bits and __builtin_ctzll */
+    #endif
+    #define ZEV_BYTES(b) (0x0101010101010101ULL * (b))
+
+    /* The number at p in one 8-byte word (p[0..8], which must be readable): zev_number_run's end and value for a
+       number of 1 to 7 characters after its sign, which is every number of sliced G-code; NULL for any other
+       (longer, or no number), which the caller reads with zev_number_run.  Where the digit runs end comes from
+       the word's non-digit bytes at once, not from a loop that stops at an unpredictable length; the digits
+       without the dot become the mantissa by three multiplications (two digits, then four, then eight at a
+       time). */
+    ZEV_INLINE const unsigned char* zev_number_word(const unsigned char* p, double* out) {
+    #if ZEV_SWAR
+        const unsigned char* digits = p;
+        uint64_t x, nondigit, mantissa;
+        unsigned first, stop, count, fraction = 0;
+        int negative = 0;
+        double value;
+        if (*p == '-' || *p == '+') {
+            negative = *p == '-';
+            digits++;
+        }
+        memcpy(&x, digits, 8);
+        /* x: each byte ^ '0', a digit's value (< 10).  The high bit of each byte that is not a digit: x + 0x76 sets
+           it for 10..0x89 and x has it from 0x80 on.  A carry out of a byte (x >= 0x8a) can only spoil the bytes
+           after it, and that byte is flagged itself: the first flagged byte is exact, and so is the second when
+           the first is the dot (x = 0x1e, no carry). */
+        x ^= ZEV_BYTES('0');
+        nondigit = (x | (x + ZEV_BYTES(0x76))) & ZEV_BYTES(0x80);
+        if (!nondigit) return NULL;
+        first = (unsigned)__builtin_ctzll(nondigit) >> 3;  /* integer digits */
+        if (digits[first] == '.') {
+            nondigit &= nondigit - 1;
+            if (!nondigit) return NULL;
+            stop = (unsigned)__builtin_ctzll(nondigit) >> 3;  /* the byte after the fraction */
+            count = stop - 1;
+            if (!count) return NULL;
+            fraction = count - first;
+            /* the fraction's digits move down over the dot */
+            x = ((x ^ (x >> 8)) & zev_low_bytes[first]) ^ (x >> 8);
+        } else {
+            if (!first) return NULL;
+            stop = count = first;
+        }
+        /* the count digits to the top of the word (the bytes below become leading zeros), then pairs, quads, all */
+        x <<= 8 * (8 - count);
+        x = (x * 2561) >> 8;
+        x = ((x & 0x00FF00FF00FF00FFULL) * 6553601) >> 16;
+        mantissa = ((x & 0x0000FFFF0000FFFFULL) * 42949672960001ULL) >> 32;
+        /* at most 7 digits: an exact double, and so is 10**k; dividing by 1.0 when there is no fraction is exact */
+        value = (double)mantissa / zev_pow10[fraction];
+        *out = negative ? -value : value;
+        return digits + stop;
+    #else
+        (void)p; (void)out;
+        return NULL;
+    #endif
     }
 
     /* zev_number for the general parameter scanner (G4, G28, G92: rare lines) */
@@ -499,6 +564,69 @@ cdef extern from *:
         return fired;
     }
 
+    /* The state in which zev_apply_simple may replace zev_apply_move: absolute X Y Z in mm, every axis known
+       (finite), a positive feedrate, the extrusion box started. */
+    ZEV_INLINE int zev_simple_state(const zev_machine* m) {
+        return !m->relative && !m->inches && m->have_bbox && !isnan(m->x) && !isnan(m->y) && !isnan(m->z)
+               && m->feedrate > 0.0;
+    }
+
+    /* zev_apply_move in a simple state (zev_simple_state) for values of at most 7 digits (zev_number_word's):
+       every old and new coordinate is finite and no sum can overflow (|value| < 1e7, E finite), so none of the
+       NaN and infinity checks can fail; the same operations in the same order give the same doubles. */
+    ZEV_INLINE int zev_apply_simple(zev_machine* m, int valued, const double* v, double tolerance,
+                                    zev_move_events* events) {
+        const double ox = m->x, oy = m->y, oz = m->z, oe = m->e;
+        const double nx = valued & 1 ? v[0] : ox, ny = valued & 2 ? v[1] : oy, nz = valued & 4 ? v[2] : oz;
+        double de = 0.0, value, dx, dy, dz, distance, feedrate;
+        int fired = 0;
+        if (valued & 8) {
+            value = m->relative_e ? oe + v[3] : v[3];
+            m->e = value;
+            de = value - oe;
+        }
+        if (valued & 16) m->feedrate = v[4];
+        m->x = nx;
+        m->y = ny;
+        m->z = nz;
+        if (nz != oz) {
+            events->old_z = oz;
+            fired = ZEV_ZCHANGE;
+        }
+        if (de > 0.0 && (nx != ox || ny != oy)) {
+            /* the box's min/max as zev_extend_bbox compares: the new value only when strictly beyond */
+            m->bbox[0] = nx < m->bbox[0] ? nx : m->bbox[0];
+            m->bbox[1] = ny < m->bbox[1] ? ny : m->bbox[1];
+            m->bbox[2] = nz < m->bbox[2] ? nz : m->bbox[2];
+            m->bbox[3] = nx > m->bbox[3] ? nx : m->bbox[3];
+            m->bbox[4] = ny > m->bbox[4] ? ny : m->bbox[4];
+            m->bbox[5] = nz > m->bbox[5] ? nz : m->bbox[5];
+            if (!m->bbox_holds_position) {
+                zev_extend_bbox(m, ox, oy, oz);
+                m->bbox_holds_position = 1;
+            }
+            if (!(fabs(nz - m->layer_z) <= tolerance)) {  /* also when there is no layer yet (NaN) */
+                m->layer += 1;
+                events->old_layer_z = m->layer_z;
+                m->layer_z = nz;
+                fired |= ZEV_LAYER;
+            }
+        } else {
+            m->bbox_holds_position = 0;
+        }
+        m->filament += de;
+        feedrate = m->feedrate;
+        if (feedrate > 0.0) {
+            dx = nx - ox;
+            dy = ny - oy;
+            dz = nz - oz;
+            distance = sqrt(dx * dx + dy * dy + dz * dz);
+            if (distance == 0.0) distance = fabs(de);
+            m->print_time += distance * 60.0 / feedrate;
+        }
+        return fired;
+    }
+
     ZEV_INLINE int zev_move_impl(zev_machine* m, const unsigned char* p, const unsigned char* end, double tolerance,
                                  zev_move_events* events, const int terminated) {
         double v[5];
@@ -519,6 +647,7 @@ cdef extern from *:
     }
 
     #define ZEV_MAX_LINE 65536
+    #define ZEV_LONG 64  /* zev_run_moves: a value of the line may be long, or infinite */
 
     /* the last CR or LF in [p, end), or NULL */
     static const unsigned char* zev_last_terminator(const unsigned char* p, const unsigned char* end) {
@@ -527,6 +656,17 @@ cdef extern from *:
             if (*end == 10 || *end == 13) return end;  /* LF CR */
         }
         return NULL;
+    }
+
+    /* the rare paths of zev_run_moves, out of its loop so that the loop keeps its values in registers */
+    ZEV_NOINLINE const unsigned char* zev_number_long(const unsigned char* p, const unsigned char* end, double* out,
+                                                      int* found) {
+        return zev_number_run(p, end, out, found);
+    }
+
+    ZEV_NOINLINE int zev_apply_general(zev_machine* m, int valued, const double* v, double tolerance,
+                                       zev_move_events* events) {
+        return zev_apply_move(m, valued, v, tolerance, events);
     }
 
     /* The G0/G1 lines ("G1 " or "G0 " then parameters up to the terminator, no comment, not over-long) from *pp
@@ -541,25 +681,39 @@ cdef extern from *:
                                     int* fired, const unsigned char** term) {
         const unsigned char* p = *pp;
         const unsigned char* q;
+        const unsigned char* r;
         Py_ssize_t done = 0;
         double v[5];
-        int valued, found, f;
-        unsigned action;
+        int valued, found, f, simple = zev_simple_state(m);
+        unsigned action, slot;
         *term = NULL;
         *fired = 0;
         while (p < last && p[0] == 'G' && (p[1] == '1' || p[1] == '0') && p[2] == ' ') {
-            valued = 0;
+            valued = 0;  /* bit 1 << slot: that value is set; ZEV_LONG: one came from zev_number_run */
             q = p + 3;
             for (;;) {
                 action = zev_run_action[*q];
                 if (action == 0) { q++; continue; }
                 if (action > 5) break;
-                q = zev_number_run(q + 1, end, &v[action - 1], &found);
-                if (!q) { *pp = p; return -1; }
-                if (found) valued |= 1 << (action - 1); else valued &= ~(1 << (action - 1));
+                slot = action - 1;
+                r = q + 16 <= end ? zev_number_word(q + 1, &v[slot]) : NULL;
+                if (r) {
+                    valued |= 1 << slot;
+                } else {
+                    r = zev_number_long(q + 1, end, &v[slot], &found);
+                    if (!r) { *pp = p; return -1; }
+                    valued = (found ? valued | 1 << slot : valued & ~(1 << slot)) | ZEV_LONG;
+                }
+                q = r;
             }
             if (action != 8 || q - p > ZEV_MAX_LINE) break;
-            f = zev_apply_move(m, valued, v, tolerance, events);
+            if (simple && !(valued & ZEV_LONG)) {
+                f = zev_apply_simple(m, valued, v, tolerance, events);
+                if (valued & 16) simple = v[4] > 0.0;
+            } else {
+                f = zev_apply_general(m, valued, v, tolerance, events);
+                simple = zev_simple_state(m);
+            }
             done++;
             if (f || (*q == 13 && q + 1 == end)) {  /* a CR last: the next buffer may start with its LF */
                 *fired = f;
@@ -753,6 +907,60 @@ cdef inline void init_stream(Stream* stream) noexcept:
     stream.pending_cr = False
     stream.head_len = 0
     stream.refused = False
+
+
+cdef extern from "Python.h":
+    ctypedef struct PyTypeObject
+    object PyType_GenericAlloc(PyTypeObject* type, Py_ssize_t items)
+    ctypedef struct PyMemberDef:
+        Py_ssize_t offset
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef* d_member
+
+cdef str GROUP = _rules.GROUP
+cdef Py_ssize_t EVENT_SLOTS[5]  # where an Event keeps name, group, payload, offset, line (its __slots__)
+cdef bint EVENT_BY_SLOTS = False
+
+
+cdef inline void set_slot(object target, Py_ssize_t offset, object value) noexcept:
+    Py_INCREF(value)
+    (<PyObject**>(<char*><PyObject*>target + offset))[0] = <PyObject*>value
+
+
+cdef object new_event(str name, dict payload, long long offset, long long lineno):
+    """Event(name, payload, offset, lineno) without the call of its Python __init__, which is most of an event's
+    cost: what object.__new__ does, then the slots filled here (set up and checked at import below)."""
+    if not EVENT_BY_SLOTS:
+        return Event(name, payload, offset, lineno)
+    event = PyType_GenericAlloc(<PyTypeObject*>Event, 0)
+    set_slot(event, EVENT_SLOTS[0], name)
+    set_slot(event, EVENT_SLOTS[1], GROUP)
+    set_slot(event, EVENT_SLOTS[2], payload)
+    set_slot(event, EVENT_SLOTS[3], offset)
+    set_slot(event, EVENT_SLOTS[4], lineno)
+    return event
+
+
+def _set_up_new_event():
+    """Fill the slots by hand only when Event is what new_event expects: exactly those five slots, object's
+    __new__, and an __init__ that stores its arguments there with the group defaulted (checked on an event)."""
+    global EVENT_BY_SLOTS
+    fields = ("name", "group", "payload", "offset", "line")
+    if tuple(Event.__slots__) != fields or Event.__new__ is not object.__new__ or Event.__mro__ != (Event, object):
+        return
+    for k, field in enumerate(fields):
+        descriptor = Event.__dict__.get(field)
+        if type(descriptor) is not MemberDescriptorType:
+            return
+        EVENT_SLOTS[k] = (<PyMemberDescrObject*>descriptor).d_member.offset
+    EVENT_BY_SLOTS = True
+    made = new_event("ZChange", {"new": 1.0, "old": None}, 7, 2)
+    expected = Event("ZChange", {"new": 1.0, "old": None}, 7, 2)
+    if not (type(made) is Event and made == expected and made.group == expected.group == GROUP):
+        EVENT_BY_SLOTS = False
+
+
+_set_up_new_event()
 
 
 cdef inline object maybe(double value):
@@ -1054,7 +1262,7 @@ cdef class Parser:
         return term + 1
 
     cdef inline void _emit(self, str name, dict payload, long long offset, long long lineno) except *:
-        self.events.append(Event(name, payload, offset, lineno))
+        self.events.append(new_event(name, payload, offset, lineno))
 
     # ------------------------------------------------------------------------------------------- sent lines
 
