@@ -311,6 +311,15 @@ def test_filament_bounding_box_and_time_estimate(Parser):
     assert state.print_time == pytest.approx((10 + 5 + 0.5 + travel) / 10 + 0.5 + 2)
 
 
+def test_extrusion_box_takes_the_start_of_each_extruding_run(Parser):
+    parser = Parser()
+    feed_lines(parser, "G1 X10 Y10 Z0.2 F1200", "G1 X11 Y10 E1",
+               "G1 X-50 Y-50 E1",  # no extrusion (absolute E stays): a travel out of the box
+               "G1 X1 Y1 E2",  # extrudes from (-50, -50): the start is in the box
+               "G1 X2 Y2 E3", "G1 X-60 Y3 E2.5", "G1 Z0.6", "G1 X3 Y3 E3.5")  # a retract, a lift
+    assert parser.state.extrusion_bbox == (-60.0, -50.0, 0.2, 11.0, 10.0, 0.6)
+
+
 # ---------------------------------------------------------------------------------------------- positions
 
 

@@ -5,22 +5,31 @@ The hot path touches no Python object per line: it walks a ``const unsigned char
 parses numbers itself and keeps the machine state in a C struct (NaN = unknown).  Simple G0/G1 lines ("G1 " then
 parameters, no comment), nine lines in ten, run in one C loop (``zev_run_moves``) that parses each line in one
 pass up to its terminator, with no search for the line end first: the last terminator of the buffer bounds the
-run.  Everything else finds its line end with memchr (a CR search runs only while the buffer still has a CR
-ahead) and goes through ``_sent_line``.  Python objects are made only for events and on rare paths (a suppressed
-command, an over-long line), where it calls the helpers of ``_rules`` so that both implementations share one
-wording.
+run.  In that loop, "G1 X.. Y.. E.." lines (92 % of the lines of a PrusaSlicer file) are read as exactly that
+shape, three numbers and their separators, and applied by ``zev_apply_xye``; any other move goes through the
+loop's general scanner.  Everything else finds its line end with memchr (a CR search runs only while the buffer
+still has a CR ahead) and goes through ``_sent_line``.  Python objects are made only for events (``new_event``
+fills an Event's slots without calling its Python ``__init__``) and on rare paths (a suppressed command, an
+over-long line), where it calls the helpers of ``_rules`` so that both implementations share one wording.
 
 Speed was measured in instructions per line (callgrind on the first 100 000 lines of the bunny, feed_sent of the
 whole buffer), wall time being too noisy on a shared machine: 950 for the first version, 627 with the move fast
-path, 550 with the run loop, 533 with its digits read two at a time.  Of those, the numbers take about 270
-(about 45 per number besides the digits) and the move's state update about 170.  A SWAR conversion of 8 digits
-at a time was tried three times and did not pay, in instructions or in wall time: G-code numbers are too short.
+path, 550 with the run loop, 533 with its digits read two at a time, 424 with numbers read in one 8-byte word,
+moves applied without checks in a simple state and events made without ``__init__``, 322 with the "G1 X.. Y..
+E.." path.  Earlier SWAR attempts (8 digits converted at a time after a byte loop had found them) did not pay:
+what costs is finding where the digit runs end, at unpredictable lengths, which the word reader does from a mask
+of the word's non-digit bytes.
 
 Numbers: a decimal of at most 19 significant digits whose integer fits 2**53, with at most 22 fraction digits,
 is m / 10**k, both exact doubles, so the one IEEE division is correctly rounded, exactly what Python's float()
 returns.  Anything longer goes to PyOS_string_to_double (what float() uses), so the twin's float() and this
 parser never differ.  The build must not fuse multiply-adds (setup.py passes -ffp-contract=off): Python
 rounds every operation, and the print-time estimate must come out bit-identical.
+
+The simple state (``zev_simple_state``: absolute X Y Z in mm, all known, a positive feedrate, the extrusion box
+started) with values of at most 7 digits lets ``zev_apply_simple`` and ``zev_apply_xye`` drop the NaN and
+infinity checks of ``zev_apply_move``: none of them can fail there.  They do the same floating-point operations
+in the same order; the tests compare both implementations' floats exactly, in and out of that state.
 """
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -244,16 +253,22 @@ cdef extern from *:
     #define ZEV_INLINE static inline __attribute__((always_inline))
     #define ZEV_COLD static __attribute__((noinline, cold))
     #define ZEV_NOINLINE static __attribute__((noinline))
+    #define ZEV_LIKELY(condition) __builtin_expect(!!(condition), 1)
+    #define ZEV_UNLIKELY(condition) __builtin_expect(!!(condition), 0)
     #else
     #define ZEV_INLINE static inline
     #define ZEV_COLD static
     #define ZEV_NOINLINE static
+    #define ZEV_LIKELY(condition) (condition)
+    #define ZEV_UNLIKELY(condition) (condition)
     #endif
 
     /* what zev_scan_move does with each byte: 0 skip, 1-5 the parameter X Y Z E F, 6 end (; *), 7 a ( comment */
     static unsigned char zev_move_action[256];
-    /* zev_move_action for zev_run_moves, which also stops at the line's terminator: 8 for CR and LF */
+    /* what zev_run_moves does with each byte: 0 skip, ZEV_X..ZEV_F the parameter (its bit in the valued set and its
+       place in the values), ZEV_END at ; and *, ZEV_COMMENT at (, ZEV_EOL at CR and LF */
     static unsigned char zev_run_action[256];
+    enum { ZEV_X = 1, ZEV_Y = 2, ZEV_Z = 4, ZEV_E = 8, ZEV_F = 16, ZEV_END = 32, ZEV_COMMENT = 64, ZEV_EOL = 128 };
     static double zev_pow10[23];
     static const uint64_t zev_low_bytes[8] = {  /* the low k bytes of a word */
         0, 0xFF, 0xFFFF, 0xFFFFFF, 0xFFFFFFFFULL, 0xFFFFFFFFFFULL, 0xFFFFFFFFFFFFULL, 0xFFFFFFFFFFFFFFULL};
@@ -269,8 +284,11 @@ cdef extern from *:
         }
         zev_move_action[';'] = zev_move_action['*'] = 6;
         zev_move_action['('] = 7;
-        memcpy(zev_run_action, zev_move_action, sizeof zev_run_action);
-        zev_run_action[10] = zev_run_action[13] = 8;  /* LF CR */
+        for (k = 0; k < 256; k++) {
+            zev_run_action[k] = zev_move_action[k] == 0 ? 0 : zev_move_action[k] <= 5 ? 1 << (zev_move_action[k] - 1)
+                                : zev_move_action[k] == 6 ? ZEV_END : ZEV_COMMENT;
+        }
+        zev_run_action[10] = zev_run_action[13] = ZEV_EOL;  /* LF CR */
     }
 
     /* float() of a valid decimal token, the way Python does it: -1 with an exception set on failure */
@@ -395,7 +413,7 @@ cdef extern from *:
         unsigned first, stop, count, fraction = 0;
         int negative = 0;
         double value;
-        if (*p == '-' || *p == '+') {
+        if (ZEV_UNLIKELY(*p == '-' || *p == '+')) {
             negative = *p == '-';
             digits++;
         }
@@ -408,7 +426,7 @@ cdef extern from *:
         nondigit = (x | (x + ZEV_BYTES(0x76))) & ZEV_BYTES(0x80);
         if (!nondigit) return NULL;
         first = (unsigned)__builtin_ctzll(nondigit) >> 3;  /* integer digits */
-        if (digits[first] == '.') {
+        if (ZEV_LIKELY(digits[first] == '.')) {
             nondigit &= nondigit - 1;
             if (!nondigit) return NULL;
             stop = (unsigned)__builtin_ctzll(nondigit) >> 3;  /* the byte after the fraction */
@@ -571,21 +589,39 @@ cdef extern from *:
                && m->feedrate > 0.0;
     }
 
-    /* zev_apply_move in a simple state (zev_simple_state) for values of at most 7 digits (zev_number_word's):
-       every old and new coordinate is finite and no sum can overflow (|value| < 1e7, E finite), so none of the
-       NaN and infinity checks can fail; the same operations in the same order give the same doubles. */
+    /* a new layer at z (ZEV_LAYER) unless the current layer is within tolerance; also when there is none (NaN) */
+    ZEV_INLINE int zev_next_layer(zev_machine* m, double z, double tolerance, zev_move_events* events) {
+        if (fabs(z - m->layer_z) <= tolerance) return 0;
+        m->layer += 1;
+        events->old_layer_z = m->layer_z;
+        m->layer_z = z;
+        return ZEV_LAYER;
+    }
+
+    /* the print time of a move whose squared distance is given, at a known positive feedrate */
+    ZEV_INLINE void zev_add_time(zev_machine* m, double squared, double de) {
+        double distance = sqrt(squared);
+        if (distance == 0.0) distance = fabs(de);
+        m->print_time += distance * 60.0 / m->feedrate;
+    }
+
+    /* zev_apply_move in a simple state (zev_simple_state) for values of at most 7 digits (zev_number_word's), in
+       v[ZEV_X] .. v[ZEV_F]: every old and new coordinate is finite and no sum can overflow (|value| < 1e7, E
+       finite), so none of the NaN and infinity checks can fail; the same operations in the same order give the
+       same doubles. */
     ZEV_INLINE int zev_apply_simple(zev_machine* m, int valued, const double* v, double tolerance,
                                     zev_move_events* events) {
         const double ox = m->x, oy = m->y, oz = m->z, oe = m->e;
-        const double nx = valued & 1 ? v[0] : ox, ny = valued & 2 ? v[1] : oy, nz = valued & 4 ? v[2] : oz;
-        double de = 0.0, value, dx, dy, dz, distance, feedrate;
+        const double nx = valued & ZEV_X ? v[ZEV_X] : ox, ny = valued & ZEV_Y ? v[ZEV_Y] : oy;
+        const double nz = valued & ZEV_Z ? v[ZEV_Z] : oz;
+        double de = 0.0, value, dx, dy, dz;
         int fired = 0;
-        if (valued & 8) {
-            value = m->relative_e ? oe + v[3] : v[3];
+        if (valued & ZEV_E) {
+            value = m->relative_e ? oe + v[ZEV_E] : v[ZEV_E];
             m->e = value;
             de = value - oe;
         }
-        if (valued & 16) m->feedrate = v[4];
+        if (valued & ZEV_F) m->feedrate = v[ZEV_F];
         m->x = nx;
         m->y = ny;
         m->z = nz;
@@ -605,25 +641,51 @@ cdef extern from *:
                 zev_extend_bbox(m, ox, oy, oz);
                 m->bbox_holds_position = 1;
             }
-            if (!(fabs(nz - m->layer_z) <= tolerance)) {  /* also when there is no layer yet (NaN) */
-                m->layer += 1;
-                events->old_layer_z = m->layer_z;
-                m->layer_z = nz;
-                fired |= ZEV_LAYER;
-            }
+            fired |= zev_next_layer(m, nz, tolerance, events);
         } else {
             m->bbox_holds_position = 0;
         }
         m->filament += de;
-        feedrate = m->feedrate;
-        if (feedrate > 0.0) {
+        if (m->feedrate > 0.0) {  /* an F of the line may have made it 0 or negative */
             dx = nx - ox;
             dy = ny - oy;
             dz = nz - oz;
-            distance = sqrt(dx * dx + dy * dy + dz * dz);
-            if (distance == 0.0) distance = fabs(de);
-            m->print_time += distance * 60.0 / feedrate;
+            zev_add_time(m, dx * dx + dy * dy + dz * dz, de);
         }
+        return fired;
+    }
+
+    /* zev_apply_simple for "G1 X.. Y.. E.." (nine lines in ten of sliced G-code): no Z, no F.  Z stays, so no
+       ZChange, and when the last move extruded, Z is already within the box; dz is 0, and adding 0.0 to a sum of
+       squares changes nothing. */
+    ZEV_INLINE int zev_apply_xye(zev_machine* m, double nx, double ny, double e, double tolerance,
+                                 zev_move_events* events) {
+        const double ox = m->x, oy = m->y, z = m->z, oe = m->e;
+        const double value = m->relative_e ? oe + e : e, de = value - oe;
+        double dx, dy;
+        int fired = 0;
+        m->e = value;
+        m->x = nx;
+        m->y = ny;
+        if (de > 0.0 && (nx != ox || ny != oy)) {
+            if (m->bbox_holds_position) {
+                m->bbox[0] = nx < m->bbox[0] ? nx : m->bbox[0];
+                m->bbox[1] = ny < m->bbox[1] ? ny : m->bbox[1];
+                m->bbox[3] = nx > m->bbox[3] ? nx : m->bbox[3];
+                m->bbox[4] = ny > m->bbox[4] ? ny : m->bbox[4];
+            } else {
+                zev_extend_bbox(m, nx, ny, z);
+                zev_extend_bbox(m, ox, oy, z);
+                m->bbox_holds_position = 1;
+            }
+            fired = zev_next_layer(m, z, tolerance, events);
+        } else {
+            m->bbox_holds_position = 0;
+        }
+        m->filament += de;
+        dx = nx - ox;
+        dy = ny - oy;
+        zev_add_time(m, dx * dx + dy * dy, de);
         return fired;
     }
 
@@ -647,7 +709,7 @@ cdef extern from *:
     }
 
     #define ZEV_MAX_LINE 65536
-    #define ZEV_LONG 64  /* zev_run_moves: a value of the line may be long, or infinite */
+    #define ZEV_LONG 256  /* zev_run_moves: a value of the line may be long, or infinite */
 
     /* the last CR or LF in [p, end), or NULL */
     static const unsigned char* zev_last_terminator(const unsigned char* p, const unsigned char* end) {
@@ -682,38 +744,61 @@ cdef extern from *:
         const unsigned char* p = *pp;
         const unsigned char* q;
         const unsigned char* r;
+        /* a number that starts at or before this has 16 bytes of buffer ahead: zev_number_word may read it */
+        const uintptr_t wide_end = (uintptr_t)end - 16;
+        const uintptr_t fast_end = (uintptr_t)end - 64;  /* a line starting at or before it may take the XYE path */
+        zev_machine s = *m;  /* the state in locals (registers) for the loop, written back when it returns */
         Py_ssize_t done = 0;
-        double v[5];
-        int valued, found, f, simple = zev_simple_state(m);
-        unsigned action, slot;
+        double v[ZEV_F + 1], general[5], x, y, e;  /* v[ZEV_X] .. v[ZEV_F] */
+        int valued, found, f, simple = zev_simple_state(&s);
+        unsigned action;
         *term = NULL;
         *fired = 0;
-        while (p < last && p[0] == 'G' && (p[1] == '1' || p[1] == '0') && p[2] == ' ') {
-            valued = 0;  /* bit 1 << slot: that value is set; ZEV_LONG: one came from zev_number_run */
+        v[ZEV_X] = v[ZEV_Y] = v[ZEV_Z] = v[ZEV_E] = v[ZEV_F] = 0.0;  /* copied to general[] whether set or not */
+        while (p < last) {
+            if (simple && (uintptr_t)p <= fast_end && p[0] == 'G' && p[1] == '1' && p[2] == ' ' && p[3] == 'X') {
+                /* "G1 X.. Y.. E.." and its terminator, each number in one word (16 bytes ahead: the line is at
+                   most 35 bytes long when it gets this far), else the line goes the general way below */
+                q = zev_number_word(p + 4, &x);
+                if (q && q[0] == ' ' && q[1] == 'Y' && (q = zev_number_word(q + 2, &y)) != NULL && q[0] == ' '
+                        && q[1] == 'E' && (q = zev_number_word(q + 2, &e)) != NULL && (*q == 10 || *q == 13)) {
+                    f = zev_apply_xye(&s, x, y, e, tolerance, events);
+                    goto line_done;
+                }
+            }
+            if (!(p[0] == 'G' && (p[1] == '1' || p[1] == '0') && p[2] == ' ')) break;
+            valued = 0;  /* the ZEV_X .. ZEV_F of the values set; ZEV_LONG: one came from zev_number_run */
             q = p + 3;
             for (;;) {
                 action = zev_run_action[*q];
                 if (action == 0) { q++; continue; }
-                if (action > 5) break;
-                slot = action - 1;
-                r = q + 16 <= end ? zev_number_word(q + 1, &v[slot]) : NULL;
-                if (r) {
-                    valued |= 1 << slot;
+                if (action > ZEV_F) break;
+                r = (uintptr_t)q <= wide_end ? zev_number_word(q + 1, &v[action]) : NULL;
+                if (ZEV_LIKELY(r != NULL)) {
+                    valued |= action;
                 } else {
-                    r = zev_number_long(q + 1, end, &v[slot], &found);
-                    if (!r) { *pp = p; return -1; }
-                    valued = (found ? valued | 1 << slot : valued & ~(1 << slot)) | ZEV_LONG;
+                    r = zev_number_long(q + 1, end, &v[action], &found);
+                    if (!r) { *m = s; *pp = p; return -1; }
+                    valued = (found ? valued | action : valued & ~action) | ZEV_LONG;
                 }
                 q = r;
             }
-            if (action != 8 || q - p > ZEV_MAX_LINE) break;
+            if (action != ZEV_EOL || q - p > ZEV_MAX_LINE) break;
             if (simple && !(valued & ZEV_LONG)) {
-                f = zev_apply_simple(m, valued, v, tolerance, events);
-                if (valued & 16) simple = v[4] > 0.0;
+                f = zev_apply_simple(&s, valued, v, tolerance, events);
+                if (valued & ZEV_F) simple = v[ZEV_F] > 0.0;
             } else {
-                f = zev_apply_general(m, valued, v, tolerance, events);
-                simple = zev_simple_state(m);
+                general[0] = v[ZEV_X];
+                general[1] = v[ZEV_Y];
+                general[2] = v[ZEV_Z];
+                general[3] = v[ZEV_E];
+                general[4] = v[ZEV_F];
+                *m = s;
+                f = zev_apply_general(m, valued, general, tolerance, events);
+                s = *m;
+                simple = zev_simple_state(&s);
             }
+        line_done:
             done++;
             if (f || (*q == 13 && q + 1 == end)) {  /* a CR last: the next buffer may start with its LF */
                 *fired = f;
@@ -722,6 +807,7 @@ cdef extern from *:
             }
             p = q + 1 + (*q == 13 && q[1] == 10);  /* CRLF */
         }
+        *m = s;
         *pp = p;
         return done;
     }
