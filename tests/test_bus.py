@@ -27,6 +27,20 @@ def concrete(name: str) -> str:
     return name.replace("${ScriptName}", "AfterPrintDone")
 
 
+@pytest.fixture(params=["compiled", "python"])
+def running_broker(request, bus_config):
+    """Here the broker runs with each ingest loop: the compiled one and its Python twin must behave alike."""
+    compiled = request.param == "compiled"
+    if compiled and wire.speedups is None:
+        pytest.skip("the compiled bus speedups are not built (or ZEVENTS_PUREPYTHON=1)")
+    brk, thread = broker_mod.serve_in_thread(bus_config, compiled=compiled)
+    assert brk.compiled is compiled
+    yield brk
+    brk.stop()
+    thread.join(5)
+    brk.close()
+
+
 def test_every_catalogue_event_round_trips_with_its_payload(running_broker, bus_config):
     sub = bus.Subscriber(bus_config)
     pub = bus.Publisher(bus_config, src="test", printer="mk3")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -86,8 +87,17 @@ class _RateLimitedLog:
 
 
 class Broker:
-    def __init__(self, bus: BusConfig, context: zmq.Context | None = None):
+    def __init__(self, bus: BusConfig, context: zmq.Context | None = None, compiled: bool | None = None):
+        """``compiled``: use the compiled ingest loop (default: when it is built and not ZEVENTS_PUREPYTHON=1)."""
         self.bus = bus
+        if compiled is None:
+            compiled = wire.speedups is not None
+        if compiled:
+            if wire.speedups is None:
+                raise BrokerError("the compiled ingest loop is not available (extension not built, or "
+                                  "ZEVENTS_PUREPYTHON=1)")
+            self._drain_ingest = functools.partial(wire.speedups.drain_ingest, self, INGEST_BATCH)
+        self.compiled = bool(compiled)
         self.context = context or zmq.Context.instance()
         self.epoch = wire.now_us()
         self.started = time.monotonic()
@@ -141,8 +151,8 @@ class Broker:
             self.close()
             raise
         self._bound = True
-        log.info("broker %s epoch %d: ingest %s, publish %s, control %s", self.bus.node, self.epoch,
-                 self.bus.ingest, self.bus.publish, self.bus.replay)
+        log.info("broker %s epoch %d: ingest %s, publish %s, control %s (%s ingest loop)", self.bus.node, self.epoch,
+                 self.bus.ingest, self.bus.publish, self.bus.replay, "compiled" if self.compiled else "Python")
 
     def _check_not_served(self):
         """For TCP the bind fails by itself; ipc sockets would be silently taken over, so ask whoever is there."""
@@ -221,6 +231,7 @@ class Broker:
 
     def _drain_ingest(self):
         # The hot path, inlined on purpose: each method call here costs more than the work it would name.
+        # _speedups.drain_ingest is its compiled twin (used unless ZEVENTS_PUREPYTHON=1): change both together.
         recv = self.pull.recv
         nb = zmq.NOBLOCK
         more = zmq.SNDMORE
@@ -468,9 +479,10 @@ class Broker:
                     del self.subscriptions[message[1:]]
 
 
-def serve_in_thread(bus: BusConfig, context: zmq.Context | None = None) -> tuple[Broker, threading.Thread]:
+def serve_in_thread(bus: BusConfig, context: zmq.Context | None = None,
+                    compiled: bool | None = None) -> tuple[Broker, threading.Thread]:
     """A bound broker serving on a daemon thread (for embedding and tests); stop with broker.stop()."""
-    broker = Broker(bus, context)
+    broker = Broker(bus, context, compiled)
     broker.bind()
     thread = threading.Thread(target=broker.serve, name="zevents-broker", daemon=True)
     thread.start()

@@ -16,12 +16,21 @@ full header.
 """
 from __future__ import annotations
 
+import os
 import struct
 import time
 
 import msgpack
 
 from zevents import events as _events
+
+FORCED_PURE = os.environ.get("ZEVENTS_PUREPYTHON", "").strip().lower() in ("1", "true", "yes", "on")
+try:
+    from zevents import _speedups as speedups  # compiled twins of this module's and the broker's hot paths
+except ImportError:  # not built (no compiler at install time): the Python code below is complete on its own
+    speedups = None
+if FORCED_PURE:
+    speedups = None
 
 PROTOCOL_VERSION = 1
 HEADER_KEYS = ("v", "node", "printer", "epoch", "src", "seq", "ts")
@@ -117,6 +126,18 @@ def split_ingest(frame: bytes) -> tuple[bytes, bytes, bytes]:
     if topic_len == 0 or end > len(frame):
         raise WireError("ingest frame lengths do not fit the frame")
     return frame[1:topic_len + 1], frame[topic_len + 2:end], frame[end:]
+
+
+def payload_ok(payload: bytes) -> bool:
+    """Is ``payload`` a msgpack map that :func:`unpack` decodes?  The spec of ``_speedups.payload_ok``, which gives
+    the same answer without building the objects."""
+    if not payload or not (0x80 <= payload[0] <= 0x8f or payload[0] == 0xde or payload[0] == 0xdf):
+        return False
+    try:
+        unpack(payload)
+    except Exception:  # msgpack raises several unrelated types for bad input
+        return False
+    return True
 
 
 def check_payload(data: bytes, max_size: int):

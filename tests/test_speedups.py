@@ -1,0 +1,122 @@
+"""The compiled bus speedups (zevents/_speedups.pyx) against their Python twins in wire.py: same answers."""
+from __future__ import annotations
+
+import os
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from zevents import wire
+
+speedups = wire.speedups
+needs_compiled = pytest.mark.skipif(speedups is None, reason="compiled speedups not built or ZEVENTS_PUREPYTHON=1")
+FUZZ = settings(max_examples=int(os.environ.get("ZEVENTS_FUZZ_EXAMPLES", "400")), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_the_compiled_speedups_loaded_unless_pure_python_is_forced():
+    if wire.FORCED_PURE:
+        assert speedups is None
+    else:
+        assert speedups is not None, "zevents._speedups did not load: run `pip install -e .` to build it"
+
+
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2 ** 63), 2 ** 64 - 1), st.floats(allow_nan=True), st.text(max_size=40),
+    st.binary(max_size=300),
+    st.builds(msgpack.Timestamp, st.integers(-(2 ** 40), 2 ** 40), st.integers(0, 999_999_999)),
+    st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=20)),
+)
+keys = st.one_of(st.text(max_size=10), st.integers(-5, 5), st.none(), st.binary(max_size=4), st.booleans())
+values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=6),
+                                                       st.dictionaries(keys, inner, max_size=6)), max_leaves=30)
+payloads = st.dictionaries(keys, values, max_size=8).map(lambda v: msgpack.packb(v, use_bin_type=True))
+edits = st.lists(st.tuples(st.sampled_from(["set", "cut", "insert"]), st.integers(0, 10_000), st.integers(0, 255)),
+                 max_size=3)
+
+
+def mutate(data: bytes, operations) -> bytes:
+    out = bytearray(data)
+    for operation, where, byte in operations:
+        where = where % (len(out) + 1)
+        if operation == "set" and where < len(out):
+            out[where] = byte
+        elif operation == "cut":
+            del out[where:]
+        else:
+            out.insert(where, byte)
+    return bytes(out)
+
+
+@needs_compiled
+@FUZZ
+@given(payload=payloads, operations=edits)
+def test_payload_ok_agrees_with_unpack_on_valid_and_damaged_maps(payload, operations):
+    data = mutate(payload, operations)
+    assert speedups.payload_ok(data) is wire.payload_ok(data), data
+
+
+@needs_compiled
+@FUZZ
+@given(data=st.binary(max_size=200))
+def test_payload_ok_agrees_with_unpack_on_random_bytes(data):
+    data = b"\x81" + data  # a map marker, so the walk is reached
+    assert speedups.payload_ok(data) is wire.payload_ok(data)
+
+
+def nested(depth: int, inner: bytes, container: bytes = b"\x91") -> bytes:
+    return b"\x81\xa1k" + container * (depth - 1) + inner
+
+
+CASES = {
+    "empty map": b"\x80",
+    "not a map": b"\x91\x01",
+    "empty": b"",
+    "extra data": b"\x80\x00",
+    "truncated": b"\x82\xa1k\x01",
+    "never-used byte 0xc1": b"\x81\xa1k\xc1",
+    "int, nil, float, bin keys": b"\x84\x01\x02\xc0\x01\xca\x00\x00\x00\x00\x01\xc4\x01a\x01",
+    "list as key": b"\x81\x91\x01\x01",
+    "map as key": b"\x81\x80\x01",
+    "empty list as key": b"\x81\x90\x01",
+    "ext as key": b"\x81\xd4\x01\x00\x01",
+    "timestamp as key": b"\x81\xd6\xff\x00\x00\x00\x01\x01",
+    "reserved negative ext code": b"\x81\xa1k\xd4\xf9\x00",
+    "timestamp of 5 bytes": b"\x81\xa1k\xc7\x05\xff\x00\x00\x00\x00\x00",
+    "timestamp64 nanoseconds too big": b"\x81\xa1k\xd7\xff" + ((0x3FFFFFFF << 34) | 5).to_bytes(8, "big"),
+    "timestamp64": b"\x81\xa1k\xd7\xff" + (5).to_bytes(8, "big"),
+    "timestamp96 nanoseconds too big": b"\x81\xa1k\xc7\x0c\xff" + (10 ** 9).to_bytes(4, "big") + bytes(8),
+    "timestamp96 negative seconds": b"\x81\xa1k\xc7\x0c\xff" + bytes(4) + (-5).to_bytes(8, "big", signed=True),
+    "surrogate in str": b"\x81\xa1k\xa3\xed\xa0\x80",
+    "overlong utf-8": b"\x81\xa1k\xa2\xc0\x80",
+    "U+10FFFF": b"\x81\xa1k\xa4\xf4\x8f\xbf\xbf",
+    "above U+10FFFF": b"\x81\xa1k\xa4\xf4\x90\x80\x80",
+    "str 32 longer than the data": b"\x81\xa1k\xdb\xff\xff\xff\xff",
+    "map 32 claiming 2**32-1 entries": b"\xdf\xff\xff\xff\xff",
+    "1024 open containers": nested(1024, b"\xc0"),
+    "an empty one inside 1024 open containers": nested(1024, b"\x90"),
+    "1025 open containers": nested(1025, b"\xc0"),
+    "1024 open maps": nested(1024, b"\xc0", b"\x81\xa1k"),
+}
+
+
+@needs_compiled
+@pytest.mark.parametrize("case", CASES)
+def test_payload_ok_edge_cases(case):
+    data = CASES[case]
+    assert speedups.payload_ok(data) is wire.payload_ok(data)
+
+
+def test_the_edge_cases_cover_both_answers():
+    answers = {name: wire.payload_ok(data) for name, data in CASES.items()}
+    assert answers["1024 open containers"] and not answers["1025 open containers"]
+    assert not answers["an empty one inside 1024 open containers"] and not answers["list as key"]
+    assert answers["timestamp as key"] and not answers["reserved negative ext code"]
+
+
+@needs_compiled
+@given(seq=st.integers(0, 2 ** 64 - 1), ts=st.integers(0, 2 ** 64 - 1), prefix=st.binary(max_size=120))
+def test_stamp_is_prefix_plus_seq_ts_tail(seq, ts, prefix):
+    assert speedups.stamp(prefix, seq, ts) == prefix + wire.seq_ts_tail(seq, ts)
