@@ -16,7 +16,10 @@ Speed was measured in instructions per line (callgrind on the first 100 000 line
 whole buffer), wall time being too noisy on a shared machine: 950 for the first version, 627 with the move fast
 path, 550 with the run loop, 533 with its digits read two at a time, 424 with numbers read in one 8-byte word,
 moves applied without checks in a simple state and events made without ``__init__``, 322 with the "G1 X.. Y..
-E.." path.  Earlier SWAR attempts (8 digits converted at a time after a byte loop had found them) did not pay:
+E.." path, 296 with signs read out of line and the path's fixed text compared a word at a time.  Wall time has
+followed less and less (about 2 % for the last 6 % of instructions): the line's divisions, its square root and
+the chain of loads from one number's end to the next now count as much; finding the line's end apart from its
+numbers (SSE2, so that the next line need not wait for them) did not help, nor did -O3 or -fno-math-errno.  Earlier SWAR attempts (8 digits converted at a time after a byte loop had found them) did not pay:
 what costs is finding where the digit runs end, at unpredictable lengths, which the word reader does from a mask
 of the word's non-digit bytes.
 
@@ -400,24 +403,15 @@ cdef extern from *:
     #endif
     #define ZEV_BYTES(b) (0x0101010101010101ULL * (b))
 
-    /* The number at p in one 8-byte word (p[0..8], which must be readable): zev_number_run's end and value for a
-       number of 1 to 7 characters after its sign, which is every number of sliced G-code; NULL for any other
-       (longer, or no number), which the caller reads with zev_number_run.  Where the digit runs end comes from
-       the word's non-digit bytes at once, not from a loop that stops at an unpredictable length; the digits
-       without the dot become the mantissa by three multiplications (two digits, then four, then eight at a
-       time). */
-    ZEV_INLINE const unsigned char* zev_number_word(const unsigned char* p, double* out) {
+    /* The unsigned number at p in one 8-byte word (p[0..7], which must be readable): zev_number_run's end and value
+       for digits[.digits] or .digits of at most 7 characters, NULL for anything else.  Where the digit runs end
+       comes from the word's non-digit bytes at once, not from a loop that stops at an unpredictable length; the
+       digits without the dot become the mantissa by three multiplications (two digits, then four, then eight). */
+    ZEV_INLINE const unsigned char* zev_digits_word(const unsigned char* p, double* out) {
     #if ZEV_SWAR
-        const unsigned char* digits = p;
         uint64_t x, nondigit, mantissa;
         unsigned first, stop, count, fraction = 0;
-        int negative = 0;
-        double value;
-        if (ZEV_UNLIKELY(*p == '-' || *p == '+')) {
-            negative = *p == '-';
-            digits++;
-        }
-        memcpy(&x, digits, 8);
+        memcpy(&x, p, 8);
         /* x: each byte ^ '0', a digit's value (< 10).  The high bit of each byte that is not a digit: x + 0x76 sets
            it for 10..0x89 and x has it from 0x80 on.  A carry out of a byte (x >= 0x8a) can only spoil the bytes
            after it, and that byte is flagged itself: the first flagged byte is exact, and so is the second when
@@ -426,7 +420,7 @@ cdef extern from *:
         nondigit = (x | (x + ZEV_BYTES(0x76))) & ZEV_BYTES(0x80);
         if (!nondigit) return NULL;
         first = (unsigned)__builtin_ctzll(nondigit) >> 3;  /* integer digits */
-        if (ZEV_LIKELY(digits[first] == '.')) {
+        if (ZEV_LIKELY(p[first] == '.')) {
             nondigit &= nondigit - 1;
             if (!nondigit) return NULL;
             stop = (unsigned)__builtin_ctzll(nondigit) >> 3;  /* the byte after the fraction */
@@ -436,7 +430,7 @@ cdef extern from *:
             /* the fraction's digits move down over the dot */
             x = ((x ^ (x >> 8)) & zev_low_bytes[first]) ^ (x >> 8);
         } else {
-            if (!first) return NULL;
+            if (!first) return NULL;  /* a sign, or no number */
             stop = count = first;
         }
         /* the count digits to the top of the word (the bytes below become leading zeros), then pairs, quads, all */
@@ -445,13 +439,29 @@ cdef extern from *:
         x = ((x & 0x00FF00FF00FF00FFULL) * 6553601) >> 16;
         mantissa = ((x & 0x0000FFFF0000FFFFULL) * 42949672960001ULL) >> 32;
         /* at most 7 digits: an exact double, and so is 10**k; dividing by 1.0 when there is no fraction is exact */
-        value = (double)mantissa / zev_pow10[fraction];
-        *out = negative ? -value : value;
-        return digits + stop;
+        *out = (double)mantissa / zev_pow10[fraction];
+        return p + stop;
     #else
         (void)p; (void)out;
         return NULL;
     #endif
+    }
+
+    /* zev_number_word of a signed number (p[0..8] readable), out of line: signs are rare in sliced G-code */
+    ZEV_NOINLINE const unsigned char* zev_signed_word(const unsigned char* p, double* out) {
+        const unsigned char* end;
+        if (*p != '-' && *p != '+') return NULL;
+        end = zev_digits_word(p + 1, out);
+        if (end && *p == '-') *out = -*out;
+        return end;
+    }
+
+    /* The number at p, [+-] then what zev_digits_word reads (p[0..8] must be readable): zev_number_run's end and
+       value for a number of 1 to 7 characters after its sign, which is every number of sliced G-code; NULL for
+       any other (longer, or no number), which the caller reads with zev_number_run. */
+    ZEV_INLINE const unsigned char* zev_number_word(const unsigned char* p, double* out) {
+        const unsigned char* end = zev_digits_word(p, out);
+        return ZEV_LIKELY(end != NULL) ? end : zev_signed_word(p, out);
     }
 
     /* zev_number for the general parameter scanner (G4, G28, G92: rare lines) */
@@ -756,12 +766,13 @@ cdef extern from *:
         *fired = 0;
         v[ZEV_X] = v[ZEV_Y] = v[ZEV_Z] = v[ZEV_E] = v[ZEV_F] = 0.0;  /* copied to general[] whether set or not */
         while (p < last) {
-            if (simple && (uintptr_t)p <= fast_end && p[0] == 'G' && p[1] == '1' && p[2] == ' ' && p[3] == 'X') {
+            if ((uintptr_t)p <= fast_end && memcmp(p, "G1 X", 4) == 0 && simple) {
                 /* "G1 X.. Y.. E.." and its terminator, each number in one word (16 bytes ahead: the line is at
                    most 35 bytes long when it gets this far), else the line goes the general way below */
                 q = zev_number_word(p + 4, &x);
-                if (q && q[0] == ' ' && q[1] == 'Y' && (q = zev_number_word(q + 2, &y)) != NULL && q[0] == ' '
-                        && q[1] == 'E' && (q = zev_number_word(q + 2, &e)) != NULL && (*q == 10 || *q == 13)) {
+                if (q && memcmp(q, " Y", 2) == 0 && (q = zev_number_word(q + 2, &y)) != NULL
+                        && memcmp(q, " E", 2) == 0 && (q = zev_number_word(q + 2, &e)) != NULL
+                        && (*q == 10 || *q == 13)) {
                     f = zev_apply_xye(&s, x, y, e, tolerance, events);
                     goto line_done;
                 }
