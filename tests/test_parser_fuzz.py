@@ -218,6 +218,22 @@ def test_short_numbers_of_every_shape_in_the_fast_path(after):
     assert_same([("line", line) for line in lines])
 
 
+@pytest.mark.parametrize("terminator", [b"\n", b"\r\n", b"\r"])
+def test_comment_lines_between_moves(terminator):
+    """Comment lines inside a run of moves (the compiled run loop skips them itself): a CR inside one ends it, an
+    over-long one is counted and reported by the general path, and a comment may end a buffer."""
+    comments = [b";WIPE_START", b";", b"; a\rG1 Z7 ; the CR ended the comment", b";" + b"x" * 70_000,
+                b";TYPE:Perimeter ; G1 Z9", b"; \xff\x00 invalid", b";" + b"y" * 200]
+    lines = []
+    for index, comment in enumerate(comments):
+        lines += [b"G1 X%d Y1 E%d" % (index, index + 1), comment, b"G1 Z%d.5" % index]
+    data = b"G1 X0 Y0 Z0.2 F600" + terminator + terminator.join(lines) + terminator
+    for sizes in ([len(data)], [5, 70_000, 100], [len(data) - 1, 1]):
+        operations = [("sent", chunk) for chunk in chunked(data, sizes)]
+        assert_same(operations)
+    assert run(CParser, [("sent", data)])[2] == 1  # the over-long comment, counted once
+
+
 MODE_LINES = [b"G90", b"G91", b"M82", b"M83", b"G20", b"G21", b"G92 E0", b"G92 E" + b"9" * 308,
               b"G92 X0 Y0 Z0", b"G28", b"G28 X", b"G1 F0", b"G1 F-100", b"G1 F1200", b"G4 S1", b"T1", b"M600"]
 fast_number = st.one_of(
