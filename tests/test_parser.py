@@ -207,6 +207,41 @@ def test_numbers_parse_exactly_like_python_float(Parser):
         assert parser.state.z == float(text) or (text == "9" * 400 and parser.state.z != float("inf")), text
 
 
+# The sliced shape "G1 X.. Y.. E.." and its neighbours, fed as a buffer with room after them: the compiled parser
+# reads such lines on fast paths (numbers of up to 7 characters in one word, the XYE shape as a whole) that need
+# bytes of buffer ahead; these are the edges where a line must leave them or read the same.
+SLICED_MOVES = [
+    ("G1 X-0 Y.5 E5.", ("-0", ".5", "5.")),
+    ("G1 X+1.5 Y-2 E.02455", ("+1.5", "-2", ".02455")),
+    ("G1 X1234567 Y0.00001 E-.8", ("1234567", "0.00001", "-.8")),
+    ("G1 X12345678 Y1234.567 E0000001", ("12345678", "1234.567", "0000001")),
+    ("G1 X1.23456789012345678 Y99999999.5 E00000001.5", ("1.23456789012345678", "99999999.5", "00000001.5")),
+    ("G1 X87.905 Y77.568 E.02455;comment", ("87.905", "77.568", ".02455")),
+    ("G1 X87.905 Y77.568 E.02455*34", ("87.905", "77.568", ".02455")),
+    ("N12 G1 X87.905 Y77.568 E.02455*34", ("87.905", "77.568", ".02455")),
+    ("g1 x1.5 y2.5 e3.5", ("1.5", "2.5", "3.5")),
+    ("G1\tX1.5\tY2.5\tE3.5", ("1.5", "2.5", "3.5")),
+    ("G1 X1.5 Y2.5 E3.5 ", ("1.5", "2.5", "3.5")),
+    ("G1 X1.5  Y2.5 E3.5 F1200", ("1.5", "2.5", "3.5")),
+    ("G1 X1.5 Y2.5 (note) E3.5", ("1.5", "2.5", "3.5")),
+    ("G1 Y2.5 X1.5 E3.5", ("1.5", "2.5", "3.5")),
+]
+
+
+@pytest.mark.parametrize("terminator", [b"\n", b"\r\n"])
+@pytest.mark.parametrize("line,values", SLICED_MOVES)
+def test_sliced_moves_read_exactly(Parser, line, values, terminator):
+    parser = Parser()
+    room = b"; room after the line: fast paths read ahead of a number" + b"." * 64 + terminator
+    events = parser.feed_sent(b"G92 E0" + terminator + b"G1 X0 Y0 Z0.2 F600" + terminator + line.encode() + terminator
+                              + room)
+    state = parser.state
+    assert (state.x, state.y, state.e) == tuple(float(text) for text in values)
+    assert str(state.x) == str(float(values[0]))  # the sign of zero too
+    expect_layer = float(values[2]) > 0 and (state.x, state.y) != (0.0, 0.0)
+    assert [event.name for event in events] == ["ZChange"] + (["LayerChanged"] if expect_layer else [])
+
+
 # ------------------------------------------------------------------------------------------------- layers
 
 

@@ -235,6 +235,7 @@ def test_comment_lines_between_moves(terminator):
 
 
 MODE_LINES = [b"G90", b"G91", b"M82", b"M83", b"G20", b"G21", b"G92 E0", b"G92 E" + b"9" * 308,
+              b"G92 E-" + b"9" * 308, b"G92 X" + b"9" * 308, b"G1 X12345678 Y-1234567.8 E123456789012345",
               b"G92 X0 Y0 Z0", b"G28", b"G28 X", b"G1 F0", b"G1 F-100", b"G1 F1200", b"G4 S1", b"T1", b"M600"]
 fast_number = st.one_of(
     st.from_regex(rb"\A-?[0-9]{0,3}\.[0-9]{1,5}\Z"),

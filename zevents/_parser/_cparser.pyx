@@ -1,39 +1,42 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """The compiled G-code parser: the same events and state as ``_pyparser`` (the specification), fast.
 
-The hot path touches no Python object per line: it walks a ``const unsigned char*`` over the caller's buffer,
-parses numbers itself and keeps the machine state in a C struct (NaN = unknown).  Simple G0/G1 lines ("G1 " then
-parameters, no comment), nine lines in ten, run in one C loop (``zev_run_moves``) that parses each line in one
-pass up to its terminator, with no search for the line end first: the last terminator of the buffer bounds the
-run; comment lines inside it are skipped there too.  In that loop, "G1 X.. Y.. E.." lines (92 % of the lines of a PrusaSlicer file) are read as exactly that
-shape, three numbers and their separators, and applied by ``zev_apply_xye``; any other move goes through the
-loop's general scanner.  Everything else finds its line end with memchr (a CR search runs only while the buffer
-still has a CR ahead) and goes through ``_sent_line``.  Python objects are made only for events (``new_event``
-fills an Event's slots without calling its Python ``__init__``) and on rare paths (a suppressed command, an
-over-long line), where it calls the helpers of ``_rules`` so that both implementations share one wording.
+The hot path touches no Python object per line: it walks a ``const unsigned char*`` over the caller's buffer, parses
+numbers itself and keeps the machine state in a C struct (NaN = unknown).  Simple G0/G1 lines ("G1 " then
+parameters, no comment), nine lines in ten, run in one C loop (``zev_run_moves``) that parses each line in one pass
+up to its terminator, with no search for the line end first: the last terminator of the buffer bounds the run;
+comment lines inside the run are skipped there too.  In that loop, "G1 X.. Y.. E.." lines (92 % of the lines of a
+PrusaSlicer file) are read as exactly that shape, three numbers and their separators, and applied by
+``zev_apply_xye``; any other move goes through the loop's general scanner.  Everything else finds its line end with
+memchr (a CR search runs only while the buffer still has a CR ahead) and goes through ``_sent_line``.  Python
+objects are made only for events (``new_event`` fills an Event's slots without calling its Python ``__init__``) and
+on rare paths (a suppressed command, an over-long line), where it calls the helpers of ``_rules`` so that both
+implementations share one wording.
+
+Numbers: a decimal of at most 19 significant digits whose integer fits 2**53, with at most 22 fraction digits, is
+m / 10**k, both exact doubles, so the one IEEE division is correctly rounded, exactly what Python's float() returns.
+Anything longer goes to PyOS_string_to_double (what float() uses), so the twin's float() and this parser never
+differ.  A number of at most 7 characters after its sign (every number of sliced G-code) is read from one 8-byte
+word (``zev_digits_word``, on little-endian GCC/clang builds; ``-DZEV_NO_SWAR`` builds without it): a mask of the
+word's non-digit bytes gives where the digit runs end, the digits without the dot become m in three multiplications.
+The build must not fuse multiply-adds (setup.py passes -ffp-contract=off): Python rounds every operation, and the
+print-time estimate must come out bit-identical.
+
+The simple state (``zev_simple_state``: absolute X Y Z in mm, all known, a positive feedrate, the extrusion box
+started) with small values (``ZEV_SMALL``) lets ``zev_apply_simple`` and ``zev_apply_xye`` drop the NaN and infinity
+checks of ``zev_apply_move``: none of them can fail there.  They do the same floating-point operations in the same
+order; the tests compare both implementations' floats exactly, in and out of that state.
 
 Speed was measured in instructions per line (callgrind on the first 100 000 lines of the bunny, feed_sent of the
 whole buffer), wall time being too noisy on a shared machine: 950 for the first version, 627 with the move fast
-path, 550 with the run loop, 533 with its digits read two at a time, 424 with numbers read in one 8-byte word,
-moves applied without checks in a simple state and events made without ``__init__``, 322 with the "G1 X.. Y..
-E.." path, 296 with signs read out of line and the path's fixed text compared a word at a time, 288 with comment
-lines skipped inside the run loop.  Wall time has
-followed less and less (about 2 % for the last 6 % of instructions): the line's divisions, its square root and
-the chain of loads from one number's end to the next now count as much; finding the line's end apart from its
-numbers (SSE2, so that the next line need not wait for them) did not help, nor did -O3 or -fno-math-errno.  Earlier SWAR attempts (8 digits converted at a time after a byte loop had found them) did not pay:
-what costs is finding where the digit runs end, at unpredictable lengths, which the word reader does from a mask
-of the word's non-digit bytes.
-
-Numbers: a decimal of at most 19 significant digits whose integer fits 2**53, with at most 22 fraction digits,
-is m / 10**k, both exact doubles, so the one IEEE division is correctly rounded, exactly what Python's float()
-returns.  Anything longer goes to PyOS_string_to_double (what float() uses), so the twin's float() and this
-parser never differ.  The build must not fuse multiply-adds (setup.py passes -ffp-contract=off): Python
-rounds every operation, and the print-time estimate must come out bit-identical.
-
-The simple state (``zev_simple_state``: absolute X Y Z in mm, all known, a positive feedrate, the extrusion box
-started) with values of at most 7 digits lets ``zev_apply_simple`` and ``zev_apply_xye`` drop the NaN and
-infinity checks of ``zev_apply_move``: none of them can fail there.  They do the same floating-point operations
-in the same order; the tests compare both implementations' floats exactly, in and out of that state.
+path, 550 with the run loop, 533 with its digits read two at a time, 424 with numbers read in one word, moves
+applied without checks in the simple state and events made without ``__init__``, 322 with the "G1 X.. Y.. E.." path,
+296 with signs read out of line and the path's fixed text compared a word at a time, 288 with comment lines skipped
+in the run loop.  Wall time has followed less and less (about 2 % for the last 6 % of instructions): the line's
+divisions, its square root and the chain of loads from one number's end to the next count as much now.  Tried and
+measured without gain: finding the line's end apart from its numbers (SSE2, so that the next line need not wait for
+them), -O3, -fno-math-errno; earlier, SWAR conversions of 8 digits after a byte loop had found them (what costs is
+finding where digit runs of unpredictable length end, which the word reader does from its mask).
 """
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -397,8 +400,9 @@ cdef extern from *:
         return zev_number_value(start, p, mantissa, integer, fraction, negative, out);
     }
 
-    #if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    #define ZEV_SWAR 1
+    #if !defined(ZEV_NO_SWAR) && defined(__GNUC__) && defined(__BYTE_ORDER__) \
+        && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    #define ZEV_SWAR 1  /* build with -DZEV_NO_SWAR to try the portable path */
     #else
     #define ZEV_SWAR 0  /* zev_number_word needs the first byte in the low bits and __builtin_ctzll */
     #endif
@@ -595,6 +599,9 @@ cdef extern from *:
 
     /* The state in which zev_apply_simple may replace zev_apply_move: absolute X Y Z in mm, every axis known
        (finite), a positive feedrate, the extrusion box started. */
+    /* A small value: adding it to or subtracting it from any finite double (E) stays finite, as it is far below
+       half the spacing of doubles near DBL_MAX (1e292).  zev_number_word's values are below 1e7. */
+    #define ZEV_SMALL 1e15
     ZEV_INLINE int zev_simple_state(const zev_machine* m) {
         return !m->relative && !m->inches && m->have_bbox && !isnan(m->x) && !isnan(m->y) && !isnan(m->z)
                && m->feedrate > 0.0;
@@ -616,10 +623,9 @@ cdef extern from *:
         m->print_time += distance * 60.0 / m->feedrate;
     }
 
-    /* zev_apply_move in a simple state (zev_simple_state) for values of at most 7 digits (zev_number_word's), in
-       v[ZEV_X] .. v[ZEV_F]: every old and new coordinate is finite and no sum can overflow (|value| < 1e7, E
-       finite), so none of the NaN and infinity checks can fail; the same operations in the same order give the
-       same doubles. */
+    /* zev_apply_move in a simple state (zev_simple_state) for small values (below ZEV_SMALL), in v[ZEV_X] ..
+       v[ZEV_F]: every old and new coordinate is finite and E's sum and difference cannot overflow, so none of the
+       NaN and infinity checks can fail; the same operations in the same order give the same doubles. */
     ZEV_INLINE int zev_apply_simple(zev_machine* m, int valued, const double* v, double tolerance,
                                     zev_move_events* events) {
         const double ox = m->x, oy = m->y, oz = m->z, oe = m->e;
@@ -720,7 +726,7 @@ cdef extern from *:
     }
 
     #define ZEV_MAX_LINE 65536
-    #define ZEV_LONG 256  /* zev_run_moves: a value of the line may be long, or infinite */
+    #define ZEV_LONG 256  /* zev_run_moves: a value of the line is not small (ZEV_SMALL) */
 
     /* the last CR or LF in [p, end), or NULL */
     static const unsigned char* zev_last_terminator(const unsigned char* p, const unsigned char* end) {
@@ -731,9 +737,14 @@ cdef extern from *:
         return NULL;
     }
 
-    /* the rare paths of zev_run_moves, out of its loop so that the loop keeps its values in registers */
-    ZEV_NOINLINE const unsigned char* zev_number_long(const unsigned char* p, const unsigned char* end, double* out,
-                                                      int* found) {
+    /* the rare paths of zev_run_moves, out of its loop so that the loop keeps its values in registers (without
+       zev_digits_word, every number is read by zev_number_long: then inline) */
+    #if ZEV_SWAR
+    ZEV_NOINLINE
+    #else
+    ZEV_INLINE
+    #endif
+    const unsigned char* zev_number_long(const unsigned char* p, const unsigned char* end, double* out, int* found) {
         return zev_number_run(p, end, out, found);
     }
 
@@ -777,7 +788,7 @@ cdef extern from *:
                 f = 0;
                 goto line_done;
             }
-            if ((uintptr_t)p <= fast_end && memcmp(p, "G1 X", 4) == 0 && simple) {
+            if (ZEV_SWAR && (uintptr_t)p <= fast_end && memcmp(p, "G1 X", 4) == 0 && simple) {
                 /* "G1 X.. Y.. E.." and its terminator, each number in one word (16 bytes ahead: the line is at
                    most 35 bytes long when it gets this far), else the line goes the general way below */
                 q = zev_number_word(p + 4, &x);
@@ -789,19 +800,20 @@ cdef extern from *:
                 }
             }
             if (!(p[0] == 'G' && (p[1] == '1' || p[1] == '0') && p[2] == ' ')) break;
-            valued = 0;  /* the ZEV_X .. ZEV_F of the values set; ZEV_LONG: one came from zev_number_run */
+            valued = 0;  /* the ZEV_X .. ZEV_F of the values set; ZEV_LONG: one of them is not small */
             q = p + 3;
             for (;;) {
                 action = zev_run_action[*q];
                 if (action == 0) { q++; continue; }
                 if (action > ZEV_F) break;
-                r = (uintptr_t)q <= wide_end ? zev_number_word(q + 1, &v[action]) : NULL;
+                r = ZEV_SWAR && (uintptr_t)q <= wide_end ? zev_number_word(q + 1, &v[action]) : NULL;
                 if (ZEV_LIKELY(r != NULL)) {
                     valued |= action;
                 } else {
                     r = zev_number_long(q + 1, end, &v[action], &found);
                     if (!r) { *m = s; *pp = p; return -1; }
-                    valued = (found ? valued | action : valued & ~action) | ZEV_LONG;
+                    if (!found) valued &= ~action;
+                    else valued |= fabs(v[action]) < ZEV_SMALL ? action : action | ZEV_LONG;  /* also NaN-safe */
                 }
                 q = r;
             }
