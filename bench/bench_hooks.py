@@ -168,6 +168,9 @@ def test_hook_latency_and_throughput(benchmark, figures, node, workers):
     benchmark.extra_info.update(info)
     figures.add("hooks", f"runs/s of `true`, {workers} workers", info["hook_runs_per_s"], "runs/s",
                 info["baseline_runs_per_s"], "subprocess.run loop")
+    # What exec'ing `true` alone allows on this machine: every CPU busy with nothing but the hook processes.
+    ceiling = os.cpu_count() / (where["cpu_us_per_run_children"] / 1e6)
+    figures.add("hooks", f"ceiling: CPUs / CPU per `true` process, {workers} workers", ceiling, "runs/s")
     figures.add("hooks", f"event→command started p50, {workers} workers", p50 * 1000, "µs")
     figures.add("hooks", f"event→command started p99, {workers} workers", p99 * 1000, "µs")
     print(f"\nhooks ({workers} workers, {os.cpu_count()} CPUs): event→started p50 {p50:.3f} ms, p99 {p99:.3f} ms; "

@@ -120,3 +120,32 @@ def test_the_edge_cases_cover_both_answers():
 @given(seq=st.integers(0, 2 ** 64 - 1), ts=st.integers(0, 2 ** 64 - 1), prefix=st.binary(max_size=120))
 def test_stamp_is_prefix_plus_seq_ts_tail(seq, ts, prefix):
     assert speedups.stamp(prefix, seq, ts) == prefix + wire.seq_ts_tail(seq, ts)
+
+
+def _decoded(decoder, topic, header, payload):
+    try:
+        envelope = decoder.decode(topic, header, payload)
+    except wire.WireError as exc:
+        return ("WireError", str(exc))
+    # The payload as bytes again: a NaN in it never equals itself.
+    return (envelope.topic, envelope.group, envelope.name, envelope.node, envelope.printer, envelope.epoch,
+            envelope.seq, envelope.ts, envelope.src, wire.pack(envelope.payload), envelope.replayed)
+
+
+names = st.text(max_size=12)
+stamped = st.builds(wire.encode_header, names, st.none() | names, st.integers(0, 2 ** 64 - 1), names,
+                    st.integers(0, 2 ** 64 - 1), st.integers(0, 2 ** 64 - 1))
+foreign = st.dictionaries(st.sampled_from(wire.HEADER_KEYS + ("extra",)), st.integers(0, 9) | names | st.none(),
+                          max_size=9).map(wire.pack)
+
+
+@needs_compiled
+@FUZZ
+@given(topic=st.sampled_from([b"gcode/ZChange", b"custom/Thing", b"\xff/x", b"sys"]) | st.binary(max_size=20),
+       headers=st.lists(stamped | foreign, min_size=1, max_size=4), operations=edits,
+       payload=payloads | st.binary(max_size=30))
+def test_the_compiled_decoder_gives_the_python_decoders_answers(topic, headers, operations, payload):
+    python, compiled = wire.PyDecoder(), speedups.Decoder()
+    for header in headers + [mutate(headers[0], operations)] + headers:  # the cached paths too
+        assert _decoded(compiled, topic, header, payload) == _decoded(python, topic, header, payload)
+    assert compiled._prefixes.keys() == python._prefixes.keys()

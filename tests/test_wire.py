@@ -15,14 +15,14 @@ def frames(name):
 
 
 @pytest.mark.parametrize("name", ["event_zchange", "event_printstarted"])
-def test_published_event_bytes_are_pinned(name):
+def test_published_event_bytes_are_pinned(name, decoder):
     topic, header, payload = frames(name)
     expected = GOLDEN[name]["decoded"]
     h = expected["header"]
     assert wire.encode_header(h["node"], h["printer"], h["epoch"], h["src"], h["seq"], h["ts"]) == header
     assert wire.pack(expected["payload"]) == payload
     assert wire.topic_bytes(expected["topic"].split("/")[1]) == topic
-    envelope = wire.decode(topic, header, payload)
+    envelope = decoder.decode(topic, header, payload)
     assert (envelope.topic, envelope.node, envelope.printer, envelope.epoch, envelope.src, envelope.seq,
             envelope.ts) == (expected["topic"], h["node"], h["printer"], h["epoch"], h["src"], h["seq"], h["ts"])
     assert envelope.payload == expected["payload"]
@@ -55,14 +55,28 @@ def test_protocol_document_example_is_the_golden_frame():
     assert [hexes[1], hexes[2], hexes[3]] == GOLDEN["event_zchange"]["frames"]
 
 
-def test_decoder_reads_headers_from_other_encoders():
+DECODERS = [pytest.param(wire.PyDecoder, id="python"),
+            pytest.param(getattr(wire.speedups, "Decoder", None), id="compiled",
+                         marks=pytest.mark.skipif(wire.speedups is None, reason="compiled speedups not built"))]
+
+
+@pytest.fixture(params=DECODERS)
+def decoder(request):
+    """Each decoder: the Python one (the spec) and its compiled twin."""
+    return request.param()
+
+
+def test_the_default_decoder_is_the_compiled_one_unless_pure_python_is_forced():
+    assert wire.Decoder is (wire.PyDecoder if wire.speedups is None else wire.speedups.Decoder)
+
+
+def test_decoder_reads_headers_from_other_encoders(decoder):
     header = wire.pack({"v": 1, "node": "x", "printer": None, "epoch": 9, "src": "c-client", "seq": 3, "ts": 4})
-    envelope = wire.Decoder().decode(b"custom/Thing", header, wire.pack({"a": [1, 2]}))
+    envelope = decoder.decode(b"custom/Thing", header, wire.pack({"a": [1, 2]}))
     assert (envelope.name, envelope.group, envelope.seq, envelope.payload) == ("Thing", "custom", 3, {"a": [1, 2]})
 
 
-def test_decoder_cache_does_not_confuse_streams():
-    decoder = wire.Decoder()
+def test_decoder_cache_does_not_confuse_streams(decoder):
     a = wire.encode_header("n", "p1", 1, "gcode", 1, 10)
     b = wire.encode_header("n", "p2", 1, "gcode", 2, 11)
     for _ in range(2):
@@ -82,10 +96,10 @@ def test_decoder_cache_does_not_confuse_streams():
     (b"gcode/Home", None, b"not msgpack at all \xc1"),
     (b"gcode/Home", wire.pack({"v": 1}), b"\x80"),
 ])
-def test_decode_refuses_malformed_frames(topic, header, payload):
+def test_decode_refuses_malformed_frames(decoder, topic, header, payload):
     header = header if header is not None else wire.encode_header("n", None, 1, "x", 1, 1)
     with pytest.raises(wire.WireError):
-        wire.decode(topic, header, payload)
+        decoder.decode(topic, header, payload)
 
 
 def test_split_topic():

@@ -6,10 +6,11 @@ extension is not built or ``ZEVENTS_PUREPYTHON=1``; tests run both and compare t
   a single object (the broker validates every event it publishes; decoding it only to throw it away cost a third
   of the broker's per-event time).
 * :func:`drain_ingest`: ``Broker._drain_ingest``, the sequencer's loop over its PULL socket.
+* :class:`Decoder`: ``wire.PyDecoder``, what every subscriber runs for every event.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 
 import zmq
 
@@ -288,3 +289,63 @@ def drain_ingest(broker, int batch):
         entry = (group, seq, known[1], header, payload)
         remember(entry)
         last_values[known[1]] = entry
+
+
+cdef class Decoder:
+    """``wire.PyDecoder`` compiled: the broker-stamped header of a known stream is a cached prefix plus a 25-byte
+    seq/ts tail read here in C.  The uncommon paths (a new topic, a header from another encoder) are the twin's own
+    methods, working on the same caches."""
+
+    cdef readonly dict _prefixes
+    cdef readonly dict _topics
+    cdef object _twin
+    cdef object _envelope
+    cdef object _unpack
+    cdef object _wire_error
+
+    def __init__(self, int cache_size=4096):
+        from zevents import wire
+
+        self._twin = wire.PyDecoder(cache_size)
+        self._prefixes = self._twin._prefixes
+        self._topics = self._twin._topics
+        self._envelope = wire.Envelope
+        self._unpack = wire.unpack
+        self._wire_error = wire.WireError
+
+    cdef tuple _fixed(self, bytes header, Py_ssize_t cut):
+        """(node, printer, epoch, src, seq, ts) through the cached prefix, or None."""
+        cdef const uint8_t *tail
+        if cut <= 0:
+            return None
+        fixed = self._prefixes.get(header[:cut])
+        if fixed is None:
+            return None
+        tail = <const uint8_t *>PyBytes_AS_STRING(header) + cut
+        if memcmp(tail, b"\xa3seq\xcf", 5) != 0 or memcmp(tail + 13, b"\xa2ts\xcf", 4) != 0:
+            return None
+        return (<tuple>fixed) + (_be64(tail + 5), _be64(tail + 17))
+
+    def header(self, bytes header not None):
+        """(node, printer, epoch, src, seq, ts) of a header frame."""
+        cdef Py_ssize_t cut = PyBytes_GET_SIZE(header) - 25
+        values = self._fixed(header, cut)
+        return values if values is not None else self._twin._generic_header(header, cut)
+
+    def decode(self, bytes topic not None, bytes header not None, bytes payload not None, bint replayed=False):
+        """Decode the three frames of a published event; raises WireError on anything malformed."""
+        names = self._topics.get(topic)
+        if names is None:
+            names = self._twin._topic(topic)
+        cdef Py_ssize_t cut = PyBytes_GET_SIZE(header) - 25
+        values = self._fixed(header, cut)
+        if values is None:
+            values = self._twin._generic_header(header, cut)
+        try:
+            body = self._unpack(payload)
+        except Exception as exc:
+            raise self._wire_error(f"payload is not msgpack ({exc.__class__.__name__})") from exc
+        if not isinstance(body, dict):
+            raise self._wire_error("payload is not a map")
+        node, printer, epoch, src, seq, ts = values
+        return self._envelope(names[0], names[1], names[2], node, printer, epoch, seq, ts, src, body, replayed)

@@ -235,7 +235,7 @@ class Envelope:
         return f"<Envelope {self.topic} seq={self.seq} epoch={self.epoch} {self.payload!r}>"
 
 
-class Decoder:
+class PyDecoder:
     """Decodes published events.  Headers stamped by a broker share a prefix per (node, printer, epoch, src), so
     the prefix is decoded once and cached; only the fixed 25-byte seq/ts tail is read per event.  Any other valid
     msgpack header still decodes through the generic path."""
@@ -288,7 +288,8 @@ class Decoder:
         return values
 
     def decode(self, topic: bytes, header: bytes, payload: bytes, replayed: bool = False) -> Envelope:
-        """Decode the three frames of a published event; raises WireError on anything malformed."""
+        """Decode the three frames of a published event; raises WireError on anything malformed.
+        ``_speedups.Decoder.decode`` is its compiled twin: change both together."""
         topic_str, group, name = self._topics.get(topic) or self._topic(topic)
         cut = len(header) - self._TAIL
         fixed = self._prefixes.get(header[:cut]) if cut > 0 else None
@@ -309,6 +310,8 @@ class Decoder:
         return Envelope(topic_str, group, name, node, printer, epoch, seq, ts, src, body, replayed)
 
 
+# The compiled twin (same answers, same caches, the uncommon paths delegated to PyDecoder) unless pure Python.
+Decoder = speedups.Decoder if speedups is not None else PyDecoder
 _default_decoder = Decoder()
 
 
