@@ -3,24 +3,24 @@
 
 The hot path touches no Python object per line: it walks a ``const unsigned char*`` over the caller's buffer, parses
 numbers itself and keeps the machine state in a C struct (NaN = unknown).  Simple G0/G1 lines ("G1 " then
-parameters, no comment), nine lines in ten, run in one C loop (``zev_run_moves``) that parses each line in one pass
-up to its terminator, with no search for the line end first: the last terminator of the buffer bounds the run;
-comment lines inside the run are skipped there too.  In that loop, "G1 X.. Y.. E.." lines (92 % of the lines of a
-PrusaSlicer file) are read as exactly that shape, three numbers and their separators, and applied by
-``zev_apply_xye``; any other move goes through the loop's general scanner.  Everything else finds its line end with
-memchr (a CR search runs only while the buffer still has a CR ahead) and goes through ``_sent_line``.  Python
-objects are made only for events (``new_event`` fills an Event's slots without calling its Python ``__init__``) and
-on rare paths (a suppressed command, an over-long line), where it calls the helpers of ``_rules`` so that both
-implementations share one wording.
+parameters, a comment or checksum after them at most), nine lines in ten, run in one C loop (``zev_run_moves``) that
+parses each line in one pass up to its terminator, with no search for the line end first: the last terminator of the
+buffer bounds the run; comment lines inside the run are skipped there too.  In that loop, "G1 X.. Y.. E.." lines (92
+% of the lines of a PrusaSlicer file) are read as exactly that shape, three numbers and their separators, and
+applied by ``zev_apply_xye``; any other move goes through the loop's general scanner.  Everything else finds its
+line end with memchr (a CR search runs only while the buffer still has a CR ahead) and goes through ``_sent_line``.
+Python objects are made only for events (``new_event`` fills an Event's slots without calling its Python
+``__init__``) and on rare paths (a suppressed command, an over-long line), where it calls the helpers of ``_rules``
+so that both implementations share one wording.
 
-Numbers: a decimal of at most 19 significant digits whose integer fits 2**53, with at most 22 fraction digits, is
-m / 10**k, both exact doubles, so the one IEEE division is correctly rounded, exactly what Python's float() returns.
+Numbers: a decimal of at most 19 significant digits whose integer fits 2**53, with at most 22 fraction digits, is m
+/ 10**k, both exact doubles, so the one IEEE division is correctly rounded, exactly what Python's float() returns.
 Anything longer goes to PyOS_string_to_double (what float() uses), so the twin's float() and this parser never
-differ.  A number of at most 7 characters after its sign (every number of sliced G-code) is read from one 8-byte
-word (``zev_digits_word``, on little-endian GCC/clang builds; ``-DZEV_NO_SWAR`` builds without it): a mask of the
-word's non-digit bytes gives where the digit runs end, the digits without the dot become m in three multiplications.
-The build must not fuse multiply-adds (setup.py passes -ffp-contract=off): Python rounds every operation, and the
-print-time estimate must come out bit-identical.
+differ.  The numbers of sliced G-code (at most 7 characters after the sign, or at most 7 digits each side of the
+dot, as absolute E grows to) are read from one or two 8-byte words (``zev_digits_word``, on little-endian GCC/clang
+builds; ``-DZEV_NO_SWAR`` builds without it): a mask of a word's non-digit bytes gives where the digit runs end, and
+the digits become m by multiplications.  The build must not fuse multiply-adds (setup.py passes -ffp-contract=off):
+Python rounds every operation, and the print-time estimate must come out bit-identical.
 
 The simple state (``zev_simple_state``: absolute X Y Z in mm, all known, a positive feedrate, the extrusion box
 started) with small values (``ZEV_SMALL``) lets ``zev_apply_simple`` and ``zev_apply_xye`` drop the NaN and infinity
@@ -32,11 +32,13 @@ whole buffer), wall time being too noisy on a shared machine: 950 for the first 
 path, 550 with the run loop, 533 with its digits read two at a time, 424 with numbers read in one word, moves
 applied without checks in the simple state and events made without ``__init__``, 322 with the "G1 X.. Y.. E.." path,
 296 with signs read out of line and the path's fixed text compared a word at a time, 288 with comment lines skipped
-in the run loop.  Wall time has followed less and less (about 2 % for the last 6 % of instructions): the line's
-divisions, its square root and the chain of loads from one number's end to the next count as much now.  Tried and
-measured without gain: finding the line's end apart from its numbers (SSE2, so that the next line need not wait for
-them), -O3, -fno-math-errno; earlier, SWAR conversions of 8 digits after a byte loop had found them (what costs is
-finding where digit runs of unpredictable length end, which the word reader does from its mask).
+in the run loop.  Files with absolute E (numbers of 8 and more characters) and comments after moves gained with the
+two-word numbers and the comment ends found in the loop: CrealityPrint's 567 -> 359 instructions per line,
+CuraEngine's bunny 528 -> 386.  Wall time has followed less and less (about 2 % for the last 6 % of instructions):
+the line's divisions, its square root and the chain of loads from one number's end to the next count as much now.
+Tried and measured without gain: finding the line's end apart from its numbers (SSE2, so that the next line need not
+wait for them), -O3, -fno-math-errno; earlier, SWAR conversions of 8 digits after a byte loop had found them (what
+costs is finding where digit runs of unpredictable length end, which the word reader does from its mask).
 """
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -408,26 +410,58 @@ cdef extern from *:
     #endif
     #define ZEV_BYTES(b) (0x0101010101010101ULL * (b))
 
-    /* The unsigned number at p in one 8-byte word (p[0..7], which must be readable): zev_number_run's end and value
-       for digits[.digits] or .digits of at most 7 characters, NULL for anything else.  Where the digit runs end
-       comes from the word's non-digit bytes at once, not from a loop that stops at an unpredictable length; the
-       digits without the dot become the mantissa by three multiplications (two digits, then four, then eight). */
+    #if ZEV_SWAR
+    /* x ^ '0' in each byte: the high bit of each byte that is not an ASCII digit.  x + 0x76 sets it for 10..0x89
+       and x has it from 0x80 on.  A carry out of a byte (x >= 0x8a) can only spoil the bytes after it, and that
+       byte is flagged itself: the first flagged byte is exact, and so is the second when the first is the dot
+       (x = 0x1e, no carry). */
+    ZEV_INLINE uint64_t zev_nondigits(uint64_t x) {
+        return (x | (x + ZEV_BYTES(0x76))) & ZEV_BYTES(0x80);
+    }
+
+    /* the value of the count (1..8) digits in the low bytes of x (each byte ^ '0'): to the top of the word (the
+       bytes below become leading zeros), then pairs, quads, all eight by three multiplications */
+    ZEV_INLINE uint64_t zev_word_value(uint64_t x, unsigned count) {
+        x <<= 8 * (8 - count);
+        x = (x * 2561) >> 8;
+        x = ((x & 0x00FF00FF00FF00FFULL) * 6553601) >> 16;
+        return ((x & 0x0000FFFF0000FFFFULL) * 42949672960001ULL) >> 32;
+    }
+
+    /* zev_digits_word for 8 to 15 characters, out of line: at most 7 integer digits (the first of x), the dot,
+       then at most 7 fraction digits from a second word (p[first + 1 ..]); absolute E grows to such lengths */
+    ZEV_NOINLINE const unsigned char* zev_digits_long(const unsigned char* p, uint64_t x, unsigned first,
+                                                      double* out) {
+        uint64_t y, nondigit, mantissa;
+        unsigned fraction;
+        memcpy(&y, p + first + 1, 8);
+        y ^= ZEV_BYTES('0');
+        nondigit = zev_nondigits(y);
+        if (!nondigit) return NULL;
+        fraction = (unsigned)__builtin_ctzll(nondigit) >> 3;
+        mantissa = first ? zev_word_value(x, first) : 0;  /* at most 14 digits in all: below 2**53, exact */
+        if (fraction) mantissa = mantissa * (uint64_t)zev_pow10[fraction] + zev_word_value(y, fraction);
+        *out = (double)mantissa / zev_pow10[fraction];
+        return p + first + 1 + fraction;
+    }
+    #endif
+
+    /* The unsigned number at p (p[0..15] must be readable): zev_number_run's end and value for digits[.digits] or
+       .digits of at most 7 characters, read from one 8-byte word, or of at most 7 digits each side of the dot,
+       from two; NULL for anything else.  Where the digit runs end comes from the words' non-digit bytes at once,
+       not from a loop that stops at an unpredictable length; the digits become the mantissa by multiplications. */
     ZEV_INLINE const unsigned char* zev_digits_word(const unsigned char* p, double* out) {
     #if ZEV_SWAR
-        uint64_t x, nondigit, mantissa;
+        uint64_t x, nondigit;
         unsigned first, stop, count, fraction = 0;
         memcpy(&x, p, 8);
-        /* x: each byte ^ '0', a digit's value (< 10).  The high bit of each byte that is not a digit: x + 0x76 sets
-           it for 10..0x89 and x has it from 0x80 on.  A carry out of a byte (x >= 0x8a) can only spoil the bytes
-           after it, and that byte is flagged itself: the first flagged byte is exact, and so is the second when
-           the first is the dot (x = 0x1e, no carry). */
         x ^= ZEV_BYTES('0');
-        nondigit = (x | (x + ZEV_BYTES(0x76))) & ZEV_BYTES(0x80);
+        nondigit = zev_nondigits(x);
         if (!nondigit) return NULL;
         first = (unsigned)__builtin_ctzll(nondigit) >> 3;  /* integer digits */
         if (ZEV_LIKELY(p[first] == '.')) {
             nondigit &= nondigit - 1;
-            if (!nondigit) return NULL;
+            if (!nondigit) return zev_digits_long(p, x, first, out);
             stop = (unsigned)__builtin_ctzll(nondigit) >> 3;  /* the byte after the fraction */
             count = stop - 1;
             if (!count) return NULL;
@@ -438,13 +472,8 @@ cdef extern from *:
             if (!first) return NULL;  /* a sign, or no number */
             stop = count = first;
         }
-        /* the count digits to the top of the word (the bytes below become leading zeros), then pairs, quads, all */
-        x <<= 8 * (8 - count);
-        x = (x * 2561) >> 8;
-        x = ((x & 0x00FF00FF00FF00FFULL) * 6553601) >> 16;
-        mantissa = ((x & 0x0000FFFF0000FFFFULL) * 42949672960001ULL) >> 32;
         /* at most 7 digits: an exact double, and so is 10**k; dividing by 1.0 when there is no fraction is exact */
-        *out = (double)mantissa / zev_pow10[fraction];
+        *out = (double)zev_word_value(x, count) / zev_pow10[fraction];
         return p + stop;
     #else
         (void)p; (void)out;
@@ -452,7 +481,7 @@ cdef extern from *:
     #endif
     }
 
-    /* zev_number_word of a signed number (p[0..8] readable), out of line: signs are rare in sliced G-code */
+    /* zev_number_word of a signed number (p[0..16] readable), out of line: signs are rare in sliced G-code */
     ZEV_NOINLINE const unsigned char* zev_signed_word(const unsigned char* p, double* out) {
         const unsigned char* end;
         if (*p != '-' && *p != '+') return NULL;
@@ -461,9 +490,9 @@ cdef extern from *:
         return end;
     }
 
-    /* The number at p, [+-] then what zev_digits_word reads (p[0..8] must be readable): zev_number_run's end and
-       value for a number of 1 to 7 characters after its sign, which is every number of sliced G-code; NULL for
-       any other (longer, or no number), which the caller reads with zev_number_run. */
+    /* The number at p, [+-] then what zev_digits_word reads (p[0..16] must be readable): zev_number_run's end and
+       value for the numbers of sliced G-code; NULL for any other (longer, or no number), which the caller reads
+       with zev_number_run. */
     ZEV_INLINE const unsigned char* zev_number_word(const unsigned char* p, double* out) {
         const unsigned char* end = zev_digits_word(p, out);
         return ZEV_LIKELY(end != NULL) ? end : zev_signed_word(p, out);
@@ -737,6 +766,14 @@ cdef extern from *:
         return NULL;
     }
 
+    /* the first CR or LF in [p, last], where last is one */
+    ZEV_INLINE const unsigned char* zev_line_end(const unsigned char* p, const unsigned char* last) {
+        const unsigned char* newline = (const unsigned char*)memchr(p, 10, (size_t)(last - p + 1));
+        const unsigned char* bound = newline ? newline : last + 1;
+        const unsigned char* carriage = (const unsigned char*)memchr(p, 13, (size_t)(bound - p));
+        return carriage ? carriage : newline;
+    }
+
     /* the rare paths of zev_run_moves, out of its loop so that the loop keeps its values in registers (without
        zev_digits_word, every number is read by zev_number_long: then inline) */
     #if ZEV_SWAR
@@ -766,8 +803,8 @@ cdef extern from *:
         const unsigned char* p = *pp;
         const unsigned char* q;
         const unsigned char* r;
-        /* a number that starts at or before this has 16 bytes of buffer ahead: zev_number_word may read it */
-        const uintptr_t wide_end = (uintptr_t)end - 16;
+        /* a letter at or before this has 18 bytes after it, as zev_number_word may read of the number after it */
+        const uintptr_t wide_end = (uintptr_t)end - 19;
         const uintptr_t fast_end = (uintptr_t)end - 64;  /* a line starting at or before it may take the XYE path */
         zev_machine s = *m;  /* the state in locals (registers) for the loop, written back when it returns */
         Py_ssize_t done = 0;
@@ -781,16 +818,14 @@ cdef extern from *:
             if (*p == ';') {
                 /* a comment line (one in forty of the bunny): nothing to do but find its end, here rather than
                    through the caller's general path; an over-long one goes there, which reports it */
-                q = (const unsigned char*)memchr(p + 1, 10, (size_t)(last - p));
-                r = (const unsigned char*)memchr(p + 1, 13, (size_t)((q ? q : last + 1) - p - 1));
-                if (r) q = r;
+                q = zev_line_end(p + 1, last);
                 if (q - p > ZEV_MAX_LINE) break;
                 f = 0;
                 goto line_done;
             }
             if (ZEV_SWAR && (uintptr_t)p <= fast_end && memcmp(p, "G1 X", 4) == 0 && simple) {
-                /* "G1 X.. Y.. E.." and its terminator, each number in one word (16 bytes ahead: the line is at
-                   most 35 bytes long when it gets this far), else the line goes the general way below */
+                /* "G1 X.. Y.. E.." and its terminator, each number by zev_number_word (no read goes past p[56]
+                   when it gets this far), else the line goes the general way below */
                 q = zev_number_word(p + 4, &x);
                 if (q && memcmp(q, " Y", 2) == 0 && (q = zev_number_word(q + 2, &y)) != NULL
                         && memcmp(q, " E", 2) == 0 && (q = zev_number_word(q + 2, &e)) != NULL
@@ -817,7 +852,9 @@ cdef extern from *:
                 }
                 q = r;
             }
-            if (action != ZEV_EOL || q - p > ZEV_MAX_LINE) break;
+            if (action == ZEV_END) q = zev_line_end(q, last);  /* ; or *: the rest of the line is not read */
+            else if (action != ZEV_EOL) break;  /* a ( comment: the general path */
+            if (q - p > ZEV_MAX_LINE) break;
             if (simple && !(valued & ZEV_LONG)) {
                 f = zev_apply_simple(&s, valued, v, tolerance, events);
                 if (valued & ZEV_F) simple = v[ZEV_F] > 0.0;
