@@ -5,16 +5,17 @@ The hot path touches no Python object per line: it walks a ``const unsigned char
 numbers itself and keeps the machine state in a C struct (NaN = unknown).  Simple G0/G1 lines ("G1 " then
 parameters, a comment or checksum after them at most), nine lines in ten, run in one C loop (``zev_run_moves``) that
 parses each line in one pass up to its terminator, with no search for the line end first: the last terminator of the
-buffer bounds the run; comment lines inside the run are skipped there too.  In that loop, "G1 X.. Y.. E.." lines (92
-% of the lines of a PrusaSlicer file) are read as exactly that shape, three numbers and their separators, and
+buffer bounds the run; comment lines inside the run are skipped there too.  In that loop, "G1 X.. Y.. E.." lines
+(92 % of the lines of a PrusaSlicer file) are read as exactly that shape, three numbers and their separators, and
 applied by ``zev_apply_xye``; any other move goes through the loop's general scanner.  Everything else finds its
-line end with memchr (a CR search runs only while the buffer still has a CR ahead) and goes through ``_sent_line``.
-Python objects are made only for events (``new_event`` fills an Event's slots without calling its Python
-``__init__``) and on rare paths (a suppressed command, an over-long line), where it calls the helpers of ``_rules``
-so that both implementations share one wording.
+line end with memchr (a CR is looked for only up to the next LF, so that no pass over the whole buffer looks for the
+CRs that LF files do not have) and goes through ``_sent_line``.  Python objects are made only for events
+(``new_event`` fills an Event's slots without calling its Python ``__init__``) and on rare paths (a suppressed
+command, an over-long line), where it calls the helpers of ``_rules`` so that both implementations share one
+wording.
 
-Numbers: a decimal of at most 19 significant digits whose integer fits 2**53, with at most 22 fraction digits, is m
-/ 10**k, both exact doubles, so the one IEEE division is correctly rounded, exactly what Python's float() returns.
+Numbers: a decimal of at most 19 significant digits whose integer fits 2**53, with at most 22 fraction digits, is
+m / 10**k, both exact doubles, so the one IEEE division is correctly rounded, exactly what Python's float() returns.
 Anything longer goes to PyOS_string_to_double (what float() uses), so the twin's float() and this parser never
 differ.  The numbers of sliced G-code (at most 7 characters after the sign, or at most 7 digits each side of the
 dot, as absolute E grows to) are read from one or two 8-byte words (``zev_digits_word``, on little-endian GCC/clang
@@ -34,11 +35,13 @@ applied without checks in the simple state and events made without ``__init__``,
 296 with signs read out of line and the path's fixed text compared a word at a time, 288 with comment lines skipped
 in the run loop.  Files with absolute E (numbers of 8 and more characters) and comments after moves gained with the
 two-word numbers and the comment ends found in the loop: CrealityPrint's 567 -> 359 instructions per line,
-CuraEngine's bunny 528 -> 386.  Wall time has followed less and less (about 2 % for the last 6 % of instructions):
-the line's divisions, its square root and the chain of loads from one number's end to the next count as much now.
-Tried and measured without gain: finding the line's end apart from its numbers (SSE2, so that the next line need not
-wait for them), -O3, -fno-math-errno; earlier, SWAR conversions of 8 digits after a byte loop had found them (what
-costs is finding where digit runs of unpredictable length end, which the word reader does from its mask).
+CuraEngine's bunny 528 -> 386.  No search of the whole buffer for CRs before the first line: 5 % of the bunny's wall
+time, few instructions (memchr reads 32 bytes a step) but a second pass over 26 MB.  Wall time has followed less and
+less (about 2 % for the last 6 % of instructions): the line's divisions, its square root and the chain of loads from
+one number's end to the next count as much now.  Tried and measured without gain: finding the line's end apart from
+its numbers (SSE2, so that the next line need not wait for them), -O3, -fno-math-errno; earlier, SWAR conversions of
+8 digits after a byte loop had found them (what costs is finding where digit runs of unpredictable length end, which
+the word reader does from its mask).
 """
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -1362,7 +1365,6 @@ cdef class Parser:
             self._complete_carry(stream, p, term - p, sent)
             p = self._after_terminator(stream, term, end)
         newline = <const unsigned char*>memchr(p, 10, end - p) if p < end else NULL
-        carriage = <const unsigned char*>memchr(p, 13, end - p) if p < end else NULL
         if run:
             last = zev_last_terminator(p, end)
             run = last != NULL
@@ -1376,14 +1378,14 @@ cdef class Parser:
                         self._move_events(fired, &moved, base + (p - buf), stream.lines)
                     p = self._after_terminator(stream, run_term, end)
                     continue
-            # each search result stays valid until the walk passes it; NULL means none in the rest
+            # the LF search stays valid until the walk passes it (NULL: none in the rest); a CR is looked for
+            # only before it, in this line: a search of the whole buffer for CRs that LF files do not have would
+            # read it all once more (5 % of the bunny's time)
             if newline != NULL and newline < p:
                 newline = <const unsigned char*>memchr(p, 10, end - p) if p < end else NULL
-            if carriage != NULL and carriage < p:
-                carriage = <const unsigned char*>memchr(p, 13, end - p) if p < end else NULL
-            term = newline
-            if carriage != NULL and (term == NULL or carriage < term):
-                term = carriage
+            term = newline if newline != NULL else end
+            carriage = <const unsigned char*>memchr(p, 13, term - p) if p < end else NULL
+            term = carriage if carriage != NULL else newline
             if term == NULL:
                 break
             length = term - p
