@@ -629,11 +629,12 @@ cdef extern from *:
         return fired;
     }
 
-    /* The state in which zev_apply_simple may replace zev_apply_move: absolute X Y Z in mm, every axis known
-       (finite), a positive feedrate, the extrusion box started. */
     /* A small value: adding it to or subtracting it from any finite double (E) stays finite, as it is far below
        half the spacing of doubles near DBL_MAX (1e292).  zev_number_word's values are below 1e7. */
     #define ZEV_SMALL 1e15
+
+    /* The state in which zev_apply_simple may replace zev_apply_move: absolute X Y Z in mm, every axis known
+       (finite), a positive feedrate, the extrusion box started. */
     ZEV_INLINE int zev_simple_state(const zev_machine* m) {
         return !m->relative && !m->inches && m->have_bbox && !isnan(m->x) && !isnan(m->y) && !isnan(m->z)
                && m->feedrate > 0.0;
@@ -793,8 +794,9 @@ cdef extern from *:
         return zev_apply_move(m, valued, v, tolerance, events);
     }
 
-    /* The G0/G1 lines ("G1 " or "G0 " then parameters up to the terminator, no comment, not over-long) from *pp
-       on, in one pass each: the scanner stops at the line's terminator, so no search for it is made first.
+    /* The G0/G1 lines ("G1 " or "G0 " then parameters up to the terminator or a ; or * after them, no ( comment,
+       not over-long) and comment lines from *pp on, in one pass each: the scanner stops at the line's terminator,
+       so no search for it is made first (a comment's end is searched for).
        last is a terminator (CR or LF), so every line starting before it ends at or before it.  Returns the lines
        done (-1 with an exception set on error).  It stops before the first line it does not take (*pp = its
        start, *term = NULL), or after a line that fired events or ends in a CR at the end of the buffer (*pp = its
