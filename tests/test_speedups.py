@@ -21,6 +21,7 @@ def test_the_compiled_speedups_loaded_unless_pure_python_is_forced():
         assert speedups is None
     else:
         assert speedups is not None, "zevents._speedups did not load: run `pip install -e .` to build it"
+        assert speedups.envelopes_by_slots(), "Envelope changed shape: update _speedups._set_up_envelope"
 
 
 scalars = st.one_of(

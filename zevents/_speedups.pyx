@@ -10,6 +10,7 @@ extension is not built or ``ZEVENTS_PUREPYTHON=1``; tests run both and compare t
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from cpython.ref cimport Py_INCREF, PyObject
 from libc.string cimport memcmp, memcpy
 
 import zmq
@@ -291,6 +292,58 @@ def drain_ingest(broker, int batch):
         last_values[known[1]] = entry
 
 
+cdef extern from "Python.h":
+    ctypedef struct PyTypeObject
+    object PyType_GenericAlloc(PyTypeObject *type, Py_ssize_t items)
+    ctypedef struct PyMemberDef:
+        Py_ssize_t offset
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef *d_member
+
+cdef Py_ssize_t ENVELOPE_SLOTS[11]   # where an Envelope keeps each field (its __slots__, in order)
+cdef bint ENVELOPE_BY_SLOTS = False
+
+
+cdef object _envelope(tuple fields):
+    """Envelope(*fields) without running its Python __init__ (a third of a decode): object.__new__, then each
+    slot filled, as __init__ would.  Set up, and checked against a real Envelope, at import."""
+    if not ENVELOPE_BY_SLOTS:
+        return Envelope(*fields)
+    envelope = PyType_GenericAlloc(<PyTypeObject *>Envelope, 0)
+    cdef Py_ssize_t k
+    cdef object value
+    for k in range(11):
+        value = fields[k]
+        Py_INCREF(value)
+        (<PyObject **>(<char *><PyObject *>envelope + ENVELOPE_SLOTS[k]))[0] = <PyObject *>value
+    return envelope
+
+
+def _set_up_envelope():
+    """Fill slots by hand only when Envelope is exactly what _envelope expects; otherwise call it."""
+    global ENVELOPE_BY_SLOTS
+    from types import MemberDescriptorType
+
+    fields = ("topic", "group", "name", "node", "printer", "epoch", "seq", "ts", "src", "payload", "replayed")
+    descriptors = [vars(Envelope).get(field) for field in fields]
+    plain = Envelope.__new__ is object.__new__ and Envelope.__mro__ == (Envelope, object)
+    if tuple(Envelope.__slots__) != fields or not plain or \
+            not all(type(d) is MemberDescriptorType for d in descriptors):
+        return
+    for k in range(11):
+        ENVELOPE_SLOTS[k] = (<PyMemberDescrObject *>descriptors[k]).d_member.offset
+    ENVELOPE_BY_SLOTS = True
+    sample = ("gcode/Home", "gcode", "Home", "n", None, 1, 2, 3, "src", {"x": 1}, True)
+    made, expected = _envelope(sample), Envelope(*sample)
+    if type(made) is not Envelope or [getattr(made, f) for f in fields] != [getattr(expected, f) for f in fields]:
+        ENVELOPE_BY_SLOTS = False
+
+
+def envelopes_by_slots() -> bool:
+    """Whether decode fills Envelope slots directly (False: Envelope changed shape, and it is called instead)."""
+    return ENVELOPE_BY_SLOTS
+
+
 cdef class Decoder:
     """``wire.PyDecoder`` compiled: the broker-stamped header of a known stream is a cached prefix plus a 25-byte
     seq/ts tail read here in C.  The uncommon paths (a new topic, a header from another encoder) are the twin's own
@@ -299,7 +352,6 @@ cdef class Decoder:
     cdef readonly dict _prefixes
     cdef readonly dict _topics
     cdef object _twin
-    cdef object _envelope
     cdef object _unpack
     cdef object _wire_error
 
@@ -309,7 +361,6 @@ cdef class Decoder:
         self._twin = wire.PyDecoder(cache_size)
         self._prefixes = self._twin._prefixes
         self._topics = self._twin._topics
-        self._envelope = wire.Envelope
         self._unpack = wire.unpack
         self._wire_error = wire.WireError
 
@@ -348,4 +399,9 @@ cdef class Decoder:
         if not isinstance(body, dict):
             raise self._wire_error("payload is not a map")
         node, printer, epoch, src, seq, ts = values
-        return self._envelope(names[0], names[1], names[2], node, printer, epoch, seq, ts, src, body, replayed)
+        return _envelope((names[0], names[1], names[2], node, printer, epoch, seq, ts, src, body, replayed))
+
+
+from zevents.wire import Envelope  # noqa: E402  (wire imports this module first; Envelope exists by then)
+
+_set_up_envelope()

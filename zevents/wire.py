@@ -24,14 +24,6 @@ import msgpack
 
 from zevents import events as _events
 
-FORCED_PURE = os.environ.get("ZEVENTS_PUREPYTHON", "").strip().lower() in ("1", "true", "yes", "on")
-try:
-    from zevents import _speedups as speedups  # compiled twins of this module's and the broker's hot paths
-except ImportError:  # not built (no compiler at install time): the Python code below is complete on its own
-    speedups = None
-if FORCED_PURE:
-    speedups = None
-
 PROTOCOL_VERSION = 1
 HEADER_KEYS = ("v", "node", "printer", "epoch", "src", "seq", "ts")
 MAX_TOPIC = 256
@@ -309,6 +301,15 @@ class PyDecoder:
             raise WireError("payload is not a map")
         return Envelope(topic_str, group, name, node, printer, epoch, seq, ts, src, body, replayed)
 
+
+FORCED_PURE = os.environ.get("ZEVENTS_PUREPYTHON", "").strip().lower() in ("1", "true", "yes", "on")
+try:
+    # Compiled twins of this module's and the broker's hot paths; imported here, once Envelope exists.
+    from zevents import _speedups as speedups
+except ImportError:  # not built (no compiler at install time): the Python code above is complete on its own
+    speedups = None
+if FORCED_PURE:
+    speedups = None
 
 # The compiled twin (same answers, same caches, the uncommon paths delegated to PyDecoder) unless pure Python.
 Decoder = speedups.Decoder if speedups is not None else PyDecoder
