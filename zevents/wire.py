@@ -1,4 +1,5 @@
-"""The wire format: the only module that knows the bytes of an event and of the control protocol.
+"""The wire format: the only module that knows the bytes of an event and of the control protocol (with its compiled
+twin ``zevents/_speedups.pyx``, which must give the same answers: tests hold them side by side).
 
 A published event is one ZeroMQ message of three frames (see PROTOCOL.md):
 

@@ -6,8 +6,9 @@ It owns:
   :mod:`zevents.subscribers.hooks_config`) and each admitted run is queued with the printer state of that moment
   (``__currentZ``, ``__filename``, ..., kept here from the broker's snapshot at start-up, then live events);
 * the runs, at most ``hooks.workers`` processes at once, at most ``hooks.max_queued`` waiting
-  (:class:`zevents.subscribers.hooks_exec.Runs`): the commands of one run in order, stopping at the first failure; system commands without a shell (:mod:`zevents.placeholders`, :mod:`zevents.subscribers.hooks_exec`),
-  G-code through the printer link's command channel, never the PUB/SUB bus;
+  (:class:`zevents.subscribers.hooks_exec.Runs`): the commands of one run in order, stopping at the first failure;
+  system commands without a shell (:mod:`zevents.placeholders`, :mod:`zevents.subscribers.hooks_exec`), G-code
+  through the printer link's command channel, never the PUB/SUB bus;
 * the result events ``hook/HookFinished``, ``hook/HookFailed``, ``hook/HookTimedOut`` (src ``hook``), whose payload
   adds ``stdout`` (tail), ``depth`` (how many hook runs led to this one), ``started`` (µs) and ``type`` to the
   catalogue's keys;
@@ -328,9 +329,7 @@ class HooksService:
         self.stats: collections.Counter = collections.Counter()
         self.subscriptions: list = []
         self.table: dict = {}
-        self.runs = hooks_exec.Runs(int(config.get("hooks", "workers", default=4)), self.runner.prepare,
-                                    self._complete, on_started,
-                                    max_queued=int(config.get("hooks", "max_queued", default=DEFAULT_MAX_QUEUED)))
+        self.runs = hooks_exec.Runs(1, self.runner.prepare, self._complete, on_started)  # sized by _install
         self._publisher = None
         self._publish_lock = threading.Lock()
         self._stop = threading.Event()
@@ -426,7 +425,7 @@ class HooksService:
         return self.runs.max_active
 
     def _complete(self, job: Job, outcome):
-        """On a worker thread: count the run and publish its result event."""
+        """On the serving thread (the G-code thread for G-code hooks): count the run and publish its result."""
         name, payload = self.runner.outcome(job, outcome)
         self._publish(name, payload, count=True)
 
