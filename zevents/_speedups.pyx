@@ -9,8 +9,8 @@ extension is not built or ``ZEVENTS_PUREPYTHON=1``; tests run both and compare t
 * :class:`Decoder`: ``wire.PyDecoder``, what every subscriber runs for every event.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from cpython.ref cimport Py_INCREF, PyObject
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
 import zmq
@@ -23,9 +23,9 @@ cdef extern from "<time.h>" nogil:
     int clock_gettime(int clk_id, timespec *tp)
     int CLOCK_REALTIME
 
-# msgpack-python's unpacker refuses a container (even an empty one) when this many are open.
-DEF MAX_DEPTH = 1024
-DEF NS_MAX = 999999999
+cdef enum:
+    MAX_DEPTH = 1024        # msgpack-python's unpacker refuses a container (even an empty one) when this many are open
+    NS_MAX = 999999999      # a timestamp's nanoseconds
 
 
 cdef inline uint32_t _be16(const uint8_t *p) noexcept nogil:
@@ -104,7 +104,7 @@ cdef bint _msgpack_ok(const uint8_t *p, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t remaining[MAX_DEPTH]   # items still to read in each open container (a map counts 2 per entry)
     cdef bint is_map[MAX_DEPTH]
     cdef int top = 0
-    cdef Py_ssize_t i = 0, size, count
+    cdef Py_ssize_t i = 0, size = 0, count = 0
     cdef uint8_t b
     cdef bint key, container, as_map
     while True:
