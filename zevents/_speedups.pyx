@@ -352,8 +352,7 @@ cdef class Decoder:
     cdef readonly dict _prefixes
     cdef readonly dict _topics
     cdef object _twin
-    cdef object _unpack
-    cdef object _wire_error
+    cdef object _unpack_map
 
     def __init__(self, int cache_size=4096):
         from zevents import wire
@@ -361,8 +360,7 @@ cdef class Decoder:
         self._twin = wire.PyDecoder(cache_size)
         self._prefixes = self._twin._prefixes
         self._topics = self._twin._topics
-        self._unpack = wire.unpack
-        self._wire_error = wire.WireError
+        self._unpack_map = wire.unpack_map
 
     cdef tuple _fixed(self, bytes header, Py_ssize_t cut):
         """(node, printer, epoch, src, seq, ts) through the cached prefix, or None."""
@@ -392,12 +390,7 @@ cdef class Decoder:
         values = self._fixed(header, cut)
         if values is None:
             values = self._twin._generic_header(header, cut)
-        try:
-            body = self._unpack(payload)
-        except Exception as exc:
-            raise self._wire_error(f"payload is not msgpack ({exc.__class__.__name__})") from exc
-        if not isinstance(body, dict):
-            raise self._wire_error("payload is not a map")
+        body = self._unpack_map(payload, "payload")
         node, printer, epoch, src, seq, ts = values
         return _envelope((names[0], names[1], names[2], node, printer, epoch, seq, ts, src, body, replayed))
 

@@ -75,6 +75,17 @@ def unpack(data: bytes, _unpackb=msgpack.unpackb):
     return _unpackb(data, raw=False, strict_map_key=False)
 
 
+def unpack_map(data: bytes, what: str, _unpackb=msgpack.unpackb) -> dict:
+    """The msgpack map in a frame, or WireError naming the frame (``what``) and what is wrong with it."""
+    try:
+        value = _unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise WireError(f"{what} is not msgpack ({exc.__class__.__name__})") from exc
+    if not isinstance(value, dict):
+        raise WireError(f"{what} is a {type(value).__name__}, not a map")
+    return value
+
+
 def topic_bytes(name: str) -> bytes:
     """The topic of an event name: its catalogue group, or ``custom`` for names outside the catalogue."""
     return _events.topic_of(name).encode()
@@ -137,13 +148,7 @@ def check_payload(data: bytes, max_size: int):
     """Validate a payload frame; returns the decoded map.  Raises WireError naming the problem."""
     if len(data) > max_size:
         raise WireError(f"payload of {len(data)} bytes exceeds the limit of {max_size}")
-    try:
-        value = unpack(data)
-    except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise WireError(f"payload is not msgpack ({exc.__class__.__name__})") from exc
-    if not isinstance(value, dict):
-        raise WireError(f"payload is a {type(value).__name__}, not a map")
-    return value
+    return unpack_map(data, "payload")
 
 
 class HeaderStamper:
@@ -162,12 +167,7 @@ class HeaderStamper:
         return entry[0]
 
     def _build(self, meta: bytes):
-        try:
-            value = unpack(meta)
-        except Exception as exc:
-            raise WireError(f"ingest meta is not msgpack ({exc.__class__.__name__})") from exc
-        if not isinstance(value, dict):
-            raise WireError("ingest meta is not a map")
+        value = unpack_map(meta, "ingest meta")
         src = value.get("src", "")
         printer = value.get("printer")
         if not isinstance(src, str) or not (printer is None or isinstance(printer, str)):
@@ -264,12 +264,7 @@ class PyDecoder:
         return self._generic_header(header, cut)
 
     def _generic_header(self, header: bytes, cut: int) -> tuple:
-        try:
-            head = unpack(header)
-        except Exception as exc:
-            raise WireError(f"header is not msgpack ({exc.__class__.__name__})") from exc
-        if not isinstance(head, dict):
-            raise WireError("header is not a map")
+        head = unpack_map(header, "header")
         try:
             values = (head["node"], head["printer"], head["epoch"], head["src"], head["seq"], head["ts"])
         except KeyError as exc:
@@ -294,12 +289,7 @@ class PyDecoder:
             node, printer, epoch, src = fixed
         else:
             node, printer, epoch, src, seq, ts = self._generic_header(header, cut)
-        try:
-            body = unpack(payload)
-        except Exception as exc:
-            raise WireError(f"payload is not msgpack ({exc.__class__.__name__})") from exc
-        if not isinstance(body, dict):
-            raise WireError("payload is not a map")
+        body = unpack_map(payload, "payload")
         return Envelope(topic_str, group, name, node, printer, epoch, seq, ts, src, body, replayed)
 
 
