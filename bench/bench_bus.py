@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import msgpack
 import pytest
 import zmq
 
+from conftest import broker_process as start_broker
 from zevents import bus
-from zevents.config import BusConfig
 
 N = int(os.environ.get("ZEVENTS_BENCH_EVENTS", "200000"))
 RATE = 10_000              # events/s for the latency measurement
@@ -120,25 +117,8 @@ def _zevents_publisher(bus_config, go, count, rate):
 
 @pytest.fixture(scope="module")
 def broker_process():
-    directory = Path(tempfile.mkdtemp(prefix="zevb-"))
-    config = BusConfig.for_dir(directory, node="bench", heartbeat=1.0)
-    (directory / "c.yaml").write_text(
-        f"bus: {{node: bench, publish: '{config.publish}', ingest: '{config.ingest}', replay: '{config.replay}'}}\n")
-    process = subprocess.Popen([sys.executable, "-m", "zevents", "broker", "-c", str(directory / "c.yaml")],
-                               stderr=subprocess.DEVNULL)
-    control = bus.Control(config)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            control.ping(timeout=1)
-            break
-        except bus.BusError:
-            if time.monotonic() > deadline:
-                raise
-    control.close()
-    yield config
-    process.terminate()
-    process.wait(10)
+    with start_broker() as (config, _, _):
+        yield config
 
 
 def _receive_raw(endpoint, count, rate):

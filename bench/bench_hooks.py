@@ -20,15 +20,13 @@ import os
 import resource
 import statistics
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
+from conftest import broker_process
 from zevents import bus
 from zevents import config as zconfig
 from zevents.subscribers.hooks import HooksService
@@ -40,28 +38,9 @@ BASELINE_RUNS = 1000
 
 @pytest.fixture(scope="module")
 def node():
-    """A broker process on ipc endpoints in a short temporary directory."""
-    directory = Path(tempfile.mkdtemp(prefix="zevb-"))
-    bus_config = zconfig.BusConfig.for_dir(directory, node="bench", heartbeat=1.0)
-    path = directory / "config.yaml"
-    path.write_text(yaml.safe_dump({"bus": {"node": "bench", "publish": bus_config.publish,
-                                            "ingest": bus_config.ingest, "replay": bus_config.replay}}))
-    broker = subprocess.Popen([sys.executable, "-m", "zevents", "broker", "-c", str(path)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    control = bus.Control(bus_config)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            control.ping(timeout=0.5)
-            break
-        except bus.BusError:
-            if time.monotonic() > deadline or broker.poll() is not None:
-                broker.kill()
-                raise
-    control.close()
-    yield bus_config, directory, broker.pid
-    broker.terminate()
-    broker.wait(10)
+    """A broker process: (bus config, its directory, its pid)."""
+    with broker_process() as started:
+        yield started
 
 
 def baseline_rate(runs: int = BASELINE_RUNS) -> float:

@@ -1,8 +1,20 @@
 """Benchmark helpers: a `figures` fixture that collects each benchmark's headline numbers (with the baseline
-measured in the same run) and prints them as one table at the end of the session."""
+measured in the same run) and prints them as one table at the end of the session; `broker_process()`, a broker in
+its own process (as in production) on ipc endpoints in a short temporary directory."""
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
 import pytest
+import yaml
+
+from zevents import bus
+from zevents.config import BusConfig
 
 _FIGURES: list = []
 
@@ -30,3 +42,30 @@ def pytest_terminal_summary(terminalreporter):
         if baseline is not None:
             line += f"   vs {baseline_name} {baseline:,.2f} {unit}  (ratio {ratio:.3f})"
         write(line)
+
+
+@contextlib.contextmanager
+def broker_process():
+    """Yields (bus config, its directory, the broker's pid) once the broker answers a ping; stops it after."""
+    directory = Path(tempfile.mkdtemp(prefix="zevb-"))
+    config = BusConfig.for_dir(directory, node="bench", heartbeat=1.0)
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump({"bus": {"node": "bench", "publish": config.publish, "ingest": config.ingest,
+                                            "replay": config.replay}}))
+    broker = subprocess.Popen([sys.executable, "-m", "zevents", "broker", "-c", str(path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    control = bus.Control(config)
+    deadline = time.monotonic() + 20
+    try:
+        while True:
+            try:
+                control.ping(timeout=0.5)
+                break
+            except bus.BusError:
+                if time.monotonic() > deadline or broker.poll() is not None:
+                    raise
+        yield config, directory, broker.pid
+    finally:
+        control.close()
+        broker.terminate()
+        broker.wait(10)
