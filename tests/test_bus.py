@@ -10,6 +10,8 @@ import threading
 
 import msgpack
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import zmq
 
 from conftest import wait_for
@@ -41,8 +43,23 @@ def running_broker(request, bus_config):
     brk.close()
 
 
-def test_every_catalogue_event_round_trips_with_its_payload(running_broker, bus_config):
-    sub = bus.Subscriber(bus_config)
+@pytest.fixture(params=["compiled", "python"])
+def subscribe(request):
+    """Subscribers built each way: the compiled decode-and-track path and its Python twin must behave alike."""
+    compiled = request.param == "compiled"
+    if compiled and wire.speedups is None:
+        pytest.skip("the compiled bus speedups are not built (or ZEVENTS_PUREPYTHON=1)")
+
+    def make(*args, **kwargs):
+        subscriber = bus.Subscriber(*args, compiled=compiled, **kwargs)
+        assert subscriber.compiled is compiled
+        return subscriber
+
+    return make
+
+
+def test_every_catalogue_event_round_trips_with_its_payload(running_broker, bus_config, subscribe):
+    sub = subscribe(bus_config)
     pub = bus.Publisher(bus_config, src="test", printer="mk3")
     try:
         sent = {}
@@ -70,16 +87,16 @@ def test_every_catalogue_event_round_trips_with_its_payload(running_broker, bus_
         pub.close()
 
 
-def test_seq_counts_per_group_from_one(running_broker, bus_config):
-    with bus.Subscriber(bus_config, groups=["gcode", "print"]) as sub, bus.Publisher(bus_config) as pub:
+def test_seq_counts_per_group_from_one(running_broker, bus_config, subscribe):
+    with subscribe(bus_config, groups=["gcode", "print"]) as sub, bus.Publisher(bus_config) as pub:
         for name in ["Home", "PrintStarted", "ZChange", "Home", "PrintDone", "Home"]:
             pub.publish(name)
         seqs = [(e.group, e.seq) for e in (sub.recv(5) for _ in range(6))]
     assert seqs == [("gcode", 1), ("print", 1), ("gcode", 2), ("gcode", 3), ("print", 2), ("gcode", 4)]
 
 
-def test_group_subscription_and_local_event_filter(running_broker, bus_config):
-    with bus.Subscriber(bus_config, groups=["gcode"], events=["Dwelling"]) as sub, bus.Publisher(bus_config) as pub:
+def test_group_subscription_and_local_event_filter(running_broker, bus_config, subscribe):
+    with subscribe(bus_config, groups=["gcode"], events=["Dwelling"]) as sub, bus.Publisher(bus_config) as pub:
         pub.publish("Home")
         pub.publish("PrintStarted")
         pub.publish("Dwell")
@@ -90,11 +107,11 @@ def test_group_subscription_and_local_event_filter(running_broker, bus_config):
         bus.Subscriber(bus_config, groups=["gcodes"])
 
 
-def test_a_stalled_subscriber_gets_all_events_in_order(short_tmp):
+def test_a_stalled_subscriber_gets_all_events_in_order(short_tmp, subscribe):
     """The subscriber stalls while 20 000 events flow past tiny queues: gaps are found and repaired."""
     config = BusConfig.for_dir(short_tmp, node="n", heartbeat=0.2, hwm=500)
     brk, thread = broker_mod.serve_in_thread(config)
-    sub = bus.Subscriber(config, groups=["gcode"], rcvhwm=100)
+    sub = subscribe(config, groups=["gcode"], rcvhwm=100)
     pub = bus.Publisher(config, src="gcode")
     control = bus.Control(config)
     try:
@@ -116,11 +133,11 @@ def test_a_stalled_subscriber_gets_all_events_in_order(short_tmp):
         brk.close()
 
 
-def test_tail_loss_is_repaired_from_the_heartbeat(short_tmp):
+def test_tail_loss_is_repaired_from_the_heartbeat(short_tmp, subscribe):
     """The last events are dropped and nothing follows them: only the heartbeat can tell."""
     config = BusConfig.for_dir(short_tmp, node="n", heartbeat=0.1, hwm=50)
     brk, thread = broker_mod.serve_in_thread(config)
-    sub = bus.Subscriber(config, groups=["print"], rcvhwm=10)
+    sub = subscribe(config, groups=["print"], rcvhwm=10)
     control = bus.Control(config)
     try:
         with bus.Publisher(config) as pub:
@@ -198,9 +215,9 @@ def test_a_killed_subscriber_resumes_from_its_last_seq(running_broker, bus_confi
         first.kill()
 
 
-def test_a_broker_restart_is_noticed_and_the_subscriber_resyncs(bus_config):
+def test_a_broker_restart_is_noticed_and_the_subscriber_resyncs(bus_config, subscribe):
     brk, thread = broker_mod.serve_in_thread(bus_config)
-    sub = bus.Subscriber(bus_config, groups=["gcode"])
+    sub = subscribe(bus_config, groups=["gcode"])
     pub = bus.Publisher(bus_config)
     try:
         pub.publish("Home", {"n": 1})
@@ -344,3 +361,66 @@ def test_publisher_drops_visibly_when_no_broker_is_there(short_tmp, caplog):
         assert any("dropped" in r.getMessage() for r in caplog.records)
     finally:
         pub.close(linger=0)
+
+
+frame_steps = st.lists(st.one_of(
+    st.tuples(st.just("event"), st.sampled_from(["gcode/Home", "gcode/ZChange", "print/PrintDone", "comm/Connected"]),
+              st.sampled_from([1, 1, 1, 0, 2, -1])),       # next in order (mostly), duplicate, gap, old
+    st.tuples(st.just("heartbeat"), st.just(""), st.integers(0, 3)),
+    st.tuples(st.just("epoch"), st.just(""), st.integers(-1, 1)),
+    st.tuples(st.just("garbage"), st.just(""), st.just(0))), max_size=25)
+
+
+def _run_steps(subscriber, steps):
+    """Feeds scripted frames to a subscriber's accept path; returns what it delivered and the state it kept."""
+    epoch, seqs, out = 100, collections.Counter(), []
+    subscriber.epoch, subscriber.last_seq = epoch, {}
+    for kind, topic, value in steps:
+        if kind == "event":
+            group = topic.split("/")[0]
+            seqs[group] = max(0, seqs[group] + value)
+            frames = (topic.encode(), wire.encode_header("n", None, epoch, "test", seqs[group], 7),
+                      wire.pack({"i": len(out)}))
+        elif kind == "heartbeat":
+            streams = {group: seq + value for group, seq in seqs.items()}
+            frames = (b"sys/Heartbeat", wire.encode_header("n", None, epoch, "broker", len(out) + 1, 7),
+                      wire.pack({"streams": streams}))
+        elif kind == "epoch":
+            epoch += value
+            continue
+        else:
+            frames = (b"gcode/Home", b"\x81\xa1v", b"\x80")
+        got = subscriber._accept(*frames)
+        out.append(None if got is None else (got.topic, got.epoch, got.seq, got.payload))
+        while subscriber.pending:
+            envelope = subscriber.pending.popleft()
+            out.append(("pending", envelope.topic, envelope.seq, envelope.replayed))
+    return out, subscriber.stats.as_dict(), subscriber.last_seq, subscriber.epoch
+
+
+@pytest.mark.skipif(wire.speedups is None, reason="compiled bus speedups not built or ZEVENTS_PUREPYTHON=1")
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=frame_steps, names=st.sampled_from([None, ["Home", "PrintDone"]]))
+def test_the_compiled_accept_tracks_events_as_the_python_one_does(short_tmp, steps, names):
+    """No broker answers here, so every gap ends as an unrepaired one: both paths must count it the same."""
+    config = BusConfig.for_dir(short_tmp, node="n", heartbeat=1.0)
+    results = []
+    for compiled in (True, False):
+        with bus.Subscriber(config, groups=["gcode", "print"], events=names, control_timeout=0.01,
+                            compiled=compiled) as subscriber:
+            results.append(_run_steps(subscriber, steps))
+    assert results[0] == results[1]
+
+
+def test_the_compiled_accept_really_takes_the_in_order_events(short_tmp):
+    """The compiled path must not hand every event to the Python one (which would make it pointless, and the
+    differential test above vacuous): in-order events never reach Subscriber._track."""
+    if wire.speedups is None:
+        pytest.skip("compiled bus speedups not built or ZEVENTS_PUREPYTHON=1")
+    config = BusConfig.for_dir(short_tmp, node="n", heartbeat=1.0)
+    with bus.Subscriber(config, groups=["gcode"], control_timeout=0.01, compiled=True) as subscriber:
+        tracked = []
+        subscriber._track = lambda topic, envelope: tracked.append(envelope)
+        out, stats, last_seq, _ = _run_steps(subscriber, [("event", "gcode/Home", 1)] * 5)
+    assert [item[2] for item in out] == [1, 2, 3, 4, 5] and tracked == []
+    assert stats["received"] == stats["delivered"] == 5 and last_seq == {"gcode": 5}

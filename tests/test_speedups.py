@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import struct
 
 import msgpack
 import pytest
@@ -150,3 +151,78 @@ def test_the_compiled_decoder_gives_the_python_decoders_answers(topic, headers, 
     for header in headers + [mutate(headers[0], operations)] + headers:  # the cached paths too
         assert _decoded(compiled, topic, header, payload) == _decoded(python, topic, header, payload)
     assert compiled._prefixes.keys() == python._prefixes.keys()
+
+
+def exact(value):
+    """A value with its types spelled out (a float by its bits: NaN equals itself, 0.0 differs from -0.0)."""
+    if isinstance(value, float):
+        return ("float", struct.pack(">d", value))
+    if isinstance(value, dict):
+        return ("dict", [(exact(k), exact(v)) for k, v in value.items()])
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, [exact(v) for v in value])
+    return (type(value).__name__, value)
+
+
+def _unpacked(payload):
+    try:
+        return exact(wire.unpack_map(payload, "payload"))
+    except wire.WireError as exc:
+        return ("WireError", str(exc))
+
+
+@needs_compiled
+@FUZZ
+@given(payload=payloads, operations=edits)
+def test_the_fast_unpacker_builds_what_msgpack_builds_or_leaves_it_to_msgpack(payload, operations):
+    data = mutate(payload, operations)
+    handled, value = speedups.unpack_fast(data)
+    if handled:
+        assert exact(value) == _unpacked(data), data
+    decoded = speedups.Decoder().decode(b"gcode/ZChange", wire.encode_header("n", None, 1, "s", 1, 1), data) \
+        if wire.payload_ok(data) else None
+    if decoded is not None:
+        assert exact(decoded.payload) == _unpacked(data)
+
+
+EVENT_PAYLOADS = {
+    "ZChange": {"new": 0.4, "old": None},
+    "every scalar the fast path builds": {"nil": None, "t": True, "f": False, "small": 5, "neg": -3,
+                                          "u8": 200, "u16": 60000, "u32": 2 ** 31, "u64": 2 ** 64 - 1,
+                                          "i8": -100, "i16": -30000, "i32": -2 ** 31, "i64": -2 ** 63,
+                                          "f64": 1.5, "text": "résumé ✓", "long": "x" * 70000,
+                                          "bin": b"\x00\xff", 7: "int key", "": "empty key"},
+    "nested": {"position": {"x": 1.0, "y": [1, 2, {"z": [None]}]}, "list": list(range(20))},
+    "a key longer than the cached ones": {"k" * 40: 1},
+}
+
+
+@needs_compiled
+@pytest.mark.parametrize("case", EVENT_PAYLOADS)
+def test_the_fast_unpacker_decodes_event_payloads_itself(case):
+    data = wire.pack(EVENT_PAYLOADS[case])
+    handled, value = speedups.unpack_fast(data)
+    assert handled, "the fast unpacker left an ordinary event payload to msgpack"
+    expected = wire.unpack(data)
+    assert exact(value) == exact(expected)
+    # msgpack interns str keys; so does the fast path (the same objects, not just equal ones).
+    assert all(a is b for a, b in zip(value, expected) if isinstance(a, str))
+
+
+LEFT_TO_MSGPACK = {
+    "float32 NaN": b"\x81\xa1k\xca\x7f\xa0\x00\x01",
+    "ext": b"\x81\xa1k\xd4\x01\x00",
+    "timestamp": b"\x81\xa1k\xd6\xff\x00\x00\x00\x01",
+    "invalid utf-8 key": b"\x81\xa1\xff\x01",
+    "invalid utf-8 value": b"\x81\xa1k\xa1\xff",
+    "extra data": b"\x80\x00",
+    "list as key": b"\x81\x91\x01\x01",
+    "33 nested lists": nested(34, b"\xc0"),
+    "truncated float": b"\x81\xa1k\xcb\x00",
+}
+
+
+@needs_compiled
+@pytest.mark.parametrize("case", LEFT_TO_MSGPACK)
+def test_the_fast_unpacker_leaves_the_rare_forms_to_msgpack(case):
+    assert speedups.unpack_fast(LEFT_TO_MSGPACK[case]) == (False, None)

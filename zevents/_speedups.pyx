@@ -9,11 +9,19 @@ extension is not built or ``ZEVENTS_PUREPYTHON=1``; tests run both and compare t
 * :class:`Decoder`: ``wire.PyDecoder``, what every subscriber runs for every event.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
-from cpython.ref cimport Py_INCREF, PyObject
+from cpython.float cimport PyFloat_FromDouble
+from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.long cimport PyLong_FromLong, PyLong_FromLongLong, PyLong_FromUnsignedLongLong
+from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
+from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
+import sys
+
 import zmq
+
+_intern = sys.intern
 
 cdef extern from "<time.h>" nogil:
     ctypedef long time_t
@@ -201,6 +209,198 @@ def payload_ok(bytes payload not None):
     return _msgpack_ok(p, n)
 
 
+cdef object _NOT_FAST = object()
+
+
+cdef enum:
+    FAST_DEPTH = 32         # deeper payloads are left to msgpack itself
+
+
+cdef object _build(const uint8_t *p, Py_ssize_t n, Py_ssize_t *at, int depth):
+    """The msgpack object at ``p[at[0]:]``, built exactly as ``wire.unpack`` builds it, for the forms events are
+    made of (nil, bool, int, float, str, bin, array, map); ``_NOT_FAST`` for anything else (ext types, a NaN
+    float32, invalid UTF-8, truncation, deep nesting), which the caller hands to msgpack, the spec."""
+    cdef Py_ssize_t i = at[0], size = 0, count = 0, k
+    cdef uint8_t b
+    cdef uint64_t bits
+    cdef double real
+    cdef float single
+    cdef uint32_t bits32
+    cdef int width, shift
+    if i >= n or depth > FAST_DEPTH:
+        return _NOT_FAST
+    b = p[i]
+    if b <= 0x7f:
+        at[0] = i + 1
+        return PyLong_FromLong(b)
+    if b >= 0xe0:
+        at[0] = i + 1
+        return PyLong_FromLong(<signed char>b)
+    if b <= 0x9f:
+        count = b & 0x0f
+        i += 1
+        return _container(p, n, at, i, count, b <= 0x8f, depth)
+    if b <= 0xbf:
+        return _text(p, n, at, i + 1, b & 0x1f)
+    if b == 0xc0:
+        at[0] = i + 1
+        return None
+    if b == 0xc2 or b == 0xc3:
+        at[0] = i + 1
+        return b == 0xc3
+    if 0xc4 <= b <= 0xc6:                     # bin 8/16/32
+        i = _sized(p, i, n, 1 << (b - 0xc4), &size)
+        if i < 0 or size > n - i:
+            return _NOT_FAST
+        at[0] = i + size
+        return PyBytes_FromStringAndSize(<const char *>p + i, size)
+    if 0xd9 <= b <= 0xdb:                     # str 8/16/32
+        i = _sized(p, i, n, 1 << (b - 0xd9), &size)
+        if i < 0:
+            return _NOT_FAST
+        return _text(p, n, at, i, size)
+    if 0xdc <= b:                             # array 16/32, map 16/32
+        i = _sized(p, i, n, 2 << (b & 1), &count)
+        if i < 0:
+            return _NOT_FAST
+        return _container(p, n, at, i, count, b >= 0xde, depth)
+    if b == 0xca:
+        if n - i < 5:
+            return _NOT_FAST
+        bits32 = _be32(p + i + 1)
+        memcpy(&single, &bits32, 4)
+        if single != single:
+            return _NOT_FAST                  # a NaN's payload bits: leave them to msgpack's own conversion
+        at[0] = i + 5
+        return PyFloat_FromDouble(single)
+    if b == 0xcb:
+        if n - i < 9:
+            return _NOT_FAST
+        bits = _be64(p + i + 1)
+        memcpy(&real, &bits, 8)
+        at[0] = i + 9
+        return PyFloat_FromDouble(real)
+    if 0xcc <= b <= 0xd3:                     # uint 8/16/32/64, int 8/16/32/64
+        width = 1 << ((b - 0xcc) & 3)
+        if n - i <= width:
+            return _NOT_FAST
+        at[0] = i + 1 + width
+        if width == 1:
+            bits = p[i + 1]
+        elif width == 2:
+            bits = _be16(p + i + 1)
+        elif width == 4:
+            bits = _be32(p + i + 1)
+        else:
+            bits = _be64(p + i + 1)
+        if b <= 0xcf:
+            return PyLong_FromUnsignedLongLong(bits)
+        shift = 64 - 8 * width
+        return PyLong_FromLongLong((<long long>(bits << shift)) >> shift)   # sign-extended
+    return _NOT_FAST                          # 0xc1, ext and fixext
+
+
+cdef object _text(const uint8_t *p, Py_ssize_t n, Py_ssize_t *at, Py_ssize_t i, Py_ssize_t size):
+    if size > n - i or not _utf8_ok(p + i, size):
+        return _NOT_FAST
+    at[0] = i + size
+    return PyUnicode_DecodeUTF8(<const char *>p + i, size, NULL)
+
+
+cdef object _container(const uint8_t *p, Py_ssize_t n, Py_ssize_t *at, Py_ssize_t i, Py_ssize_t count,
+                       bint as_map, int depth):
+    cdef Py_ssize_t k
+    cdef object key, value
+    if count > n - i:
+        return _NOT_FAST
+    at[0] = i
+    if not as_map:
+        items = PyList_New(count)
+        for k in range(count):
+            value = _build(p, n, at, depth + 1)
+            if value is _NOT_FAST:
+                return _NOT_FAST
+            Py_INCREF(value)
+            PyList_SET_ITEM(items, k, value)
+        return items
+    mapping = {}
+    for k in range(count):
+        i = at[0]
+        if i < n and 0xa0 <= p[i] <= 0xa0 + KEY_MAX:
+            key = _key(p, n, at, i + 1, p[i] & 0x1f)
+        else:
+            key = _build(p, n, at, depth + 1)
+            if type(key) is list or type(key) is dict:
+                return _NOT_FAST              # msgpack refuses unhashable keys: its own error says so
+            if type(key) is str:
+                key = _intern(key)            # as msgpack does for str keys
+        if key is _NOT_FAST:
+            return _NOT_FAST
+        value = _build(p, n, at, depth + 1)
+        if value is _NOT_FAST:
+            return _NOT_FAST
+        mapping[key] = value
+    return mapping
+
+
+cdef enum:
+    KEY_SLOTS = 1024        # a power of two
+    KEY_MAX = 24            # longer keys are decoded (and interned) each time
+
+
+cdef struct KeySlot:
+    Py_ssize_t size
+    uint8_t text[KEY_MAX]
+    PyObject *key           # an interned str, owned by the slot
+
+
+cdef KeySlot _key_slots[KEY_SLOTS]
+
+
+cdef object _key(const uint8_t *p, Py_ssize_t n, Py_ssize_t *at, Py_ssize_t i, Py_ssize_t size):
+    """A short str map key: the same keys come in every event, so the interned str msgpack would produce is
+    kept by its bytes and handed out again instead of being decoded and interned each time."""
+    cdef uint32_t h = <uint32_t>size
+    cdef Py_ssize_t j
+    cdef KeySlot *slot
+    if size > n - i:
+        return _NOT_FAST
+    for j in range(size):
+        h = h * 31 + p[i + j]
+    slot = &_key_slots[h & (KEY_SLOTS - 1)]
+    if slot.key != NULL and slot.size == size and memcmp(slot.text, p + i, size) == 0:
+        at[0] = i + size
+        return <object>slot.key
+    key = _text(p, n, at, i, size)
+    if key is _NOT_FAST:
+        return _NOT_FAST
+    key = _intern(key)
+    Py_XDECREF(slot.key)
+    Py_INCREF(key)
+    slot.key = <PyObject *>key
+    slot.size = size
+    memcpy(slot.text, p + i, size)
+    return key
+
+
+cdef object _unpack_payload(bytes payload):
+    """``wire.unpack`` of a payload map through the fast builder, or ``_NOT_FAST``."""
+    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(payload)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(payload), at = 0
+    if n == 0 or not (0x80 <= p[0] <= 0x8f or p[0] == 0xde or p[0] == 0xdf):
+        return _NOT_FAST
+    body = _build(p, n, &at, 0)
+    if at != n:
+        return _NOT_FAST                      # trailing bytes: msgpack's ExtraData
+    return body
+
+
+def unpack_fast(bytes payload not None):
+    """(True, the map) when the fast builder decoded ``payload``, (False, None) when it leaves it to msgpack."""
+    body = _unpack_payload(payload)
+    return (False, None) if body is _NOT_FAST else (True, body)
+
+
 cdef inline void _put64(uint8_t *out, uint64_t value) noexcept nogil:
     cdef int k
     for k in range(8):
@@ -383,6 +583,10 @@ cdef class Decoder:
 
     def decode(self, bytes topic not None, bytes header not None, bytes payload not None, bint replayed=False):
         """Decode the three frames of a published event; raises WireError on anything malformed."""
+        return _envelope(self._fields(topic, header, payload, replayed))
+
+    cdef tuple _fields(self, bytes topic, bytes header, bytes payload, bint replayed):
+        """An Envelope's fields, in the order of its slots."""
         names = self._topics.get(topic)
         if names is None:
             names = self._twin._topic(topic)
@@ -390,11 +594,41 @@ cdef class Decoder:
         values = self._fixed(header, cut)
         if values is None:
             values = self._twin._generic_header(header, cut)
-        body = self._unpack_map(payload, "payload")
+        body = _unpack_payload(payload)
+        if body is _NOT_FAST:
+            body = self._unpack_map(payload, "payload")
         node, printer, epoch, src, seq, ts = values
-        return _envelope((names[0], names[1], names[2], node, printer, epoch, seq, ts, src, body, replayed))
+        return (names[0], names[1], names[2], node, printer, epoch, seq, ts, src, body, replayed)
 
 
-from zevents.wire import Envelope  # noqa: E402  (wire imports this module first; Envelope exists by then)
+def accept(subscriber, bytes topic not None, bytes header not None, bytes payload not None):
+    """``Subscriber._accept`` compiled: an event of the current epoch that is next in its stream, with nothing
+    queued before it, is tracked here; every other case (bad frames, heartbeats, gaps, duplicates, a new epoch)
+    goes to the subscriber's own Python methods, which stay the spec."""
+    cdef Decoder decoder = subscriber.decoder
+    cdef tuple fields
+    try:
+        fields = decoder._fields(topic, header, payload, False)
+    except WireError as exc:
+        return subscriber._undecodable(topic, exc)
+    if fields[5] != subscriber.epoch or topic == HEARTBEAT or subscriber.pending:
+        return subscriber._track(topic, _envelope(fields))
+    cdef dict last_seq = subscriber.last_seq
+    group, seq = fields[1], fields[6]
+    if seq != last_seq.get(group, 0) + 1:
+        return subscriber._track(topic, _envelope(fields))
+    stats = subscriber.stats
+    stats.received += 1
+    last_seq[group] = seq
+    names = subscriber.names
+    if names is not None and fields[2] not in names:
+        return None
+    stats.delivered += 1
+    return _envelope(fields)
+
+
+from zevents.wire import Envelope, WireError  # noqa: E402  (wire imports this module first; both exist by then)
+
+HEARTBEAT = b"sys/Heartbeat"
 
 _set_up_envelope()

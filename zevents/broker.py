@@ -90,14 +90,9 @@ class Broker:
     def __init__(self, bus: BusConfig, context: zmq.Context | None = None, compiled: bool | None = None):
         """``compiled``: use the compiled ingest loop (default: when it is built and not ZEVENTS_PUREPYTHON=1)."""
         self.bus = bus
-        if compiled is None:
-            compiled = wire.speedups is not None
-        if compiled:
-            if wire.speedups is None:
-                raise BrokerError("the compiled ingest loop is not available (extension not built, or "
-                                  "ZEVENTS_PUREPYTHON=1)")
+        self.compiled = wire.use_compiled(compiled, "ingest loop")
+        if self.compiled:
             self._drain_ingest = functools.partial(wire.speedups.drain_ingest, self, INGEST_BATCH)
-        self.compiled = bool(compiled)
         self.context = context or zmq.Context.instance()
         self.epoch = wire.now_us()
         self.started = time.monotonic()

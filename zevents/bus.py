@@ -9,6 +9,7 @@ broker that died with events unpublished) is counted in ``stats`` and logged; it
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import json
 import logging
@@ -181,7 +182,9 @@ class Subscriber:
 
     def __init__(self, bus, groups=None, events=None, context: zmq.Context | None = None,
                  since: dict | None = None, epoch: int | None = None, rcvhwm: int | None = None,
-                 control_timeout: float = 2.0):
+                 control_timeout: float = 2.0, compiled: bool | None = None):
+        """``compiled``: decode and track events in the compiled twins (default: when they are built and not
+        ZEVENTS_PUREPYTHON=1)."""
         self.bus = _bus(bus)
         self.context = context or zmq.Context.instance()
         self.groups = None if groups is None else set(groups)
@@ -192,7 +195,12 @@ class Subscriber:
         self.stats = SubscriberStats()
         self.control = Control(self.bus, self.context)
         self.control_timeout = control_timeout
-        self.decoder = wire.Decoder()
+        self.compiled = wire.use_compiled(compiled, "subscriber")
+        if self.compiled:
+            self.decoder = wire.speedups.Decoder()
+            self._accept = functools.partial(wire.speedups.accept, self)
+        else:
+            self.decoder = wire.PyDecoder()
         self.pending: collections.deque = collections.deque()
         self.last_heartbeat = None
         self.sock = self.context.socket(zmq.SUB)
@@ -256,13 +264,19 @@ class Subscriber:
             yield self.recv()
 
     def _accept(self, topic: bytes, header: bytes, payload: bytes):
-        """Track one received event; returns it when it is next in order and wanted, else queues or drops it."""
+        """Track one received event; returns it when it is next in order and wanted, else queues or drops it.
+        ``_speedups.accept`` is its compiled twin (the in-order case in C, everything else through ``_track``)."""
         try:
             envelope = self.decoder.decode(topic, header, payload)
         except wire.WireError as exc:
-            self.stats.bad_frames += 1
-            log.warning("subscriber: undecodable event on %r: %s", topic[:60], exc)
-            return None
+            return self._undecodable(topic, exc)
+        return self._track(topic, envelope)
+
+    def _undecodable(self, topic: bytes, exc: Exception):
+        self.stats.bad_frames += 1
+        log.warning("subscriber: undecodable event on %r: %s", topic[:60], exc)
+
+    def _track(self, topic: bytes, envelope: wire.Envelope):
         self.stats.received += 1
         if envelope.epoch != self.epoch:
             if self.epoch is not None and envelope.epoch < self.epoch:

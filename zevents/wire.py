@@ -302,6 +302,22 @@ except ImportError:  # not built (no compiler at install time): the Python code 
 if FORCED_PURE:
     speedups = None
 
+
+
+class CompiledUnavailable(RuntimeError):
+    """``compiled=True`` was asked for, and the compiled twins are not built (or ZEVENTS_PUREPYTHON=1)."""
+
+
+def use_compiled(compiled: bool | None, what: str) -> bool:
+    """A ``compiled`` option resolved: None means "when built"; True when they are not is an error."""
+    if compiled is None:
+        return speedups is not None
+    if compiled and speedups is None:
+        raise CompiledUnavailable(f"the compiled {what} is not available (extension not built, or "
+                                  "ZEVENTS_PUREPYTHON=1)")
+    return bool(compiled)
+
+
 # The compiled twin (same answers, same caches, the uncommon paths delegated to PyDecoder) unless pure Python.
 Decoder = speedups.Decoder if speedups is not None else PyDecoder
 _default_decoder = Decoder()
