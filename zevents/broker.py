@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import fcntl
 import functools
+import gc
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ import zmq
 from zevents import wire
 from zevents.bus import fast_send
 from zevents.config import BusConfig
+from zevents.service import freeze_startup_heap
 
 log = logging.getLogger("zevents.broker")
 
@@ -458,6 +460,7 @@ class Broker:
             "heartbeat": self.bus.heartbeat, "max_payload": self.bus.max_payload,
             "subscriptions": sum(self.subscriptions.values()), "topics": len(self.last_values),
             "endpoints": {"publish": self.bus.publish, "ingest": self.bus.ingest, "control": self.bus.replay},
+            "gc": {"frozen": gc.get_freeze_count(), "collections": [g["collections"] for g in gc.get_stats()]},
         }
 
     def _drain_subscriptions(self):
@@ -499,6 +502,7 @@ def run(config) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    freeze_startup_heap()
     try:
         broker.serve()
     finally:

@@ -6,6 +6,7 @@ using `zevents broker|printer|hooks`, which end in the same ``run`` functions.
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import sys
 
@@ -14,6 +15,16 @@ SERVICES = {
     "printer": "zevents.printer.service",
     "hooks": "zevents.subscribers.hooks",
 }
+
+
+def freeze_startup_heap() -> int:
+    """Takes what a service allocated while starting (modules, config, sockets) out of the garbage collector's
+    reach, just before its loop begins.  A full collection walks every tracked object: in a service that meant
+    pauses of several milliseconds, in the middle of the event stream, to re-check objects that live as long
+    as the process.  Returns how many objects were frozen (also in the broker's STATUS)."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def main(argv: list) -> int:

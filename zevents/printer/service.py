@@ -24,6 +24,7 @@ from zevents import bus as zbus
 from zevents.printer import channel
 from zevents.printer.job import JobError, Jobs
 from zevents.printer.link import LinkError, PrinterLink
+from zevents.service import freeze_startup_heap
 
 log = logging.getLogger("zevents.printer.service")
 
@@ -329,6 +330,7 @@ def run(config, port: str | None = None, baud: int | None = None, virtual: bool 
     from zevents.bus import announce_started
 
     announce_started(config, "printer")  # the command channel answers from here on
+    freeze_startup_heap()
     try:
         service.serve()
     finally:

@@ -43,6 +43,7 @@ from zevents import events as _events
 from zevents import placeholders, wire
 from zevents.printer import channel
 from zevents.subscribers import hooks_config, hooks_exec
+from zevents.service import freeze_startup_heap
 from zevents.subscribers.hooks_config import Subscription
 
 log = logging.getLogger("zevents.hooks")
@@ -648,6 +649,7 @@ def run(config) -> int:
             observer = watch_config(service, config.path)
         except Exception as exc:  # inotify limits, unsupported file systems: SIGHUP still works
             log.warning("cannot watch %s for changes (%s); reload with SIGHUP", config.path, exc)
+    freeze_startup_heap()
     try:
         service.serve()
     finally:
