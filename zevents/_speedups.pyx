@@ -6,7 +6,9 @@ extension is not built or ``ZEVENTS_PUREPYTHON=1``; tests run both and compare t
   a single object (the broker validates every event it publishes; decoding it only to throw it away cost a third
   of the broker's per-event time).
 * :func:`drain_ingest`: ``Broker._drain_ingest``, the sequencer's loop over its PULL socket.
-* :class:`Decoder`: ``wire.PyDecoder``, what every subscriber runs for every event.
+* :class:`Decoder`: ``wire.PyDecoder``, what every subscriber runs for every event; it builds the payload map
+  itself (``unpack_fast``) for the forms events are made of, and leaves the rest to msgpack.
+* :func:`accept`: ``Subscriber._accept``, for the in-order event of a known stream.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.float cimport PyFloat_FromDouble
@@ -611,7 +613,7 @@ def accept(subscriber, bytes topic not None, bytes header not None, bytes payloa
         fields = decoder._fields(topic, header, payload, False)
     except WireError as exc:
         return subscriber._undecodable(topic, exc)
-    if fields[5] != subscriber.epoch or topic == HEARTBEAT or subscriber.pending:
+    if fields[5] != subscriber.epoch or topic == HEARTBEAT_TOPIC or subscriber.pending:
         return subscriber._track(topic, _envelope(fields))
     cdef dict last_seq = subscriber.last_seq
     group, seq = fields[1], fields[6]
@@ -627,8 +629,7 @@ def accept(subscriber, bytes topic not None, bytes header not None, bytes payloa
     return _envelope(fields)
 
 
-from zevents.wire import Envelope, WireError  # noqa: E402  (wire imports this module first; both exist by then)
-
-HEARTBEAT = b"sys/Heartbeat"
+# wire imports this module only after defining these.
+from zevents.wire import HEARTBEAT_TOPIC, Envelope, WireError  # noqa: E402
 
 _set_up_envelope()

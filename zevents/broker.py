@@ -31,7 +31,6 @@ log = logging.getLogger("zevents.broker")
 
 INGEST_BATCH = 2000          # messages drained per poll wake-up, so control requests are never starved
 REPLAY_LIMIT_MAX = 20000
-HEARTBEAT_TOPIC = b"sys/Heartbeat"
 
 
 class BrokerError(RuntimeError):
@@ -361,7 +360,7 @@ class Broker:
     def heartbeat(self):
         streams = dict(self.seqs)
         streams["sys"] = streams.get("sys", 0) + 1
-        self.publish_local(HEARTBEAT_TOPIC.decode(), {
+        self.publish_local(wire.HEARTBEAT_TOPIC.decode(), {
             "streams": streams, "epoch": self.epoch, "uptime": round(time.monotonic() - self.started, 3),
             "interval": self.bus.heartbeat})
 

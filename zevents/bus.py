@@ -214,7 +214,7 @@ class Subscriber:
             for group in sorted(self.groups):
                 self.sock.setsockopt(zmq.SUBSCRIBE, group.encode() + b"/")
             if "sys" not in self.groups:
-                self.sock.setsockopt(zmq.SUBSCRIBE, b"sys/Heartbeat")
+                self.sock.setsockopt(zmq.SUBSCRIBE, wire.HEARTBEAT_TOPIC)
         self.epoch = epoch
         self.last_seq: dict[str, int] = dict(since or {})
         if since is None:
@@ -284,7 +284,7 @@ class Subscriber:
                 return None
             self._new_epoch(envelope.epoch)
         group = envelope.group
-        if topic == b"sys/Heartbeat":
+        if topic == wire.HEARTBEAT_TOPIC:
             self.last_heartbeat = time.monotonic()
             self._check_tail(envelope.payload.get("streams") or {})
             if not self._tracked("sys"):

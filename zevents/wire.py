@@ -28,6 +28,7 @@ from zevents import events as _events
 PROTOCOL_VERSION = 1
 HEADER_KEYS = ("v", "node", "printer", "epoch", "src", "seq", "ts")
 MAX_TOPIC = 256
+HEARTBEAT_TOPIC = b"sys/Heartbeat"   # the broker's own event: every stream's last seq, once per interval
 
 # Control protocol (DEALER/REQ → ROUTER): frame 0 is the command, frame 1 a msgpack map of arguments, then frames.
 CMD_REPLAY = b"REPLAY"
@@ -301,7 +302,6 @@ except ImportError:  # not built (no compiler at install time): the Python code 
     speedups = None
 if FORCED_PURE:
     speedups = None
-
 
 
 class CompiledUnavailable(RuntimeError):

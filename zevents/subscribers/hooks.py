@@ -42,8 +42,8 @@ from zevents import config as zconfig
 from zevents import events as _events
 from zevents import placeholders, wire
 from zevents.printer import channel
-from zevents.subscribers import hooks_config, hooks_exec
 from zevents.service import freeze_startup_heap
+from zevents.subscribers import hooks_config, hooks_exec
 from zevents.subscribers.hooks_config import Subscription
 
 log = logging.getLogger("zevents.hooks")
