@@ -1,4 +1,5 @@
-"""Interop: subscribers written in C and in Node, from PROTOCOL.md alone, decode every event of a live broker.
+"""Interop: subscribers written in C and in Node, from PROTOCOL.md alone, decode every event of a live broker;
+a publisher written in C, from the same document, reaches Python subscribers.
 
 The clients live in tests/interop/ (c_subscriber.c is compiled here with gcc; node_subscriber.mjs needs
 `npm ci --prefix tests/interop`).  Both print one JSON object per delivered event, "READY" on stderr once their
@@ -25,12 +26,13 @@ import msgpack
 import pytest
 import zmq
 
-from zevents import events
+from zevents import bus, events
 from zevents.broker import serve_in_thread
 from zevents.config import BusConfig
 
 INTEROP = Path(__file__).resolve().parent / "interop"
 C_SOURCE = INTEROP / "c_subscriber.c"
+C_PUBLISHER = INTEROP / "c_publisher.c"
 NODE_SCRIPT = INTEROP / "node_subscriber.mjs"
 IN_CI = os.environ.get("CI") == "true"
 
@@ -66,10 +68,11 @@ def _c_flags() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def c_subscriber(tmp_path_factory) -> Path:
+def c_toolchain(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A build directory and the compiler flags, once gcc, libzmq and msgpack-c are known to work together."""
     if not shutil.which("gcc"):
         unavailable("gcc is not installed")
-    build = tmp_path_factory.mktemp("c_subscriber")
+    build = tmp_path_factory.mktemp("c_clients")
     flags = _c_flags()
     probe = build / "probe.c"
     probe.write_text("#include <zmq.h>\n#include <msgpack.h>\n"
@@ -78,13 +81,28 @@ def c_subscriber(tmp_path_factory) -> Path:
     result = subprocess.run(["gcc", str(probe), "-o", str(build / "probe"), *flags], capture_output=True, text=True)
     if result.returncode != 0:
         unavailable(f"libzmq3-dev / libmsgpack-dev are not usable: {result.stderr.strip()[:300]}")
-    binary = build / "c_subscriber"
+    return build, flags
+
+
+def _compile(toolchain: tuple[Path, list[str]], source: Path) -> Path:
+    build, flags = toolchain
+    binary = build / source.stem
     # e.g. ZEVENTS_INTEROP_CFLAGS="-g -fsanitize=address,undefined" to run the tests against a checked build
     extra = os.environ.get("ZEVENTS_INTEROP_CFLAGS", "").split()
-    result = subprocess.run(["gcc", "-std=c11", "-Wall", "-Wextra", "-Werror", "-O2", *extra, str(C_SOURCE), "-o",
+    result = subprocess.run(["gcc", "-std=c11", "-Wall", "-Wextra", "-Werror", "-O2", *extra, str(source), "-o",
                              str(binary), *flags], capture_output=True, text=True)
-    assert result.returncode == 0, f"c_subscriber.c does not compile cleanly:\n{result.stderr}"
+    assert result.returncode == 0, f"{source.name} does not compile cleanly:\n{result.stderr}"
     return binary
+
+
+@pytest.fixture(scope="session")
+def c_subscriber(c_toolchain) -> Path:
+    return _compile(c_toolchain, C_SOURCE)
+
+
+@pytest.fixture(scope="session")
+def c_publisher(c_toolchain) -> Path:
+    return _compile(c_toolchain, C_PUBLISHER)
 
 
 @pytest.fixture(scope="session")
@@ -632,3 +650,33 @@ def test_client_rejects_bad_arguments(client, run_client, args, message):
     subscriber = run_client([*client, *args])
     assert subscriber.finish() == 2
     assert any(message in line for line in subscriber.err), subscriber.err
+
+
+def test_a_c_publisher_reaches_python_subscribers(c_publisher, brokers, short_tmp):
+    """c_publisher.c builds ingest frames from PROTOCOL.md section 3 with msgpack-c: every event arrives, stamped,
+    in order, with its src, printer and payload (UTF-8 beyond the BMP, uint64's top, a float, nil) intact."""
+    config = BusConfig.for_dir(short_tmp, node="interop", heartbeat=0.2)
+    broker = brokers(config)
+    subscriber = bus.Subscriber(config, groups=["gcode", "custom"])
+    try:
+        for topic, src, printer, count in (("gcode/Home", "firmware", "Prüsa MK3 🐰", 300),
+                                           ("custom/MyPlugin_Thing", "user", "-", 5)):
+            result = subprocess.run([str(c_publisher), config.ingest, topic, src, printer, str(count)],
+                                    capture_output=True, text=True, timeout=60)
+            assert (result.returncode, result.stdout.strip()) == (0, f"SENT {count}"), result.stderr
+            got = [subscriber.recv(10) for _ in range(count)]
+            assert None not in got, f"only {got.index(None)} of {count} events of {topic} arrived"
+            assert [e.payload for e in got] == [
+                {"i": k, "name": "Bénchy 🐰", "x": k / 4, "big": 2**64 - 1 - k, "none": None} for k in range(count)]
+            assert {(e.topic, e.src, e.printer, e.node, e.epoch) for e in got} == {
+                (topic, src, None if printer == "-" else printer, "interop", broker.epoch)}
+            assert [e.seq for e in got] == list(range(1, count + 1))
+        assert broker.counters["bad"] == 0
+    finally:
+        subscriber.close()
+
+
+def test_the_c_publisher_refuses_bad_arguments(c_publisher):
+    result = subprocess.run([str(c_publisher), "ipc:///nowhere", "NoGroup", "user", "-", "1"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "TOPIC <group>/<Event>" in result.stderr
