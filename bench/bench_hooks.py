@@ -29,7 +29,7 @@ import pytest
 from conftest import broker_process
 from zevents import bus
 from zevents import config as zconfig
-from zevents.subscribers.hooks import HooksService
+from zevents.hooks.service import HooksService
 
 LATENCY_EVENTS = 400
 BURST_EVENTS = 3000

@@ -19,7 +19,7 @@ from conftest import DATA, collect, wait_for
 from zevents import bus, wire
 from zevents import config as zconfig
 from zevents.printer import channel
-from zevents.subscribers.hooks import HooksService
+from zevents.hooks.service import HooksService
 
 HOOKS = DATA / "hooks"
 RECORD = str(HOOKS / "record.py")

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from zevents import config as zconfig
 from zevents import placeholders as ph
-from zevents.subscribers import hooks_config, hooks_exec
+from zevents.hooks import runner as hook_runner, subscriptions as hook_subscriptions
 
 NASTY = ["x'; touch pwned; '.gcode", "$(touch pwned).gcode", "`touch pwned`", 'a"b\\"c', "two\nlines", "*", "~",
          "$HOME", "-n", "", " lead and trail ", "a\\", "'", '"', "{}", "$((1+1))", "!event"]
@@ -52,7 +52,7 @@ def test_any_value_survives_a_shell_template_unchanged(tmp_path_factory, value):
 def test_argv_templates_put_a_value_into_one_argument(value, tmp_path):
     argv = [word.render(values(v=value)) for word in ph.compile_argv("printf '%s\\0' {v} \"with {v}\" x{v}")]
     assert argv == ["printf", "%s\\0", value, f"with {value}", f"x{value}"]
-    result = hooks_exec.run(argv, dict(os.environ), cwd=str(tmp_path))
+    result = hook_runner.run(argv, dict(os.environ), cwd=str(tmp_path))
     assert result.ok and result.stdout.decode().split("\0")[:-1] == [value, f"with {value}", f"x{value}"]
     assert list(tmp_path.iterdir()) == []
 
@@ -148,7 +148,7 @@ def test_a_bad_subscription_is_reported_but_does_not_stop_loading(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"events": {"subscriptions": [sub(event="PrintDon"), sub(name="good")]}}))
     config = zconfig.load(path)  # other services load the file in spite of a bad hook
-    subscriptions, problems = hooks_config.compile_section(config)
+    subscriptions, problems = hook_subscriptions.compile_section(config)
     assert [s.name for s in subscriptions] == ["good"]
     assert len(problems) == 1 and problems[0].skips
     assert len(zconfig.check(path)) == 1
@@ -157,7 +157,7 @@ def test_a_bad_subscription_is_reported_but_does_not_stop_loading(tmp_path):
 def test_warnings_keep_the_subscription(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"events": {"subscriptions": [sub(command="echo {nmae}")]}}))
-    subscriptions, problems = hooks_config.compile_section(zconfig.load(path))
+    subscriptions, problems = hook_subscriptions.compile_section(zconfig.load(path))
     assert len(subscriptions) == 1 and not problems[0].skips
 
 
@@ -175,7 +175,7 @@ def test_default_name_and_timeout(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"hooks": {"timeout": 7}, "events": {"subscriptions": [
         sub(event=["PrintDone", "PrintFailed"]), sub(timeout=2, name="mine")]}}))
-    first, second = hooks_config.compile_section(zconfig.load(path))[0]
+    first, second = hook_subscriptions.compile_section(zconfig.load(path))[0]
     assert first.name == "#0 PrintDone,PrintFailed" and first.timeout == 7
     assert second.name == "mine" and second.timeout == 2
 
@@ -183,7 +183,7 @@ def test_default_name_and_timeout(tmp_path):
 # --- spawning ---------------------------------------------------------------------------------------------------
 
 def test_hook_processes_lead_their_own_session_with_default_signals():
-    result = hooks_exec.run(["sh", "-c", "cat /proc/$$/stat; grep SigIgn /proc/$$/status"], dict(os.environ))
+    result = hook_runner.run(["sh", "-c", "cat /proc/$$/stat; grep SigIgn /proc/$$/status"], dict(os.environ))
     assert result.ok, result.stderr
     stat, ignored = result.stdout.decode().splitlines()
     pid, pgrp, session = (int(x) for x in [stat.split()[0], *stat.rsplit(")", 1)[1].split()[2:4]])
@@ -193,5 +193,5 @@ def test_hook_processes_lead_their_own_session_with_default_signals():
 
 
 def test_embedded_nul_bytes_are_refused_not_cut():
-    result = hooks_exec.run(["echo", "a\x00b"], dict(os.environ))
+    result = hook_runner.run(["echo", "a\x00b"], dict(os.environ))
     assert result.returncode == 126 and "embedded null byte" in result.error

@@ -15,7 +15,7 @@ import serial
 
 from conftest import shared_path
 from zevents.printer.virtual import FIRMWARES, VirtualPrinter
-from zevents.printer.virtual_parts import Fault, checksum, parse_command, parse_fault
+from zevents.printer.virtual.parts import Fault, checksum, parse_command, parse_fault
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -492,7 +492,7 @@ def test_m112_halts_until_reconnect(tmp_path):
 
 
 def test_reconnects_are_noticed_without_inotify(tmp_path, monkeypatch):
-    import zevents.printer.virtual as virtual
+    import zevents.printer.virtual.printer as virtual
 
     def no_inotify(path):
         raise OSError("inotify unavailable (test)")

@@ -126,7 +126,7 @@ def hooks(ctx: typer.Context, config: Optional[str] = ConfigOption):
     ctx.obj = config
     if ctx.invoked_subcommand is not None:
         return
-    from zevents.subscribers import hooks as hooks_mod
+    from zevents.hooks import service as hooks_mod
 
     raise typer.Exit(hooks_mod.run(load_config(config)))
 
@@ -138,7 +138,7 @@ def hooks_test(ctx: typer.Context,
                run: bool = typer.Option(False, "--run", help="Run the matching hooks and print their results."),
                config: Optional[str] = ConfigOption):
     """Show which subscriptions match EVENT and the exact argv (or G-code) each would run."""
-    from zevents.subscribers import hooks as hooks_mod
+    from zevents.hooks import service as hooks_mod
 
     raise typer.Exit(hooks_mod.run_test(load_config(config or ctx.obj), event, payload, run))
 

@@ -38,27 +38,56 @@ ANY = object()
 NUMBER = (int, float)
 OPT_STR = (str, type(None))
 
-# key → (types, nested schema or None).  A dict value is a nested section; None means any value of the types.
+
+@dataclass(frozen=True)
+class Key:
+    """One key's rule beyond its type: an inclusive range, a set of choices, or a check of its own (returning an
+    error message, or None when the value is fine).  A plain type or tuple of types in a schema means Key(types)."""
+    types: object
+    min: float | None = None
+    max: float | None = None
+    choices: tuple | None = None
+    check: object = None
+
+    def problem(self, value) -> str | None:
+        if value is None:
+            return None
+        if self.choices is not None and value not in self.choices:
+            return f"must be one of {', '.join(map(repr, self.choices))}, not {value!r}"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value != value:
+                return "must be a number, not NaN"
+            if self.min is not None and value < self.min:
+                return f"must be at least {self.min}, not {value!r}"
+            if self.max is not None and value > self.max:
+                return f"must be at most {self.max}, not {value!r}"
+        if self.check is not None:
+            return self.check(value)
+        return None
+
+
+# The registry of sections: top-level key -> schema (key -> types, Key, or a nested schema dict).  The core owns
+# `bus` and `data_dir`; every service registers its own sections (register_section) from the module that
+# zevents.service.SECTION_OWNERS names, so this module imports no service.
 SCHEMA: dict = {
     "bus": {
         "node": OPT_STR, "publish": OPT_STR, "ingest": OPT_STR, "replay": OPT_STR,
         "replay_ring": int, "heartbeat": NUMBER, "max_payload": int, "hwm": int,
     },
-    "printer": {
-        "name": OPT_STR, "port": OPT_STR, "baudrate": int, "commands": OPT_STR, "allow_bus_commands": bool,
-        "timeout": NUMBER, "window": int, "retries": int,
-        "virtual": {"firmware": str, "speed": NUMBER, "tools": int},
-        "scripts": dict,
-    },
-    "parser": {"blocked_commands": list, "ignored_commands": list},
-    "events": {"enabled": bool, "subscriptions": list},
-    "hooks": {"workers": int, "timeout": NUMBER, "max_queued": int},
     "data_dir": OPT_STR,
 }
 
-# Extra validators per top-level section: fn(config, section_value) -> list[ConfigError].  Services register theirs
-# here (the hooks service validates events.subscriptions) so that `config check` runs them all.
+# Extra validators per top-level section: fn(config, section_value) -> list[ConfigError], run once the schema
+# holds (the hooks service validates events.subscriptions here) so that `config check` runs them all.
 SECTION_VALIDATORS: dict = {}
+
+
+def register_section(name: str, schema, validator=None) -> None:
+    """A service's config section: its schema (a dict of keys, or the types of a scalar section) and optionally a
+    validator run after the schema check.  Registering the same section again replaces it."""
+    SCHEMA[name] = schema
+    if validator is not None:
+        SECTION_VALIDATORS[name] = validator
 
 
 def _type_name(types) -> str:
@@ -234,13 +263,18 @@ def _validate_schema(config: Config, value, schema, path=()) -> list:
             else:
                 problems.extend(_validate_schema(config, item, expected, key_path))
         elif expected is not ANY:
-            types = expected if isinstance(expected, tuple) else (expected,)
+            rule = expected if isinstance(expected, Key) else Key(expected)
+            types = rule.types if isinstance(rule.types, tuple) else (rule.types,)
             if isinstance(item, bool) and bool not in types:
                 ok = False
             else:
                 ok = isinstance(item, types)
             if not ok:
-                problems.append(config.error(f"must be {_type_name(expected)}, not {item!r}", *key_path))
+                problems.append(config.error(f"must be {_type_name(rule.types)}, not {item!r}", *key_path))
+            else:
+                message = rule.problem(item)
+                if message:
+                    problems.append(config.error(message, *key_path))
     return problems
 
 
@@ -260,11 +294,10 @@ def _build(text: str | None, path: str | None) -> tuple[Config, list]:
 
 
 def _register_builtin_validators():
-    """Services own the validation of their sections; importing them registers it."""
-    try:
-        import zevents.subscribers.hooks  # noqa: F401  (registers the events: validator)
-    except ImportError:
-        pass
+    """Services own their sections; zevents.service names the modules that register them."""
+    from zevents.service import register_config_sections
+
+    register_config_sections()
 
 
 def check(path: str | os.PathLike) -> list:

@@ -11,7 +11,7 @@ This module owns the template language of ``events.subscriptions[].command`` (an
 * A value that is missing renders as an empty string and is reported to the caller once (OctoPrint drops the whole
   command instead); a key the payload has with no value (``None``) renders as an empty string silently.
 
-Nothing here runs anything: :mod:`zevents.subscribers.hooks` does.
+Nothing here runs anything: :mod:`zevents.hooks.service` does.
 """
 from __future__ import annotations
 

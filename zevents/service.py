@@ -13,8 +13,20 @@ import sys
 SERVICES = {
     "broker": "zevents.broker",
     "printer": "zevents.printer.service",
-    "hooks": "zevents.subscribers.hooks",
+    "hooks": "zevents.hooks.service",
 }
+
+# The modules that register config sections (zevents.config.register_section) when imported: every service's
+# settings.  Kept light: `config check` imports them all.
+SECTION_OWNERS = (
+    "zevents.printer.settings",
+    "zevents.hooks.subscriptions",
+)
+
+
+def register_config_sections() -> None:
+    for module in SECTION_OWNERS:
+        importlib.import_module(module)
 
 
 def freeze_startup_heap() -> int:

@@ -3,11 +3,11 @@
 It owns:
 
 * the subscriber loop: every event is matched against ``events.subscriptions`` (see
-  :mod:`zevents.subscribers.hooks_config`) and each admitted run is queued with the printer state of that moment
+  :mod:`zevents.hooks.subscriptions`) and each admitted run is queued with the printer state of that moment
   (``__currentZ``, ``__filename``, ..., kept here from the broker's snapshot at start-up, then live events);
 * the runs, at most ``hooks.workers`` processes at once, at most ``hooks.max_queued`` waiting
-  (:class:`zevents.subscribers.hooks_exec.Runs`): the commands of one run in order, stopping at the first failure;
-  system commands without a shell (:mod:`zevents.placeholders`, :mod:`zevents.subscribers.hooks_exec`), G-code
+  (:class:`zevents.hooks.runner.Runs`): the commands of one run in order, stopping at the first failure;
+  system commands without a shell (:mod:`zevents.placeholders`, :mod:`zevents.hooks.runner`), G-code
   through the printer link's command channel, never the PUB/SUB bus;
 * the result events ``hook/HookFinished``, ``hook/HookFailed``, ``hook/HookTimedOut`` (src ``hook``), whose payload
   adds ``stdout`` (tail), ``depth`` (how many hook runs led to this one), ``started`` (µs) and ``type`` to the
@@ -43,13 +43,11 @@ from zevents import events as _events
 from zevents import placeholders, wire
 from zevents.printer import channel
 from zevents.service import freeze_startup_heap
-from zevents.subscribers import hooks_config, hooks_exec
-from zevents.subscribers.hooks_config import Subscription
+from zevents.hooks import runner as hook_runner, subscriptions as hook_subscriptions
+from zevents.hooks.subscriptions import Subscription
 
 log = logging.getLogger("zevents.hooks")
 
-zconfig.SECTION_VALIDATORS["events"] = hooks_config.validate_events
-zconfig.SECTION_VALIDATORS["hooks"] = hooks_config.validate_hooks
 
 MAX_HOOK_DEPTH = 3
 SERVE_TICK = 0.2  # seconds between checks for stop() and reloads
@@ -226,7 +224,7 @@ class HookRunner:
         return env
 
     def prepare(self, job: Job):
-        """What a run needs, filled: hooks_exec.Commands for a system hook, a callable for a G-code one."""
+        """What a run needs, filled: hook_runner.Commands for a system hook, a callable for a G-code one."""
         subscription = job.subscription
         values = self.values(job)
         job.started = time.monotonic()
@@ -236,7 +234,7 @@ class HookRunner:
         argvs = self.plan(job, values)
         if subscription.debug:
             log.info("hook %r on %s: running %s", subscription.name, job.name, json.dumps(argvs))
-        return hooks_exec.Commands(argvs, self.environment(job, values, payload_json), subscription.cwd,
+        return hook_runner.Commands(argvs, self.environment(job, values, payload_json), subscription.cwd,
                                    payload_json.encode("utf-8", "replace"), subscription.timeout)
 
     def outcome(self, job: Job, outcome) -> tuple[str, dict]:
@@ -260,11 +258,11 @@ class HookRunner:
     def execute(self, job: Job) -> tuple[str, dict]:
         """Run one job here and now (``zevents hooks test --run``); the service drives many at once through Runs."""
         spec = self.prepare(job)
-        if not isinstance(spec, hooks_exec.Commands):
+        if not isinstance(spec, hook_runner.Commands):
             return self.outcome(job, spec())
         results = []
         for argv in spec.argvs:
-            results.append(hooks_exec.run(argv, spec.env, spec.cwd, spec.stdin, spec.timeout, self.on_started))
+            results.append(hook_runner.run(argv, spec.env, spec.cwd, spec.stdin, spec.timeout, self.on_started))
             if not results[-1].ok:
                 break
         return self.outcome(job, results)
@@ -322,7 +320,7 @@ class HooksService:
     """Subscriber loop + runs + result publisher.  ``serve()`` blocks until ``stop()``; ``close()`` after."""
 
     def __init__(self, config, context=None, on_started=None):
-        hooks_exec.ensure_std_fds()
+        hook_runner.ensure_std_fds()
         self.config = config
         self.context = context
         self.runner = HookRunner(config, on_started)
@@ -330,7 +328,7 @@ class HooksService:
         self.stats: collections.Counter = collections.Counter()
         self.subscriptions: list = []
         self.table: dict = {}
-        self.runs = hooks_exec.Runs(1, self.runner.prepare, self._complete, on_started)  # sized by _install
+        self.runs = hook_runner.Runs(1, self.runner.prepare, self._complete, on_started)  # sized by _install
         self._publisher = None
         self._publish_lock = threading.Lock()
         self._stop = threading.Event()
@@ -353,7 +351,7 @@ class HooksService:
             return None
 
     def _install(self, config) -> list:
-        subscriptions, problems = hooks_config.compile_section(config)
+        subscriptions, problems = hook_subscriptions.compile_section(config)
         for problem in problems:
             (log.error if problem.skips else log.warning)("%s%s", problem,
                                                           " — subscription left out" if problem.skips else "")
@@ -696,14 +694,14 @@ def run_test(config, event: str, payload_json: str | None, execute: bool, out=No
         if not isinstance(payload, dict):
             print("zevents: --payload must be a JSON object", file=err)
             return 2
-    name, why = hooks_config.check_event_name(event)
+    name, why = hook_subscriptions.check_event_name(event)
     if why:
         print(f"zevents: {why}", file=err)
         return 2
     if not _events.is_known(name):
         print(f"note: {name} is not in the catalogue: a custom event (topic custom/{name})", file=err)
     payload = _events.complete_payload(name, payload)
-    subscriptions, problems = hooks_config.compile_section(config)
+    subscriptions, problems = hook_subscriptions.compile_section(config)
     for problem in problems:
         print(f"{'error' if problem.skips else 'warning'}: {problem}", file=err)
     state, no_state = _snapshot_state(config)

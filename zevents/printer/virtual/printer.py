@@ -8,13 +8,13 @@ play the firmware:
   faults, checks line numbers and checksums (resend requests in the firmware's form) and feeds a command buffer of
   ``buffer_size`` entries, like Marlin's ring buffer;
 * the *firmware* thread executes buffered commands in order (moves through a planner of ``planner_size`` blocks,
-  heaters, SD card, pauses) and acknowledges each one once it has run: ``virtual_machine``.
+  heaters, SD card, pauses) and acknowledges each one once it has run: ``zevents.printer.virtual.machine``.
 
 Opening the port resets the simulated board (as a DTR reset does) and prints the boot banner; closing it is noticed
 too (inotify on the device node, else the master's hang-up). Simulated time runs ``speed`` times faster than the wall
 clock (``speed=0``: instant), while report and keep-alive intervals stay in wall-clock seconds, as a host measures
-them. Reply layouts come from ``virtual_firmware`` (Marlin, Prusa, Klipper, RepRapFirmware, Smoothieware, Repetier);
-the simulated parts (heaters, planner, SD card, fault specs) from ``virtual_parts``.
+them. Reply layouts come from ``.firmware`` (Marlin, Prusa, Klipper, RepRapFirmware, Smoothieware, Repetier);
+the simulated parts (heaters, planner, SD card, fault specs) from ``.parts``.
 
 Usage from tests::
 
@@ -48,9 +48,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Union
 
-from zevents.printer import virtual_firmware as fw
-from zevents.printer.virtual_machine import FirmwareMachine, Queued
-from zevents.printer.virtual_parts import LINE_FAULTS, Fault, SdCard, SimClock, checksum, parse_fault, parse_trigger
+from zevents.printer.virtual import firmware as fw
+from zevents.printer.virtual.machine import FirmwareMachine, Queued
+from zevents.printer.virtual.parts import LINE_FAULTS, Fault, SdCard, SimClock, checksum, parse_fault, parse_trigger
 
 log = logging.getLogger(__name__)
 

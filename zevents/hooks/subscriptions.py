@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 
 from zevents import events as _events
 from zevents import placeholders
+from zevents import config as zconfig
 from zevents.config import ConfigError
 
 KEYS = ("event", "command", "type", "enabled", "name", "debug", "shell", "cwd", "timeout", "filter", "min_interval",
         "env")
 TYPES = ("system", "gcode")
 DEFAULT_TIMEOUT = 60.0
-#: Payload keys hook result events carry beyond the catalogue's (see zevents.subscribers.hooks).
+#: Payload keys hook result events carry beyond the catalogue's (see zevents.hooks.service).
 HOOK_RESULT_EXTRAS = ("stdout", "depth", "started", "type")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _EVENT_NAME = re.compile(r"[^\s/]{1,128}\Z")
@@ -348,3 +349,7 @@ def validate_hooks(config, section) -> list:
     if _number(timeout) and timeout <= 0:
         problems.append(config.error(f"must be > 0 seconds, not {timeout}", "hooks", "timeout"))
     return problems
+
+
+zconfig.register_section("events", {"enabled": bool, "subscriptions": list}, validate_events)
+zconfig.register_section("hooks", {"workers": int, "timeout": zconfig.NUMBER, "max_queued": int}, validate_hooks)

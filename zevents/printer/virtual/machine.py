@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
-from zevents.printer import virtual_firmware as fw
-from zevents.printer.virtual_parts import GcodeCommand, Heater, Planner, SdError, parse_command
+from zevents.printer.virtual import firmware as fw
+from zevents.printer.virtual.parts import GcodeCommand, Heater, Planner, SdError, parse_command
 
 log = logging.getLogger("zevents.printer.virtual")
 
