@@ -234,6 +234,71 @@ def virtual_printer(link: Optional[str] = typer.Option(None, "--link", help="Als
                                  faults=faults or [], crlf=True if crlf else None, verbose=verbose))
 
 
+profile_app = typer.Typer(no_args_is_help=True, help="Printer profiles (OctoPrint's format): bed, extruders, "
+                                                      "axes, motion limits.")
+app.add_typer(profile_app, name="profile")
+
+
+@profile_app.command("ls")
+def profile_ls(as_json: bool = typer.Option(False, "--json", help="One JSON document instead of a table."),
+               config: Optional[str] = ConfigOption):
+    """List the printer profiles, marking the default and the printer's current one."""
+    from zevents.printer import profile_commands
+
+    raise typer.Exit(profile_commands.run_ls(load_config(config), as_json))
+
+
+@profile_app.command("show")
+def profile_show(identifier: Optional[str] = typer.Argument(None, help="Profile id (default: the default one)."),
+                 as_json: bool = typer.Option(False, "--json", help="JSON instead of YAML."),
+                 config: Optional[str] = ConfigOption):
+    """Print one profile, merged over the built-in default as it is used."""
+    from zevents.printer import profile_commands
+
+    raise typer.Exit(profile_commands.run_show(load_config(config), identifier, as_json))
+
+
+@profile_app.command("add")
+def profile_add(file: str = typer.Argument(..., help="A profile as YAML or JSON (OctoPrint's keys; missing keys "
+                                                     "come from the default)."),
+                identifier: Optional[str] = typer.Option(None, "--id", help="Store it under this id."),
+                overwrite: bool = typer.Option(False, "--overwrite", help="Replace a profile with the same id."),
+                config: Optional[str] = ConfigOption):
+    """Add a printer profile (PrinterProfileAdded, or PrinterProfileModified with --overwrite)."""
+    from zevents.printer import profile_commands
+
+    raise typer.Exit(profile_commands.run_add(load_config(config), file, identifier, overwrite))
+
+
+@profile_app.command("edit")
+def profile_edit(identifier: str = typer.Argument(..., help="Profile id."),
+                 assignments: List[str] = typer.Argument(..., help="KEY=VALUE, e.g. volume.width=250 "
+                                                                   "extruder.nozzleDiameter=0.6."),
+                 config: Optional[str] = ConfigOption):
+    """Change keys of a profile (PrinterProfileModified); the whole profile is checked before it is saved."""
+    from zevents.printer import profile_commands
+
+    raise typer.Exit(profile_commands.run_edit(load_config(config), identifier, assignments))
+
+
+@profile_app.command("rm")
+def profile_rm(identifier: str = typer.Argument(..., help="Profile id."), config: Optional[str] = ConfigOption):
+    """Remove a profile (PrinterProfileDeleted); the default and the current profile cannot be removed."""
+    from zevents.printer import profile_commands
+
+    raise typer.Exit(profile_commands.run_rm(load_config(config), identifier))
+
+
+@profile_app.command("default")
+def profile_default(identifier: Optional[str] = typer.Argument(None, help="Make this profile the default; without "
+                                                                         "it, print the default's id."),
+                    config: Optional[str] = ConfigOption):
+    """Show or set the default printer profile."""
+    from zevents.printer import profile_commands
+
+    raise typer.Exit(profile_commands.run_default(load_config(config), identifier))
+
+
 @config_app.command("check")
 def config_check(file: str = typer.Argument(..., help="Config file to validate.")):
     """Validate a config file; every problem with its file, line and key."""

@@ -120,6 +120,9 @@ _EXTENSIONS = [
     ("hook", "HookFinished", _HOOK),
     ("hook", "HookFailed", _HOOK),
     ("hook", "HookTimedOut", _HOOK),
+    # OctoPrint fires these two from its printer-profile API too (printer/profile.py), though its catalogue omits them.
+    ("profile", "PrinterProfileAdded", ("identifier",)),
+    ("profile", "PrinterProfileDeleted", ("identifier",)),
 ]
 
 #: Names OctoPrint's code uses that differ from its documentation; accepted wherever users name events.

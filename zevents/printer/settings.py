@@ -7,6 +7,7 @@ PRINTER_SCHEMA = {
     "timeout": NUMBER, "window": int, "retries": int,
     "virtual": {"firmware": str, "speed": NUMBER, "tools": int},
     "scripts": dict,
+    "profile": OPT_STR,
 }
 PARSER_SCHEMA = {"blocked_commands": list, "ignored_commands": list}
 
