@@ -17,6 +17,20 @@ ConfigOption = typer.Option(None, "--config", "-c", help="Config file (YAML); de
                             envvar="ZEVENTS_CONFIG")
 
 
+def show_version(value: bool):
+    if value:
+        from zevents import __version__
+
+        typer.echo(f"zevents {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True,
+                                              help="Print the version and exit.")):
+    """zevents: 3D-printer events on a ZeroMQ bus."""
+
+
 def fail(message: str, code: int = 2) -> "typer.Exit":
     """One clear line on stderr and a non-zero exit."""
     typer.echo(f"zevents: {message}", err=True)
@@ -127,8 +141,9 @@ def hooks(ctx: typer.Context, config: Optional[str] = ConfigOption):
     if ctx.invoked_subcommand is not None:
         return
     from zevents.hooks import service as hooks_mod
+    from zevents.service import run_exclusive
 
-    raise typer.Exit(hooks_mod.run(load_config(config)))
+    raise typer.Exit(run_exclusive(load_config(config), "hooks", hooks_mod.run))
 
 
 @hooks_app.command("test")
@@ -151,10 +166,12 @@ def printer(port: Optional[str] = typer.Option(None, "--port", help="Serial devi
             config: Optional[str] = ConfigOption):
     """Run the printer link: serial protocol, print jobs, command channel, printer events."""
     from zevents.printer import service
+    from zevents.service import run_exclusive
 
     if port and virtual:
         raise fail("give --port or --virtual, not both")
-    raise typer.Exit(service.run(load_config(config), port=port, baud=baud, virtual=virtual))
+    raise typer.Exit(run_exclusive(load_config(config), "printer", service.run, port=port, baud=baud,
+                                   virtual=virtual))
 
 
 @app.command("print")
@@ -249,7 +266,7 @@ def config_check(file: str = typer.Argument(..., help="Config file to validate."
 
 def main():
     try:
-        app()
+        app(prog_name="zevents")  # `python -m zevents` too: help says what a user types
     except KeyboardInterrupt:
         sys.exit(130)
 
