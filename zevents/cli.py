@@ -67,24 +67,30 @@ def fire(event: str = typer.Argument(..., help="Event name, e.g. PrintStarted or
          payload: Optional[str] = typer.Option(None, "--payload", "-p", help="Payload as a JSON object."),
          src: str = typer.Option("user", "--src", help="Who caused the event."),
          timeout: float = typer.Option(5.0, "--timeout", help="Seconds to wait for the broker."),
+         custom: bool = typer.Option(False, "--custom", help="Publish EVENT as a custom event even when it looks "
+                                                               "like a slip of a catalogue name."),
          config: Optional[str] = ConfigOption):
-    """Publish one event; exits 0 once the broker has it."""
+    """Publish one event; exits 0 once the broker has it.  A name one letter (or only case) away from a catalogue
+    event is refused with a "did you mean"."""
     from zevents import bus
 
-    raise typer.Exit(bus.run_fire(load_config(config), event, payload, src, timeout))
+    raise typer.Exit(bus.run_fire(load_config(config), event, payload, src, timeout, custom))
 
 
 @app.command()
-def tail(prefixes: Optional[List[str]] = typer.Argument(None, help="Topic prefixes (group or group/Event)."),
+def tail(prefixes: Optional[List[str]] = typer.Argument(None, help="Groups (print), topics (print/PrintDone) or "
+                                                                     "event names (PrintDone); default: all."),
          as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
          count: Optional[int] = typer.Option(None, "--count", "-n", help="Exit 0 after this many events."),
          timeout: Optional[float] = typer.Option(None, "--timeout", help="Exit 1 if no event for this long."),
-         since: Optional[int] = typer.Option(None, "--since", help="Replay the ring from this seq first."),
+         since: Optional[List[str]] = typer.Option(None, "--since", help="First replay the ring from this seq on "
+                                                   "(inclusive): SEQ for every group or GROUP:SEQ; repeatable."),
+         heartbeats: bool = typer.Option(False, "--heartbeats", help="Also show sys/Heartbeat (once a second)."),
          config: Optional[str] = ConfigOption):
     """Print events as they come."""
     from zevents import bus
 
-    raise typer.Exit(bus.run_tail(load_config(config), prefixes or [], as_json, count, timeout, since))
+    raise typer.Exit(bus.run_tail(load_config(config), prefixes or [], as_json, count, timeout, since, heartbeats))
 
 
 @app.command()
