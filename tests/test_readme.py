@@ -73,3 +73,20 @@ def test_the_service_file_status_command_looks_where_the_service_runs():
     rest = [item for item in command[3:] if item.split("=", 1)[0] not in env]
     assert rest[0] == exec_start[0].replace(" run", "") and rest[1] == "status"
     assert rest[rest.index("-c") + 1] == config
+
+
+def test_the_hook_environment_variables_the_readme_names_are_the_real_ones(tmp_path):
+    """README's hooks section names each variable; a real hook run (`env`) must see every one of them."""
+    text = README.read_text()
+    section = text[text.index("## Event hooks"):]
+    section = section[:section.index("\n## ", 1)]
+    documented = set(re.findall(r"`(ZEVENTS_[A-Z_]+)`", section)) - {"ZEVENTS_PAYLOAD_"}
+    assert {"ZEVENTS_EVENT", "ZEVENTS_FILENAME", "ZEVENTS_PAYLOAD", "ZEVENTS_PAYLOAD_NAME"} <= documented
+    config = tmp_path / "env.yaml"
+    config.write_text("events:\n  subscriptions:\n    - event: PrintDone\n      command: env\n      type: system\n")
+    result = subprocess.run([sys.executable, "-P", "-m", "zevents", "hooks", "test", "PrintDone", "--run",
+                             "--payload", '{"name": "a.gcode", "time": 3.5}', "-c", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    seen = set(re.findall(r"^(ZEVENTS_[A-Z_]+)=", result.stdout, re.M))
+    assert documented <= seen, f"documented but not set: {documented - seen}"
