@@ -98,7 +98,10 @@ def run(config: Optional[str] = ConfigOption,
         demo: bool = typer.Option(False, "--demo", help="Also print a bundled sample file on the virtual printer."),
         port: Optional[str] = typer.Option(None, "--port", help="Serial port of a real printer (default: virtual)."),
         baud: Optional[int] = typer.Option(None, "--baud", help="Baud rate of the printer (0: auto)."),
-        data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where files, timelapses, logs go."),
+        data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Data directory (default: "
+                                              "$XDG_DATA_HOME/zevents, i.e. ~/.local/share/zevents): the virtual "
+                                              "printer's SD card (virtual-sd/), the demo's sample (demo/), and what "
+                                              "the services that store files keep."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="Don't show the events in the terminal.")):
     """Run a whole node: broker, printer link, hooks and the other services, supervised."""
     from zevents import node
@@ -136,7 +139,8 @@ def parse(files: List[str] = typer.Argument(..., help="G-code files."),
     raise typer.Exit(analysis.run_parse(files, as_json, summary))
 
 
-hooks_app = typer.Typer(help="Event hooks: OctoPrint's events.subscriptions, run from the bus.")
+hooks_app = typer.Typer(help="Event hooks: OctoPrint's events.subscriptions, run from the bus.  `zevents hooks` alone "
+                             "runs the hooks service; `zevents hooks test EVENT` shows what would run.")
 app.add_typer(hooks_app, name="hooks")
 
 
