@@ -313,6 +313,19 @@ def test_run_refuses_a_bad_hook_naming_the_users_file_and_line(home):
     assert not runtime.exists() or not list(runtime.rglob("*.sock"))
 
 
+def test_run_starts_despite_a_warning_which_names_the_users_file(home):
+    config_file = home / "mine.yaml"
+    config_file.write_text("events:\n  subscriptions:\n    - event: PrintDone\n      type: system\n"
+                           "      command: echo {nme}\n")
+    node = Node(home, "-c", str(config_file)).start()
+    try:
+        wait_started(node)
+        assert f"zevents: config warning: {config_file}:5: events.subscriptions.0.command" in node.text()
+        assert "has no payload key 'nme'" in node.text()
+    finally:
+        assert node.stop() == 0, node.text()
+
+
 def test_the_demo_hooks_are_a_valid_events_section(tmp_path):
     from zevents import demo
 
