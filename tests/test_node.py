@@ -287,7 +287,7 @@ def test_status_json_and_text_with_live_uptimes(home):
         assert {s["name"] for s in first["services"]["services"]} >= {"broker", "printer", "hooks"}
         assert first["bus"]["ring"]["capacity"] == 100000
         assert first["printer"]["state_id"] in ("OPERATIONAL", "CONNECTING", "DETECT_SERIAL", "OPEN_SERIAL")
-        assert isinstance(first["bus"]["events_per_s"], (int, float))
+        assert isinstance(first["bus"]["events_per_s"], (int, float)) and "window" in first["bus"]
         broker = next(s for s in first["services"]["services"] if s["name"] == "broker")
         # Live: counted to the moment of asking, not frozen at the last save of node.json.
         wait_for(lambda: next(s for s in status()["services"]["services"] if s["name"] == "broker")["uptime"]
@@ -332,3 +332,22 @@ def test_the_demo_hooks_are_a_valid_events_section(tmp_path):
     path = tmp_path / "demo.yaml"
     path.write_text(json.dumps({"events": {"subscriptions": demo.DEMO_HOOKS}}))
     assert zconfig.check(path) == []
+
+
+def test_status_ignores_the_node_json_of_a_supervisor_killed_outright(home, monkeypatch):
+    from zevents import node_status
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(home))
+    config = zconfig.load(text="bus:\n  node: gone\n")
+    folder = zconfig.runtime_dir() / "gone"
+    folder.mkdir(mode=0o700)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    status = {"node": "gone", "pid": int(dead), "started": 0, "config": "", "rate": None,
+              "services": [{"name": "broker", "pid": 1, "alive": True, "started_at": 1.0, "uptime": 5.0,
+                            "restarts": 0, "ready": True, "last_returncode": None}]}
+    (folder / "node.json").write_text(json.dumps(status))
+    assert node_status._supervisor_view(config) is None
+    status["pid"] = os.getpid()  # a live supervisor: its services' uptimes are counted to now
+    (folder / "node.json").write_text(json.dumps(status))
+    assert node_status._supervisor_view(config)["services"][0]["uptime"] > 1_000_000
