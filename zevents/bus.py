@@ -434,7 +434,8 @@ def fire_name(event: str, custom: bool) -> tuple[str | None, str | None]:
         return None, f"{event!r} is not an event name"
     if _events.is_known(event):
         if custom:
-            return None, f"{event!r} is a catalogue event ({_events.topic_of(event)}); --custom is for names of your own"
+            return None, (f"{event!r} is a catalogue event ({_events.topic_of(event)}); --custom is for names of "
+                          "your own")
         return _events.canonical(event), None
     near = None if custom else near_miss(event, _event_names())
     if near is not None:

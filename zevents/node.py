@@ -143,7 +143,12 @@ class Supervisor:
         resolved = self.config.bus
         data["bus"].update(node=self.node, publish=resolved.publish, ingest=resolved.ingest, replay=resolved.replay)
         data["data_dir"] = str(self.config.data_dir)
-        self.config_file.write_text(yaml.safe_dump(data, sort_keys=False))
+        # A service that reports a problem of this file names it: say where it comes from (the user's file was
+        # checked, and its problems reported against its own lines, before the node started).
+        source = f"from {self.config.path}" if self.config.path else "from the embedded default"
+        header = (f"# The effective configuration every service of this node reads, written by `zevents run` "
+                  f"(pid {os.getpid()})\n# {source}, endpoints resolved.  Edit that file, not this one.\n")
+        self.config_file.write_text(header + yaml.safe_dump(data, sort_keys=False))
         os.chmod(self.config_file, 0o600)
 
     def start(self, timeout: float = 30.0, on_bus_up=None):
