@@ -203,7 +203,8 @@ def test_a_killed_subscriber_resumes_from_its_last_seq(running_broker, bus_confi
         for i in range(100, 150):
             pub.publish("ZChange", {"new": i})  # published while nobody listens
         total = probe + 150
-        second = tail_process(zevents_cmd, config_path, "--since", str(last), "--count", str(total - last),
+        # --since is inclusive: resume at the first seq not seen.
+        second = tail_process(zevents_cmd, config_path, "--since", str(last + 1), "--count", str(total - last),
                               "--timeout", "20")
         out, err = second.communicate(timeout=30)
         assert second.returncode == 0, err

@@ -114,7 +114,7 @@ def test_tail_without_a_broker_and_with_a_bad_group(config_file, zevents_cmd):
     result = zevents(zevents_cmd, "tail", "--timeout", "1", "-c", str(config_file))
     assert result.returncode == 1 and "no answer from the broker" in result.stderr
     result = zevents(zevents_cmd, "tail", "gcodes", "-c", str(config_file))
-    assert result.returncode == 2 and "unknown group 'gcodes'" in result.stderr
+    assert result.returncode == 2 and "unknown group or event 'gcodes' (did you mean 'gcode'?)" in result.stderr
 
 
 def test_broker_process_serves_and_stops_on_sigterm(config_file, bus_config, zevents_cmd):
@@ -137,3 +137,56 @@ def test_broker_process_serves_and_stops_on_sigterm(config_file, bus_config, zev
         control.close()
         broker.terminate()
         assert broker.wait(10) == 0
+
+
+def _tail_rows(zevents_cmd, config_file, *args):
+    result = zevents(zevents_cmd, "tail", "--json", "--timeout", "30", "-c", str(config_file), *args)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_tail_since_is_inclusive_per_group_and_hides_heartbeats(running_broker, bus_config, config_file,
+                                                                 zevents_cmd):
+    with bus.Publisher(bus_config, src="test") as pub:
+        for n in range(1, 6):
+            pub.publish_confirmed("PrintProgress", {"progress": n})     # print 1..5
+        for n in range(1, 4):
+            pub.publish_confirmed("ZChange", {"new": n})               # gcode 1..3
+    wait_for(lambda: running_broker.seqs.get("sys", 0) >= 2, 30, message="two heartbeats in the ring")
+    rows = _tail_rows(zevents_cmd, config_file, "--since", "print:4", "--since", "gcode:2", "--count", "4")
+    assert [(r["group"], r["seq"]) for r in rows] == [("print", 4), ("print", 5), ("gcode", 2), ("gcode", 3)]
+    # One number for every group, from that seq on; the heartbeats in the sys replay stay hidden.
+    rows = _tail_rows(zevents_cmd, config_file, "--since", "3", "--count", "4")
+    assert sorted((r["group"], r["seq"]) for r in rows) == [("gcode", 3), ("print", 3), ("print", 4), ("print", 5)]
+    assert not any(r["topic"] == "sys/Heartbeat" for r in rows)
+    rows = _tail_rows(zevents_cmd, config_file, "sys", "--heartbeats", "--count", "1")
+    assert rows[0]["topic"] == "sys/Heartbeat"
+    # Event names as well as groups and topics.
+    rows = _tail_rows(zevents_cmd, config_file, "ZChange", "--since", "gcode:1", "--count", "3")
+    assert [r["payload"]["new"] for r in rows] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["printdone"], "unknown group or event 'printdone' (did you mean 'PrintDone'?)"),
+    (["--since", "print:x"], "--since 'print:x': give SEQ or GROUP:SEQ"),
+    (["gcode", "--since", "print:3"], "'print' is not among the tailed groups"),
+])
+def test_tail_refuses_bad_selections(config_file, zevents_cmd, args, message):
+    result = zevents(zevents_cmd, "tail", *args, "-c", str(config_file))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("name,near", [("printdone", "PrintDone"), ("PrintDon", "PrintDone"),
+                                       ("PirntDone", "PrintDone"), ("ZChanges", "ZChange")])
+def test_fire_refuses_a_slip_of_a_catalogue_name(config_file, zevents_cmd, name, near):
+    result = zevents(zevents_cmd, "fire", name, "-c", str(config_file))
+    assert result.returncode == 2
+    assert f"unknown event {name!r} (did you mean {near!r}?)" in result.stderr
+
+
+def test_fire_custom_forces_a_custom_name(running_broker, config_file, zevents_cmd):
+    result = zevents(zevents_cmd, "fire", "printdone", "--custom", "-c", str(config_file))
+    assert result.returncode == 0, result.stderr
+    assert "custom/printdone seq 1" in result.stderr
+    result = zevents(zevents_cmd, "fire", "PrintDone", "--custom", "-c", str(config_file))
+    assert result.returncode == 2 and "is a catalogue event" in result.stderr

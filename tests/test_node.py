@@ -146,17 +146,53 @@ def test_run_with_no_arguments_starts_a_whole_node_and_stops_cleanly(home):
         assert second.stop() == 0, second.text()
 
 
-def test_a_second_node_on_the_same_endpoints_is_refused(home):
+def zevents_beside(node: Node, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zevents", *args], env=node_env(node.home), capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_a_second_node_or_a_stray_service_is_refused_and_the_first_stays_intact(home):
     node = Node(home).start()
     try:
-        wait_started(node)
-        result = subprocess.run([sys.executable, "-m", "zevents", "run"], env=node_env(home), capture_output=True,
-                                text=True, timeout=60)
+        status = wait_started(node)
+        pids = {s["name"]: s["pid"] for s in status["services"]}
+        config = node.config()
+        runtime = Path(node.env["XDG_RUNTIME_DIR"]) / "zevents" / config.node
+        before = {path.name: path.read_bytes() for path in (runtime / "node.json", runtime / "node.yaml")}
+
+        result = zevents_beside(node, "run")
         assert result.returncode == 1
-        assert "already running" in result.stderr
+        assert f"already running (pid {node.process.pid}" in result.stderr
+        # A stray link would take over printer.sock (and remove it when it exits); stray hooks run every hook twice.
+        for service in ("printer", "hooks"):
+            result = zevents_beside(node, service)
+            assert result.returncode == 1, (service, result.stderr)
+            assert f"the {service} service of node {config.node!r} is already running (pid {pids[service]}" \
+                in result.stderr, result.stderr
         assert node.process.poll() is None
+        assert (runtime / "node.yaml").read_bytes() == before["node.yaml"]
+        assert (runtime / "printer.sock").exists()
+        # Its status still answers, from the supervisor's own file.
+        shown = json.loads(zevents_beside(node, "status", "--json").stdout)
+        assert shown["services"]["pid"] == node.process.pid
+        assert shown["printer"]["state_id"] and not shown["printer"].get("error")
+        # And a killed child is still restarted (it reads node.yaml again).
+        os.kill(pids["printer"], signal.SIGKILL)
+        restarted = wait_for(lambda: (s := status_of(node)) and next(
+            x for x in s["services"] if x["name"] == "printer")["restarts"] == 1 and s, 60, 0.2,
+            message="the printer service to restart")
+        printer = next(x for x in restarted["services"] if x["name"] == "printer")
+        assert printer["pid"] not in (None, pids["printer"])
+        from zevents.printer.channel import CommandClient, endpoint
+
+        client = CommandClient(endpoint(config))
+        try:
+            wait_for(lambda: client.request("STATUS", timeout=5)["state_id"] == "OPERATIONAL", 60, 0.2,
+                     message="the restarted link to be operational")
+        finally:
+            client.close()
     finally:
-        node.stop()
+        assert node.stop() == 0, node.text()
 
 
 def test_demo_prints_the_sample_with_every_event_in_order(home):
@@ -237,19 +273,57 @@ def test_a_bad_config_gives_one_clear_line_and_starts_nothing(home):
     assert not (home / "run" / "zevents").exists() or not list((home / "run" / "zevents").rglob("*.sock"))
 
 
-def test_status_json(home):
+def test_status_json_and_text_with_live_uptimes(home):
     node = Node(home).start()
     try:
         wait_started(node)
-        result = subprocess.run([sys.executable, "-m", "zevents", "status", "--json"], env=node_env(home),
-                                capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, result.stderr
-        status = json.loads(result.stdout)
-        assert {s["name"] for s in status["services"]["services"]} >= {"broker", "printer", "hooks"}
-        assert status["bus"]["ring"]["capacity"] == 100000
-        assert status["printer"]["state_id"] in ("OPERATIONAL", "CONNECTING", "DETECT_SERIAL", "OPEN_SERIAL")
+
+        def status():
+            result = zevents_beside(node, "status", "--json")
+            assert result.returncode == 0, result.stderr
+            return json.loads(result.stdout)
+
+        first = status()
+        assert {s["name"] for s in first["services"]["services"]} >= {"broker", "printer", "hooks"}
+        assert first["bus"]["ring"]["capacity"] == 100000
+        assert first["printer"]["state_id"] in ("OPERATIONAL", "CONNECTING", "DETECT_SERIAL", "OPEN_SERIAL")
+        assert isinstance(first["bus"]["events_per_s"], (int, float)) and "window" in first["bus"]
+        broker = next(s for s in first["services"]["services"] if s["name"] == "broker")
+        # Live: counted to the moment of asking, not frozen at the last save of node.json.
+        wait_for(lambda: next(s for s in status()["services"]["services"] if s["name"] == "broker")["uptime"]
+                 >= broker["uptime"] + 2, 60, 0.3, message="the broker's uptime to grow")
+        text = zevents_beside(node, "status")
+        assert text.returncode == 0, text.stderr
+        assert "printer: None" not in text.stdout and "printer: state" in text.stdout.replace("\n", " ")
+        assert "events/s" in text.stdout
     finally:
         node.stop()
+
+
+def test_run_refuses_a_bad_hook_naming_the_users_file_and_line(home):
+    config_file = home / "mine.yaml"
+    config_file.write_text("events:\n  subscriptions:\n    - event: PrintDone\n      type: system\n"
+                           "      command: 'true'\n    - event: PrintDoen\n      command: 'true'\n")
+    result = subprocess.run([sys.executable, "-m", "zevents", "run", "-c", str(config_file)], env=node_env(home),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert f"zevents: config error: {config_file}:6: " in result.stderr, result.stderr
+    assert "node.yaml" not in result.stderr and "Startup" not in result.stdout + result.stderr
+    runtime = home / "run" / "zevents"
+    assert not runtime.exists() or not list(runtime.rglob("*.sock"))
+
+
+def test_run_starts_despite_a_warning_which_names_the_users_file(home):
+    config_file = home / "mine.yaml"
+    config_file.write_text("events:\n  subscriptions:\n    - event: PrintDone\n      type: system\n"
+                           "      command: echo {nme}\n")
+    node = Node(home, "-c", str(config_file)).start()
+    try:
+        wait_started(node)
+        assert f"zevents: config warning: {config_file}:5: events.subscriptions.0.command" in node.text()
+        assert "has no payload key 'nme'" in node.text()
+    finally:
+        assert node.stop() == 0, node.text()
 
 
 def test_the_demo_hooks_are_a_valid_events_section(tmp_path):
@@ -258,3 +332,22 @@ def test_the_demo_hooks_are_a_valid_events_section(tmp_path):
     path = tmp_path / "demo.yaml"
     path.write_text(json.dumps({"events": {"subscriptions": demo.DEMO_HOOKS}}))
     assert zconfig.check(path) == []
+
+
+def test_status_ignores_the_node_json_of_a_supervisor_killed_outright(home, monkeypatch):
+    from zevents import node_status
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(home))
+    config = zconfig.load(text="bus:\n  node: gone\n")
+    folder = zconfig.runtime_dir() / "gone"
+    folder.mkdir(mode=0o700)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    status = {"node": "gone", "pid": int(dead), "started": 0, "config": "", "rate": None,
+              "services": [{"name": "broker", "pid": 1, "alive": True, "started_at": 1.0, "uptime": 5.0,
+                            "restarts": 0, "ready": True, "last_returncode": None}]}
+    (folder / "node.json").write_text(json.dumps(status))
+    assert node_status._supervisor_view(config) is None
+    status["pid"] = os.getpid()  # a live supervisor: its services' uptimes are counted to now
+    (folder / "node.json").write_text(json.dumps(status))
+    assert node_status._supervisor_view(config)["services"][0]["uptime"] > 1_000_000

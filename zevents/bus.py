@@ -399,7 +399,52 @@ def announce_started(bus_config, service: str):
 
 # --- commands ---------------------------------------------------------------------------------------------------
 
-def run_fire(config, event: str, payload_json: str | None, src: str, timeout: float) -> int:
+def near_miss(name: str, candidates) -> str | None:
+    """The candidate ``name`` is a slip of: the same but for case, or one edit away (a letter added, dropped,
+    changed or two swapped).  A wider net would refuse honest custom names."""
+    lowered = name.lower()
+    for candidate in candidates:
+        if candidate != name and _one_edit(lowered, candidate.lower()):
+            return candidate
+    return None
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """a == b, or one insertion, deletion, substitution or transposition apart."""
+    if a == b:
+        return True
+    if abs(len(a) - len(b)) > 1:
+        return False
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    if len(a) == len(b):
+        return a[i + 1:] == b[i + 1:] or (a[i:i + 2] == b[i:i + 2][::-1] and a[i + 2:] == b[i + 2:])
+    return a[i + 1:] == b[i:] if len(a) > len(b) else a[i:] == b[i + 1:]
+
+
+def _event_names() -> list:
+    return [n for n in _events.EVENTS if n not in _events.SCRIPT_TEMPLATES] + list(_events.ALIASES)
+
+
+def fire_name(event: str, custom: bool) -> tuple[str | None, str | None]:
+    """(the name to publish, None) or (None, why not): a slip of a catalogue name would otherwise go out silently
+    as a custom event (`fire printdone` → custom/printdone) that no subscriber of PrintDone ever sees."""
+    if not event or "/" in event or len(event) > 128 or any(c.isspace() for c in event):
+        return None, f"{event!r} is not an event name"
+    if _events.is_known(event):
+        if custom:
+            return None, (f"{event!r} is a catalogue event ({_events.topic_of(event)}); --custom is for names of "
+                          "your own")
+        return _events.canonical(event), None
+    near = None if custom else near_miss(event, _event_names())
+    if near is not None:
+        return None, (f"unknown event {event!r} (did you mean {near!r}?); --custom publishes it as "
+                      f"custom/{event} anyway")
+    return event, None
+
+
+def run_fire(config, event: str, payload_json: str | None, src: str, timeout: float, custom: bool = False) -> int:
     """`zevents fire`: publish one event and wait for the broker's ack."""
     payload = {}
     if payload_json:
@@ -411,10 +456,10 @@ def run_fire(config, event: str, payload_json: str | None, src: str, timeout: fl
         if not isinstance(payload, dict):
             print("zevents: --payload must be a JSON object", file=sys.stderr)
             return 2
-    if not event or "/" in event or len(event) > 128:
-        print(f"zevents: {event!r} is not an event name", file=sys.stderr)
+    name, why = fire_name(event, custom)
+    if name is None:
+        print(f"zevents: {why}", file=sys.stderr)
         return 2
-    name = _events.canonical(event)
     publisher = Publisher(config, src=src, printer=config.get("printer", "name"))
     try:
         ack = publisher.publish_confirmed(name, _events.complete_payload(name, payload), timeout=timeout)
@@ -433,33 +478,93 @@ def format_line(envelope: wire.Envelope) -> str:
     return f"{stamp} {envelope.topic} #{envelope.seq} [{envelope.src}] {payload}"
 
 
+HEARTBEAT_TOPIC_STR = wire.HEARTBEAT_TOPIC.decode()
+
+
+class TailSelection:
+    """What `zevents tail` shows: whole groups, topic prefixes (``group/Event``) and event names, which become
+    their topics.  ``sys/Heartbeat`` (once a second) only when asked for by name or with ``heartbeats``."""
+
+    def __init__(self, prefixes: list, heartbeats: bool = False):
+        self.groups: set = set()           # groups to subscribe to
+        self.whole: set = set()            # groups shown entirely
+        self.topics: list = []             # topic prefixes shown
+        for prefix in prefixes:
+            if "/" in prefix:
+                group = prefix.split("/", 1)[0]
+                if group not in _events.GROUPS:
+                    raise ValueError(f"unknown group {group!r} in {prefix!r}; groups: {', '.join(_events.GROUPS)}")
+                self.topics.append(prefix)
+            elif prefix in _events.GROUPS:
+                group = prefix
+                self.whole.add(group)
+            elif _events.is_known(prefix):
+                topic = _events.topic_of(prefix)
+                group = topic.split("/", 1)[0]
+                self.topics.append(topic)
+            else:
+                near = near_miss(prefix, list(_events.GROUPS) + _event_names())
+                hint = f" (did you mean {near!r}?)" if near else ""
+                raise ValueError(f"unknown group or event {prefix!r}{hint}; groups: {', '.join(_events.GROUPS)}; "
+                                 "events: `zevents events`")
+            self.groups.add(group)
+        self.heartbeats = heartbeats or HEARTBEAT_TOPIC_STR in self.topics
+
+    def shows(self, envelope: wire.Envelope) -> bool:
+        if envelope.topic == HEARTBEAT_TOPIC_STR and not self.heartbeats:
+            return False
+        if not self.groups:
+            return True
+        return envelope.group in self.whole or any(envelope.topic.startswith(t) for t in self.topics)
+
+
+
+def parse_since(values: list, groups) -> dict:
+    """``--since`` values, ``SEQ`` (every tailed group) or ``GROUP:SEQ``, as {group: last seq already seen}: the
+    replay starts AT the given seq."""
+    resume = {}
+    for value in values:
+        group, _, seq = value.rpartition(":")
+        try:
+            first = int(seq)
+        except ValueError:
+            raise ValueError(f"--since {value!r}: give SEQ or GROUP:SEQ, e.g. 120 or print:120") from None
+        if first < 0:
+            raise ValueError(f"--since {value!r}: a seq is 0 or more")
+        targets = [group] if group else list(groups or _events.GROUPS)
+        for target in targets:
+            if target not in _events.GROUPS:
+                raise ValueError(f"--since {value!r}: unknown group {target!r}; groups: {', '.join(_events.GROUPS)}")
+            if groups and target not in groups:
+                raise ValueError(f"--since {value!r}: {target!r} is not among the tailed groups "
+                                 f"({', '.join(sorted(groups))})")
+            resume[target] = max(first - 1, 0)
+    return resume
+
+
 def run_tail(config, prefixes: list, as_json: bool, count: int | None, timeout: float | None,
-             since: int | None = None) -> int:
+             since: list | None = None, heartbeats: bool = False) -> int:
     """`zevents tail`: print events as they come; exit 0 after ``count`` events, 1 on timeout."""
-    groups = set()
-    for prefix in prefixes:
-        group = prefix.split("/", 1)[0]
-        if group not in _events.GROUPS:
-            print(f"zevents: unknown group {group!r} in {prefix!r}; groups: {', '.join(_events.GROUPS)}",
-                  file=sys.stderr)
-            return 2
-        groups.add(group)
+    try:
+        selection = TailSelection(prefixes, heartbeats)
+        resume = parse_since(since or [], selection.groups)
+    except ValueError as exc:
+        print(f"zevents: {exc}", file=sys.stderr)
+        return 2
     control = Control(config)
     try:
-        epoch = control.ping(timeout=min(timeout or 3.0, 3.0))["epoch"]
+        control.ping(timeout=min(timeout or 3.0, 3.0))
     except BusError as exc:
         print(f"zevents: {exc}", file=sys.stderr)
         return 1
     finally:
         control.close()
-    resume = None
-    if since is not None:
-        resume = {g: since for g in (groups or _events.GROUPS)}
-    subscriber = Subscriber(config, groups=groups or None, since=resume, epoch=epoch if resume else None)
-    if resume is not None:
-        for group in resume:
-            subscriber._repair(group, since, None)
-    wanted = tuple(p for p in prefixes if "/" in p)
+    # Live events from now on; the groups given a --since are replayed from the ring first (the subscriber's
+    # in-order tracking drops the live copies of what the replay already delivered).
+    subscriber = Subscriber(config, groups=selection.groups or None)
+    subscriber.last_seq.update(resume)
+    for group, last in resume.items():
+        subscriber._repair(group, last, None)
     deadline = None if timeout is None else time.monotonic() + timeout
     seen = 0
     out = sys.stdout
@@ -471,8 +576,7 @@ def run_tail(config, prefixes: list, as_json: bool, count: int | None, timeout: 
             envelope = subscriber.recv(remaining)
             if envelope is None:
                 break
-            if wanted and not any(envelope.topic.startswith(p) for p in wanted) and \
-                    envelope.group not in {p for p in prefixes if "/" not in p}:
+            if not selection.shows(envelope):
                 continue
             out.write(json.dumps(envelope.to_dict(), default=repr, ensure_ascii=False) if as_json
                       else format_line(envelope))

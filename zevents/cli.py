@@ -17,6 +17,20 @@ ConfigOption = typer.Option(None, "--config", "-c", help="Config file (YAML); de
                             envvar="ZEVENTS_CONFIG")
 
 
+def show_version(value: bool):
+    if value:
+        from zevents import __version__
+
+        typer.echo(f"zevents {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True,
+                                              help="Print the version and exit.")):
+    """zevents: 3D-printer events on a ZeroMQ bus."""
+
+
 def fail(message: str, code: int = 2) -> "typer.Exit":
     """One clear line on stderr and a non-zero exit."""
     typer.echo(f"zevents: {message}", err=True)
@@ -53,24 +67,30 @@ def fire(event: str = typer.Argument(..., help="Event name, e.g. PrintStarted or
          payload: Optional[str] = typer.Option(None, "--payload", "-p", help="Payload as a JSON object."),
          src: str = typer.Option("user", "--src", help="Who caused the event."),
          timeout: float = typer.Option(5.0, "--timeout", help="Seconds to wait for the broker."),
+         custom: bool = typer.Option(False, "--custom", help="Publish EVENT as a custom event even when it looks "
+                                                               "like a slip of a catalogue name."),
          config: Optional[str] = ConfigOption):
-    """Publish one event; exits 0 once the broker has it."""
+    """Publish one event; exits 0 once the broker has it.  A name one letter (or only case) away from a catalogue
+    event is refused with a "did you mean"."""
     from zevents import bus
 
-    raise typer.Exit(bus.run_fire(load_config(config), event, payload, src, timeout))
+    raise typer.Exit(bus.run_fire(load_config(config), event, payload, src, timeout, custom))
 
 
 @app.command()
-def tail(prefixes: Optional[List[str]] = typer.Argument(None, help="Topic prefixes (group or group/Event)."),
+def tail(prefixes: Optional[List[str]] = typer.Argument(None, help="Groups (print), topics (print/PrintDone) or "
+                                                                     "event names (PrintDone); default: all."),
          as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
          count: Optional[int] = typer.Option(None, "--count", "-n", help="Exit 0 after this many events."),
          timeout: Optional[float] = typer.Option(None, "--timeout", help="Exit 1 if no event for this long."),
-         since: Optional[int] = typer.Option(None, "--since", help="Replay the ring from this seq first."),
+         since: Optional[List[str]] = typer.Option(None, "--since", help="First replay the ring from this seq on "
+                                                   "(inclusive): SEQ for every group or GROUP:SEQ; repeatable."),
+         heartbeats: bool = typer.Option(False, "--heartbeats", help="Also show sys/Heartbeat (once a second)."),
          config: Optional[str] = ConfigOption):
     """Print events as they come."""
     from zevents import bus
 
-    raise typer.Exit(bus.run_tail(load_config(config), prefixes or [], as_json, count, timeout, since))
+    raise typer.Exit(bus.run_tail(load_config(config), prefixes or [], as_json, count, timeout, since, heartbeats))
 
 
 @app.command()
@@ -78,7 +98,10 @@ def run(config: Optional[str] = ConfigOption,
         demo: bool = typer.Option(False, "--demo", help="Also print a bundled sample file on the virtual printer."),
         port: Optional[str] = typer.Option(None, "--port", help="Serial port of a real printer (default: virtual)."),
         baud: Optional[int] = typer.Option(None, "--baud", help="Baud rate of the printer (0: auto)."),
-        data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where files, timelapses, logs go."),
+        data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Data directory (default: "
+                                              "$XDG_DATA_HOME/zevents, i.e. ~/.local/share/zevents): the virtual "
+                                              "printer's SD card (virtual-sd/), the demo's sample (demo/), and what "
+                                              "the services that store files keep."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="Don't show the events in the terminal.")):
     """Run a whole node: broker, printer link, hooks and the other services, supervised."""
     from zevents import node
@@ -116,7 +139,8 @@ def parse(files: List[str] = typer.Argument(..., help="G-code files."),
     raise typer.Exit(analysis.run_parse(files, as_json, summary))
 
 
-hooks_app = typer.Typer(help="Event hooks: OctoPrint's events.subscriptions, run from the bus.")
+hooks_app = typer.Typer(help="Event hooks: OctoPrint's events.subscriptions, run from the bus.  `zevents hooks` alone "
+                             "runs the hooks service; `zevents hooks test EVENT` shows what would run.")
 app.add_typer(hooks_app, name="hooks")
 
 
@@ -127,8 +151,9 @@ def hooks(ctx: typer.Context, config: Optional[str] = ConfigOption):
     if ctx.invoked_subcommand is not None:
         return
     from zevents.hooks import service as hooks_mod
+    from zevents.service import run_exclusive
 
-    raise typer.Exit(hooks_mod.run(load_config(config)))
+    raise typer.Exit(run_exclusive(load_config(config), "hooks", hooks_mod.run))
 
 
 @hooks_app.command("test")
@@ -151,10 +176,12 @@ def printer(port: Optional[str] = typer.Option(None, "--port", help="Serial devi
             config: Optional[str] = ConfigOption):
     """Run the printer link: serial protocol, print jobs, command channel, printer events."""
     from zevents.printer import service
+    from zevents.service import run_exclusive
 
     if port and virtual:
         raise fail("give --port or --virtual, not both")
-    raise typer.Exit(service.run(load_config(config), port=port, baud=baud, virtual=virtual))
+    raise typer.Exit(run_exclusive(load_config(config), "printer", service.run, port=port, baud=baud,
+                                   virtual=virtual))
 
 
 @app.command("print")
@@ -314,7 +341,7 @@ def config_check(file: str = typer.Argument(..., help="Config file to validate."
 
 def main():
     try:
-        app()
+        app(prog_name="zevents")  # `python -m zevents` too: help says what a user types
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -13,19 +13,100 @@ GROUP_STYLES = {"server": "bold magenta", "comm": "cyan", "file": "blue", "print
 QUIET = {"sys/Heartbeat", "comm/Temperature"}
 
 
-def summarise(payload: dict, width: int = 100) -> str:
-    parts = []
-    for key, value in payload.items():
-        if value is None or value == "" or value == []:
-            continue
-        if isinstance(value, float):
-            value = f"{value:g}"
-        elif isinstance(value, dict):
-            value = "{" + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                                    for k, v in value.items() if v is not None) + "}"
-        parts.append(f"{key}={value}")
-    text = " ".join(parts)
-    return text if len(text) <= width else text[:width - 1] + "…"
+# The fields that say what happened, shown first and never cut; the rest of the payload follows as room allows.
+HEADLINES = {
+    "PrintProgress": ("progress", "name", "printTimeLeft"),
+    "LayerChanged": ("layer", "z"),
+    "ZChange": ("new",),
+    "PrinterStateChanged": ("state_string", "state_id"),
+    "Error": ("error", "reason", "consequence"),
+    "PrintStarted": ("name", "origin"),
+    "PrintDone": ("name", "time"),
+    "PrintFailed": ("name", "reason", "time"),
+    "PrintCancelled": ("name", "time"),
+    "PrintPaused": ("name",),
+    "PrintResumed": ("name",),
+    "Connected": ("port", "baudrate"),
+    "HookFinished": ("subscription", "returncode", "duration", "stdout"),
+    "HookFailed": ("subscription", "returncode", "error", "stderr", "stdout"),
+    "HookTimedOut": ("subscription", "duration", "stdout"),
+    "ServiceStarted": ("service", "pid"),
+    "ServiceRestarted": ("service", "restarts", "returncode"),
+}
+# Payload keys that hold a moment (seconds or microseconds since the epoch): shown as a time of day.
+MOMENTS = {"started", "ts", "now", "timestamp", "date"}
+# Durations in seconds.
+DURATIONS = {"time", "duration", "printTimeLeft", "estimatedPrintTime", "backoff", "uptime"}
+OUTPUT_TAIL = 160             # characters of a hook's stdout/stderr shown: its last line(s)
+
+
+def _number(value) -> str:
+    """12, 12.5, 0.125: never 1.79633e+09."""
+    if isinstance(value, float):
+        return f"{value:.3f}".rstrip("0").rstrip(".") if abs(value) < 1e15 else f"{value:.0f}"
+    return str(value)
+
+
+def _duration(seconds) -> str:
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return str(seconds)
+    if seconds < 60:
+        return f"{_number(round(seconds, 2))} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+
+
+def _moment(value) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        return str(value)
+    seconds = value / 1e6 if value > 1e12 else value          # µs (hook results, headers) or s
+    return time.strftime("%H:%M:%S", time.localtime(seconds))
+
+
+def _tail(text: str) -> str:
+    text = " ⏎ ".join(line for line in str(text).strip().splitlines() if line.strip())
+    return text if len(text) <= OUTPUT_TAIL else "…" + text[-(OUTPUT_TAIL - 1):]
+
+
+def _value(key: str, value, payload: dict) -> str:
+    if key == "progress" and isinstance(value, (int, float)):
+        return f"{_number(round(value, 1))} %"
+    if key == "layer" and payload.get("total"):
+        return f"{value}/{payload['total']}"
+    if key in ("stdout", "stderr") and isinstance(value, str):
+        return repr(_tail(value))
+    if key == "error" and isinstance(value, str):
+        return " ⏎ ".join(line.strip() for line in value.strip().splitlines())    # whole: its start says most
+    if key in MOMENTS or (isinstance(value, float) and value > 1e9):   # a float that large is a moment, not a size
+        return _moment(value)
+    if key in DURATIONS:
+        return _duration(value)
+    if isinstance(value, float):
+        return _number(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}={_value(k, v, value)}" for k, v in value.items() if v is not None) + "}"
+    return str(value)
+
+
+def _shown(value) -> bool:
+    return value is not None and value != "" and value != [] and value != {}
+
+
+def summarise(payload: dict, width: int = 100, name: str | None = None) -> str:
+    """One line: the event's headline fields first, whole; then the other fields, cut to ``width`` overall."""
+    headline_keys = HEADLINES.get(name, ())
+    headline = [f"{key}={_value(key, payload[key], payload)}" for key in headline_keys
+                if key in payload and _shown(payload[key])]
+    rest = [f"{key}={_value(key, value, payload)}" for key, value in payload.items()
+            if key not in headline_keys and _shown(value) and not (key == "total" and "layer" in headline_keys)]
+    text = " ".join(headline)
+    room = width - len(text)
+    tail = " ".join(rest)
+    if tail and room > 8:
+        tail = tail if len(tail) < room else tail[:room - 2] + "…"
+        text = f"{text} {tail}" if text else tail
+    return text
 
 
 class Viewer:
@@ -84,7 +165,7 @@ class Viewer:
         line.append(f"{envelope.name:<22}", style="bold " + GROUP_STYLES.get(envelope.group, "white"))
         line.append(f" #{envelope.seq:<6}", style="dim")
         line.append(f"[{envelope.src}] ", style="dim")
-        line.append(summarise(envelope.payload))
+        line.append(summarise(envelope.payload, name=envelope.name))
         console.print(line, soft_wrap=True)
 
 

@@ -13,7 +13,6 @@ refuses a second node on the same endpoints.  The supervisor's view (pids, uptim
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import json
 import logging
 import os
@@ -22,17 +21,22 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import yaml
 
 from zevents import bus, config as zconfig
+from zevents.pidlock import LockHeld, PidLock
 
 log = logging.getLogger("zevents.node")
 
 PR_SET_PDEATHSIG = 1
 BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 STABLE_AFTER = 30.0           # a service up this long has its backoff reset
+# `zevents status` shows the bus's event rate over this window (sampled by the supervisor, outside sys/: the
+# heartbeats would count as one event a second on a quiet node); a sub-second sample flips between 0 and 2.
+RATE_WINDOW, RATE_EVERY = 60.0, 5.0
 
 
 class NodeError(RuntimeError):
@@ -65,7 +69,9 @@ class Service:
         return self.process is not None and self.process.poll() is None
 
     def as_dict(self) -> dict:
+        # started_at lets `zevents status` show a live uptime between two saves of node.json.
         return {"name": self.name, "pid": self.process.pid if self.alive() else None, "alive": self.alive(),
+                "started_at": self.started_at if self.alive() else None,
                 "uptime": round(time.time() - self.started_at, 1) if self.alive() else 0.0,
                 "restarts": self.restarts, "ready": self.ready, "last_returncode":
                     self.returncodes[-1] if self.returncodes else None}
@@ -92,6 +98,17 @@ def plan_services(config) -> list:
     return wanted
 
 
+# `python -m` would put the working directory first on sys.path: a node started from a source checkout would run
+# its services on the uncompiled tree (pure-Python parser and broker) instead of the installed package.  The
+# children drop that entry before importing anything of zevents (the same as `python -P`, on every Python we support).
+SERVICE_ENTRY = "import sys; del sys.path[0]; from zevents.service import main; sys.exit(main(sys.argv[1:]))"
+
+
+def service_argv(name: str, config_file) -> list:
+    """The command line of a node's service process."""
+    return [sys.executable, "-c", SERVICE_ENTRY, name, "-c", str(config_file)]
+
+
 class Supervisor:
     def __init__(self, config, demo: bool = False, show: bool = True):
         self.config = config
@@ -107,23 +124,18 @@ class Supervisor:
         self.started = time.time()
         self._stop = False
         self._wake = threading.Event()
-        self._lock_fd = None
+        self._lock = PidLock(self.lock_file)
         self.publisher = None
+        self._control = None
+        self._rate_samples: deque = deque()     # (monotonic time, events published outside sys/)
 
     # --- lifecycle --------------------------------------------------------------------------------------------
 
     def lock(self):
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            pid = self.lock_file.read_text().strip() or "?"
-            raise NodeError(f"a zevents node named {self.node!r} is already running (pid {pid}); "
-                            f"stop it first, or give this one another bus.node") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._lock_fd = fd
+            self._lock.acquire(f"a zevents node named {self.node!r}")
+        except LockHeld as exc:
+            raise NodeError(f"{exc}; stop it first, or give this one another bus.node") from None
 
     def write_config(self):
         """The effective configuration every child reads, endpoints resolved."""
@@ -131,7 +143,12 @@ class Supervisor:
         resolved = self.config.bus
         data["bus"].update(node=self.node, publish=resolved.publish, ingest=resolved.ingest, replay=resolved.replay)
         data["data_dir"] = str(self.config.data_dir)
-        self.config_file.write_text(yaml.safe_dump(data, sort_keys=False))
+        # A service that reports a problem of this file names it: say where it comes from (the user's file was
+        # checked, and its problems reported against its own lines, before the node started).
+        source = f"from {self.config.path}" if self.config.path else "from the embedded default"
+        header = (f"# The effective configuration every service of this node reads, written by `zevents run` "
+                  f"(pid {os.getpid()})\n# {source}, endpoints resolved.  Edit that file, not this one.\n")
+        self.config_file.write_text(header + yaml.safe_dump(data, sort_keys=False))
         os.chmod(self.config_file, 0o600)
 
     def start(self, timeout: float = 30.0, on_bus_up=None):
@@ -141,8 +158,7 @@ class Supervisor:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         self.write_config()
         names = plan_services(self.config)
-        self.services = [Service(name, [sys.executable, "-m", "zevents.service", name, "-c", str(self.config_file)])
-                         for name in names]
+        self.services = [Service(name, service_argv(name, self.config_file)) for name in names]
         control = bus.Control(self.config.bus)
         try:
             broker = self.services[0]
@@ -194,9 +210,14 @@ class Supervisor:
         log.info("started %s (pid %d)", service.name, service.process.pid)
 
     def supervise(self, poll: float = 1.0):
-        """Restart services that die, until stop()."""
+        """Restart services that die, until stop(); sample the bus's event rate for `zevents status`."""
+        next_sample = 0.0
         while not self._stop:
             now = time.monotonic()
+            if now >= next_sample:
+                next_sample = now + RATE_EVERY
+                self._sample_rate()
+                self.save_status()
             for service in self.services:
                 if service.alive():
                     if service.backoff > BACKOFF_START and time.time() - service.started_at > STABLE_AFTER:
@@ -215,6 +236,28 @@ class Supervisor:
                     self._announce_restart(service, previous)
                     self.save_status()
             self._sleep(poll)
+
+    def _sample_rate(self):
+        if self._control is None:
+            self._control = bus.Control(self.config.bus)
+        try:
+            streams = self._control.status(timeout=1.0)["streams"]
+        except bus.BusError:
+            return  # the broker is restarting: its figures resume with the next sample
+        now = time.monotonic()
+        published = sum(seq for group, seq in streams.items() if group != "sys")
+        if self._rate_samples and published < self._rate_samples[-1][1]:
+            self._rate_samples.clear()  # a new broker epoch counts from the start again
+        self._rate_samples.append((now, published))
+        while len(self._rate_samples) > 2 and now - self._rate_samples[1][0] >= RATE_WINDOW:
+            self._rate_samples.popleft()
+
+    def event_rate(self) -> dict | None:
+        """Events per second outside sys/ over the last RATE_WINDOW seconds (less just after the start)."""
+        if len(self._rate_samples) < 2:
+            return None
+        (t0, n0), (t1, n1) = self._rate_samples[0], self._rate_samples[-1]
+        return {"events_per_s": round((n1 - n0) / (t1 - t0), 2), "window": round(t1 - t0, 1)}
 
     def _announce_restart(self, service: Service, backoff: float):
         if self.publisher is None:
@@ -253,29 +296,45 @@ class Supervisor:
                     log.warning("%s did not stop in %.0f s; killing it", service.name, grace)
                     service.process.kill()
                     service.process.wait()
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if not self._lock.held:
+            return  # refused at start: node.json and node.yaml are the running node's, not ours
         for path in (self.status_file, self.config_file):
             try:
                 path.unlink()
             except OSError:
                 pass
-        if self._lock_fd is not None:
-            try:
-                self.lock_file.unlink()
-            except OSError:
-                pass
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock.release()
 
     def save_status(self):
         status = {"node": self.node, "pid": os.getpid(), "started": self.started,
-                  "config": str(self.config_file), "services": [s.as_dict() for s in self.services]}
+                  "config": str(self.config_file), "services": [s.as_dict() for s in self.services],
+                  "rate": self.event_rate()}
         temporary = self.status_file.with_suffix(".tmp")
         temporary.write_text(json.dumps(status))
         temporary.replace(self.status_file)
 
 
+def check_user_config(config) -> bool:
+    """Every problem of the user's file, named against that file (the children only see the generated node.yaml,
+    whose lines mean nothing to the user).  A problem that would leave something out (a hook subscription) refuses
+    the start; one that only warns lets it go on.  Returns whether the node may start."""
+    if not config.path:
+        return True
+    ok = True
+    for problem in zconfig.check(config.path):
+        warning = getattr(problem, "skips", True) is False
+        ok = ok and warning
+        print(f"zevents: config {'warning' if warning else 'error'}: {problem}", file=sys.stderr)
+    return ok
+
+
 def run(config, demo: bool = False, show: bool = True) -> int:
     """`zevents run`: start the node, show its events, supervise until SIGINT/SIGTERM."""
+    if not check_user_config(config):
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     supervisor = Supervisor(config, demo=demo, show=show)
     signal.signal(signal.SIGTERM, supervisor.stop)

@@ -3,30 +3,46 @@ broker), as tables or JSON.  Each part that does not answer is reported as such,
 from __future__ import annotations
 
 import json
+import os
 import time
 
 from zevents import bus, config as zconfig
 
 
-def collect(config) -> dict:
-    result = {"node": config.node, "services": None, "bus": None, "printer": None}
+def _supervisor_view(config) -> dict | None:
+    """node.json with live figures: uptimes counted to now (the file is only rewritten every few seconds)."""
     status_file = zconfig.runtime_dir() / config.node / "node.json"
     try:
-        result["services"] = json.loads(status_file.read_text())
+        view = json.loads(status_file.read_text())
     except (OSError, ValueError):
-        result["services"] = None
+        return None
+    try:
+        os.kill(view["pid"], 0)
+    except ProcessLookupError:
+        return None  # a supervisor killed outright leaves its last node.json behind
+    except PermissionError:
+        pass
+    now = time.time()
+    for service in view["services"]:
+        if service.get("alive") and service.get("started_at"):
+            service["uptime"] = round(now - service["started_at"], 1)
+    return view
+
+
+def collect(config) -> dict:
+    result = {"node": config.node, "services": _supervisor_view(config), "bus": None, "printer": None}
     control = bus.Control(config.bus)
     try:
-        first = control.status(timeout=1.0)
-        t0 = time.monotonic()
-        # Two readings a moment apart give the event rate.
-        time.sleep(0.5)
-        second = control.status(timeout=1.0)
-        elapsed = time.monotonic() - t0
-        published = sum(second["streams"].values()) - sum(first["streams"].values())
-        second["events_per_s"] = round(published / elapsed, 1)
-        second["drops"] = {k: v for k, v in second["counters"].items() if k.startswith("bad")}
-        result["bus"] = second
+        status = control.status(timeout=2.0)
+        status["drops"] = {k: v for k, v in status["counters"].items() if k.startswith("bad")}
+        rate = (result["services"] or {}).get("rate")
+        if rate is None:
+            # No supervisor sampling the bus (a broker of its own, or a node just started): the mean since the
+            # broker started, which says so.
+            published = sum(seq for group, seq in status["streams"].items() if group != "sys")
+            rate = {"events_per_s": round(published / max(status["uptime"], 1e-3), 2), "window": None}
+        status.update(rate)
+        result["bus"] = status
     except bus.BusError as exc:
         result["bus"] = {"error": str(exc)}
     finally:
@@ -74,7 +90,9 @@ def run(config, as_json: bool) -> int:
         table.add_column("figure")
         table.add_column("value")
         ring = bus_status["ring"]
-        for name, value in (("events/s", bus_status["events_per_s"]),
+        window = bus_status["window"]
+        rate_label = f"events/s (last {window:.0f} s)" if window else "events/s (mean since the broker started)"
+        for name, value in ((rate_label + ", sys/ not counted", bus_status["events_per_s"]),
                             ("subscriptions", bus_status["subscriptions"]),
                             ("drops (bad ingest)", sum(bus_status["drops"].values())),
                             ("replay ring", f"{ring['size']} / {ring['capacity']} ({100 * ring['size'] // max(1, ring['capacity'])} %)"),
@@ -84,8 +102,9 @@ def run(config, as_json: bool) -> int:
         console.print(table)
     printer = status["printer"]
     if printer is not None:
-        if "error" in printer:
+        if printer.get("error"):  # a reply carries "error": null when all is well
             console.print(f"printer: {printer['error']}")
         else:
-            console.print("printer: " + ", ".join(f"{k}={v}" for k, v in printer.items() if k != "id"))
+            console.print("printer: " + ", ".join(f"{k}={v}" for k, v in printer.items()
+                                                  if k not in ("id", "error") and v is not None))
     return 0 if "error" not in bus_status else 1

@@ -29,6 +29,35 @@ def register_config_sections() -> None:
         importlib.import_module(module)
 
 
+def service_lock(config, name: str):
+    """The lock that makes ``name`` the only one of its kind on this node: next to its own ipc endpoint when it has
+    one (``printer.sock.lock``, as the broker's is next to its sockets), else in the node's runtime directory.  A
+    stray `zevents printer` beside a node would otherwise take over the node's printer.sock, a stray `zevents
+    hooks` run every hook a second time.  Raises pidlock.LockHeld naming the holder; release() when done."""
+    from zevents import config as zconfig
+    from zevents.pidlock import PidLock
+
+    endpoint = config.endpoint("printer", "commands", "printer.sock") if name == "printer" else ""
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://"):] + ".lock"
+    else:
+        path = zconfig.runtime_dir() / config.node / f"{name}.lock"
+    return PidLock(path).acquire(f"the {name} service of node {config.node!r}")
+
+
+def run_exclusive(config, name: str, run, *args, **kwargs) -> int:
+    """``run(config, ...)`` holding the service's lock; 1 with one line naming the holder when it is taken."""
+    from zevents.pidlock import LockHeld
+
+    try:
+        lock = service_lock(config, name)
+    except LockHeld as exc:
+        print(f"zevents: {exc}; stop it first (`zevents status` shows a node's services)", file=sys.stderr)
+        return 1
+    with lock:
+        return run(config, *args, **kwargs)
+
+
 def freeze_startup_heap() -> int:
     """Takes what a service allocated while starting (modules, config, sockets) out of the garbage collector's
     reach, just before its loop begins.  A full collection walks every tracked object: in a service that meant
@@ -50,7 +79,10 @@ def main(argv: list) -> int:
     except ConfigError as exc:
         print(f"zevents: config error: {exc}", file=sys.stderr)
         return 2
-    return importlib.import_module(SERVICES[argv[0]]).run(config)
+    module = importlib.import_module(SERVICES[argv[0]])
+    if argv[0] == "broker":  # the broker locks its own endpoints
+        return module.run(config)
+    return run_exclusive(config, argv[0], module.run)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,18 @@ def sd_name(path: str) -> str:
     return f"{stem}.gco"
 
 
+SD_NAME = re.compile(r"[A-Za-z0-9_~-]{1,8}(\.[A-Za-z0-9_~-]{1,3})?")
+
+
+def sd_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be an SD card file name (None if it can): Marlin's FAT code opens 8.3 names only, and
+    a longer one is cut or refused by the firmware after the whole upload."""
+    if SD_NAME.fullmatch(name or ""):
+        return None
+    return (f"{name!r} is not an 8.3 name for the SD card: up to 8 letters, digits, '_', '-' or '~', then "
+            "optionally '.' and up to 3 (e.g. cube20.gco)")
+
+
 class LocalSource:
     """Lines of a local file for the link, with progress (at most one PrintProgress per percent)."""
 
@@ -521,6 +533,8 @@ class Jobs(LinkListener):
             target = Path(os.path.expanduser(str(path)))
             if not target.is_file():
                 raise JobError(f"no such file: {path}")
+            if remote and (problem := sd_name_problem(remote)):
+                raise JobError(problem)
             remote = remote or sd_name(target.name)
             ref = FileRef(target.name, str(target.resolve()), "local", target.stat().st_size)
             self.transfer = {"local": target.name, "remote": remote, "started": time.monotonic(),

@@ -175,6 +175,16 @@ def auto_candidates(ports=None, baudrate: int = 0) -> list:
     return [(port, rate) for port in ports for rate in rates]
 
 
+def _nothing_answered(candidates: list) -> str:
+    """What autodetection tried, for the error a user reads: the ports and rates, or where it looked."""
+    if not candidates:
+        return f"no serial port found (looked for {', '.join(AUTO_PORT_PATTERNS)}); give --port DEVICE"
+    ports = list(dict.fromkeys(port for port, _ in candidates))
+    rates = list(dict.fromkeys(rate for _, rate in candidates))
+    return (f"no printer answered on {', '.join(ports)} (probed at {', '.join(map(str, rates))} baud); "
+            "give --port DEVICE and --baud N")
+
+
 class PrinterLink:
     """One printer over one serial port.  See the module docstring for the protocol; the public methods are
     thread-safe."""
@@ -285,16 +295,15 @@ class PrinterLink:
         auto_port = str(self.port).upper() == AUTO
         if auto_port or not self.baudrate:
             self.set_state("DETECT_SERIAL")
-            ports = self.candidates if auto_port else [self.port]
-            for port, rate in auto_candidates(ports, self.baudrate):
+            candidates = auto_candidates(self.candidates if auto_port else [self.port], self.baudrate)
+            for port, rate in candidates:
                 if self._try_open(port, rate, quiet=True):
                     if self._handshake(tries=1):
                         self.set_state("CONNECTING")
                         break
                     self._shutdown_threads()
             else:
-                tried = ", ".join(ports) if ports else "no serial ports found"
-                return self._fail_connect(f"no printer answered on any port/baud rate ({tried})", "autodetect")
+                return self._fail_connect(_nothing_answered(candidates), "autodetect")
         else:
             self.set_state("OPEN_SERIAL")
             if not self._try_open(self.port, self.baudrate):

@@ -22,7 +22,7 @@ import zmq
 
 from zevents import bus as zbus
 from zevents.printer import channel
-from zevents.printer.job import JobError, Jobs
+from zevents.printer.job import JobError, Jobs, sd_name_problem
 from zevents.printer.link import LinkError, PrinterLink
 from zevents.service import freeze_startup_heap
 
@@ -424,6 +424,9 @@ def run_sd(config, action: str, file: str | None = None, remote: str | None = No
     if action == "upload":
         if not file or not os.path.isfile(file):
             print(f"zevents: no such file: {file}", file=sys.stderr)
+            return 2
+        if remote and (problem := sd_name_problem(remote)):
+            print(f"zevents: --as {problem}", file=sys.stderr)
             return 2
         reply = _client_request(config, "SD_UPLOAD", {"path": os.path.abspath(file), "remote": remote,
                                                       "wait": wait}, timeout=3600.0 if wait else 30.0)
