@@ -386,3 +386,46 @@ def test_corpus_filament_of_slic3r_files(name):
     result = analysis.analyse_file(path)
     ours = sum(tool["length"] for tool in result["filament"].values())
     assert ours == pytest.approx(result["metadata"]["filament_total"], rel=0.005)
+
+
+# ------------------------------------------------------------------------------------------------ zevents analyse
+
+
+def zevents_analyse(*args, timeout=120):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "zevents", "analyse", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_analyse_json_lines_and_thumbnails(tmp_path):
+    import json
+
+    result = zevents_analyse("--json", "--thumbnails", tmp_path, PRUSA_SMALL, CURA_SMALL)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2
+    first, second = (json.loads(line) for line in lines)
+    assert first["file"] == str(PRUSA_SMALL) and second["file"] == str(CURA_SMALL)
+    assert first["estimatedPrintTime"] == analysis.analyse_file(PRUSA_SMALL)["estimatedPrintTime"]
+    assert second["metadata"]["object_height"] == second["printingArea"]["maxZ"] > 0  # not Cura's placeholder -2.14748e+06
+    assert list(tmp_path.iterdir()) == []  # these files have no thumbnails
+
+
+def test_cli_analyse_text_and_one_clear_line_per_bad_file(tmp_path):
+    binary = tmp_path / "cube.bgcode"
+    binary.write_bytes(b"GCDE\x01\x00\x00\x00" + bytes(64))
+    result = zevents_analyse(PRUSA_SMALL, binary, tmp_path / "missing.gcode", "--profile", "prusa_mk3s")
+    assert result.returncode == 1
+    assert result.stdout.startswith(str(PRUSA_SMALL) + "\n")
+    assert "estimated time" in result.stdout and "(slicer 0h06m23s" in result.stdout
+    assert "prusa_mk3s" in result.stdout
+    errors = result.stderr.splitlines()
+    assert errors == [f"zevents analyse: {binary}: binary G-code (.bgcode) cannot be analysed; export plain G-code "
+                      f"instead", f"zevents analyse: {tmp_path / 'missing.gcode'}: No such file or directory"]
+
+
+def test_cli_analyse_refuses_an_unknown_profile():
+    result = zevents_analyse(CURA_SMALL, "--profile", "nonesuch")
+    assert result.returncode == 1 and "unknown printer profile 'nonesuch'" in result.stderr

@@ -216,8 +216,7 @@ def _metadata(comments: _Comments, layers: list, first_layer: float | None, heig
         "slicer_version": comments.version,
         "layer_height": first(num(config.get("layer_height")), num(cura.get("layer height")), ),
         "first_layer_height": first(num(config.get("first_layer_height")), first_layer),
-        "object_height": first(num(config.get("max_layer_z")), num(cura.get("maxz")) if num(cura.get("maxz")) is not None
-                               and num(cura.get("maxz")) < 1e5 else None, height),
+        "object_height": first(num(config.get("max_layer_z")), _cura_height(cura), height),
         "nozzle_diameter": first(num(config.get("nozzle_diameter")), _cura_nozzle(cura)),
         "first_layer_extr_temp": first(num(config.get("first_layer_temperature")), num(cura.get("print temperature"))),
         "first_layer_bed_temp": first(num(config.get("first_layer_bed_temperature")), num(cura.get("bed temperature"))),
@@ -228,6 +227,12 @@ def _metadata(comments: _Comments, layers: list, first_layer: float | None, heig
         "estimated_time": estimated,
         "layer_count": len(layers),
     }
+
+
+def _cura_height(cura: dict):
+    height = _first_number(cura.get("maxz", ""))
+    # CuraEngine run from the command line leaves ;MAXZ:-2.14748e+06 (its placeholder) in the header
+    return height if height is not None and 0.0 < height < 1e5 else None
 
 
 def _cura_nozzle(cura: dict):
@@ -278,7 +283,7 @@ def _save_thumbnails(raw: list, stem: str, directory: str | None) -> list:
 
 # --------------------------------------------------------------------------------------------- limits
 
-def _prescan(path: str, size: int) -> tuple:
+def head_and_tail(path: str, size: int) -> tuple:
     """The head and tail of the file as text: enough to know the slicer and its config block before streaming."""
     with open(path, "rb") as handle:
         head = handle.read(HEAD_BYTES)
@@ -343,14 +348,16 @@ def _area(box) -> dict | None:
     if box is None:
         return None
     low, high = box["min"], box["max"]
-    return {"minX": low[0], "maxX": high[0], "minY": low[1], "maxY": high[1], "minZ": low[2], "maxZ": high[2]}
+    return {"minX": round(low[0], 4), "maxX": round(high[0], 4), "minY": round(low[1], 4), "maxY": round(high[1], 4),
+            "minZ": round(low[2], 4), "maxZ": round(high[2], 4)}
 
 
 def _dimensions(box) -> dict | None:
     if box is None:
         return None
     low, high = box["min"], box["max"]
-    return {"width": high[0] - low[0], "depth": high[1] - low[1], "height": high[2] - low[2]}
+    return {"width": round(high[0] - low[0], 4), "depth": round(high[1] - low[1], 4),
+            "height": round(high[2] - low[2], 4)}
 
 
 def _version_below(version: str | None, wanted: tuple) -> bool:
@@ -363,7 +370,7 @@ def analyse_file(path, profile=None, thumbnail_dir: str | None = None, progress:
     """The analysis of one G-code file (see the module documentation)."""
     path = os.fspath(path)
     size = check_file(path)
-    head, tail = _prescan(path, size)
+    head, tail = head_and_tail(path, size)
     profile_name, limits = resolve_limits(profile, head, tail)
     comments = _Comments()
     core_class = core_class or Core
