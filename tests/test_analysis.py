@@ -302,8 +302,11 @@ def test_layers_by_height_when_the_file_has_no_markers(Core):
     data = b"M83\nG1 Z0.2\nG1 X10 E1\nG1 Z0.6\nG1 Z0.4\nG1 X0 E1\nG1 Z5\nG1 X5\nG1 Z0.6\nG1 X10 E1\n"
     raw = run(Core, data)
     assert raw["marker_layers"] == []
-    assert [z for _, z in raw["layers"]] == [0.2, 0.4, 0.6]  # the lift to Z5 without extrusion is no layer
+    # the lift to Z5 without extrusion is no layer; going down to print is one (as the parser counts them)
+    assert [z for _, z in raw["layers"]] == [0.2, 0.4, 0.6]
     assert [offset for offset, _ in raw["layers"]] == [4, data.index(b"G1 Z0.4"), data.index(b"G1 Z0.6\nG1 X10")]
+    raw = run(Core, b"M83\nG1 Z0.4\nG1 X10 E1\nG1 Z0.2\nG1 X0 E1\n")
+    assert [z for _, z in raw["layers"]] == [0.4, 0.2]
 
 
 # ------------------------------------------------------------------------------------------------ files

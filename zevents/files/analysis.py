@@ -8,7 +8,7 @@ specification; ``ZEVENTS_PUREPYTHON=1`` forces the twin) and returns a JSON-read
   ``dimensions`` {width, depth, height} and ``printingArea`` {minX … maxZ} of the extruding moves,
   ``travelArea`` / ``travelDimensions`` of every move;
 * ours: ``layers`` {count, source ("markers": the slicer's ``;LAYER_CHANGE``/``;LAYER:`` comments, or "z": the
-  first extrusion at each new height), list of {offset, z}}, ``firstLayerHeight``, ``metadata`` (the slicer's
+  first extrusion at another height, the parser's LayerChanged rule), list of {offset, z}}, ``firstLayerHeight``, ``metadata`` (the slicer's
   header with Moonraker's field names), ``thumbnails`` (each saved as ``<stem>-<w>x<h>.<ext>`` in
   ``thumbnail_dir`` when given), ``timeTable`` ([[byte offset, seconds elapsed], …] for the time left mid-print,
   see ``time_left``), ``analyser`` (implementation, profile, the limits the planning started from).
@@ -458,3 +458,39 @@ def time_left(time_table: list, offset: int) -> float | None:
     else:
         elapsed = before_time + (after_time - before_time) * (offset - before_offset) / (after_offset - before_offset)
     return max(0.0, total - elapsed)
+
+
+# --------------------------------------------------------------------------------------------- for a running job
+
+class PrintEstimate:
+    """What a print job takes from the analysis: the total time, the time left at a byte offset, the layer count."""
+
+    def __init__(self, result: dict):
+        self.total = result["estimatedPrintTime"]
+        self.table = result["timeTable"]
+        self.layers = result["layers"]["count"]
+        self.layers_from_markers = result["layers"]["source"] == "markers"
+
+    def time_left(self, offset: int) -> float:
+        return round(time_left(self.table, offset), 3)
+
+
+_ESTIMATES: dict = {}  # (path, size, mtime_ns) -> PrintEstimate, the few files printed last
+_ESTIMATES_KEPT = 8
+
+
+def estimate_for(path, profile=None) -> PrintEstimate | None:
+    """The estimate of a file about to be printed (analysed once per content version), None if it cannot be
+    analysed (the print goes on without one)."""
+    try:
+        stat = os.stat(path)
+        key = (os.fspath(path), stat.st_size, stat.st_mtime_ns, repr(profile))
+        estimate = _ESTIMATES.get(key)
+        if estimate is None:
+            estimate = PrintEstimate(analyse_file(path, profile))
+            while len(_ESTIMATES) >= _ESTIMATES_KEPT:
+                _ESTIMATES.pop(next(iter(_ESTIMATES)))
+            _ESTIMATES[key] = estimate
+        return estimate
+    except (OSError, AnalysisError, ValueError):
+        return None

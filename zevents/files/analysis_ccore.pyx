@@ -31,6 +31,7 @@ cdef double MAX_ARC_SEGMENTS = _spec.MAX_ARC_SEGMENTS
 cdef const char* AXES = b"XYZE"
 cdef double PREVIOUS_FEEDRATE_THRESHOLD = _spec.PREVIOUS_FEEDRATE_THRESHOLD
 cdef double MM_PER_INCH = _spec.MM_PER_INCH
+cdef double LAYER_TOLERANCE = _spec.LAYER_TOLERANCE
 assert _spec.WINDOW == WINDOW and _spec.KEEP == KEEP and _spec.MAX_NUMBER_CHARS == MAX_NUMBER
 
 
@@ -645,7 +646,7 @@ cdef class Core:
                     if value > self.print_max[axis]:
                         self.print_max[axis] = value
                 z = target[2]
-                if z > self.layer_z:
+                if fabs(z - self.layer_z) > LAYER_TOLERANCE:
                     self.layer_z = z
                     self.layers.append([self.z_offset, z])
                 if self.marker_open:

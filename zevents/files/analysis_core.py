@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 import re
 
+from zevents._parser import _rules
+
 WINDOW = 256
 KEEP = 64
 ARC_SEGMENT_MM = 1.0
@@ -34,6 +36,7 @@ MAX_ARC_SEGMENTS = 100000.0
 #: a previous block slower than this (mm/s) starts the next one from its safe speed (no junction)
 PREVIOUS_FEEDRATE_THRESHOLD = 0.0001
 MM_PER_INCH = 25.4
+LAYER_TOLERANCE = _rules.LAYER_TOLERANCE
 
 #: limits keys; speeds in mm/s, accelerations in mm/s², per-axis lists in X Y Z E order
 DEFAULT_LIMITS = {
@@ -146,7 +149,7 @@ class Core:
         self.print_max = [-math.inf] * 3
         self.travel_min = [math.inf] * 3
         self.travel_max = [-math.inf] * 3
-        self.layers = []  # [offset, z] by Z (first extrusion at a new height)
+        self.layers = []  # [offset, z] by Z (first extrusion at another height, as the parser's LayerChanged)
         self.layer_z = -math.inf
         self.z_offset = 0  # offset of the line that last changed Z
         self.marker_layers = []  # [offset, z or None] from ;LAYER_CHANGE / ;LAYER:
@@ -469,7 +472,7 @@ class Core:
                         if value > self.print_max[axis]:
                             self.print_max[axis] = value
                 z = target[2]
-                if z > self.layer_z:
+                if abs(z - self.layer_z) > LAYER_TOLERANCE:  # the parser's LayerChanged rule, so totals agree
                     self.layer_z = z
                     self.layers.append([self.z_offset, z])
                 if self.marker_layers and self.marker_layers[-1][1] is None:
