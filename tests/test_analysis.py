@@ -235,6 +235,18 @@ def test_twins_agree_on_a_file_without_final_newline_and_odd_lines():
         assert run(analysis.CCore, data, 3) == run(analysis.PyCore, data, 3), data
 
 
+@pytest.mark.parametrize("number", ["0.1", "-0", "-0.0", "+3", ".5", "5.", "123456789012345", "1234567890123456",
+                                    "0.30000000000000004", "9007199254740993", "1e5", "1E-3", "2.5e+2",
+                                    "0000000000000000001.5", "123.4567890123456789", "1" + "0" * 40])
+def test_twins_read_every_number_as_float_does(number):
+    if analysis.CCore is None:
+        pytest.skip(f"the compiled analyser did not load: {analysis.C_LOAD_ERROR}")
+    data = f"G1 X{number} Y1 E{number}\n".encode()
+    pure, compiled = run(analysis.PyCore, data), run(analysis.CCore, data)
+    assert compiled == pure
+    assert pure["travel_box"]["max"][0] == max(float(number), 0.0)
+
+
 # ------------------------------------------------------------------------------------------------ the planner
 
 

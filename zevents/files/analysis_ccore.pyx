@@ -62,26 +62,46 @@ cdef inline bint is_digit(unsigned char c) nogil:
     return 48 <= c <= 57
 
 
+cdef double POWERS_OF_TEN[23]
+POWERS_OF_TEN[:] = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+                    1e17, 1e18, 1e19, 1e20, 1e21, 1e22]
+
+
 cdef bint read_number(const unsigned char* p, Py_ssize_t n, double* out):
-    """The twin's ``_number``: the whole of p[0:n] is a decimal, finite; False otherwise."""
+    """The twin's ``_number``: the whole of p[0:n] is a decimal, finite; False otherwise.
+
+    Without an exponent and with at most 15 significant digits (so the integer m < 2**53) and 22 decimals, the
+    value is m / 10**k, both exact doubles: one IEEE division, correctly rounded, exactly what float() returns.
+    Anything else goes to PyOS_string_to_double (what float() uses)."""
     cdef Py_ssize_t i = 0
     cdef Py_ssize_t digits = 0
+    cdef Py_ssize_t decimals = 0
+    cdef unsigned long long mantissa = 0
+    cdef bint negative = False
     cdef char buffer[MAX_NUMBER + 1]
     cdef double value
     if n <= 0 or n > MAX_NUMBER:
         return False
     if p[0] == 43 or p[0] == 45:  # + -
+        negative = p[0] == 45
         i = 1
     while i < n and is_digit(p[i]):
+        mantissa = mantissa * 10 + (p[i] - 48)
         i += 1
         digits += 1
     if i < n and p[i] == 46:  # .
         i += 1
         while i < n and is_digit(p[i]):
+            mantissa = mantissa * 10 + (p[i] - 48)
             i += 1
             digits += 1
+            decimals += 1
     if digits == 0:
         return False
+    if i == n and digits <= 15:
+        value = <double>mantissa / POWERS_OF_TEN[decimals]
+        out[0] = -value if negative else value
+        return True
     if i < n and (p[i] == 101 or p[i] == 69):  # e E
         i += 1
         if i < n and (p[i] == 43 or p[i] == 45):
@@ -217,7 +237,10 @@ cdef class Core:
     cdef list table
     cdef long long next_sample
 
-    cdef list filament, filament_before_layers
+    cdef double filament[256]
+    cdef double filament_before_layers[256]
+    cdef int tools  # filament entries in use: the highest tool selected, plus one
+    cdef bint has_markers
     cdef double print_min[3]
     cdef double print_max[3]
     cdef double travel_min[3]
@@ -267,8 +290,11 @@ cdef class Core:
         self.time = 0.0
         self.table = []
         self.next_sample = 0
-        self.filament = [0.0]
-        self.filament_before_layers = [0.0]
+        for axis in range(256):
+            self.filament[axis] = 0.0
+            self.filament_before_layers[axis] = 0.0
+        self.tools = 1
+        self.has_markers = False
         for axis in range(3):
             self.print_min[axis] = INFINITY
             self.print_max[axis] = -INFINITY
@@ -327,9 +353,10 @@ cdef class Core:
             body = p + 1
             body_n = n - 1
             if starts(body, body_n, b"LAYER_CHANGE", 12) or starts(body, body_n, b"LAYER:", 6):
-                if not self.marker_layers:
+                if not self.has_markers:
                     self.drain(0.0, offset)
                     self.time_before_layers = self.time
+                    self.has_markers = True
                 self.marker_layers.append([offset, None])
                 self.marker_open = True
             elif starts(body, body_n, b" CP TOOLCHANGE ", 15):
@@ -578,9 +605,8 @@ cdef class Core:
         if tool < 0 or tool > 255 or tool == self.tool:
             return 0
         self.tool = tool
-        while len(self.filament) <= tool:
-            self.filament.append(0.0)
-            self.filament_before_layers.append(0.0)
+        if self.tools <= tool:
+            self.tools = tool + 1
         if self.tool_change_time > 0.0:
             self.drain(self.tool_change_time, offset)
         return 0
@@ -610,7 +636,6 @@ cdef class Core:
         cdef bint xyz_moved = dx != 0.0 or dy != 0.0 or dz != 0.0
         cdef int axis
         cdef double value, z
-        cdef list tools
         if xyz_moved:
             if dz != 0.0:
                 self.z_offset = offset
@@ -628,11 +653,9 @@ cdef class Core:
         if de < 0.0 and not xyz_moved and self.toolchange_phase == 1:
             self.toolchange_phase = 2
         if de > 0.0 and xyz_moved and self.toolchange_phase != 2:
-            tools = self.filament
-            tools[self.tool] = <double>tools[self.tool] + de
-            if not self.marker_layers:
-                tools = self.filament_before_layers
-                tools[self.tool] = <double>tools[self.tool] + de
+            self.filament[self.tool] += de
+            if not self.has_markers:
+                self.filament_before_layers[self.tool] += de
             if dx != 0.0 or dy != 0.0:
                 for axis in range(3):
                     value = self.pos[axis]
@@ -876,8 +899,8 @@ cdef class Core:
         return {
             "time": self.time,
             "time_before_layers": self.time_before_layers,
-            "filament": list(self.filament),
-            "filament_before_layers": list(self.filament_before_layers),
+            "filament": [self.filament[tool] for tool in range(self.tools)],
+            "filament_before_layers": [self.filament_before_layers[tool] for tool in range(self.tools)],
             "print_box": _box(self.print_min, self.print_max),
             "travel_box": _box(self.travel_min, self.travel_max),
             "layers": [list(layer) for layer in self.layers],
