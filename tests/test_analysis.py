@@ -116,7 +116,10 @@ def slicer_estimate(path) -> float:
     if match:
         return analysis.parse_duration(match.group(1).decode())
     elapsed = re.findall(rb"^;TIME_ELAPSED:([0-9.]+)", text, re.M)
-    return float(elapsed[-1]) if elapsed else None
+    if elapsed:
+        return float(elapsed[-1])
+    header = re.search(rb"^;TIME:([0-9.]+)", text, re.M)  # Creality Print fills it in (CuraEngine's CLI: 6666)
+    return float(header.group(1)) if header and header.group(1) != b"6666" else None
 
 
 # ------------------------------------------------------------------------------------------------ the guard
@@ -379,7 +382,11 @@ CORPUS_ESTIMATES = [
     "gcodepreview_puzzle_cura231.gcode",
     "libbgcode_mini_cube_ps281.gcode",
     "creality_k1max_scraper_crealityprint4376_crlf.gcode",
+    "creality_k1_3DBenchy_crealityprint4345.gcode",
 ]
+#: Creality Print 4.3.4 says 3.63 m of filament for the Benchy whose moves extrude 4.13 m (13.7 % more): not a way of
+#: counting we could find (its 4.3.7 file agrees with us to 0.02 %)
+FILAMENT_UNEXPLAINED = {"creality_k1_3DBenchy_crealityprint4345.gcode"}
 
 
 @pytest.mark.parametrize("name", CORPUS_ESTIMATES)
@@ -389,7 +396,7 @@ def test_corpus_estimate_within_ten_percent_and_filament_within_half_a_percent(n
     expected = slicer_estimate(path)
     assert result["estimatedPrintTime"] == pytest.approx(expected, rel=0.10)
     slicer_filament = result["metadata"]["filament_total"]
-    if slicer_filament:  # CuraEngine from the command line writes "Filament used: 0m"
+    if slicer_filament and name not in FILAMENT_UNEXPLAINED:  # CuraEngine from the CLI writes "Filament used: 0m"
         ours = sum(tool["length"] for tool in result["filament"].values())
         assert ours == pytest.approx(slicer_filament, rel=0.005)
 
@@ -444,3 +451,16 @@ def test_cli_analyse_text_and_one_clear_line_per_bad_file(tmp_path):
 def test_cli_analyse_refuses_an_unknown_profile():
     result = zevents_analyse(CURA_SMALL, "--profile", "nonesuch")
     assert result.returncode == 1 and "unknown printer profile 'nonesuch'" in result.stderr
+
+
+def test_creality_thumbnails_once_each_and_its_header(tmp_path):
+    path = shared_path("corpus", "creality_k1max_scraper_crealityprint4376_crlf.gcode")
+    result = analysis.analyse_file(path, thumbnail_dir=str(tmp_path))
+    # "; png begin 300*300" and "; thumbnail begin 300 300" carry the same image: saved once
+    assert [(t["width"], t["height"], t["format"]) for t in result["thumbnails"]] == [(96, 96, "png"),
+                                                                                     (300, 300, "png")]
+    assert len(list(tmp_path.iterdir())) == 2
+    meta = result["metadata"]
+    assert (meta["slicer"], meta["filament_type"], meta["filament_name"]) == ("CrealityPrint", "PLA", "Hyper PLA_1.75")
+    assert meta["nozzle_diameter"] is None  # it writes "Nozzle Diameter:1000" for its 0.4 mm nozzle
+    assert meta["estimated_time"] == pytest.approx(1721.554872)

@@ -239,8 +239,9 @@ def _cura_nozzle(cura: dict):
     for key, value in cura.items():
         if key.endswith("nozzle diameter"):
             number = _first_number(value)
-            if number is not None:
-                return number / 1000.0 if number > 10 else number  # Creality Print writes µm
+            # Creality Print writes "Nozzle Diameter:1000" for a 0.4 mm nozzle: only a plausible value is kept
+            if number is not None and 0.0 < number <= 3.0:
+                return number
     return None
 
 
@@ -259,7 +260,11 @@ def _image_kind(data: bytes, declared: str) -> str:
 def _save_thumbnails(raw: list, stem: str, directory: str | None) -> list:
     """Decoded thumbnails, each written (temp file + rename) to ``directory`` when given."""
     result = []
+    seen = set()
     for width, height, declared, text in raw:
+        if (width, height, text) in seen:  # Creality Print writes its 300x300 image twice (two block styles)
+            continue
+        seen.add((width, height, text))
         try:
             data = base64.b64decode(text, validate=False)
         except (binascii.Error, ValueError):
