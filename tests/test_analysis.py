@@ -464,3 +464,17 @@ def test_creality_thumbnails_once_each_and_its_header(tmp_path):
     assert (meta["slicer"], meta["filament_type"], meta["filament_name"]) == ("CrealityPrint", "PLA", "Hyper PLA_1.75")
     assert meta["nozzle_diameter"] is None  # it writes "Nozzle Diameter:1000" for its 0.4 mm nozzle
     assert meta["estimated_time"] == pytest.approx(1721.554872)
+
+
+@pytest.mark.parametrize("chunk", [1 << 16, 1 << 20, 3 << 20])
+def test_an_over_long_line_is_cut_not_kept(Core, chunk):
+    # 5 MB without a line end (binary data, a broken upload), then G-code: read in bounded memory (the line's first
+    # MiB), offsets exact
+    junk = b"G1 X4 E4" + bytes(range(1, 256)).replace(b"\n", b" ") * (5 * (1 << 20) // 254) + b" Y100"
+    data = b"G1 X1 E1 F600\n" + junk + b"\nG1 X2 E5\nG1 X3 E6"
+    raw = run(Core, data, chunk)
+    assert raw["lines"] == 4 and raw["size"] == len(data) and raw["moves"] == 4
+    assert raw["travel_box"]["max"][1] == 0.0  # the Y100 beyond the first MiB was not read
+    assert raw["table"][-1][0] == len(data)
+    if Core is not analysis.PyCore:
+        assert raw == run(analysis.PyCore, data, chunk)

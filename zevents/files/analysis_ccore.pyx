@@ -25,6 +25,7 @@ cdef extern from "Python.h":
 DEF WINDOW = 256
 DEF KEEP = 64
 DEF MAX_NUMBER = 48
+DEF LONG_LINE = 1 << 20
 
 cdef double ARC_SEGMENT_MM = _spec.ARC_SEGMENT_MM
 cdef double MAX_ARC_SEGMENTS = _spec.MAX_ARC_SEGMENTS
@@ -33,6 +34,7 @@ cdef double PREVIOUS_FEEDRATE_THRESHOLD = _spec.PREVIOUS_FEEDRATE_THRESHOLD
 cdef double MM_PER_INCH = _spec.MM_PER_INCH
 cdef double LAYER_TOLERANCE = _spec.LAYER_TOLERANCE
 assert _spec.WINDOW == WINDOW and _spec.KEEP == KEEP and _spec.MAX_NUMBER_CHARS == MAX_NUMBER
+assert _spec.LONG_LINE == LONG_LINE
 
 
 cdef struct Block:
@@ -253,6 +255,7 @@ cdef class Core:
     cdef int toolchange_phase
     cdef long long moves, lines, size
     cdef bytes carry
+    cdef bint skipping
 
     def __init__(self, limits=None, on_comment=None, sample_every=65536):
         cdef int axis
@@ -309,6 +312,7 @@ cdef class Core:
         self.toolchange_phase = 0
         self.moves = self.lines = self.size = 0
         self.carry = b""
+        self.skipping = False
 
     # ------------------------------------------------------------------------------------------------ input
     def feed(self, data):
@@ -318,6 +322,15 @@ cdef class Core:
         cdef const unsigned char* found
         cdef Py_ssize_t length, start, end
         buffer = bytes(data)
+        if self.skipping:  # the rest of an over-long line
+            p = <const unsigned char*>PyBytes_AS_STRING(buffer)
+            found = <const unsigned char*>memchr(p, 10, PyBytes_GET_SIZE(buffer))
+            if found == NULL:
+                self.size += PyBytes_GET_SIZE(buffer)
+                return
+            self.size += (found - p) + 1
+            buffer = buffer[(found - p) + 1:]
+            self.skipping = False
         if self.carry:
             buffer = self.carry + buffer
             base = self.size - len(self.carry)
@@ -334,7 +347,12 @@ cdef class Core:
             end = found - p
             self._line(p + start, end - start, base + start, base + end + 1)
             start = end + 1
-        self.carry = buffer[start:]
+        if length - start > LONG_LINE:
+            self._line(p + start, LONG_LINE, base + start, base + start + LONG_LINE)
+            self.carry = b""
+            self.skipping = True
+        else:
+            self.carry = buffer[start:]
 
     cdef int _line(self, const unsigned char* p, Py_ssize_t n, long long offset, long long next_offset) except -1:
         cdef const unsigned char* body

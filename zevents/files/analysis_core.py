@@ -2,7 +2,7 @@
 
 ``Core(limits, on_comment, sample_every)`` takes a file's bytes in any chunking (``feed``), then ``finish()``
 returns the raw figures (see ``finish``).  Lines end at LF (a CR before it is ignored); the byte offset of a
-line is counted from the start of the stream.
+line is counted from the start of the stream; only the first ``LONG_LINE`` bytes of a longer line are read.
 
 Motion is planned the way firmware plans it (Marlin's planner, as PrusaSlicer's GCodeProcessor also simulates it):
     * each G0/G1 (and each segment of a G2/G3 arc) is a block with a distance (XYZ length, or |E| for an E-only
@@ -33,6 +33,7 @@ WINDOW = 256
 KEEP = 64
 ARC_SEGMENT_MM = 1.0
 MAX_ARC_SEGMENTS = 100000.0
+LONG_LINE = 1 << 20  # bytes of a line that are read; the rest of a longer line is skipped
 #: a previous block slower than this (mm/s) starts the next one from its safe speed (no junction)
 PREVIOUS_FEEDRATE_THRESHOLD = 0.0001
 MM_PER_INCH = 25.4
@@ -159,9 +160,19 @@ class Core:
         self.lines = 0
         self.size = 0
         self.carry = b""
+        self.skipping = False
 
     # ------------------------------------------------------------------------------------------------ input
     def feed(self, data: bytes) -> None:
+        data = bytes(data)
+        if self.skipping:  # the rest of an over-long line
+            end = data.find(b"\n")
+            if end < 0:
+                self.size += len(data)
+                return
+            self.size += end + 1
+            data = data[end + 1:]
+            self.skipping = False
         if self.carry:
             data = self.carry + data
             base = self.size - len(self.carry)
@@ -177,7 +188,14 @@ class Core:
                 break
             line(data, start, end, base + start, base + end + 1)
             start = end + 1
-        self.carry = data[start:]
+        if len(data) - start > LONG_LINE:
+            # an over-long line (binary data, a file without line ends): its first LONG_LINE bytes are read, the
+            # rest is skipped up to its end, so memory stays bounded and nothing is copied over and over
+            line(data, start, start + LONG_LINE, base + start, base + start + LONG_LINE)
+            self.carry = b""
+            self.skipping = True
+        else:
+            self.carry = data[start:]
 
     def _line(self, data: bytes, start: int, end: int, offset: int, next_offset: int) -> None:
         self.lines += 1
