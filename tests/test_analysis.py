@@ -478,3 +478,19 @@ def test_an_over_long_line_is_cut_not_kept(Core, chunk):
     assert raw["table"][-1][0] == len(data)
     if Core is not analysis.PyCore:
         assert raw == run(analysis.PyCore, data, chunk)
+
+
+def test_hostile_files_keep_memory_bounded(tmp_path, monkeypatch):
+    from zevents.files import analysis_core
+
+    # more layers than are listed: all counted, the first listed
+    monkeypatch.setattr(analysis_core, "MAX_LAYER_ENTRIES", 5)
+    data = b"M83\n" + b"".join(b";LAYER:%d\nG1 Z%d\nG1 X%d E1\n" % (n, n, n % 2) for n in range(1, 12))
+    path = tmp_path / "layers.gcode"
+    path.write_bytes(data)
+    result = analysis.analyse_file(path, core_class=analysis.PyCore)
+    assert result["layers"]["count"] == 11 and len(result["layers"]["list"]) == 5
+    # a thumbnail block that never ends: dropped once past the limit
+    monkeypatch.setattr(analysis, "THUMBNAIL_TEXT_LIMIT", 1000)
+    path.write_bytes(b"; thumbnail begin 16x16 99999\n" + b"; iVBORw0KGgoAAAANSUhEUg\n" * 100 + b"G1 X1\n")
+    assert analysis.analyse_file(path)["thumbnails"] == []

@@ -8,10 +8,11 @@ specification; ``ZEVENTS_PUREPYTHON=1`` forces the twin) and returns a JSON-read
   ``dimensions`` {width, depth, height} and ``printingArea`` {minX … maxZ} of the extruding moves,
   ``travelArea`` / ``travelDimensions`` of every move;
 * ours: ``layers`` {count, source ("markers": the slicer's ``;LAYER_CHANGE``/``;LAYER:`` comments, or "z": the
-  first extrusion at another height, the parser's LayerChanged rule), list of {offset, z}}, ``firstLayerHeight``, ``metadata`` (the slicer's
-  header with Moonraker's field names), ``thumbnails`` (each saved as ``<stem>-<w>x<h>.<ext>`` in
-  ``thumbnail_dir`` when given), ``timeTable`` ([[byte offset, seconds elapsed], …] for the time left mid-print,
-  see ``time_left``), ``analyser`` (implementation, profile, the limits the planning started from).
+  first extrusion at another height, the parser's LayerChanged rule), list of {offset, z} (at most
+  ``analysis_core.MAX_LAYER_ENTRIES``)}, ``firstLayerHeight``, ``metadata`` (the slicer's header with Moonraker's
+  field names), ``thumbnails`` (each saved as ``<stem>-<w>x<h>.<ext>`` in ``thumbnail_dir`` when given; at most
+  ``THUMBNAIL_TEXT_LIMIT`` of base64 text in all), ``timeTable`` ([[byte offset, seconds elapsed], …] for the time
+  left mid-print, see ``time_left``), ``analyser`` (implementation, profile name, size, lines, moves).
 
 The time is planned as firmware moves (see ``analysis_core``).  Limits come, later ones winning, from: generic
 Marlin 2 defaults; what the slicer itself assumed when the file says nothing (CuraEngine's machine defaults for a
@@ -48,6 +49,7 @@ else:
 CHUNK_SIZE = 1 << 20
 HEAD_BYTES = 1 << 16
 TAIL_BYTES = 1 << 18  # PrusaSlicer's config block (a few hundred lines, some of thousands of characters)
+THUMBNAIL_TEXT_LIMIT = 16 << 20  # base64 bytes of all thumbnails of a file
 TABLE_POINTS = 200  # time table resolution: at most about this many samples over the file
 DEFAULT_FILAMENT_DIAMETER = 1.75
 BGCODE_MAGIC = b"GCDE"
@@ -125,6 +127,7 @@ class _Comments:
         self.time_elapsed = None
         self.thumbnails: list = []  # (width, height, declared kind, base64 text)
         self._thumb = None  # [width, height, kind, [chunks]] while inside a block
+        self._thumb_text = 0  # bytes of base64 text kept, all blocks together
 
     def __call__(self, offset: int, body: bytes) -> None:
         thumb = self._thumb
@@ -134,8 +137,11 @@ class _Comments:
                                          or text.startswith(b"jpg")):
                 self.thumbnails.append((thumb[0], thumb[1], thumb[2], b"".join(thumb[3])))
                 self._thumb = None
-            else:
+            elif self._thumb_text + len(text) <= THUMBNAIL_TEXT_LIMIT:
                 thumb[3].append(text)
+                self._thumb_text += len(text)
+            else:  # a block without end, or absurdly large: dropped, memory stays bounded
+                self._thumb = None
             return
         if body[:1] == b" ":
             if b" = " in body:
@@ -175,7 +181,7 @@ class _Comments:
             self.cura.setdefault(key.strip().lower(), value.strip())
 
 
-def _metadata(comments: _Comments, layers: list, first_layer: float | None, height: float | None) -> dict:
+def _metadata(comments: _Comments, layer_count: int, first_layer: float | None, height: float | None) -> dict:
     """Moonraker's metadata fields (those the file says; ``None`` for the others)."""
     config, cura = comments.config, comments.cura
 
@@ -225,7 +231,7 @@ def _metadata(comments: _Comments, layers: list, first_layer: float | None, heig
         "filament_total": filament_total,
         "filament_weight_total": weight,
         "estimated_time": estimated,
-        "layer_count": len(layers),
+        "layer_count": layer_count,
     }
 
 
@@ -396,11 +402,11 @@ def analyse_file(path, profile=None, thumbnail_dir: str | None = None, progress:
 
 
 def _result(path, raw, comments, profile_name, limits, profile, thumbnail_dir, implementation) -> dict:
-    markers = [layer for layer in raw["marker_layers"] if layer[1] is not None]
-    if markers:
-        layers, source = markers, "markers"
+    if raw["marker_count"]:
+        layers, count, source = [layer for layer in raw["marker_layers"] if layer[1] is not None], \
+            raw["marker_count"], "markers"
     else:
-        layers, source = raw["layers"], "z"
+        layers, count, source = raw["layers"], raw["layer_count"], "z"
     first_layer = layers[0][1] if layers else None
     height = raw["print_box"]["max"][2] if raw["print_box"] else None
 
@@ -433,10 +439,10 @@ def _result(path, raw, comments, profile_name, limits, profile, thumbnail_dir, i
         "printingArea": _area(raw["print_box"]),
         "travelArea": _area(raw["travel_box"]),
         "travelDimensions": _dimensions(raw["travel_box"]),
-        "layers": {"count": len(layers), "source": source,
+        "layers": {"count": count, "source": source,
                    "list": [{"offset": offset, "z": round(z, 4)} for offset, z in layers]},
         "firstLayerHeight": None if first_layer is None else round(first_layer, 4),
-        "metadata": _metadata(comments, layers, first_layer, height),
+        "metadata": _metadata(comments, count, first_layer, height),
         "thumbnails": _save_thumbnails(comments.thumbnails, stem, thumbnail_dir),
         "timeTable": [[offset, round(seconds, 3)] for offset, seconds in table],
         "analyser": {"implementation": implementation, "profile": profile_name, "size": raw["size"],

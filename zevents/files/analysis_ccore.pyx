@@ -33,6 +33,7 @@ cdef const char* AXES = b"XYZE"
 cdef double PREVIOUS_FEEDRATE_THRESHOLD = _spec.PREVIOUS_FEEDRATE_THRESHOLD
 cdef double MM_PER_INCH = _spec.MM_PER_INCH
 cdef double LAYER_TOLERANCE = _spec.LAYER_TOLERANCE
+cdef Py_ssize_t MAX_LAYER_ENTRIES = _spec.MAX_LAYER_ENTRIES
 assert _spec.WINDOW == WINDOW and _spec.KEEP == KEEP and _spec.MAX_NUMBER_CHARS == MAX_NUMBER
 assert _spec.LONG_LINE == LONG_LINE
 
@@ -251,6 +252,7 @@ cdef class Core:
     cdef double layer_z
     cdef long long z_offset
     cdef bint marker_open  # the last marker layer has no Z yet
+    cdef long long markers_seen, marker_count, layer_count
     cdef double time_before_layers
     cdef int toolchange_phase
     cdef long long moves, lines, size
@@ -306,6 +308,7 @@ cdef class Core:
         self.layers = []
         self.marker_layers = []
         self.marker_open = False
+        self.markers_seen = self.marker_count = self.layer_count = 0
         self.layer_z = -INFINITY
         self.z_offset = 0
         self.time_before_layers = 0.0
@@ -375,7 +378,9 @@ cdef class Core:
                     self.drain(0.0, offset)
                     self.time_before_layers = self.time
                     self.has_markers = True
-                self.marker_layers.append([offset, None])
+                self.markers_seen += 1
+                if len(self.marker_layers) < MAX_LAYER_ENTRIES:
+                    self.marker_layers.append([offset, None])
                 self.marker_open = True
             elif starts(body, body_n, b" CP TOOLCHANGE ", 15):
                 if starts(body, body_n, b" CP TOOLCHANGE UNLOAD", 21):
@@ -689,10 +694,14 @@ cdef class Core:
                 z = target[2]
                 if fabs(z - self.layer_z) > LAYER_TOLERANCE:
                     self.layer_z = z
-                    self.layers.append([self.z_offset, z])
+                    self.layer_count += 1
+                    if len(self.layers) < MAX_LAYER_ENTRIES:
+                        self.layers.append([self.z_offset, z])
                 if self.marker_open:
-                    self.marker_layers[len(self.marker_layers) - 1][1] = z
                     self.marker_open = False
+                    self.marker_count += 1
+                    if self.markers_seen == len(self.marker_layers):
+                        self.marker_layers[len(self.marker_layers) - 1][1] = z
         for axis in range(4):
             self.pos[axis] = target[axis]
         self._plan(dx, dy, dz, de, next_offset)
@@ -921,6 +930,8 @@ cdef class Core:
             "filament_before_layers": [self.filament_before_layers[tool] for tool in range(self.tools)],
             "print_box": _box(self.print_min, self.print_max),
             "travel_box": _box(self.travel_min, self.travel_max),
+            "layer_count": self.layer_count,
+            "marker_count": self.marker_count,
             "layers": [list(layer) for layer in self.layers],
             "marker_layers": [list(layer) for layer in self.marker_layers],
             "table": [list(pair) for pair in self.table],

@@ -33,6 +33,7 @@ WINDOW = 256
 KEEP = 64
 ARC_SEGMENT_MM = 1.0
 MAX_ARC_SEGMENTS = 100000.0
+MAX_LAYER_ENTRIES = 100000  # layers listed with offset and Z (all are counted)
 LONG_LINE = 1 << 20  # bytes of a line that are read; the rest of a longer line is skipped
 #: a previous block slower than this (mm/s) starts the next one from its safe speed (no junction)
 PREVIOUS_FEEDRATE_THRESHOLD = 0.0001
@@ -154,6 +155,11 @@ class Core:
         self.layer_z = -math.inf
         self.z_offset = 0  # offset of the line that last changed Z
         self.marker_layers = []  # [offset, z or None] from ;LAYER_CHANGE / ;LAYER:
+        self.has_markers = False
+        self.markers_seen = 0
+        self.marker_open = False  # the last marker has had no extrusion yet
+        self.marker_count = 0  # markers followed by an extrusion: the layers by marker
+        self.layer_count = 0  # layers by Z
         self.time_before_layers = 0.0  # seconds until the first layer marker
         self.toolchange_phase = 0  # 1: in a wipe tower's unload, 2: after its first retraction
         self.moves = 0
@@ -205,11 +211,15 @@ class Core:
         if text[:1] == b";":
             body = text[1:]
             if body.startswith(b"LAYER_CHANGE") or body.startswith(b"LAYER:"):
-                if not self.marker_layers:
+                if not self.has_markers:
                     # the start G-code ends here: the firmware's queue is drained to know its time
                     self.drain(0.0, offset)
                     self.time_before_layers = self.time
-                self.marker_layers.append([offset, None])
+                    self.has_markers = True
+                self.markers_seen += 1
+                if len(self.marker_layers) < MAX_LAYER_ENTRIES:
+                    self.marker_layers.append([offset, None])
+                self.marker_open = True
             elif body.startswith(b" CP TOOLCHANGE "):
                 # PrusaSlicer's wipe tower: after the unload's first retraction come cooling moves and the load
                 # of the next filament, which the slicer does not count as used filament
@@ -480,7 +490,7 @@ class Core:
         if de > 0.0 and xyz_moved and self.toolchange_phase != 2:
             # as slicers count it: what extruding moves push (retracts and their recovery cancel out)
             self.filament[self.tool] += de
-            if not self.marker_layers:
+            if not self.has_markers:
                 self.filament_before_layers[self.tool] += de
             if dx != 0.0 or dy != 0.0:
                 for axis in range(3):
@@ -492,9 +502,14 @@ class Core:
                 z = target[2]
                 if abs(z - self.layer_z) > LAYER_TOLERANCE:  # the parser's LayerChanged rule, so totals agree
                     self.layer_z = z
-                    self.layers.append([self.z_offset, z])
-                if self.marker_layers and self.marker_layers[-1][1] is None:
-                    self.marker_layers[-1][1] = z
+                    self.layer_count += 1
+                    if len(self.layers) < MAX_LAYER_ENTRIES:
+                        self.layers.append([self.z_offset, z])
+                if self.marker_open:  # the first extrusion after a marker gives that layer its Z
+                    self.marker_open = False
+                    self.marker_count += 1
+                    if self.markers_seen == len(self.marker_layers):
+                        self.marker_layers[-1][1] = z
         self.pos = target
         self._plan(dx, dy, dz, de, next_offset)
 
@@ -682,6 +697,8 @@ class Core:
             "filament_before_layers": list(self.filament_before_layers),
             "print_box": _box(self.print_min, self.print_max),
             "travel_box": _box(self.travel_min, self.travel_max),
+            "layer_count": self.layer_count,
+            "marker_count": self.marker_count,
             "layers": [list(layer) for layer in self.layers],
             "marker_layers": [list(layer) for layer in self.marker_layers],
             "table": [list(pair) for pair in self.table],
