@@ -494,3 +494,23 @@ def test_hostile_files_keep_memory_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(analysis, "THUMBNAIL_TEXT_LIMIT", 1000)
     path.write_bytes(b"; thumbnail begin 16x16 99999\n" + b"; iVBORw0KGgoAAAANSUhEUg\n" * 100 + b"G1 X1\n")
     assert analysis.analyse_file(path)["thumbnails"] == []
+
+
+def test_cli_analyse_draws_a_progress_bar_for_slow_files_only():
+    import io
+
+    from rich.console import Console
+
+    from zevents import analysis as commands
+
+    screen = io.StringIO()
+    out = io.StringIO()
+    # analyse_file reads in 1 MiB chunks: a smaller file gets its bar drawn once it is done
+    assert commands.run_analyse([str(PRUSA_SMALL)], as_json=True, out=out, progress_after=0.0,
+                                progress_console=Console(file=screen, force_terminal=True, width=100)) == 0
+    assert PRUSA_SMALL.name in screen.getvalue()
+    assert out.getvalue().count("\n") == 1
+    quiet = io.StringIO()
+    commands.run_analyse([str(PRUSA_SMALL)], as_json=True, out=io.StringIO(), progress_after=3600.0,
+                         progress_console=Console(file=quiet, force_terminal=True))
+    assert quiet.getvalue() == ""
