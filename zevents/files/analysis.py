@@ -302,7 +302,7 @@ def head_and_tail(path: str, size: int) -> tuple:
             handle.seek(max(HEAD_BYTES, size - TAIL_BYTES))
             tail = handle.read()
         else:
-            tail = b""
+            tail = head  # a small file: its config block is in the head
     return head, tail
 
 
