@@ -139,6 +139,19 @@ def parse(files: List[str] = typer.Argument(..., help="G-code files."),
     raise typer.Exit(analysis.run_parse(files, as_json, summary))
 
 
+@app.command()
+def analyse(files: List[str] = typer.Argument(..., help="G-code files."),
+            as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+            profile: Optional[str] = typer.Option(None, "--profile",
+                                                  help="Printer profile for the limits the file does not set."),
+            thumbnails: Optional[str] = typer.Option(None, "--thumbnails", metavar="DIR",
+                                                     help="Save the embedded thumbnails in DIR.")):
+    """Metadata analysis: print time planned as firmware does, filament, layers, slicer header, thumbnails."""
+    from zevents import analysis
+
+    raise typer.Exit(analysis.run_analyse(files, as_json, profile, thumbnails))
+
+
 hooks_app = typer.Typer(help="Event hooks: OctoPrint's events.subscriptions, run from the bus.  `zevents hooks` alone "
                              "runs the hooks service; `zevents hooks test EVENT` shows what would run.")
 app.add_typer(hooks_app, name="hooks")

@@ -138,8 +138,21 @@ class Jobs(LinkListener):
         self._sd_poller: threading.Thread | None = None
         self._poll_wakeup = threading.Event()  # never set: a stoppable sleep for the M27 poller
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobs")
+        self.estimate = None  # the metadata analysis of the running local print (zevents.files.analysis)
+        link._emit_fn = self._with_layer_total(link._emit_fn)
 
     # --- plumbing ------------------------------------------------------------------------------------------------
+
+    def _with_layer_total(self, emit_fn):
+        """LayerChanged gets its ``total`` from the analysis when the file has no layer markers (the parser counts
+        the layers of marked files itself)."""
+        def emit(name, payload, src):
+            estimate = self.estimate
+            if name == "LayerChanged" and estimate is not None and not estimate.layers_from_markers \
+                    and payload.get("total") is None:
+                payload = dict(payload, total=estimate.layers)
+            emit_fn(name, payload, src)
+        return emit
 
     def submit(self, fn, *args, **kwargs) -> concurrent.futures.Future:
         """Run a (blocking) job operation on the jobs worker, after the ones already queued."""
@@ -266,8 +279,12 @@ class Jobs(LinkListener):
             self.started = time.monotonic()
             self.progress_percent, self.fileposition = 0.0, 0
             self.source = source
+            from zevents.files.analysis import estimate_for
+
+            self.estimate = estimate_for(ref.path)
             self._state("PRINTING")
-            self.emit("PrintStarted", ref.payload(user) | {"user": user})
+            self.emit("PrintStarted", ref.payload(user) | {"user": user, "estimatedPrintTime": (
+                self.estimate.total if self.estimate is not None else None)})
             self._chart("print", "Start")
         self.run_script("beforePrintStarted", wait=False)
         try:
@@ -289,9 +306,11 @@ class Jobs(LinkListener):
         self.progress_percent, self.fileposition = float(percent), fileposition
         ref = self.active
         if ref is not None:
+            estimate = self.estimate if ref.origin == "local" else None
             self.emit("PrintProgress", {"name": ref.name, "path": ref.path, "origin": ref.origin,
                                         "progress": percent, "fileposition": fileposition,
-                                        "time": self._elapsed()})
+                                        "time": self._elapsed(), "printTimeLeft": (
+                                            estimate.time_left(fileposition) if estimate is not None else None)})
 
     def on_source_exhausted(self, source):
         if isinstance(source, UploadSource):
@@ -334,6 +353,7 @@ class Jobs(LinkListener):
             self.source.close()
         self.source = None
         self.active = None
+        self.estimate = None
         self.started = None
         self._finish_after_resume = None
 
@@ -594,6 +614,7 @@ class Jobs(LinkListener):
 
     def _start_sd(self, ref: FileRef, user: str | None) -> dict:
         self.active, self.user = ref, user
+        self.estimate = None  # the file is on the printer: nothing to analyse here
         self.started = time.monotonic()
         self.progress_percent, self.fileposition = None, 0
         self.source = None

@@ -1,0 +1,1 @@
+"""The files service: storage, watched folder, metadata analysis."""
