@@ -232,7 +232,8 @@ class Capturer:
 
     def recover(self, snapshot: list):
         """Jobs left ``capturing`` by a capture process that died: resumed when their print still runs (the
-        broker's snapshot says its PrintStarted is the latest print event), else closed as failed prints."""
+        broker's snapshot says its PrintStarted is the latest print event), else closed as failed prints.  A print
+        that runs with no job (the service started mid-print) gets one from now on."""
         latest: dict = {}
         for envelope in snapshot:
             if envelope.name in ("PrintStarted",) + END_EVENTS:
@@ -252,6 +253,10 @@ class Capturer:
                 active = ActiveJob(job, job.printer, data.get("gcode") or "unknown", data.get("path"))
                 active.worker = asyncio.ensure_future(self._work(active))
                 self._end(active, success=False)
+        for printer, envelope in latest.items():
+            if envelope.name == "PrintStarted" and printer not in self.active:
+                log.info("timelapse: a print of %s runs already; capturing from now", printer)
+                self._open(printer, envelope.payload)
 
     async def close(self):
         for active in list(self.active.values()):
