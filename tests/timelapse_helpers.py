@@ -32,9 +32,11 @@ def png(size=(64, 48)) -> bytes:
 
 class Camera:
     """``answer(n)`` → one of "good", "html", "empty", "hang", "stream", "error", "png", "truncated" for request n
-    (1-based).  Serves on a free loopback port; ``url``; ``close()``."""
+    (1-based); a good answer is ``frame``, or a JPEG drawn for that request.  Serves on a free loopback port;
+    ``url``; ``close()``."""
 
-    def __init__(self, answer=lambda n: "good", auth: str | None = None, user="cam", password="secret"):
+    def __init__(self, answer=lambda n: "good", auth: str | None = None, user="cam", password="secret",
+                 frame: bytes | None = None):
         self.answer = answer
         self.requests = 0
         self.lock = threading.Lock()
@@ -43,6 +45,7 @@ class Camera:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
 
             def do_GET(self):
                 if auth and not camera._authorised(self, auth, user, password):
@@ -68,7 +71,7 @@ class Camera:
                 if kind == "error":
                     self.send_error(500, "camera busy")
                     return
-                body, ctype = {"good": (jpeg(number), "image/jpeg"), "png": (png(), "image/png"),
+                body, ctype = {"good": (frame or jpeg(number), "image/jpeg"), "png": (png(), "image/png"),
                                "html": (b"<html><body><h1>403 Forbidden</h1></body></html>" * 4, "text/html"),
                                "empty": (b"", "image/jpeg"),
                                "truncated": (jpeg(number)[:-200], "image/jpeg")}[kind]

@@ -35,6 +35,7 @@ log = logging.getLogger("zevents.timelapse.capture")
 MAX_PENDING = 64          # captures waiting per job; beyond that a trigger is dropped (its frame would be late)
 DEFAULT_PRINTER = "printer"
 END_EVENTS = ("PrintDone", "PrintFailed")
+CAPTURE_NICENESS = 5
 
 
 class ActiveJob:
@@ -293,6 +294,8 @@ def run(config, conn=None, stop: threading.Event | None = None, ready: threading
         _die_with_parent()
         if os.getppid() == 1:
             return 0
+        # On a small board the printer link comes first: capture takes the CPU it leaves (frames wait, lines don't).
+        os.nice(CAPTURE_NICENESS)
     settings = tl_settings.resolve(config)
     stop = stop or threading.Event()
     if conn is not None:

@@ -202,6 +202,7 @@ class VirtualCamera:
 class _Handler(BaseHTTPRequestHandler):
     camera: VirtualCamera = None
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True   # headers and body go out in two writes: no 40 ms delayed-ACK stall
 
     def do_GET(self):
         if self.path.split("?")[0] not in ("/snapshot", "/") or (self.path.startswith("/?") and
@@ -236,6 +237,7 @@ def run(config) -> int:
     from zevents.timelapse.store import write_json_atomic
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.nice(10)   # a stand-in for a camera's own hardware: its drawing must not take the link's CPU
     settings = config.get("timelapse", "virtual_camera") or {}
     camera = VirtualCamera(int(settings.get("width", 640)), int(settings.get("height", 480)))
     stop = threading.Event()
@@ -245,6 +247,7 @@ def run(config) -> int:
                                 events=["PrintStarted", "PrintProgress", "LayerChanged", "PrintDone"])
     server = serve(camera, int(settings.get("port", 0)))
     url_file = zconfig.runtime_dir() / config.node / VIRTUAL_CAMERA_FILE
+    url_file.parent.mkdir(mode=0o700, exist_ok=True)
     url = f"http://127.0.0.1:{server.server_address[1]}/snapshot"
     write_json_atomic(url_file, {"url": url, "pid": os.getpid()})
     log.info("camera: virtual camera at %s", url)
