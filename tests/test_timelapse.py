@@ -365,3 +365,47 @@ def test_old_unrendered_jobs_are_cleaned(tmp_path):
         os.utime(path, (1, 1))
     assert store.clean_old(config, 7) == [old.id]
     assert [j.id for j in store.jobs(config)] == [new.id]
+
+
+# --- OctoPrint's modes --------------------------------------------------------------------------------------------
+
+def run_capture(tmp_path, bus_config, modes, options, publish_steps, expect_done: int, exact: bool = True):
+    camera = Camera()
+    config = make_config(tmp_path, bus_config, cameras=[{"name": "cam", "snapshot": camera.url}], modes=modes)
+    config.data["webcam"]["timelapse"]["options"].update(options)
+    watch = bus.Subscriber(bus_config, groups=["timelapse"], events=["CaptureDone"])
+    worker = CaptureThread(config)
+    publisher = bus.Publisher(bus_config, src="job")
+    try:
+        publisher.publish("PrintStarted", {"name": "m.gcode", "path": "/tmp/m.gcode", "origin": "local"})
+        for name, payload in publish_steps:
+            publisher.publish(name, payload)
+        collect(watch, expect_done)
+        publisher.publish("PrintDone", {"name": "m.gcode", "path": "/tmp/m.gcode", "origin": "local", "time": 1})
+        job = wait_for(lambda: next((j for j in store.jobs(config) if j.read().get("state") == "captured"), None))
+        assert not exact or watch.recv(timeout=0.5) is None
+    finally:
+        worker.close()
+        publisher.close()
+        watch.close()
+        camera.close()
+    return job.read()["frames"]
+
+
+def test_zchange_skips_z_hops_and_layer_changes_do_not_count(tmp_path, bus_config, running_broker):
+    steps = [("ZChange", {"new": 0.2, "old": 0.0}), ("LayerChanged", {"layer": 1, "z": 0.2, "old_z": None}),
+             ("ZChange", {"new": 0.6, "old": 0.2}),          # a z-hop of exactly retractionZHop: no frame
+             ("ZChange", {"new": 0.4, "old": 0.6}), ("ZChange", {"new": 0.6, "old": 0.4})]
+    assert run_capture(tmp_path, bus_config, ["zchange"], {"retractionZHop": 0.4, "minDelay": 0}, steps, 3) == 3
+
+
+def test_zchange_min_delay_rate_limits(tmp_path, bus_config, running_broker):
+    steps = [("ZChange", {"new": 0.2 * i, "old": 0.2 * (i - 1)}) for i in range(1, 6)]
+    assert run_capture(tmp_path, bus_config, ["zchange"], {"minDelay": 600}, steps, 1) == 1
+
+
+def test_layer_and_timed_at_once(tmp_path, bus_config, running_broker):
+    steps = [("LayerChanged", {"layer": 1, "z": 0.2, "old_z": None})]
+    # timed: a frame at once at PrintStarted and one a second later; layer: one more
+    frames = run_capture(tmp_path, bus_config, ["layer", "timed"], {"interval": 1}, steps, 3, exact=False)
+    assert frames >= 3

@@ -171,3 +171,67 @@ def test_cli_snapshot(short_tmp):
         assert bad.returncode == 1 and "not a JPEG or PNG image" in bad.stderr
     finally:
         camera.close()
+
+
+def children(pid: int) -> list:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+            except (OSError, ValueError):
+                continue
+    return found
+
+
+def capture_processes(pid: int) -> list:
+    """The service's multiprocessing children that run capture (not its resource tracker)."""
+    found = []
+    for child in children(pid):
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(child)
+        except OSError:
+            continue
+    return found
+
+
+def test_capture_process_killed_mid_print_resumes_the_same_job(short_tmp, bus_config, running_broker):
+    camera = Camera()
+    path = write_config(short_tmp, bus_config, timelapse={"cameras": [{"name": "c", "snapshot": camera.url}]})
+    config = zconfig.load(path)
+    watch = bus.Subscriber(bus_config, groups=["timelapse"], events=["CaptureDone", "MovieDone", "MovieFailed"])
+    started = bus.Subscriber(bus_config, groups=["sys"], events=["ServiceStarted"])
+    publisher = bus.Publisher(bus_config, src="job")
+    service = subprocess.Popen([sys.executable, "-m", "zevents.service", "timelapse", "-c", str(path)],
+                               stdin=subprocess.DEVNULL)
+    job_payload = {"name": "k.gcode", "path": "/tmp/k.gcode", "origin": "local"}
+    try:
+        collect(started, 1, timeout=120)
+        publisher.publish("PrintStarted", job_payload)
+        for layer in (1, 2, 3):
+            publisher.publish("LayerChanged", {"layer": layer, "z": layer * 0.2, "old_z": None})
+        first = collect(watch, 3, timeout=60)
+        (capture_pid,) = capture_processes(service.pid)
+        os.kill(capture_pid, signal.SIGKILL)
+        wait_for(lambda: [p for p in capture_processes(service.pid) if p != capture_pid], timeout=60,
+                 message="a new capture process")
+        # resumed (its subscriber is up by then: what is published next reaches it)
+        wait_for(lambda: any(j.read().get("resumed") for j in store.jobs(config)), timeout=60,
+                 message="the job resumed")
+        for layer in (4, 5):
+            publisher.publish("LayerChanged", {"layer": layer, "z": layer * 0.2, "old_z": None})
+        second = collect(watch, 2, timeout=60)
+        publisher.publish("PrintDone", dict(job_payload, time=1.0))
+        done = collect(watch, 1, timeout=120, names={"MovieDone", "MovieFailed"})[0]
+    finally:
+        service.terminate()
+        service.wait(30)
+        for sub in (watch, started):
+            sub.close()
+        publisher.close()
+        camera.close()
+    folders = {Path(e.payload["file"]).parent for e in first + second}
+    assert len(folders) == 1                       # the same job before and after the kill
+    assert done.name == "MovieDone" and probe(done.payload["movie"])["frames"] == 5

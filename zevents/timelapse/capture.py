@@ -249,6 +249,7 @@ class Capturer:
             if started is not None and started.name == "PrintStarted" and \
                     started.payload.get("path") == data.get("path") and job.printer not in self.active:
                 log.info("timelapse: resuming capture of %s", job.id)
+                job.update(resumed=time.time())
                 self._open(job.printer, started.payload, job)
             else:
                 active = ActiveJob(job, job.printer, data.get("gcode") or "unknown", data.get("path"))
