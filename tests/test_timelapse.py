@@ -126,6 +126,21 @@ def test_camera_auth(auth):
         camera.close()
 
 
+@pytest.mark.skipif(not __import__("shutil").which("openssl"), reason="no openssl to make a certificate")
+def test_https_camera_with_and_without_certificate_validation(tmp_path):
+    from timelapse_helpers import self_signed
+
+    camera = Camera(tls=self_signed(tmp_path))
+    try:
+        assert camera.url.startswith("https://")
+        with pytest.raises(sources.FrameError, match="(?i)certificate"):
+            sources.snapshot_once(tl_settings.Camera(name="t", snapshot=camera.url, retries=0))
+        unchecked = tl_settings.Camera(name="t", snapshot=camera.url, retries=0, ssl_validation=False)
+        assert sources.image_kind(sources.snapshot_once(unchecked)) == "jpeg"
+    finally:
+        camera.close()
+
+
 def test_command_camera_and_its_timeout(tmp_path):
     image = tmp_path / "f.jpg"
     from timelapse_helpers import jpeg
@@ -409,3 +424,24 @@ def test_layer_and_timed_at_once(tmp_path, bus_config, running_broker):
     # timed: a frame at once at PrintStarted and one a second later; layer: one more
     frames = run_capture(tmp_path, bus_config, ["layer", "timed"], {"interval": 1}, steps, 3, exact=False)
     assert frames >= 3
+
+
+@pytest.mark.parametrize("after, success, renders", [
+    ("always", True, True), ("always", False, True), ("success", True, True), ("success", False, False),
+    ("failure", False, True), ("failure", True, False), ("off", True, False), ("never", False, False)])
+def test_render_after_print_as_octoprint(tmp_path, after, success, renders):
+    config = make_config(tmp_path)
+    config.data["webcam"]["timelapse"]["renderAfterPrint"] = after
+    assert tl_settings.resolve(config).should_render(success) is renders
+
+
+def test_stale_partial_movies_are_removed_unless_their_render_runs(tmp_path):
+    config = make_config(tmp_path)
+    running, dead = captured_job(config, 1), captured_job(config, 1)
+    folder = store.movie_folder(config, "printer")
+    folder.mkdir(parents=True)
+    for job in (running, dead):
+        (folder / f".{job.id}.part.mp4").write_bytes(b"half a movie")
+    with running.lock():
+        assert store.remove_stale_parts(config) == [f".{dead.id}.part.mp4"]
+    assert (folder / f".{running.id}.part.mp4").exists()

@@ -33,10 +33,10 @@ def png(size=(64, 48)) -> bytes:
 class Camera:
     """``answer(n)`` → one of "good", "html", "empty", "hang", "stream", "error", "png", "truncated" for request n
     (1-based); a good answer is ``frame``, or a JPEG drawn for that request.  Serves on a free loopback port;
-    ``url``; ``close()``."""
+    ``url``; ``close()``.  ``tls``: (certificate file, key file) to serve HTTPS."""
 
     def __init__(self, answer=lambda n: "good", auth: str | None = None, user="cam", password="secret",
-                 frame: bytes | None = None):
+                 frame: bytes | None = None, tls: tuple | None = None):
         self.answer = answer
         self.requests = 0
         self.lock = threading.Lock()
@@ -86,9 +86,17 @@ class Camera:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        scheme = "http"
+        if tls is not None:   # (certificate, key) files
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/snapshot"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/snapshot"
 
     @staticmethod
     def _authorised(handler, kind, user, password) -> bool:
@@ -122,6 +130,15 @@ class Camera:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(5)
+
+
+def self_signed(directory) -> tuple:
+    """A throw-away certificate for 127.0.0.1 (openssl, as a camera's own would be)."""
+    cert, key = f"{directory}/cam.crt", f"{directory}/cam.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
 
 
 def every(n: int, bad: str):

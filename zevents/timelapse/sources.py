@@ -118,7 +118,7 @@ class Source:
         url = self._url()
         timeout = aiohttp.ClientTimeout(total=camera.timeout)
         try:
-            async with self._session.get(url, timeout=timeout, ssl=None if camera.ssl_validation else False,
+            async with self._session.get(url, timeout=timeout, ssl=True if camera.ssl_validation else False,
                                          allow_redirects=True) as response:
                 if response.status != 200:
                     raise FrameError(f"HTTP {response.status} {response.reason or ''} from {url}".strip())

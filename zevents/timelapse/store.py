@@ -210,13 +210,25 @@ def clean_old(config, days: int, now: float | None = None) -> list:
     return removed
 
 
-def remove_stale_parts(config):
-    """Half-written movies of renders that were killed: never shown as movies, deleted at start-up."""
+def remove_stale_parts(config) -> list:
+    """Half-written movies of renders that were killed: never shown as movies, deleted at start-up — except the
+    one a render still running elsewhere (`zevents timelapse render`) is writing: its job is locked."""
     base = root(config)
+    removed = []
     if not base.is_dir():
-        return
+        return removed
     for printer in base.iterdir():
         if printer.is_dir() and printer.name != "tmp":
             for path in printer.glob(".*.part.*"):
-                with contextlib.suppress(OSError):
-                    path.unlink()
+                job_id = path.name[1:].split(".part.", 1)[0]
+                job = Job(tmp_root(config) / printer.name / job_id.removesuffix("-fail"))
+                try:
+                    if job.path.is_dir():
+                        with job.lock():
+                            path.unlink()
+                    else:
+                        path.unlink()
+                    removed.append(path.name)
+                except (StoreError, OSError):
+                    continue
+    return removed
