@@ -445,3 +445,21 @@ def test_stale_partial_movies_are_removed_unless_their_render_runs(tmp_path):
     with running.lock():
         assert store.remove_stale_parts(config) == [f".{dead.id}.part.mp4"]
     assert (folder / f".{running.id}.part.mp4").exists()
+
+
+def test_capture_started_mid_print_films_it_from_then_on(tmp_path, bus_config, running_broker):
+    camera, config = capture_setup(tmp_path, bus_config, lambda n: "good")
+    publisher = bus.Publisher(bus_config, src="job")
+    publisher.publish_confirmed("PrintStarted", {"name": "late.gcode", "path": "/tmp/late.gcode", "origin": "local"})
+    watch = bus.Subscriber(bus_config, groups=["timelapse"], events=["CaptureDone"])
+    worker = CaptureThread(config)
+    try:
+        publisher.publish("LayerChanged", {"layer": 7, "z": 1.4, "old_z": None})
+        (done,) = collect(watch, 1)
+    finally:
+        worker.close()
+        publisher.close()
+        watch.close()
+        camera.close()
+    (job,) = store.jobs(config)
+    assert done.payload["file"] == str(job.frame(1)) and job.read()["gcode"] == "late.gcode"

@@ -113,11 +113,12 @@ def test_service_waits_for_the_print_to_end_before_rendering(short_tmp, bus_conf
                                                  "origin": "local"})
     job = captured_job(config, 5)
     watch = bus.Subscriber(bus_config, groups=["timelapse"], events=["MovieRendering", "MovieDone"])
+    started = bus.Subscriber(bus_config, groups=["sys"], events=["ServiceStarted"])
     service = subprocess.Popen([sys.executable, "-m", "zevents.service", "timelapse", "-c", str(path)],
                                stdin=subprocess.DEVNULL)
     try:
-        # it is up (its capture opened a job for the running print) and has rendered nothing
-        wait_for(lambda: len(store.jobs(config)) == 2, timeout=60, message="the capture of the running print")
+        # it is up (no camera: capture off, renders still served) and has rendered nothing
+        collect(started, 1, timeout=120)
         assert watch.recv(timeout=1.0) is None and job.read()["state"] == "captured"
         publisher.publish("PrintDone", {"name": "other.gcode", "path": "/tmp/other.gcode", "origin": "local",
                                         "time": 1.0})
@@ -126,6 +127,7 @@ def test_service_waits_for_the_print_to_end_before_rendering(short_tmp, bus_conf
         service.terminate()
         service.wait(30)
         watch.close()
+        started.close()
         publisher.close()
     assert [e.name for e in events] == ["MovieRendering", "MovieDone"]
     assert events[0].payload["movie_basename"].startswith(job.id)

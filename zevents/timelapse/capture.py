@@ -68,8 +68,6 @@ class Capturer:
         self.active: dict[str, ActiveJob] = {}
         self.sources: dict[str, Source] = {}
         self.publishers: dict[str, bus.Publisher] = {}
-        self.idle = asyncio.Event()
-        self.idle.set()
         self.stats = collections.Counter()
 
     # --- publishing -------------------------------------------------------------------------------------------
@@ -132,7 +130,6 @@ class Capturer:
                 log.warning("timelapse: the camera cannot keep up; %d %s frames skipped", active.dropped, why)
             return
         active.last_capture = time.monotonic()
-        self.idle.clear()
         active.queue.put_nowait(("capture", None))
 
     async def _timed(self, active: ActiveJob):
@@ -144,7 +141,6 @@ class Capturer:
         active.ended = True
         if active.timer is not None:
             active.timer.cancel()
-        self.idle.clear()
         active.queue.put_nowait(("end", success))
         if self.active.get(active.printer) is active:
             del self.active[active.printer]
@@ -162,13 +158,6 @@ class Capturer:
                     return
             except Exception:
                 log.exception("timelapse: capture of %s failed unexpectedly", active.job.id)
-            finally:
-                if active.queue.empty():
-                    self._check_idle()
-
-    def _check_idle(self):
-        if all(a.queue.empty() for a in self.active.values()):
-            self.idle.set()
 
     def source_for(self, printer: str) -> Source | None:
         camera = self.settings.camera_for(None if printer == DEFAULT_PRINTER else printer)

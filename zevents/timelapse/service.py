@@ -28,6 +28,7 @@ log = logging.getLogger("zevents.timelapse")
 LOOP_TICK = 0.2
 CLEAN_EVERY = 3600.0
 RETRY_BACKOFF = 2.0
+CAPTURE_BACKOFF_START, CAPTURE_BACKOFF_MAX = 0.2, 30.0
 
 
 class TimelapseService:
@@ -41,6 +42,9 @@ class TimelapseService:
         self.render_thread: threading.Thread | None = None
         self.capture_process = None
         self.conn = None
+        self.capture_backoff = CAPTURE_BACKOFF_START
+        self.capture_restart_at = None
+        self.capture_started = 0.0
         self.publishers: dict = {}
         self._publish_lock = threading.Lock()
         self.next_clean = 0.0
@@ -131,6 +135,8 @@ class TimelapseService:
     def tick(self):
         self._read_capture()
         now = time.monotonic()
+        if self.capture_backoff > CAPTURE_BACKOFF_START and now - self.capture_started > 60:
+            self.capture_backoff = CAPTURE_BACKOFF_START
         if now >= self.next_clean:
             self.next_clean = now + CLEAN_EVERY
             for removed in store.clean_old(self.config, self.settings.clean_after_days):
@@ -172,11 +178,26 @@ class TimelapseService:
             envelope = self.subscriber.recv(timeout=LOOP_TICK)
             if envelope is not None:
                 self.on_event(envelope)
-            if self.capture_process is not None and not self.capture_process.is_alive():
-                log.error("timelapse: the capture process exited (code %s); restarting it",
-                          self.capture_process.exitcode)
-                self.start_capture()
+            self._watch_capture()
             self.tick()
+
+    def _watch_capture(self):
+        """A capture process that died is started again, after a backoff that doubles while it keeps dying."""
+        process = self.capture_process
+        if process is None or process.is_alive():
+            return
+        now = time.monotonic()
+        if self.capture_restart_at is None:
+            log.error("timelapse: the capture process exited (code %s); restarting it in %.1f s", process.exitcode,
+                      self.capture_backoff)
+            self.capture_restart_at = now + self.capture_backoff
+            self.capture_backoff = min(self.capture_backoff * 2, CAPTURE_BACKOFF_MAX)
+        elif now >= self.capture_restart_at:
+            self.capture_restart_at = None
+            if self.conn is not None:
+                self.conn.close()
+            self.start_capture()
+            self.capture_started = now
 
     def stop(self, *_):
         self.stop_event.set()
@@ -203,7 +224,8 @@ def run(config) -> int:
     signal.signal(signal.SIGTERM, service.stop)
     signal.signal(signal.SIGINT, service.stop)
     if not service.settings.enabled:
-        log.info("timelapse: off (timelapse.enabled, webcam.timelapseEnabled or timelapse.modes)")
+        log.info("timelapse: capture off (no camera, or timelapse.enabled, webcam.timelapseEnabled, "
+                 "timelapse.modes say so); rendering what is waiting")
     service.recover()
     if service.settings.enabled:
         service.start_capture()

@@ -291,7 +291,9 @@ def resolve(config) -> Settings:
     modes = section.get("modes")
     if modes is None:
         modes = [tl["type"]] if tl.get("type") in ("zchange", "timed") else ["layer"]
-    enabled = bool(section.get("enabled", True)) and bool(webcam.get("timelapseEnabled", True)) and bool(modes)
+    # OctoPrint's precondition too: no snapshot camera, no timelapse.
+    enabled = bool(section.get("enabled", True)) and bool(webcam.get("timelapseEnabled", True)) and bool(modes) \
+        and bool(cameras)
     ffmpeg = webcam.get("ffmpeg") or shutil.which("ffmpeg")
     interval = options.get("interval")
     return Settings(
