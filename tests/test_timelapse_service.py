@@ -57,6 +57,7 @@ def ffmpeg_pids(marker: str) -> list:
     return pids
 
 
+@pytest.mark.timeout(600)
 def test_demo_films_the_virtual_print_one_frame_per_layer(short_tmp):
     from zevents import demo
     from zevents.printer.virtual.camera import Toolpath
@@ -75,6 +76,7 @@ def test_demo_films_the_virtual_print_one_frame_per_layer(short_tmp):
     assert Path(f"{movie}.thumb.jpg").exists() and store.jobs(zconfig.load(path)) == []
 
 
+@pytest.mark.timeout(600)
 def test_service_killed_mid_render_renders_the_whole_movie_after_restart(short_tmp, bus_config, running_broker):
     path = write_config(short_tmp, bus_config)
     config = zconfig.load(path)
@@ -199,6 +201,7 @@ def capture_processes(pid: int) -> list:
     return found
 
 
+@pytest.mark.timeout(600)
 def test_capture_process_killed_mid_print_resumes_the_same_job(short_tmp, bus_config, running_broker):
     camera = Camera()
     path = write_config(short_tmp, bus_config, timelapse={"cameras": [{"name": "c", "snapshot": camera.url}]})
