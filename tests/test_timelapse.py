@@ -462,3 +462,15 @@ def test_capture_started_mid_print_films_it_from_then_on(tmp_path, bus_config, r
         camera.close()
     (job,) = store.jobs(config)
     assert done.payload["file"] == str(job.frame(1)) and job.read()["gcode"] == "late.gcode"
+
+
+def test_a_custom_thumbnail_command_line_is_run(tmp_path):
+    config = make_config(tmp_path)
+    config.data["webcam"]["ffmpegThumbnailCommandline"] = '{ffmpeg} -i "{input}" -frames:v 1 -vf scale=32:-1 "{output}"'
+    job = captured_job(config, 10)
+    assert render.render(config, tl_settings.resolve(config), job, lambda n, p: None) == "done"
+    (movie,) = store.movies(config)
+    from PIL import Image
+
+    with Image.open(f"{movie}.thumb.jpg") as thumb:
+        assert thumb.size[0] == 32
