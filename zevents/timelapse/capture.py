@@ -53,6 +53,7 @@ class ActiveJob:
         self.worker: asyncio.Task | None = None
         self.ended = False
         self.dropped = 0
+        self.started_by = None        # (epoch, seq) of its PrintStarted
 
 
 class Capturer:
@@ -86,9 +87,11 @@ class Capturer:
         name, payload = envelope.name, envelope.payload or {}
         active = self.active.get(printer)
         if name == "PrintStarted":
+            if active is not None and active.started_by == (envelope.epoch, envelope.seq):
+                return  # published while we started: seen in the broker's snapshot already
             if active is not None:
                 self._end(active, success=False)
-            self._open(printer, payload)
+            self._open(printer, payload).started_by = (envelope.epoch, envelope.seq)
         elif active is None or active.ended:
             return
         elif name == "LayerChanged" and "layer" in self.settings.modes:
@@ -239,7 +242,7 @@ class Capturer:
                     started.payload.get("path") == data.get("path") and job.printer not in self.active:
                 log.info("timelapse: resuming capture of %s", job.id)
                 job.update(resumed=time.time())
-                self._open(job.printer, started.payload, job)
+                self._open(job.printer, started.payload, job).started_by = (started.epoch, started.seq)
             else:
                 active = ActiveJob(job, job.printer, data.get("gcode") or "unknown", data.get("path"))
                 active.worker = asyncio.ensure_future(self._work(active))
@@ -247,7 +250,7 @@ class Capturer:
         for printer, envelope in latest.items():
             if envelope.name == "PrintStarted" and printer not in self.active:
                 log.info("timelapse: a print of %s runs already; capturing from now", printer)
-                self._open(printer, envelope.payload)
+                self._open(printer, envelope.payload).started_by = (envelope.epoch, envelope.seq)
 
     async def close(self):
         for active in list(self.active.values()):
