@@ -8,8 +8,9 @@ Everything runs as in production: the broker, the timelapse service (with its ca
 and the virtual camera are processes of their own; the camera of the first two figures is an http.server thread
 of this process answering a 640×480 JPEG.  Latency is the broker's timestamp of CaptureDone minus that of its
 LayerChanged, one layer at a time (no queueing).  Throughput: layers published as fast as frames come back, at most
-32 ahead, counted from the first LayerChanged to the last CaptureDone.  The baselines use the same HTTP client
-(aiohttp, one session) in a loop.  Render: the service's ``render()`` (ffmpeg niced, ``-progress`` parsed, events,
+32 ahead, counted from the first LayerChanged to the last CaptureDone, with the capture process's CPU per frame
+beside it (the capture process runs niced 5 above this one: on a loaded machine its rate says more about the
+scheduler than about its code).  The baselines use the same HTTP client (aiohttp, one session) in a loop.  Render: the service's ``render()`` (ffmpeg niced, ``-progress`` parsed, events,
 temp name + rename, the thumbnail) against the same ffmpeg command run plainly with the same niceness, alternating,
 the fastest of ROUNDS each (medians in extra_info).  Line rate: the bundled demo cube printed on the virtual printer (speed 0: instant) with
 the timelapse service and the virtual camera running (one frame per layer) and without them, alternating; beside
@@ -101,6 +102,19 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def capture_child(pid: int) -> int:
+    """The timelapse service's capture process (its multiprocessing child, not the resource tracker)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == pid and b"spawn_main" in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    return int(entry)
+            except (OSError, ValueError):
+                continue
+    raise AssertionError("no capture process")
+
+
 def percentile(values, q):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -154,6 +168,8 @@ def test_capture_latency_and_rate(benchmark, figures, node):
             fetch = plain_fetches(camera.url, LATENCY_LAYERS)
             result["fetch_p50"] = percentile(fetch, 0.5) * 1000
             # sustained: keep AHEAD layers outstanding
+            capture_pid = capture_child(service.pid)
+            cpu_before = process_cpu(capture_pid)
             first_ts = last_ts = None
             published = done = 0
             while done < THROUGHPUT_FRAMES:
@@ -168,9 +184,12 @@ def test_capture_latency_and_rate(benchmark, figures, node):
                     done += 1
                     last_ts = envelope.ts
             result["fps"] = THROUGHPUT_FRAMES / ((last_ts - first_ts) / 1e6)
-            begin = time.perf_counter()
+            result["capture_cpu_ms_per_frame"] = (process_cpu(capture_pid) - cpu_before) / THROUGHPUT_FRAMES * 1000
+            begin, cpu_begin = time.perf_counter(), time.process_time()
             plain_fetches(camera.url, THROUGHPUT_FRAMES)
             result["plain_fps"] = THROUGHPUT_FRAMES / (time.perf_counter() - begin)
+            # (this process also serves the camera: its CPU per fetch is client + server)
+            result["plain_cpu_ms_per_fetch"] = (time.process_time() - cpu_begin) / THROUGHPUT_FRAMES * 1000
 
         benchmark.pedantic(measure, rounds=1, iterations=1)
         publisher.publish("PrintFailed", {"name": "bench.gcode", "path": "/tmp/bench.gcode", "origin": "local",
@@ -185,6 +204,8 @@ def test_capture_latency_and_rate(benchmark, figures, node):
                 result["fetch_p50"], "plain fetch p50")
     figures.add("timelapse", "capture latency p99", result["p99"], "ms", result["fetch_p50"], "plain fetch p50")
     figures.add("timelapse", "frames/s sustained", result["fps"], "fps", result["plain_fps"], "plain fetch loop")
+    figures.add("timelapse", "capture process CPU per frame", result["capture_cpu_ms_per_frame"], "ms",
+                result["plain_cpu_ms_per_fetch"], "plain fetch + serving it")
 
 
 def test_render_against_plain_ffmpeg(benchmark, figures):
