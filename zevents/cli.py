@@ -337,6 +337,47 @@ def profile_default(identifier: Optional[str] = typer.Argument(None, help="Make 
     from zevents.printer import profile_commands
 
     raise typer.Exit(profile_commands.run_default(load_config(config), identifier))
+# --- timelapse ---------------------------------------------------------------------------------------------------
+timelapse_app = typer.Typer(no_args_is_help=True, help="Timelapse movies and unrendered frames.")
+app.add_typer(timelapse_app, name="timelapse")
+
+
+@timelapse_app.command("ls")
+def timelapse_ls(as_json: bool = typer.Option(False, "--json", help="One JSON document."),
+                 config: Optional[str] = ConfigOption):
+    """Movies and unrendered jobs (frames waiting, failed renders)."""
+    from zevents.timelapse import commands
+
+    raise typer.Exit(commands.run_ls(load_config(config), as_json))
+
+
+@timelapse_app.command("render")
+def timelapse_render(job: str = typer.Argument(..., help="An unrendered job (`zevents timelapse ls`)."),
+                     force: bool = typer.Option(False, "--force", help="Render even while the printer prints."),
+                     config: Optional[str] = ConfigOption):
+    """Render a job's frames into a movie now; prints the movie's path."""
+    from zevents.timelapse import commands
+
+    raise typer.Exit(commands.run_render(load_config(config), job, force))
+
+
+@timelapse_app.command("rm")
+def timelapse_rm(name: str = typer.Argument(..., help="A movie or an unrendered job."),
+                 config: Optional[str] = ConfigOption):
+    """Delete a movie (and its thumbnail) or an unrendered job's frames."""
+    from zevents.timelapse import commands
+
+    raise typer.Exit(commands.run_rm(load_config(config), name))
+
+
+@app.command()
+def snapshot(out: Optional[str] = typer.Option(None, "--out", "-o", help="Where to write it (default snapshot.jpg)."),
+             printer: Optional[str] = typer.Option(None, "--printer", help="Whose camera (timelapse.cameras)."),
+             config: Optional[str] = ConfigOption):
+    """Take one frame now from the configured camera, to test it."""
+    from zevents.timelapse import commands
+
+    raise typer.Exit(commands.run_snapshot(load_config(config), out, printer))
 
 
 @config_app.command("check")

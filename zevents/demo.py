@@ -44,9 +44,52 @@ def sample_file(data_dir: Path) -> Path:
     return target
 
 
-def _print_when_ready(config, timeout: float):
+RESULT: dict = {}
+
+
+def _wants_movie(config) -> bool:
+    from zevents.timelapse import settings as tl_settings
+
+    return bool(config.get("timelapse", "enabled")) and tl_settings.resolve(config).enabled
+
+
+def _await_movie(config, supervisor, subscriber, timeout: float):
+    """The demo ends with its timelapse: once MovieDone (or MovieFailed) is out, the node stops and `finish()`
+    prints the movie's path as the last line."""
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            envelope = subscriber.recv(timeout=1.0)
+            if envelope is not None and envelope.name in ("MovieDone", "MovieFailed"):
+                RESULT.update(event=envelope.name, payload=envelope.payload)
+                break
+        else:
+            RESULT.update(event="timeout")
+    finally:
+        subscriber.close()
+    if supervisor is not None:
+        supervisor.stop()
+
+
+def finish():
+    """After the node stopped: the demo's last words."""
+    if RESULT.get("event") == "MovieDone":
+        print(f"zevents demo: timelapse of the demo print: {RESULT['payload'].get('movie')}", flush=True)
+    elif RESULT.get("event") == "MovieFailed":
+        print(f"zevents demo: the timelapse failed: {RESULT['payload'].get('reason')} "
+              f"({RESULT['payload'].get('error') or ''})", flush=True)
+    elif RESULT.get("event") == "timeout":
+        print("zevents demo: no timelapse movie came in time", flush=True)
+
+
+def _print_when_ready(config, timeout: float, supervisor=None):
     from zevents.printer.channel import ChannelError, CommandClient, endpoint
 
+    movie_watch = None
+    if _wants_movie(config):
+        from zevents import bus
+
+        movie_watch = bus.Subscriber(config.bus, groups=["timelapse"], events=["MovieDone", "MovieFailed"])
     path = sample_file(config.data_dir)
     client = CommandClient(endpoint(config))
     deadline = time.monotonic() + timeout
@@ -59,6 +102,9 @@ def _print_when_ready(config, timeout: float):
             if state == "OPERATIONAL":
                 client.request("PRINT", {"path": str(path), "user": "demo"}, timeout=10.0)
                 log.info("demo: printing %s", path.name)
+                if movie_watch is not None:
+                    watch, movie_watch = movie_watch, None
+                    _await_movie(config, supervisor, watch, timeout=900.0)
                 return
             time.sleep(0.2)
         log.error("demo: the printer was not operational within %.0f s; nothing printed", timeout)
@@ -66,9 +112,12 @@ def _print_when_ready(config, timeout: float):
         log.error("demo: the printer refused the demo print: %s", exc)
     finally:
         client.close()
+        if movie_watch is not None:
+            movie_watch.close()
 
 
 def start(config, supervisor=None, timeout: float = 60.0) -> threading.Thread:
-    thread = threading.Thread(target=_print_when_ready, args=(config, timeout), name="zevents-demo", daemon=True)
+    thread = threading.Thread(target=_print_when_ready, args=(config, timeout, supervisor), name="zevents-demo",
+                              daemon=True)
     thread.start()
     return thread

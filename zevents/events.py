@@ -113,6 +113,7 @@ _EXTENSIONS = [
     ("gcode", "LayerChanged", ("layer", "z", "old_z")),
     ("print", "PrintProgress", ("name", "path", "origin", "progress", "fileposition", "time")),
     ("comm", "Temperature", ("tools", "bed", "chamber")),
+    ("timelapse", "MovieRenderProgress", ("movie", "progress")),
     ("sys", "Heartbeat", ("streams", "epoch", "uptime", "interval")),
     ("sys", "ServiceStarted", ("service", "pid")),
     ("sys", "ServiceRestarted", ("service", "pid", "restarts", "returncode", "backoff")),

@@ -92,6 +92,10 @@ def plan_services(config) -> list:
         wanted.append("printer")
     if config.get("events", "enabled") and "hooks" in have:
         wanted.append("hooks")
+    # The virtual printer's camera, for the timelapse to film the virtual print with nothing attached.
+    if "camera" in have and str(config.get("printer", "port") or "").upper() == "VIRTUAL" and \
+            config.get("timelapse", "enabled"):
+        wanted.append("camera")
     for extra in ("timelapse", "files"):
         if extra in have and config.get(extra, "enabled"):
             wanted.append(extra)
@@ -366,4 +370,8 @@ def run(config, demo: bool = False, show: bool = True) -> int:
         for viewer in viewers:
             viewer.stop(drain=True)
         supervisor.shutdown()
+    if demo:
+        from zevents import demo as demo_mod
+
+        demo_mod.finish()
     return 0

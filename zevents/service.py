@@ -14,6 +14,8 @@ SERVICES = {
     "broker": "zevents.broker",
     "printer": "zevents.printer.service",
     "hooks": "zevents.hooks.service",
+    "timelapse": "zevents.timelapse.service",
+    "camera": "zevents.printer.virtual.camera",
 }
 
 # The modules that register config sections (zevents.config.register_section) when imported: every service's
@@ -21,6 +23,7 @@ SERVICES = {
 SECTION_OWNERS = (
     "zevents.printer.settings",
     "zevents.hooks.subscriptions",
+    "zevents.timelapse.settings",
 )
 
 
