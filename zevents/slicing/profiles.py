@@ -18,13 +18,12 @@ import configparser
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
+from zevents.fileutil import atomic_write, safe_name
 from zevents.slicing.slicers import SLICER_IDS
 
 SUFFIX = ".profile"
-_NAME_FORBIDDEN = re.compile(r"[^-_.() A-Za-z0-9]")
 _INI_LINE = re.compile(r"^\s*([A-Za-z0-9_]+)\s*=(.*)$")
 
 
@@ -33,27 +32,10 @@ class SlicingProfileError(ValueError):
 
 
 def sanitize_name(name: str) -> str:
-    cleaned = _NAME_FORBIDDEN.sub("", str(name)).replace(" ", "_").strip(".")
+    cleaned = safe_name(name)
     if not cleaned:
         raise SlicingProfileError(f"{name!r} is not a usable profile name (letters, digits, - _ . ( ) and spaces)")
     return cleaned
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def read_flat_ini(text: str, source: str) -> dict:
@@ -146,7 +128,7 @@ class SlicingProfiles:
     def set_default(self, slicer: str, name: str) -> None:
         if not self.path(slicer, name).is_file():
             raise SlicingProfileError(f"no {slicer} profile {name!r}")
-        _atomic_write(self._folder(slicer) / ".default", sanitize_name(name).encode() + b"\n")
+        atomic_write(self._folder(slicer) / ".default", sanitize_name(name).encode() + b"\n")
 
     def resolve(self, slicer: str, name: str | None) -> Path | None:
         """The file of a profile (None: the slicer's default, or no profile at all when it has none)."""
@@ -182,7 +164,7 @@ class SlicingProfiles:
             payload = self._cura_profile(text, source, target, settings or {})
         replaced = target.is_file()
         first = not self.names(slicer)
-        _atomic_write(target, payload)
+        atomic_write(target, payload)
         if first:
             self.set_default(slicer, name)
         return name, replaced
@@ -223,7 +205,7 @@ class SlicingProfiles:
                 raise SlicingProfileError(f"{source}: definition must be a definition name or file")
         elif "metadata" in data or "overrides" in data or "inherits" in data:
             copy_path = target.with_name(target.name[:-len(SUFFIX)] + ".def.json")
-            _atomic_write(copy_path, text.encode())
+            atomic_write(copy_path, text.encode())
             profile = {"definition": str(copy_path), "settings": {}}
         else:
             raise SlicingProfileError(f"{source}: neither a Cura machine definition (.def.json with "
