@@ -297,6 +297,87 @@ def profile_default(identifier: Optional[str] = typer.Argument(None, help="Make 
     from zevents.printer import profile_commands
 
     raise typer.Exit(profile_commands.run_default(load_config(config), identifier))
+# --- files (zevents/files/): storage, watched folder, analysis queue ------------------------------------------------
+
+files_app = typer.Typer(no_args_is_help=True, help="Stored files (local uploads and the SD card) through the files "
+                                                   "service.")
+app.add_typer(files_app, name="files")
+StorageOption = typer.Option("local", "--storage", help="local (the uploads folder) or sdcard (the printer's).")
+
+
+def _files_exit(fn_name: str, config, *args):
+    from zevents.files import commands
+
+    raise typer.Exit(getattr(commands, fn_name)(load_config(config), *args))
+
+
+@files_app.command("serve")
+def files_serve(config: Optional[str] = ConfigOption):
+    """Run the files service (what `zevents run` starts when files.enabled is true)."""
+    from zevents.files import service as files_mod
+
+    raise typer.Exit(files_mod.run(load_config(config)))
+
+
+@files_app.command("ls")
+def files_ls(path: str = typer.Argument("", help="A folder (default: the root)."),
+             recursive: bool = typer.Option(False, "--recursive", "-r", help="Include subfolders."),
+             as_json: bool = typer.Option(False, "--json", help="One JSON list."),
+             storage: str = StorageOption, config: Optional[str] = ConfigOption):
+    """List stored files and folders."""
+    _files_exit("run_ls", config, path, recursive, as_json, storage)
+
+
+@files_app.command("upload")
+def files_upload(file: str = typer.Argument(..., help="The local file to store."),
+                 folder: Optional[str] = typer.Option(None, "--path", help="The folder to store it in "
+                                                                           "(sdcard: its name there)."),
+                 select: bool = typer.Option(False, "--select", help="Select it for printing."),
+                 start: bool = typer.Option(False, "--print", help="Start printing it."),
+                 storage: str = StorageOption, config: Optional[str] = ConfigOption):
+    """Store a file (fires FileAdded, UpdatedFiles and Upload, like OctoPrint's upload API)."""
+    _files_exit("run_upload", config, file, folder, select, start, storage)
+
+
+@files_app.command("rm")
+def files_rm(path: str, storage: str = StorageOption, config: Optional[str] = ConfigOption):
+    """Remove a stored file."""
+    _files_exit("run_simple", config, "REMOVE", {"path": path, "storage": storage}, "removed {storage}:{path}")
+
+
+@files_app.command("mv")
+def files_mv(source: str, destination: str, config: Optional[str] = ConfigOption):
+    """Move or rename a file or folder (into DESTINATION if it is a folder)."""
+    _files_exit("run_simple", config, "MOVE", {"source": source, "destination": destination},
+                "moved {source} to {path}")
+
+
+@files_app.command("cp")
+def files_cp(source: str, destination: str, config: Optional[str] = ConfigOption):
+    """Copy a file or folder (into DESTINATION if it is a folder)."""
+    _files_exit("run_simple", config, "COPY", {"source": source, "destination": destination},
+                "copied {source} to {path}")
+
+
+@files_app.command("mkdir")
+def files_mkdir(path: str, config: Optional[str] = ConfigOption):
+    """Create a folder."""
+    _files_exit("run_simple", config, "MKDIR", {"path": path}, "created {path}/")
+
+
+@files_app.command("rmdir")
+def files_rmdir(path: str, recursive: bool = typer.Option(False, "--recursive", "-r",
+                                                          help="Also remove everything inside."),
+                config: Optional[str] = ConfigOption):
+    """Remove a folder (an empty one, unless --recursive)."""
+    _files_exit("run_simple", config, "RMDIR", {"path": path, "recursive": recursive}, "removed {path}/")
+
+
+@files_app.command("info")
+def files_info(path: str, as_json: bool = typer.Option(False, "--json", help="One JSON object."),
+               storage: str = StorageOption, config: Optional[str] = ConfigOption):
+    """A file's metadata, analysis and print history."""
+    _files_exit("run_info", config, path, as_json, storage)
 
 
 @config_app.command("check")
