@@ -123,6 +123,7 @@ _EXTENSIONS = [
     ("hook", "HookFailed", _HOOK),
     ("hook", "HookTimedOut", _HOOK),
     # OctoPrint fires these two from its printer-profile API too (printer/profile.py), though its catalogue omits them.
+    ("slicing", "SlicingProgress", _SLICE + ("progress",)),
     ("profile", "PrinterProfileAdded", ("identifier",)),
     ("profile", "PrinterProfileDeleted", ("identifier",)),
 ]

@@ -15,6 +15,7 @@ SERVICES = {
     "printer": "zevents.printer.service",
     "hooks": "zevents.hooks.service",
     "files": "zevents.files.service",
+    "slicing": "zevents.slicing.service",
 }
 
 # The modules that register config sections (zevents.config.register_section) when imported: every service's
@@ -23,6 +24,7 @@ SECTION_OWNERS = (
     "zevents.printer.settings",
     "zevents.hooks.subscriptions",
     "zevents.files.settings",
+    "zevents.slicing.settings",
 )
 
 

@@ -68,7 +68,7 @@ _VERSION_PATTERNS = {
 def _version(slicer_id: str, program: str) -> str | None:
     args, pattern = _VERSION_PATTERNS[slicer_id]
     try:
-        done = subprocess.run([program, *args], capture_output=True, text=True, timeout=20,
+        done = subprocess.run([program, *args], capture_output=True, text=True, timeout=5,
                               stdin=subprocess.DEVNULL, errors="replace")
     except (OSError, subprocess.TimeoutExpired):
         return None
