@@ -187,3 +187,52 @@ def test_cancel_from_the_cli_and_a_timeout(short_tmp, bus_config, running_broker
     assert failed.name == "SlicingFailed" and "did not finish within 3 s" in failed.payload["reason"]
     assert not (short_tmp / "data" / "uploads" / "a.gcode").exists()
     assert not (short_tmp / "data" / "uploads" / "b.gcode").exists()
+
+
+def test_profile_cli_publishes_added_modified_deleted(short_tmp, bus_config, running_broker, tmp_path):
+    config = write_config(short_tmp, bus_config)
+    ini = tmp_path / "fast.ini"
+    ini.write_text("layer_height = 0.3\n")
+    with bus.Subscriber(bus_config, groups=["slicing"]) as subscriber:
+        assert zevents(config, "slicing", "profile", "add", "slic3r", "Fast", str(ini)).stdout.strip() == "Fast"
+        assert zevents(config, "slicing", "profile", "add", "slic3r", "Fast", str(ini), "--set",
+                       "fill_density=10%").returncode == 0
+        listed = zevents(config, "slicing", "profile", "ls", "slic3r")
+        assert listed.stdout.strip() == "slic3r       Fast  (default)"
+        assert "fill_density = 10%" in zevents(config, "slicing", "profile", "show", "slic3r", "Fast").stdout
+        assert zevents(config, "slicing", "profile", "rm", "slic3r", "Fast").returncode == 0
+        missing = zevents(config, "slicing", "profile", "rm", "slic3r", "Fast")
+        assert missing.returncode == 2 and "no slic3r profile 'Fast'" in missing.stderr
+        events = [subscriber.recv(10) for _ in range(3)]
+    assert [(e.name, e.payload) for e in events] == [
+        ("SlicingProfileAdded", {"slicer": "slic3r", "profile": "Fast"}),
+        ("SlicingProfileModified", {"slicer": "slic3r", "profile": "Fast"}),
+        ("SlicingProfileDeleted", {"slicer": "slic3r", "profile": "Fast"}),
+    ]
+
+
+def test_the_sliced_gcode_is_analysed_by_the_files_service(short_tmp, bus_config, running_broker, tmp_path):
+    needs("prusaslicer")
+    config = write_config(short_tmp, bus_config)
+    data = yaml.safe_load(config.read_text())
+    data["files"]["analysis"] = {"run_at": "always"}
+    config.write_text(yaml.safe_dump(data))
+    subscriber = bus.Subscriber(bus_config, groups=["file"])
+    files = start_files(config, bus_config)
+    slicing = start_slicing(config, bus_config)
+    try:
+        result = zevents(config, "slice", str(cube_stl(tmp_path / "cube.stl")), "--slicer", "prusaslicer")
+        assert result.returncode == 0, result.stderr
+
+        def analysed():
+            envelope = subscriber.recv(0.5)
+            return envelope is not None and envelope.name == "MetadataAnalysisFinished" and \
+                envelope.payload["path"] == "cube.gcode" and envelope.payload
+        payload = wait_for(analysed, 120, message="the analysis of cube.gcode")
+    finally:
+        stop_service(slicing)
+        stop_service(files)
+        subscriber.close()
+    result_ = payload["result"]
+    assert result_["estimatedPrintTime"] > 0
+    assert result_["filament"]["tool0"]["length"] > 0
