@@ -112,3 +112,27 @@ def Parser(request):
     if CParser is None:
         pytest.fail(f"the compiled parser did not load: {C_LOAD_ERROR}")
     return CParser
+
+
+def start_service_process(argv: list, bus_config, service: str, timeout: float = 30.0):
+    """A zevents service as a real process (``argv``); returns the Popen once its ServiceStarted is on the bus."""
+    import subprocess
+
+    from zevents import bus
+
+    watcher = bus.Subscriber(bus_config, groups=["sys"])
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            envelope = watcher.recv(timeout=0.5)
+            if envelope is not None and envelope.name == "ServiceStarted" and envelope.payload["service"] == service:
+                return process
+            if process.poll() is not None:
+                raise AssertionError(f"the {service} service exited: {process.stderr.read()}")
+            if time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                raise AssertionError(f"the {service} service did not start within {timeout:g} s")
+    finally:
+        watcher.close()

@@ -378,6 +378,197 @@ def snapshot(out: Optional[str] = typer.Option(None, "--out", "-o", help="Where 
     from zevents.timelapse import commands
 
     raise typer.Exit(commands.run_snapshot(load_config(config), out, printer))
+# --- files (zevents/files/): storage, watched folder, analysis queue ------------------------------------------------
+
+files_app = typer.Typer(no_args_is_help=True, help="Stored files (local uploads and the SD card) through the files "
+                                                   "service.")
+app.add_typer(files_app, name="files")
+StorageOption = typer.Option("local", "--storage", help="local (the uploads folder) or sdcard (the printer's).")
+
+
+def _files_exit(fn_name: str, config, *args):
+    from zevents.files import commands
+
+    raise typer.Exit(getattr(commands, fn_name)(load_config(config), *args))
+
+
+@files_app.command("serve")
+def files_serve(config: Optional[str] = ConfigOption):
+    """Run the files service (what `zevents run` starts when files.enabled is true)."""
+    from zevents.files import service as files_mod
+
+    raise typer.Exit(files_mod.run(load_config(config)))
+
+
+@files_app.command("ls")
+def files_ls(path: str = typer.Argument("", help="A folder (default: the root)."),
+             recursive: bool = typer.Option(False, "--recursive", "-r", help="Include subfolders."),
+             as_json: bool = typer.Option(False, "--json", help="One JSON list."),
+             storage: str = StorageOption, config: Optional[str] = ConfigOption):
+    """List stored files and folders."""
+    _files_exit("run_ls", config, path, recursive, as_json, storage)
+
+
+@files_app.command("upload")
+def files_upload(file: str = typer.Argument(..., help="The local file to store."),
+                 folder: Optional[str] = typer.Option(None, "--path", help="The folder to store it in "
+                                                                           "(sdcard: its name there)."),
+                 select: bool = typer.Option(False, "--select", help="Select it for printing."),
+                 start: bool = typer.Option(False, "--print", help="Start printing it."),
+                 storage: str = StorageOption, config: Optional[str] = ConfigOption):
+    """Store a file (fires FileAdded, UpdatedFiles and Upload, like OctoPrint's upload API)."""
+    _files_exit("run_upload", config, file, folder, select, start, storage)
+
+
+@files_app.command("rm")
+def files_rm(path: str, storage: str = StorageOption, config: Optional[str] = ConfigOption):
+    """Remove a stored file."""
+    _files_exit("run_simple", config, "REMOVE", {"path": path, "storage": storage}, "removed {storage}:{path}")
+
+
+@files_app.command("mv")
+def files_mv(source: str, destination: str, config: Optional[str] = ConfigOption):
+    """Move or rename a file or folder (into DESTINATION if it is a folder)."""
+    _files_exit("run_simple", config, "MOVE", {"source": source, "destination": destination},
+                "moved {source} to {path}")
+
+
+@files_app.command("cp")
+def files_cp(source: str, destination: str, config: Optional[str] = ConfigOption):
+    """Copy a file or folder (into DESTINATION if it is a folder)."""
+    _files_exit("run_simple", config, "COPY", {"source": source, "destination": destination},
+                "copied {source} to {path}")
+
+
+@files_app.command("mkdir")
+def files_mkdir(path: str, config: Optional[str] = ConfigOption):
+    """Create a folder."""
+    _files_exit("run_simple", config, "MKDIR", {"path": path}, "created {path}/")
+
+
+@files_app.command("rmdir")
+def files_rmdir(path: str, recursive: bool = typer.Option(False, "--recursive", "-r",
+                                                          help="Also remove everything inside."),
+                config: Optional[str] = ConfigOption):
+    """Remove a folder (an empty one, unless --recursive)."""
+    _files_exit("run_simple", config, "RMDIR", {"path": path, "recursive": recursive}, "removed {path}/")
+
+
+@files_app.command("info")
+def files_info(path: str, as_json: bool = typer.Option(False, "--json", help="One JSON object."),
+               storage: str = StorageOption, config: Optional[str] = ConfigOption):
+    """A file's metadata, analysis and print history."""
+    _files_exit("run_info", config, path, as_json, storage)
+
+
+@app.command()
+def slicers(as_json: bool = typer.Option(False, "--json", help="One JSON document."),
+            config: Optional[str] = ConfigOption):
+    """List the slicers found on this machine with their versions, or how to install them."""
+    from zevents.slicing import commands
+
+    raise typer.Exit(commands.run_slicers(load_config(config), as_json))
+
+
+@app.command("slice")
+def slice_model(model: str = typer.Argument(..., help="An STL, 3MF or OBJ file (stored first), or a model's path "
+                                                      "in storage; `slice cancel DEST` cancels a job."),
+                cancel_dest: Optional[str] = typer.Argument(None, help="With `cancel`: the job's destination."),
+                slicer: Optional[str] = typer.Option(None, "--slicer", help="prusaslicer, slic3r or curaengine."),
+                profile: Optional[str] = typer.Option(None, "--profile", help="Slicing profile (default: the "
+                                                                             "slicer's default)."),
+                printer_profile: Optional[str] = typer.Option(None, "--printer-profile", help="Printer profile "
+                                                              "(default: the printer's)."),
+                dest: Optional[str] = typer.Option(None, "--dest", help="Storage path of the G-code (default: the "
+                                                                       "model's, as .gcode)."),
+                select: bool = typer.Option(False, "--select", help="Select the G-code for printing when done."),
+                start: bool = typer.Option(False, "--print", help="Print the G-code when done."),
+                timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop waiting after this long."),
+                config: Optional[str] = ConfigOption):
+    """Slice a model into storage (SlicingStarted/Progress/Done), analysed and ready to print."""
+    from zevents.slicing import commands
+
+    if model == "cancel" and cancel_dest:
+        raise typer.Exit(commands.run_cancel(load_config(config), cancel_dest))
+    if cancel_dest:
+        raise fail(f"unexpected argument {cancel_dest!r} (did you mean `zevents slice cancel DEST`?)")
+    raise typer.Exit(commands.run_slice(load_config(config), model, slicer, profile, printer_profile, dest, select,
+                                        start, timeout))
+
+
+slicing_app = typer.Typer(no_args_is_help=True, help="The slicing service and its profiles.")
+app.add_typer(slicing_app, name="slicing")
+slicing_profile_app = typer.Typer(no_args_is_help=True, help="Slicing profiles per slicer.")
+slicing_app.add_typer(slicing_profile_app, name="profile")
+
+
+@slicing_app.command("serve")
+def slicing_serve(config: Optional[str] = ConfigOption):
+    """Run the slicing service alone (`zevents run` starts it with the node)."""
+    from zevents.slicing import service
+
+    raise typer.Exit(service.run(load_config(config)))
+
+
+@slicing_profile_app.command("add")
+def slicing_profile_add(slicer: str = typer.Argument(..., help="prusaslicer, slic3r or curaengine."),
+                        name: str = typer.Argument(..., help="Profile name."),
+                        file: str = typer.Argument(..., help="PrusaSlicer/Slic3r .ini or config bundle; Cura "
+                                                             ".def.json or {definition, settings} JSON."),
+                        print_preset: Optional[str] = typer.Option(None, "--print", help="Bundle: print preset."),
+                        printer_preset: Optional[str] = typer.Option(None, "--printer", help="Bundle: printer "
+                                                                                            "preset."),
+                        filament_preset: Optional[str] = typer.Option(None, "--filament", help="Bundle: filament "
+                                                                                              "preset."),
+                        settings: Optional[List[str]] = typer.Option(None, "--set", help="KEY=VALUE on top, "
+                                                                                         "repeatable."),
+                        config: Optional[str] = ConfigOption):
+    """Add (or replace) a slicing profile: SlicingProfileAdded or SlicingProfileModified."""
+    from zevents.slicing import commands
+
+    presets = {k: v for k, v in (("print", print_preset), ("printer", printer_preset),
+                                 ("filament", filament_preset)) if v}
+    raise typer.Exit(commands.run_profile_add(load_config(config), slicer, name, file, presets, settings or []))
+
+
+@slicing_profile_app.command("ls")
+def slicing_profile_ls(slicer: Optional[str] = typer.Argument(None, help="Only this slicer's."),
+                       as_json: bool = typer.Option(False, "--json", help="One JSON document."),
+                       config: Optional[str] = ConfigOption):
+    """List the slicing profiles, marking each slicer's default."""
+    from zevents.slicing import commands
+
+    raise typer.Exit(commands.run_profile_ls(load_config(config), slicer, as_json))
+
+
+@slicing_profile_app.command("show")
+def slicing_profile_show(slicer: str = typer.Argument(..., help="prusaslicer, slic3r or curaengine."),
+                         name: Optional[str] = typer.Argument(None, help="Profile name (default: the default)."),
+                         config: Optional[str] = ConfigOption):
+    """Print a slicing profile as the slicer loads it."""
+    from zevents.slicing import commands
+
+    raise typer.Exit(commands.run_profile_show(load_config(config), slicer, name))
+
+
+@slicing_profile_app.command("rm")
+def slicing_profile_rm(slicer: str = typer.Argument(..., help="prusaslicer, slic3r or curaengine."),
+                       name: str = typer.Argument(..., help="Profile name."), config: Optional[str] = ConfigOption):
+    """Remove a slicing profile (SlicingProfileDeleted)."""
+    from zevents.slicing import commands
+
+    raise typer.Exit(commands.run_profile_rm(load_config(config), slicer, name))
+
+
+@slicing_profile_app.command("default")
+def slicing_profile_default(slicer: str = typer.Argument(..., help="prusaslicer, slic3r or curaengine."),
+                            name: Optional[str] = typer.Argument(None, help="Make it the default; without it, "
+                                                                            "print the default."),
+                            config: Optional[str] = ConfigOption):
+    """Show or set a slicer's default profile."""
+    from zevents.slicing import commands
+
+    raise typer.Exit(commands.run_profile_default(load_config(config), slicer, name))
 
 
 @config_app.command("check")

@@ -59,7 +59,7 @@ _TABLE = [
     ("file", "FolderRemoved", ("storage", "path", "name")),
     ("file", "FolderMoved", ("storage", "source_path", "source_name", "destination_path", "destination_name")),
     ("file", "UpdatedFiles", ("type",)),
-    ("file", "MetadataAnalysisStarted", ("name", "path", "origin")),
+    ("file", "MetadataAnalysisStarted", ("name", "path", "origin", "type")),
     ("file", "MetadataAnalysisFinished", ("name", "path", "origin", "result")),
     ("file", "FileSelected", ("name", "path", "origin")),
     ("file", "FileDeselected", ()),
@@ -118,10 +118,13 @@ _EXTENSIONS = [
     ("sys", "ServiceStarted", ("service", "pid")),
     ("sys", "ServiceRestarted", ("service", "pid", "restarts", "returncode", "backoff")),
     ("sys", "ServiceFailed", ("service", "returncode", "restarts")),
+    ("file", "MetadataStatisticsUpdated", ("storage", "path")),   # OctoPrint fires it (log_print), undocumented
+    ("file", "WatchedFileFailed", ("storage", "path", "name", "failed", "reason")),
     ("hook", "HookFinished", _HOOK),
     ("hook", "HookFailed", _HOOK),
     ("hook", "HookTimedOut", _HOOK),
     # OctoPrint fires these two from its printer-profile API too (printer/profile.py), though its catalogue omits them.
+    ("slicing", "SlicingProgress", _SLICE + ("progress",)),
     ("profile", "PrinterProfileAdded", ("identifier",)),
     ("profile", "PrinterProfileDeleted", ("identifier",)),
 ]

@@ -16,6 +16,8 @@ SERVICES = {
     "hooks": "zevents.hooks.service",
     "timelapse": "zevents.timelapse.service",
     "camera": "zevents.printer.virtual.camera",
+    "files": "zevents.files.service",
+    "slicing": "zevents.slicing.service",
 }
 
 # The modules that register config sections (zevents.config.register_section) when imported: every service's
@@ -24,6 +26,8 @@ SECTION_OWNERS = (
     "zevents.printer.settings",
     "zevents.hooks.subscriptions",
     "zevents.timelapse.settings",
+    "zevents.files.settings",
+    "zevents.slicing.settings",
 )
 
 
@@ -69,6 +73,35 @@ def freeze_startup_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+def run_until_signalled(name: str, config, service, start_errors: tuple, log) -> int:
+    """The life of a service process: start (1 with one log line if it cannot), announce it on the bus, serve
+    until SIGINT/SIGTERM, close.  ``service`` has start(), serve(), stop() and close()."""
+    import logging
+    import signal
+    import time
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        service.start()
+    except start_errors as exc:
+        log.error("%s: %s", name, exc)
+        service.close()
+        return 1
+    signal.signal(signal.SIGTERM, lambda signum, frame: service.stop())
+    signal.signal(signal.SIGINT, lambda signum, frame: service.stop())
+    started = time.monotonic()
+    from zevents.bus import announce_started
+
+    announce_started(config, name)
+    freeze_startup_heap()
+    try:
+        service.serve()
+    finally:
+        service.close()
+    log.info("%s: stopped after %.1f s", name, time.monotonic() - started)
+    return 0
 
 
 def main(argv: list) -> int:

@@ -39,6 +39,9 @@ class CommandClient:
     """Sends requests to the link; one outstanding request at a time, stale replies discarded."""
 
     _ids = itertools.count(1)
+    commands = COMMANDS           # other services' channels (zevents.files.channel) reuse this client
+    service = "the printer link"
+    start_hint = "zevents printer"
 
     def __init__(self, endpoint: str, context: zmq.Context | None = None):
         self.endpoint = endpoint
@@ -46,8 +49,8 @@ class CommandClient:
         self.sock = None
 
     def request(self, command: str, args: dict | None = None, timeout: float = 10.0) -> dict:
-        if command not in COMMANDS:
-            raise ValueError(f"unknown printer command {command!r}")
+        if command not in self.commands:
+            raise ValueError(f"unknown command {command!r} for {self.service}")
         if self.sock is None:
             self.sock = self.context.socket(zmq.DEALER)
             self.sock.setsockopt(zmq.LINGER, 0)
@@ -59,8 +62,8 @@ class CommandClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self.sock.poll(remaining * 1000):
                 self.close()
-                raise ChannelError(f"the printer link at {self.endpoint} did not answer within {timeout:g} s "
-                                   "(is `zevents printer` running?)")
+                raise ChannelError(f"{self.service} at {self.endpoint} did not answer within {timeout:g} s "
+                                   f"(is `{self.start_hint}` running?)")
             ok, meta, _ = wire.parse_reply(self.sock.recv_multipart())
             if meta.get("id") != request_id:
                 continue

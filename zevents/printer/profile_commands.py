@@ -11,19 +11,8 @@ import sys
 
 import yaml
 
+from zevents.announce import announce
 from zevents.printer.profiles import ProfileError, ProfileStore, nested, parse_assignment, merge
-
-
-def _announce(config, event: str, identifier: str) -> None:
-    from zevents import bus
-
-    publisher = bus.Publisher(config, src="cli", printer=config.get("printer", "name"))
-    try:
-        publisher.publish_confirmed(event, {"identifier": identifier}, timeout=2.0)
-    except bus.BusError as exc:
-        print(f"zevents: warning: {event} not published ({exc})", file=sys.stderr)
-    finally:
-        publisher.close(linger=0)
 
 
 def _fail(message: str) -> int:
@@ -78,7 +67,7 @@ def run_add(config, file: str, identifier: str | None, overwrite: bool) -> int:
         profile, replaced = ProfileStore.for_config(config).save(data, allow_overwrite=overwrite)
     except ProfileError as exc:
         return _fail(f"{file}: {exc}")
-    _announce(config, "PrinterProfileModified" if replaced else "PrinterProfileAdded", profile["id"])
+    announce(config, "PrinterProfileModified" if replaced else "PrinterProfileAdded", {"identifier": profile["id"]})
     print(profile["id"])
     return 0
 
@@ -91,7 +80,7 @@ def run_edit(config, identifier: str, assignments: list) -> int:
         profile = ProfileStore.for_config(config).edit(identifier, changes)
     except ProfileError as exc:
         return _fail(str(exc))
-    _announce(config, "PrinterProfileModified", profile["id"])
+    announce(config, "PrinterProfileModified", {"identifier": profile["id"]})
     return 0
 
 
@@ -100,7 +89,7 @@ def run_rm(config, identifier: str) -> int:
         ProfileStore.for_config(config).delete(identifier, current=config.get("printer", "profile"))
     except ProfileError as exc:
         return _fail(str(exc))
-    _announce(config, "PrinterProfileDeleted", identifier)
+    announce(config, "PrinterProfileDeleted", {"identifier": identifier})
     return 0
 
 

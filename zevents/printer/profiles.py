@@ -21,11 +21,11 @@ from __future__ import annotations
 import copy
 import math
 import os
-import re
-import tempfile
 from pathlib import Path
 
 import yaml
+
+from zevents.fileutil import atomic_write, safe_name
 
 DEFAULT_ID = "_default"
 SUFFIX = ".profile"
@@ -53,7 +53,6 @@ DEFAULT_PROFILE: dict = {
     },
 }
 
-_ID_FORBIDDEN = re.compile(r"[^-_.() A-Za-z0-9]")
 
 
 class ProfileError(ValueError):
@@ -62,7 +61,7 @@ class ProfileError(ValueError):
 
 def sanitize_id(identifier: str) -> str:
     """OctoPrint's rule: keep ``[-_.() A-Za-z0-9]``, spaces become ``_``."""
-    cleaned = _ID_FORBIDDEN.sub("", str(identifier)).replace(" ", "_").strip(".")
+    cleaned = safe_name(identifier)
     if not cleaned:
         raise ProfileError(f"{identifier!r} is not a usable profile id (letters, digits, - _ . ( ) and spaces)")
     return cleaned
@@ -164,22 +163,6 @@ def validate(profile: dict) -> list:
     return problems
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 class ProfileStore:
     """The profiles of one node, in one folder."""
 
@@ -245,7 +228,7 @@ class ProfileStore:
         if not self.exists(identifier):
             raise ProfileError(f"no printer profile {identifier!r} (have: {', '.join(self.ids())})")
         self.directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.directory / ".default", sanitize_id(identifier) + "\n")
+        atomic_write(self.directory / ".default", sanitize_id(identifier) + "\n")
 
     def save(self, profile: dict, allow_overwrite: bool = False) -> tuple[dict, bool]:
         """Stores a profile (merged over the default); returns it and whether it replaced an existing one.
@@ -268,7 +251,7 @@ class ProfileStore:
         if problems:
             raise ProfileError("; ".join(problems))
         self.directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, yaml.safe_dump(merged, sort_keys=False, allow_unicode=True))
+        atomic_write(path, yaml.safe_dump(merged, sort_keys=False, allow_unicode=True))
         return merged, existed or identifier == DEFAULT_ID
 
     def edit(self, identifier: str, changes: dict) -> dict:

@@ -1,0 +1,500 @@
+"""The files service process: local storage, the watched folder, the analysis queue, print history, and the
+command channel (see ``zevents.files.channel`` for its API).
+
+One thread (the service loop) owns every ZeroMQ socket and the storage: it serves the command channel, reads the
+print and printer-state events from the bus (print history, "is printing" for refusals and for pausing the
+analysis), takes in what the watched folder and the analysis queue report through a queue, writes metadata and
+publishes events.  Work that waits for the printer (select/print after an upload, SD card operations) runs on a
+one-thread executor that talks to the printer link's channel; its reply is sent by the loop when it is done, so
+the channel stays responsive.  Events are published only after the metadata they describe is written.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import queue
+import threading
+from pathlib import Path
+
+import zmq
+
+from zevents import bus as zbus
+from zevents.files import storage as st
+from zevents.files.analysis_queue import AnalysisQueue
+from zevents.files.channel import STORAGES, endpoint as files_endpoint
+from zevents.printer import channel as printer_channel
+
+log = logging.getLogger("zevents.files")
+
+LOOP_INTERVAL = 1.0
+PRINTING_STATES = ("PRINTING", "PAUSING", "PAUSED", "RESUMING", "CANCELLING", "FINISHING", "STARTING")
+UPDATED = ("UpdatedFiles", {"type": "printables"})
+SD = "sdcard"
+
+
+class ServiceError(RuntimeError):
+    """The service cannot start (endpoint in use, bad folders)."""
+
+
+def _required(args: dict, key: str) -> str:
+    value = args.get(key)
+    if not isinstance(value, str) or not value:
+        raise st.StorageError(f"missing {key!r}")
+    return value
+
+
+class FilesService:
+    """Everything the files process runs, startable in-process (tests run it on a thread)."""
+
+    def __init__(self, config, context: zmq.Context | None = None):
+        self.config = config
+        section = config.get("files") or {}
+        self.section = section
+        data = Path(config.data_dir)
+        self.uploads = Path(os.path.expanduser(section.get("uploads") or data / "uploads"))
+        watched = section.get("watched")
+        self.watched_dir = Path(os.path.expanduser(watched or data / "watched")) if section.get("watch", True) \
+            else None
+        self.cache_dir = data / "analysis-cache"
+        self.context = context or zmq.Context.instance()
+        self.storage: st.LocalStorage | None = None
+        self.server = None
+        self.publisher = None
+        self.subscriber = None
+        self.analysis: AnalysisQueue | None = None
+        self.watcher = None
+        self.printing: str | None = None          # storage path of the local file being printed
+        self.printer_busy = False
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: list = []
+        self._printer_work = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="files-printer")
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    # --- life cycle ----------------------------------------------------------------------------------------------
+
+    def start(self):
+        try:
+            self.storage = st.LocalStorage(self.uploads)
+        except OSError as exc:
+            raise ServiceError(f"cannot use the uploads folder {self.uploads}: {exc}") from None
+        backlog = self.storage.reconcile()
+        endpoint = files_endpoint(self.config)
+        try:
+            self.server = printer_channel.CommandServer(endpoint, self.context)
+        except zmq.ZMQError as exc:
+            raise ServiceError(f"cannot bind the files command channel {endpoint}: {exc} "
+                               "(is another files service running?)") from None
+        self.publisher = zbus.Publisher(self.config, src="files", printer=self.config.get("printer", "name"),
+                                        context=self.context)
+        self.subscriber = zbus.Subscriber(self.config, groups=["print", "comm"], context=self.context)
+        settings = self.section.get("analysis") or {}
+        self.analysis = AnalysisQueue(self._analysis_report, self.cache_dir,
+                                      timeout=float(settings.get("timeout", 600.0)),
+                                      run_at=settings.get("run_at", "idle"))
+        for path in backlog:
+            self._enqueue_analysis(path, high=False)
+        if self.watched_dir is not None:
+            from zevents.files.watched import WatchedFolder
+
+            self.watcher = WatchedFolder(self.watched_dir, self._watched_ready,
+                                         polling=bool(self.section.get("poll_watched")),
+                                         poll_interval=float(self.section.get("poll_interval", 1.0)),
+                                         stable_time=float(self.section.get("stable_time", 5.0)))
+            self.watcher.start()
+
+    def serve(self):
+        poller = zmq.Poller()
+        poller.register(self.server.sock, zmq.POLLIN)
+        poller.register(self.subscriber.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        while not self._stop.is_set():
+            poller.poll(LOOP_INTERVAL * 1000)
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+            self._bus_events()
+            while True:
+                request = self.server.receive()
+                if request is None:
+                    break
+                self._handle(*request)
+            self._inbox()
+            self._reply_finished()
+
+    def _wake(self, *_):
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    def stop(self):
+        self._stop.set()
+        self._wake()
+
+    def close(self):
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.analysis is not None:
+            self.analysis.close()
+        self._printer_work.shutdown(wait=True, cancel_futures=True)
+        if self.storage is not None:
+            self.storage.flush()
+        for closeable in (self.server, self.subscriber):
+            if closeable is not None:
+                closeable.close()
+        if self.publisher is not None:
+            self.publisher.close(linger=2.0)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # --- publishing ----------------------------------------------------------------------------------------------
+
+    def _publish(self, events: list):
+        """Write the metadata first, then tell the world."""
+        self.storage.flush()
+        for name, payload in events:
+            self.publisher.publish(name, payload)
+
+    # --- bus events: print history and printer state -------------------------------------------------------------
+
+    def _bus_events(self):
+        while True:
+            envelope = self.subscriber.recv(0)
+            if envelope is None:
+                return
+            name, payload = envelope.name, envelope.payload or {}
+            if name == "PrintStarted":
+                self.printer_busy = True
+                self.printing = self._local_path(payload)
+                self.analysis.pause()
+            elif name in ("PrintDone", "PrintFailed"):
+                self._record_print(payload, name == "PrintDone")
+                self.printing = None
+            elif name == "PrinterStateChanged":
+                busy = payload.get("state_id") in PRINTING_STATES
+                self.printer_busy = busy
+                if busy:
+                    self.analysis.pause()
+                else:
+                    self.printing = None
+                    self.analysis.resume()
+
+    def _local_path(self, payload: dict) -> str | None:
+        if payload.get("origin") != "local" or not isinstance(payload.get("path"), str):
+            return None
+        path = payload["path"]
+        return self.storage.storage_path_of(path) if os.path.isabs(path) else path
+
+    def _record_print(self, payload: dict, success: bool):
+        path = self._local_path(payload)
+        if path is None or not self.storage.is_file(path):
+            return
+        elapsed = payload.get("time")
+        self.storage.add_history(path, success, elapsed if isinstance(elapsed, (int, float)) else None)
+        # OctoPrint's log_print fires MetadataStatisticsUpdated (not in the documented catalogue: a custom event)
+        self._publish([("MetadataStatisticsUpdated", {"storage": st.STORAGE, "path": path})])
+
+    # --- inbox: watched folder and analysis reports (other threads) ----------------------------------------------
+
+    def _watched_ready(self, disk_path: str):
+        self.inbox.put(("watched", disk_path))
+        self._wake()
+
+    def _analysis_report(self, kind: str, job, result):
+        self.inbox.put(("analysis", kind, job, result))
+        self._wake()
+
+    def _inbox(self):
+        events = []
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item[0] == "watched":
+                events.extend(self._add_watched(item[1]))
+            else:
+                events.extend(self._analysis_event(*item[1:]))
+        if events:
+            self._publish(events)
+
+    def _add_watched(self, disk_path: str) -> list:
+        """OctoPrint's watched-folder upload: the relative path is kept, the source goes away; no Upload event."""
+        relative = os.path.relpath(disk_path, self.watched_dir)
+        if relative.startswith("..") or not os.path.isfile(disk_path):
+            return []
+        try:
+            path, events, changed = self.storage.add_file(disk_path, relative.replace(os.sep, "/"),
+                                                          overwrite=True, move_source=True, printing=self.printing)
+        except (st.StorageError, OSError) as exc:
+            failed = disk_path + ".failed"
+            reason = str(exc)
+            try:
+                os.replace(disk_path, failed)
+            except OSError as rename_error:
+                reason += f" (and it could not be renamed .failed: {rename_error})"
+            log.warning("watched folder: %s not added: %s; renamed %s", relative, reason,
+                        os.path.basename(failed))
+            return [("WatchedFileFailed", {"storage": st.STORAGE, "path": relative,
+                                           "name": os.path.basename(disk_path), "failed": failed,
+                                           "reason": reason})]
+        self._enqueue_analysis(path, high=True)
+        return events + [UPDATED]
+
+    def _enqueue_analysis(self, path: str, high: bool) -> bool:
+        if not st.is_gcode(path):
+            return False
+        entry = self.storage.entry(path) or {}
+        digest = entry.get("hash")
+        if not digest:
+            return False
+        return self.analysis.enqueue(path, str(self.storage.disk(path)), digest, high=high)
+
+    def _analysis_event(self, kind: str, job, result) -> list:
+        entry = self.storage.entry(job.path)
+        if entry is None or entry.get("hash") != job.hash:
+            return []   # removed or changed since: its new analysis is queued
+        name = job.path.rpartition("/")[2]
+        if kind == "started":
+            return [("MetadataAnalysisStarted", {"name": name, "path": job.path, "origin": st.STORAGE,
+                                                 "type": "gcode"})]
+        if kind == "failed":
+            entry = self.storage.update_entry(job.path, analysisError=str(result))
+            return []   # OctoPrint fires no Finished event for a failed analysis
+        entry = dict(entry, analysis=result)
+        entry.pop("analysisError", None)
+        self.storage.set_entry(job.path, entry)
+        shown = dict(result)
+        shown["history"] = entry.get("history") or []
+        shown["statistics"] = entry.get("statistics") or st.statistics_of([])
+        return [("MetadataAnalysisFinished", {"name": name, "path": job.path, "origin": st.STORAGE,
+                                              "result": shown})]
+
+    # --- requests ------------------------------------------------------------------------------------------------
+
+    def _handle(self, reply_to, command: str, args: dict):
+        server = self.server
+        try:
+            storage = args.get("storage") or st.STORAGE
+            if storage not in STORAGES:
+                raise st.StorageError(f"unknown storage {storage!r} (local or sdcard)")
+            if storage == SD:
+                self._submit_printer(reply_to, args, self._sd_request, command, args)
+                return
+            handler = self._COMMANDS.get(command)
+            if handler is None:
+                raise st.StorageError(f"unknown command {command!r}")
+            reply = handler(self, reply_to, args)
+            if reply is not None:
+                server.reply(reply_to, args, True, **reply)
+        except st.StorageError as exc:
+            self.storage.flush()
+            server.reply(reply_to, args, False, error=str(exc))
+        except OSError as exc:
+            self.storage.flush()
+            log.exception("files: %s failed", command)
+            server.reply(reply_to, args, False, error=f"{command.lower()} failed: {exc}")
+
+    def _cmd_list(self, reply_to, args):
+        return {"files": self.storage.list(args.get("path") or "", bool(args.get("recursive")))}
+
+    def _cmd_info(self, reply_to, args):
+        path = self.storage.path(_required(args, "path"))
+        if not self.storage.exists(path) or (self.storage.is_file(path) and not st.file_type(path)):
+            raise st.StorageError(f"no such file or folder: {path}")
+        info = self.storage.describe(path)
+        if self.storage.is_file(path):
+            entry = self.storage.entry(path) or {}
+            info.setdefault("history", entry.get("history") or [])
+            info.setdefault("statistics", entry.get("statistics") or st.statistics_of([]))
+            info["printing"] = path == self.printing
+        return {"file": info}
+
+    def _cmd_upload(self, reply_to, args):
+        source = _required(args, "source")
+        if not os.path.isabs(source):
+            raise st.StorageError(f"source must be an absolute path, not {source!r}")
+        path = args.get("path") or os.path.basename(source)
+        userdata = args.get("userdata")
+        path, events, _ = self.storage.add_file(
+            source, path, overwrite=args.get("overwrite", True) is not False,
+            move_source=bool(args.get("remove_source")), printing=self.printing,
+            user=args.get("user"), userdata=userdata, display=args.get("display"))
+        self.analysis.dequeue(path)
+        self._enqueue_analysis(path, high=True)
+        self._publish(events + [UPDATED])
+        select, start = bool(args.get("select")), bool(args.get("print"))
+        name = path.rpartition("/")[2]
+        result = {"storage": st.STORAGE, "path": path, "name": name, "select": select, "print": start}
+        upload = {"name": name, "path": path, "target": st.STORAGE, "select": select, "print": start}
+        if userdata is not None:
+            upload["userdata"] = userdata
+        if not (select or start) or not st.is_gcode(path):
+            return self._uploaded(result, upload, args, False, False)
+        disk = str(self.storage.disk(path))
+        self._submit_printer(reply_to, args, self._select_and_print, disk, select, start, args.get("user"),
+                             then=lambda outcome: self._uploaded(result, upload, args, *outcome))
+        return None
+
+    def _uploaded(self, result: dict, upload: dict, args: dict, selected: bool, printing: bool) -> dict:
+        upload.update(effective_select=selected, effective_print=printing)
+        if args.get("fire_upload", True):
+            self._publish([("Upload", upload)])
+        return dict(result, effective_select=selected, effective_print=printing, done=True)
+
+    def _cmd_remove(self, reply_to, args):
+        path = self.storage.path(_required(args, "path"))
+        events = self.storage.remove_file(path, printing=self.printing)
+        self.analysis.dequeue(path)
+        self._publish(events + [UPDATED])
+        return {}
+
+    def _copy_or_move(self, args, move: bool):
+        source = self.storage.path(_required(args, "source"))
+        destination = _required(args, "destination")
+        folder = self.storage.is_folder(source)
+        if folder:
+            operation = self.storage.move_folder if move else self.storage.copy_folder
+        else:
+            operation = self.storage.move_file if move else self.storage.copy_file
+        kwargs = {"printing": self.printing} if move else {}
+        path, events = operation(source, destination, **kwargs)
+        if move:
+            self.analysis.dequeue(source, folder=folder)
+        targets = self.storage.files_under(path) if folder else [path]
+        self.storage.flush()
+        for target in targets:
+            if "analysis" not in (self.storage.entry(target) or {}):
+                self._enqueue_analysis(target, high=False)
+        self._publish(events + [UPDATED])
+        return {"path": path}
+
+    def _cmd_mkdir(self, reply_to, args):
+        self._publish(self.storage.add_folder(_required(args, "path")) + [UPDATED])
+        return {}
+
+    def _cmd_rmdir(self, reply_to, args):
+        path = self.storage.path(_required(args, "path"))
+        events = self.storage.remove_folder(path, bool(args.get("recursive")), printing=self.printing)
+        self.analysis.dequeue(path, folder=True)
+        self._publish(events + [UPDATED])
+        return {}
+
+    def _cmd_analyse(self, reply_to, args):
+        path = self.storage.path(_required(args, "path"))
+        if not self.storage.is_file(path) or not st.is_gcode(path):
+            raise st.StorageError(f"no such G-code file: {path}")
+        return {"queued": self._enqueue_analysis(path, high=True)}
+
+    def _cmd_status(self, reply_to, args):
+        return {"printing": self.printing, "printer_busy": self.printer_busy,
+                "analysis": {"paused": self.analysis.paused, "pending": self.analysis.pending(),
+                             "run_at": self.analysis.run_at},
+                "uploads": str(self.uploads), "watched": str(self.watched_dir) if self.watched_dir else None}
+
+    _COMMANDS = {
+        "LIST": _cmd_list, "INFO": _cmd_info, "UPLOAD": _cmd_upload, "REMOVE": _cmd_remove,
+        "COPY": lambda self, reply_to, args: self._copy_or_move(args, move=False),
+        "MOVE": lambda self, reply_to, args: self._copy_or_move(args, move=True),
+        "MKDIR": _cmd_mkdir, "RMDIR": _cmd_rmdir, "ANALYSE": _cmd_analyse, "STATUS": _cmd_status,
+    }
+
+    # --- work that waits for the printer link (executor thread; replies from the loop) ---------------------------
+
+    def _submit_printer(self, reply_to, args, fn, *fn_args, then=None):
+        future = self._printer_work.submit(fn, *fn_args)
+        future.add_done_callback(self._wake)
+        self._pending.append((future, reply_to, args, then))
+
+    def _reply_finished(self):
+        still = []
+        for future, reply_to, args, then in self._pending:
+            if not future.done():
+                still.append((future, reply_to, args, then))
+                continue
+            try:
+                outcome = future.result()
+                if isinstance(outcome, tuple) and outcome and outcome[0] == "events":
+                    self._publish(outcome[1])
+                    outcome = outcome[2]
+                reply = then(outcome) if then is not None else outcome
+                self.server.reply(reply_to, args, True, **reply)
+            except (st.StorageError, printer_channel.ChannelError) as exc:
+                self.server.reply(reply_to, args, False, error=str(exc))
+            except Exception as exc:
+                log.exception("files: printer request failed")
+                self.server.reply(reply_to, args, False, error=f"internal error: {exc}")
+        self._pending = still
+
+    def _printer_client(self):
+        return printer_channel.CommandClient(printer_channel.endpoint(self.config), self.context)
+
+    def _select_and_print(self, disk: str, select: bool, start: bool, user) -> tuple:
+        """(effective_select, effective_print): a refusal of the printer is logged, the upload stays done."""
+        client = self._printer_client()
+        selected = printing = False
+        try:
+            if start:
+                client.request("PRINT", {"path": disk, "user": user}, timeout=30.0)
+                selected = printing = True
+            else:
+                client.request("SELECT", {"path": disk}, timeout=30.0)
+                selected = True
+        except printer_channel.ChannelError as exc:
+            log.warning("files: upload %s: the printer did not %s it: %s", os.path.basename(disk),
+                        "print" if start else "select", exc)
+        finally:
+            client.close()
+        return selected, printing
+
+    def _sd_request(self, command: str, args: dict):
+        """SD card storage through the printer link: list, upload (M28/M29), remove (M30)."""
+        client = self._printer_client()
+        try:
+            if command == "LIST":
+                files = client.request("SD_LIST", {}, timeout=60.0).get("files") or []
+                return {"files": [{"name": f.get("name"), "path": f.get("name"), "type": "machinecode",
+                                   "typePath": ["machinecode", "gcode"], "origin": SD, "size": f.get("size")}
+                                  for f in files]}
+            if command == "UPLOAD":
+                source = _required(args, "source")
+                if not os.path.isfile(source):
+                    raise st.StorageError(f"no such file to upload: {source}")
+                if not st.is_gcode(source):
+                    raise st.StorageError("only G-code can go to the SD card")
+                remote = args.get("path") or None
+                reply = client.request("SD_UPLOAD", {"path": source, "remote": remote, "wait": True},
+                                       timeout=24 * 3600.0)
+                name = reply.get("remote")
+                kind = ["machinecode", "gcode"]
+                upload = {"name": name, "path": name, "target": SD, "select": False, "print": False,
+                          "effective_select": False, "effective_print": False}
+                events = [("FileAdded", {"storage": SD, "path": name, "name": name, "type": kind,
+                                         "operation": "add"}), UPDATED, ("Upload", upload)]
+                return ("events", events, {"storage": SD, "path": name, "name": name, "done": True})
+            if command == "REMOVE":
+                name = _required(args, "path")
+                if any(c in name for c in "\0\n\r") or "/" in name.strip("/"):
+                    raise st.StorageError(f"not an SD card file name: {name!r}")
+                client.request("GCODE", {"lines": [f"M30 {name}"], "src": "user"}, timeout=30.0)
+                events = [("FileRemoved", {"storage": SD, "path": name, "name": name,
+                                           "type": ["machinecode", "gcode"], "operation": "remove"}), UPDATED]
+                return ("events", events, {})
+            raise st.StorageError(f"{command} is not available on the SD card (ls, upload, rm)")
+        finally:
+            client.close()
+
+
+def run(config) -> int:
+    """The files service process: until SIGINT/SIGTERM; 1 if it cannot start."""
+    from zevents.service import run_until_signalled
+
+    return run_until_signalled("files", config, FilesService(config), (ServiceError, OSError, ValueError), log)
