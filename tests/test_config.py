@@ -85,3 +85,89 @@ def test_config_check_command(tmp_path, zevents_cmd):
     good = write(tmp_path, "bus:\n  node: x\n", "good.yaml")
     result = subprocess.run(zevents_cmd + ["config", "check", str(good)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# --- hostile and sloppy YAML: limits, duplicate keys, tags -----------------------------------------------------
+
+BOMB = "".join(f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+BOMB = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n' + BOMB
+
+
+def check_limited(path, zevents_cmd, memory=1 << 30):
+    """`zevents config check` in a process that may not grow beyond `memory` bytes of address space."""
+    import resource
+    import subprocess
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+
+    return subprocess.run(zevents_cmd + ["config", "check", str(path)], capture_output=True, text=True,
+                          preexec_fn=limit, timeout=120)
+
+
+def test_duplicate_key_is_an_error_naming_both_lines(tmp_path):
+    path = write(tmp_path, "bus:\n  node: a\n  heartbeat: 2\n  node: b\n")
+    problems = config.check(path)
+    assert len(problems) == 1
+    assert problems[0].line == 4 and problems[0].key == "bus.node"
+    assert "duplicate key 'node' (first on line 2)" in str(problems[0])
+    top = config.check(write(tmp_path, "bus: {}\nprinter: {}\nbus: {}\n", "top.yaml"))
+    assert top and top[0].line == 3 and top[0].key == "bus"
+
+
+def test_yaml_bomb_is_refused_with_bounded_memory(tmp_path, zevents_cmd):
+    path = write(tmp_path, BOMB)
+    assert len(BOMB) < 500
+    result = check_limited(path, zevents_cmd)
+    assert result.returncode == 1, result.stderr
+    assert "billion laughs" in result.stderr and f"{path}:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("depth", [100, 5000, 200_000])
+def test_deep_nesting_is_refused_with_the_limit(tmp_path, zevents_cmd, depth):
+    path = write(tmp_path, "bus:\n  node: " + "[" * depth + "]" * depth + "\n")
+    result = check_limited(path, zevents_cmd)
+    assert result.returncode == 1
+    assert f"{path}:2: nested deeper than 64 levels" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_deep_block_nesting_and_deep_aliases_are_refused(tmp_path):
+    block = "".join(" " * i + f"k{i}:\n" for i in range(80)) + " " * 80 + "x: 1\n"
+    assert "nested deeper than 64 levels" in str(config.check(write(tmp_path, block))[0])
+    # each anchor is shallow; the alias puts it deep
+    text = "x: &x " + "[" * 40 + "1" + "]" * 40 + "\ny: " + "[" * 40 + "*x" + "]" * 40 + "\n"
+    problem = config.check(write(tmp_path, text, "alias.yaml"))[0]
+    assert "nested deeper than 64 levels (through the alias *x)" in str(problem) and problem.line == 2
+
+
+def test_oversized_file_is_refused_before_reading(tmp_path):
+    path = tmp_path / "huge.yaml"
+    with open(path, "wb") as handle:
+        handle.truncate(64 * 1024 * 1024)  # sparse: costs no disk
+    problems = config.check(path)
+    assert len(problems) == 1
+    assert "larger than the limit of 16777216 bytes" in str(problems[0])
+    with pytest.raises(config.ConfigError, match="larger than the limit"):
+        config.load(path)
+
+
+def test_unsafe_tags_and_second_documents_are_refused(tmp_path):
+    problems = config.check(write(tmp_path, "bus:\n  node: !!python/object/apply:os.system [touch x]\n"))
+    assert problems[0].line == 2 and "is not allowed in a config file" in str(problems[0])
+    assert not (tmp_path / "x").exists()
+    problems = config.check(write(tmp_path, "bus: {}\n---\nbus: {}\n", "two.yaml"))
+    assert problems[0].line == 2 and "one YAML document" in str(problems[0])
+
+
+def test_anchors_merge_keys_and_tags_still_load(tmp_path):
+    text = ("hooks: &h {workers: 2}\n"
+            "events:\n  subscriptions:\n"
+            "    - &base {event: PrintDone, type: system, command: 'true', timeout: !!float 5}\n"
+            "    - <<: *base\n      event: PrintFailed\n")
+    cfg = config.load(write(tmp_path, text))
+    subs = cfg.get("events", "subscriptions")
+    assert subs[1] == {"event": "PrintFailed", "type": "system", "command": "true", "timeout": 5.0}
+    assert cfg.get("hooks", "workers") == 2
+    assert cfg.line_of("events", "subscriptions", 1, "event") == 6

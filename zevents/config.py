@@ -7,6 +7,7 @@ and the dotted key, so ``zevents config check`` can report them all.
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import socket
 import stat
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import yaml
+from zevents import safe_yaml
 
 ENV_CONFIG = "ZEVENTS_CONFIG"
 
@@ -97,22 +98,6 @@ def _type_name(types) -> str:
     names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
              dict: "a mapping", type(None): "null"}
     return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
-
-
-def _marks(node, path=(), out=None) -> dict:
-    """Line numbers (1-based) of every key and list item in a composed YAML tree, by key path."""
-    if out is None:
-        out = {}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key_path = path + (key_node.value,)
-            out[key_path] = key_node.start_mark.line + 1
-            _marks(value_node, key_path, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            out[path + (index,)] = item.start_mark.line + 1
-            _marks(item, path + (index,), out)
-    return out
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -231,18 +216,36 @@ class Config:
 
 
 def _parse(text: str, path: str | None):
+    """(data, marks) of a config text; YAML problems and broken limits (size, depth, aliases) as ConfigError."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"not valid YAML: {problem}", path, mark.line + 1 if mark else None) from None
+        data, marks = safe_yaml.load(text)
+    except safe_yaml.YamlProblem as exc:
+        key = ".".join(str(k) for k in exc.key) or None
+        raise ConfigError(exc.message, path, exc.line, key) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("the top level must be a mapping (bus:, printer:, events:, ...)", path, 1)
-    return data, _marks(node) if node is not None else {}
+    return data, marks
+
+
+def _read(path: str) -> str:
+    """A config file's text; ConfigError when it cannot be read or is too large to be a config (checked before
+    reading it: a config path pointing at a huge file must not fill the memory)."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            try:
+                safe_yaml.check_size(size)
+                data = handle.read(safe_yaml.MAX_BYTES + 1)  # a FIFO or /proc file has no size
+                safe_yaml.check_size(len(data))
+            except safe_yaml.YamlLimit as exc:
+                raise ConfigError(exc.message, path) from None
+        return data.decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError("no such file", path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read: {exc}", path) from None
 
 
 def _validate_schema(config: Config, value, schema, path=()) -> list:
@@ -279,6 +282,18 @@ def _validate_schema(config: Config, value, schema, path=()) -> list:
 
 
 def _build(text: str | None, path: str | None) -> tuple[Config, list]:
+    enabled = gc.isenabled()
+    # Checking a large config allocates 100 000s of objects that all live until the check ends: the generational
+    # collector would walk them again and again (it tripled the time of a 5 MB config) and would find no garbage.
+    gc.disable()
+    try:
+        return _build_config(text, path)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _build_config(text: str | None, path: str | None) -> tuple[Config, list]:
     default_data, _ = _parse(default_text(), "<default>")
     if text is None:
         return Config(default_data, None, {}), []
@@ -304,9 +319,9 @@ def check(path: str | os.PathLike) -> list:
     """Every problem of a config file (an empty list when it is valid)."""
     path = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        return [ConfigError(f"cannot read: {exc}", path)]
+        text = _read(path)
+    except ConfigError as exc:
+        return [exc]
     _register_builtin_validators()
     try:
         return _build(text, path)[1]
@@ -320,12 +335,7 @@ def load(path: str | os.PathLike | None = None, text: str | None = None) -> Conf
         path = os.environ.get(ENV_CONFIG) or None
     if path is not None:
         path = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError("no such file", path) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read: {exc}", path) from None
+        text = _read(path)
     _register_builtin_validators()
     config, problems = _build(text, path)
     # A problem marked `fatal = False` (one bad hook subscription) is for `config check` and its service to report;
