@@ -171,3 +171,97 @@ def test_anchors_merge_keys_and_tags_still_load(tmp_path):
     assert subs[1] == {"event": "PrintFailed", "type": "system", "command": "true", "timeout": 5.0}
     assert cfg.get("hooks", "workers") == 2
     assert cfg.line_of("events", "subscriptions", 1, "event") == 6
+
+
+# --- a type and a range for every key ---------------------------------------------------------------------------
+
+BAD_VALUES = [
+    ("bus:\n  heartbeat: 0\n", "bus.heartbeat", "must be between 0.01 and 3600, not 0"),
+    ("bus:\n  heartbeat: .nan\n", "bus.heartbeat", "must be a number, not NaN"),
+    ("bus:\n  heartbeat: .inf\n", "bus.heartbeat", "must be a finite number, not inf"),
+    ("bus:\n  heartbeat: -1\n", "bus.heartbeat", "between 0.01 and 3600"),
+    ("bus:\n  replay_ring: -1\n", "bus.replay_ring", "between 1 and"),
+    ("bus:\n  replay_ring: 0\n", "bus.replay_ring", "between 1 and"),
+    ("bus:\n  hwm: -1\n", "bus.hwm", "between 0 and"),
+    ("bus:\n  max_payload: -1\n", "bus.max_payload", "between 1 and"),
+    ("bus:\n  max_payload: 0\n", "bus.max_payload", "between 1 and"),
+    ("bus:\n  node: ../etc\n", "bus.node", "letters, digits"),
+    ("bus:\n  node: ''\n", "bus.node", "letters, digits"),
+    ("bus:\n  publish: garbage://x\n", "bus.publish", "must be an ipc://PATH or tcp://HOST:PORT endpoint"),
+    ("bus:\n  ingest: tcp://127.0.0.1\n", "bus.ingest", "needs a host and a port"),
+    ("bus:\n  replay: tcp://127.0.0.1:99999\n", "bus.replay", "the port must be a number from 1 to 65535"),
+    ("bus:\n  replay: 'ipc://'\n", "bus.replay", "has no socket path"),
+    ("bus:\n  publish: ipc:///tmp/" + "x" * 120 + "\n", "bus.publish", "at most 107 fit"),
+    ("printer:\n  timeout: -5\n", "printer.timeout", "must be > 0 and at most 3600, not -5"),
+    ("printer:\n  timeout: 0\n", "printer.timeout", "must be > 0"),
+    ("printer:\n  timeout: .nan\n", "printer.timeout", "NaN"),
+    ("printer:\n  window: 0\n", "printer.window", "between 1 and 64, not 0"),
+    ("printer:\n  retries: -1\n", "printer.retries", "between 0 and 100"),
+    ("printer:\n  baudrate: -9600\n", "printer.baudrate", "between 0 and 4000000"),
+    ("printer:\n  baudrate: 7\n", "printer.baudrate", "0 (auto) or a serial speed"),
+    ("printer:\n  commands: 'printer.sock'\n", "printer.commands", "ipc://PATH or tcp://HOST:PORT"),
+    ("printer:\n  name: a/b\n", "printer.name", "without '/'"),
+    ("printer:\n  port: ''\n", "printer.port", "VIRTUAL, AUTO"),
+    ("printer:\n  virtual:\n    speed: 0\n", "printer.virtual.speed", "must be > 0"),
+    ("printer:\n  virtual:\n    tools: 0\n", "printer.virtual.tools", "between 1 and 8"),
+    ("printer:\n  virtual:\n    firmware: marlyn\n", "printer.virtual.firmware", "must be one of marlin"),
+    ("printer:\n  scripts:\n    afterPrintDone: [M104 S0]\n", "printer.scripts.afterPrintDone",
+     "a script is G-code text"),
+    ("parser:\n  blocked_commands: [hello]\n", "parser.blocked_commands.0", "not a G-code command name: 'hello'"),
+    ("parser:\n  ignored_commands:\n    - M104\n    - 7\n", "parser.ignored_commands.1",
+     "not a G-code command name: 7"),
+    ("hooks:\n  workers: 0\n", "hooks.workers", "between 1 and 256"),
+    ("hooks:\n  timeout: .inf\n", "hooks.timeout", "must be a finite number"),
+    ("hooks:\n  timeout: -.inf\n", "hooks.timeout", "must be a finite number"),
+    ("hooks:\n  max_queued: 0\n", "hooks.max_queued", "between 1 and"),
+    ("events:\n  enabled: 1\n", "events.enabled", "must be true/false"),
+    ("events:\n  subscriptions: {}\n", "events.subscriptions", "must be a list"),
+    ("data_dir: ''\n", "data_dir", "must be a directory path"),
+    ("data_dir: 5\n", "data_dir", "must be a string or null"),
+]
+
+
+@pytest.mark.parametrize("text, key, message", BAD_VALUES, ids=[f"{k}:{t.split(':')[-1].strip()[:20]}"
+                                                               for t, k, _ in BAD_VALUES])
+def test_every_key_has_a_type_and_range(tmp_path, text, key, message):
+    path = write(tmp_path, text)
+    problems = config.check(path)
+    assert len(problems) == 1, problems
+    assert problems[0].key == key and problems[0].file == str(path) and problems[0].line == text.count("\n")
+    assert message in str(problems[0])
+    with pytest.raises(config.ConfigError):  # and at start: every service loads its config through load()
+        config.load(path)
+
+
+def test_every_schema_key_is_ruled():
+    """No key is left with a bare type where a range means something: every number and endpoint has a Key."""
+    config._register_builtin_validators()
+
+    def walk(schema, path=()):
+        for key, rule in schema.items():
+            if isinstance(rule, dict):
+                yield from walk(rule, path + (key,))
+            else:
+                yield path + (key,), rule
+
+    for path, rule in walk({k: v if isinstance(v, dict) else {"": v} for k, v in config.SCHEMA.items()}):
+        types = rule.types if isinstance(rule, config.Key) else rule
+        types = types if isinstance(types, tuple) else (types,)
+        if bool in types or list in types and path[-1] == "subscriptions":
+            continue
+        assert isinstance(rule, config.Key) and (rule.check or rule.min is not None or rule.above is not None
+                                                 or rule.choices), f"{'.'.join(path)} has no range or check"
+
+
+GOOD_VALUES = ["bus:\n  publish: tcp://*:5555\n  ingest: 'tcp://[::1]:5556'\n  replay: ipc:///tmp/x/c.sock\n"
+               "  hwm: 0\n  heartbeat: 0.2\n  node: farm-1.lab_2\n",
+               "printer:\n  baudrate: 0\n  timeout: 0.5\n  name: Prusa MK4 1\n",
+               "printer:\n  virtual: {firmware: Klipper, speed: 0.5, tools: 8}\n"
+               "  scripts: {afterPrintDone: 'M104 S0'}\n",
+               "parser:\n  blocked_commands: [M0, g29.1, T1]\n",
+               "hooks: {timeout: 0.5, workers: 256}\ndata_dir: ~/zevents\n"]
+
+
+@pytest.mark.parametrize("text", GOOD_VALUES)
+def test_sensible_values_pass(tmp_path, text):
+    assert config.check(write(tmp_path, text)) == []

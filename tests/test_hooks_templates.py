@@ -126,7 +126,11 @@ def test_accepted_event_names(tmp_path, event):
     ({"command": ["true", 3]}, "events.subscriptions.0.command.1: each command must be a non-empty string"),
     ({"command": []}, "empty list"),
     ({"timeout": -1}, "must be a number of seconds > 0"),
-    ({"min_interval": "often"}, "must be a number of seconds >= 0"),
+    ({"min_interval": "often"}, "must be a number of seconds between 0 and 86400"),
+    ({"timeout": float("nan")}, "must be a number of seconds > 0 and at most 86400, not nan"),
+    ({"timeout": float("inf")}, "must be a number of seconds > 0 and at most 86400, not inf"),
+    ({"timeout": 0}, "must be a number of seconds > 0"),
+    ({"min_interval": float("-inf")}, "must be a number of seconds between 0 and 86400"),
     ({"enabled": "no"}, "must be true or false"),
     ({"env": {"1BAD": "x"}}, "is not an environment variable name"),
     ({"env": {"GOOD": "{name"}}, "expected '}'"),
@@ -163,7 +167,7 @@ def test_warnings_keep_the_subscription(tmp_path):
 
 @pytest.mark.parametrize("hooks_section, message", [({"workers": 0}, "between 1 and 256"),
                                                     ({"timeout": 0}, "must be > 0"),
-                                                    ({"max_queued": 0}, "at least 1")])
+                                                    ({"max_queued": 0}, "between 1 and 10000000")])
 def test_hooks_section_limits_are_fatal(tmp_path, hooks_section, message):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"hooks": hooks_section}))

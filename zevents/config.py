@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import gc
 import os
+import re
 import socket
 import stat
 from dataclasses import dataclass, field
@@ -42,13 +43,17 @@ OPT_STR = (str, type(None))
 
 @dataclass(frozen=True)
 class Key:
-    """One key's rule beyond its type: an inclusive range, a set of choices, or a check of its own (returning an
-    error message, or None when the value is fine).  A plain type or tuple of types in a schema means Key(types)."""
+    """One key's rule beyond its type: an inclusive range (``min``/``max``), an exclusive lower bound (``above``),
+    a set of choices, or a check of its own (returning an error message, or ``(keys inside the value, message)``
+    to name the list item or mapping key at fault, or None when the value is fine).  A plain
+    type or tuple of types in a schema means Key(types).  A number is always refused when it is NaN or infinite:
+    no key means anything by those (a hook's `timeout: .nan` spun the hooks service at 100 % CPU)."""
     types: object
     min: float | None = None
     max: float | None = None
     choices: tuple | None = None
     check: object = None
+    above: float | None = None
 
     def problem(self, value) -> str | None:
         if value is None:
@@ -58,24 +63,94 @@ class Key:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if value != value:
                 return "must be a number, not NaN"
-            if self.min is not None and value < self.min:
-                return f"must be at least {self.min}, not {value!r}"
-            if self.max is not None and value > self.max:
-                return f"must be at most {self.max}, not {value!r}"
+            if value in (INF, -INF):
+                return f"must be a finite number, not {value!r}"
+            if (self.above is not None and value <= self.above or self.min is not None and value < self.min
+                    or self.max is not None and value > self.max):
+                return f"must be {self.range_text()}, not {value!r}"
         if self.check is not None:
             return self.check(value)
         return None
+
+    def range_text(self) -> str:
+        low = (f"> {_number_text(self.above)}" if self.above is not None else
+               f"at least {_number_text(self.min)}" if self.min is not None else None)
+        if self.min is not None and self.max is not None:
+            return f"between {_number_text(self.min)} and {_number_text(self.max)}"
+        high = f"at most {_number_text(self.max)}" if self.max is not None else None
+        return " and ".join(part for part in (low, high) if part)
+
+    def validate(self, value) -> str | None:
+        """Why ``value`` is not right for this key (its type, then its range), or None."""
+        types = self.types if isinstance(self.types, tuple) else (self.types,)
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            return f"must be {_type_name(self.types)}, not {value!r}"
+        return self.problem(value)
+
+
+INF = float("inf")
+
+
+def _number_text(number) -> str:
+    return f"{number:g}" if isinstance(number, float) else str(number)
+
+
+def check_endpoint(value) -> str | None:
+    """A ZeroMQ endpoint other processes can reach: ``ipc://PATH`` (a socket path fits in 107 bytes) or
+    ``tcp://HOST:PORT`` (a port 1-65535; ``*`` as HOST binds every interface)."""
+    if not isinstance(value, str):
+        return None
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("ipc", "tcp"):
+        return f"must be an ipc://PATH or tcp://HOST:PORT endpoint, not {value!r}"
+    if scheme == "ipc":
+        if not rest:
+            return f"{value!r} has no socket path (ipc://PATH)"
+        if len(os.fsencode(rest)) > 107:
+            return (f"the socket path of {value!r} is {len(os.fsencode(rest))} bytes; at most 107 fit in a socket "
+                    "address")
+        return None
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host:
+        return f"{value!r} needs a host and a port (tcp://HOST:PORT, e.g. tcp://127.0.0.1:5555)"
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"{value!r}: the port must be a number from 1 to 65535, not {port!r}"
+    if host.startswith("[") != host.endswith("]") or any(c.isspace() or c in "/?#" for c in host):
+        return f"{value!r}: {host!r} is not a host name or address"
+    return None
+
+
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+
+def _check_node(value) -> str | None:
+    if isinstance(value, str) and not _NODE_NAME.match(value):
+        return (f"must be 1-64 letters, digits, '.', '_' or '-' (it names the node's socket directory and every "
+                f"event header), not {value!r}")
+    return None
+
+
+def _check_path(value) -> str | None:
+    if isinstance(value, str) and (not value.strip() or "\x00" in value):
+        return f"must be a directory path, not {value!r}"
+    return None
 
 
 # The registry of sections: top-level key -> schema (key -> types, Key, or a nested schema dict).  The core owns
 # `bus` and `data_dir`; every service registers its own sections (register_section) from the module that
 # zevents.service.SECTION_OWNERS names, so this module imports no service.
+ENDPOINT = Key(OPT_STR, check=check_endpoint)
 SCHEMA: dict = {
     "bus": {
-        "node": OPT_STR, "publish": OPT_STR, "ingest": OPT_STR, "replay": OPT_STR,
-        "replay_ring": int, "heartbeat": NUMBER, "max_payload": int, "hwm": int,
+        "node": Key(OPT_STR, check=_check_node),
+        "publish": ENDPOINT, "ingest": ENDPOINT, "replay": ENDPOINT,
+        "replay_ring": Key(int, min=1, max=100_000_000),
+        # below 10 ms heartbeats are most of the traffic; above an hour a dead broker goes unnoticed
+        "heartbeat": Key(NUMBER, min=0.01, max=3600),
+        "max_payload": Key(int, min=1, max=256 * 1024 * 1024),
+        "hwm": Key(int, min=0, max=100_000_000),     # 0: no limit (ZeroMQ's meaning)
     },
-    "data_dir": OPT_STR,
+    "data_dir": Key(OPT_STR, check=_check_path),
 }
 
 # Extra validators per top-level section: fn(config, section_value) -> list[ConfigError], run once the schema
@@ -267,17 +342,12 @@ def _validate_schema(config: Config, value, schema, path=()) -> list:
                 problems.extend(_validate_schema(config, item, expected, key_path))
         elif expected is not ANY:
             rule = expected if isinstance(expected, Key) else Key(expected)
-            types = rule.types if isinstance(rule.types, tuple) else (rule.types,)
-            if isinstance(item, bool) and bool not in types:
-                ok = False
-            else:
-                ok = isinstance(item, types)
-            if not ok:
-                problems.append(config.error(f"must be {_type_name(rule.types)}, not {item!r}", *key_path))
-            else:
-                message = rule.problem(item)
-                if message:
-                    problems.append(config.error(message, *key_path))
+            message = rule.validate(item)
+            if message:
+                inner = ()
+                if isinstance(message, tuple):  # a check that names the item inside the value (a list index)
+                    inner, message = message
+                problems.append(config.error(message, *key_path, *inner))
     return problems
 
 

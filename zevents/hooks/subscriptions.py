@@ -144,10 +144,6 @@ def _check_keys(config, templates, known: set | None, event_names, keys_path) ->
     return problems
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def compile_subscription(config, index: int, raw, default_timeout: float) -> tuple[Subscription | None, list]:
     """One subscription and its problems; None when it has to be left out."""
     path = ("events", "subscriptions", index)
@@ -210,11 +206,11 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
 
     # numbers
     timeout = raw.get("timeout", default_timeout)
-    if not _number(timeout) or timeout <= 0:
-        bad(f"must be a number of seconds > 0, not {timeout!r}", "timeout")
+    if TIMEOUT.validate(timeout):
+        bad(f"must be a number of seconds {TIMEOUT.range_text()}, not {timeout!r}", "timeout")
     min_interval = raw.get("min_interval", 0.0)
-    if not _number(min_interval) or min_interval < 0:
-        bad(f"must be a number of seconds >= 0, not {min_interval!r}", "min_interval")
+    if MIN_INTERVAL.validate(min_interval):
+        bad(f"must be a number of seconds {MIN_INTERVAL.range_text()}, not {min_interval!r}", "min_interval")
 
     # cwd, env only make sense for system hooks
     cwd = raw.get("cwd")
@@ -335,21 +331,10 @@ def validate_events(config, section) -> list:
     return compile_section(config)[1]
 
 
-def validate_hooks(config, section) -> list:
-    """``hooks.workers`` ≥ 1, ``hooks.max_queued`` ≥ 1 and ``hooks.timeout`` > 0 (the schema checks their types)."""
-    problems = []
-    section = section or {}
-    workers = section.get("workers")
-    if isinstance(workers, int) and not isinstance(workers, bool) and not 1 <= workers <= 256:
-        problems.append(config.error(f"must be between 1 and 256, not {workers}", "hooks", "workers"))
-    max_queued = section.get("max_queued")
-    if isinstance(max_queued, int) and not isinstance(max_queued, bool) and max_queued < 1:
-        problems.append(config.error(f"must be at least 1, not {max_queued}", "hooks", "max_queued"))
-    timeout = section.get("timeout")
-    if _number(timeout) and timeout <= 0:
-        problems.append(config.error(f"must be > 0 seconds, not {timeout}", "hooks", "timeout"))
-    return problems
-
+# A hook's time limits: a day at most (a longer wait is a hung hook); NaN, infinity, 0 and negative are refused.
+TIMEOUT = zconfig.Key(zconfig.NUMBER, above=0, max=86400)
+MIN_INTERVAL = zconfig.Key(zconfig.NUMBER, min=0, max=86400)
 
 zconfig.register_section("events", {"enabled": bool, "subscriptions": list}, validate_events)
-zconfig.register_section("hooks", {"workers": int, "timeout": zconfig.NUMBER, "max_queued": int}, validate_hooks)
+zconfig.register_section("hooks", {"workers": zconfig.Key(int, min=1, max=256), "timeout": TIMEOUT,
+                                   "max_queued": zconfig.Key(int, min=1, max=10_000_000)})
