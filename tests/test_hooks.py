@@ -273,6 +273,32 @@ def test_injection_file_names_are_only_file_names(mode, hooks, publisher, result
     assert os.path.exists("/tmp/pwned") == existed
 
 
+def test_a_value_that_would_be_read_as_an_option_is_refused(hooks, publisher, results, short_tmp):
+    """`sort {path}` with the path `-o<file>` would write <file>: refused with a HookFailed that says why, unless
+    `--` ends the options first or the subscription allows it; a placeholder inside an argument is not an option."""
+    record = short_tmp / "record.jsonl"
+    written = short_tmp / "written"
+    sort = shutil.which("sort")
+    hooks([{"event": "FileAdded", "type": "system", "name": "sort", "command": f"{sort} {{path}}"},
+           record_sub("FileAdded", "--", "{path}", record=record, name="dashdash"),
+           record_sub("FileAdded", "{path}", record=record, name="allowed", allow_option_values=True),
+           record_sub("FileAdded", "--file={path}", "x{name}", record=record, name="inside")])
+    path = f"-o{written}"
+    publisher.publish("FileAdded", {"storage": "local", "path": path, "name": "-n", "type": ["gcode"]})
+    got = {e.payload["subscription"]: e for e in collect(results, 4)}
+    refused = got["sort"]
+    assert refused.name == "HookFailed"
+    assert f"{{path}} fills argument 1 of {sort!r} with {path!r}, which sort would read as an option" \
+        in refused.payload["stderr"]
+    assert "`--`" in refused.payload["stderr"] and "allow_option_values: true" in refused.payload["stderr"]
+    assert refused.payload["argv"] == [sort, path]
+    assert {name: got[name].name for name in ("dashdash", "allowed", "inside")} == dict.fromkeys(
+        ("dashdash", "allowed", "inside"), "HookFinished")
+    argvs = sorted(r["argv"] for r in read_records(record))
+    assert argvs == sorted([["--", path], [path], [f"--file={path}", "x-n"]])
+    assert not written.exists()
+
+
 def process_dead(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()

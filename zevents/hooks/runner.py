@@ -34,6 +34,15 @@ _DUP2 = os.POSIX_SPAWN_DUP2
 _DEFAULT_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGPIPE", "SIGXFSZ", "SIGXFZ")) if s)
 
 
+class Refused(Exception):
+    """A run that must not start (``prepare`` raises it): reported as a failure saying why, with no traceback."""
+
+    def __init__(self, message: str, argv=None):
+        super().__init__(message)
+        self.message = message
+        self.argv = argv
+
+
 class RunResult:
     __slots__ = ("argv", "pid", "returncode", "timed_out", "stdout", "stderr", "error", "started_ns", "duration")
 
@@ -402,6 +411,9 @@ class Runs:
     def _begin(self, job):
         try:
             spec = self.prepare(job)
+        except Refused as exc:
+            self._complete(job, exc)
+            return
         except Exception as exc:  # reported to complete(), which publishes the failure
             log.exception("hook run failed inside zevents")
             self._complete(job, exc)

@@ -173,6 +173,21 @@ def _one_line(text: str) -> str:
     return text.replace("\r", " ").replace("\n", " ")
 
 
+def refuse_option_values(templates: list, argv: list):
+    """Argument injection: a placeholder that fills a whole argument with a value beginning with '-' would be read
+    as an option (`sort {path}` with the path `-o/tmp/x` writes a file).  Raises runner.Refused unless a literal
+    `--` (the end of options) comes before that argument."""
+    for index in range(1, len(argv)):
+        template = templates[index]
+        if template.constant == "--":
+            return
+        if argv[index].startswith("-") and len(template.parts) == 1 and template.fields:
+            raise hook_runner.Refused(
+                f"not run: {template.fields[0].text} fills argument {index} of {argv[0]!r} with {argv[index]!r}, "
+                f"which {os.path.basename(argv[0])} would read as an option; write `--` before it in the command "
+                "(if the program knows it) or set `allow_option_values: true` on the subscription", argv)
+
+
 class HookRunner:
     """Fills and runs the commands of one job; knows nothing of the bus (the service publishes the outcome)."""
 
@@ -205,7 +220,11 @@ class HookRunner:
             return [template.render(values, _one_line) for template in subscription.commands]
         if subscription.shell:
             return [["/bin/sh", "-c", template.render(values)] for template in subscription.commands]
-        return [[word.render(values) for word in argv] for argv in subscription.commands]
+        argvs = [[word.render(values) for word in argv] for argv in subscription.commands]
+        if not subscription.allow_option_values:
+            for templates, argv in zip(subscription.commands, argvs):
+                refuse_option_values(templates, argv)
+        return argvs
 
     def environment(self, job: Job, values: placeholders.Values, payload_json: str) -> dict:
         env = dict(self.base_env)
@@ -240,7 +259,9 @@ class HookRunner:
     def outcome(self, job: Job, outcome) -> tuple[str, dict]:
         """(result event name, payload) from what the runs report for a job."""
         subscription = job.subscription
-        if isinstance(outcome, BaseException):
+        if isinstance(outcome, hook_runner.Refused):
+            name, fields = FAILED, {"stderr": outcome.message, "argv": outcome.argv}
+        elif isinstance(outcome, BaseException):
             name, fields = FAILED, {"stderr": f"internal error: {outcome!r}"}
         elif isinstance(outcome, tuple):
             name, fields = outcome
@@ -257,7 +278,10 @@ class HookRunner:
 
     def execute(self, job: Job) -> tuple[str, dict]:
         """Run one job here and now (``zevents hooks test --run``); the service drives many at once through Runs."""
-        spec = self.prepare(job)
+        try:
+            spec = self.prepare(job)
+        except hook_runner.Refused as exc:
+            return self.outcome(job, exc)
         if not isinstance(spec, hook_runner.Commands):
             return self.outcome(job, spec())
         results = []
@@ -730,9 +754,15 @@ def run_test(config, event: str, payload_json: str | None, execute: bool, out=No
                 wanted = ", ".join(f"{'.'.join(k)} in {list(v)}" for k, v in subscription.filter.items())
                 print(f"{header}: filtered out (filter: {wanted})", file=out)
                 continue
+            try:
+                planned = runner.plan(job)
+            except hook_runner.Refused as exc:
+                failures += 1
+                print(f"{header}: refused: {exc.message}", file=out)
+                continue
             would_run += 1
             print(f"{header}:", file=out)
-            for item in runner.plan(job):
+            for item in planned:
                 print(f"  {'gcode' if subscription.type == 'gcode' else 'argv'}: "
                       f"{json.dumps(item, ensure_ascii=False)}", file=out)
             if execute:

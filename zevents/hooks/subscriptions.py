@@ -2,7 +2,8 @@
 
 A subscription is OctoPrint's (``event`` a name or a list, ``command`` a string or a list, ``type`` system|gcode,
 optional ``enabled``, ``name``, ``debug``, and OctoPrint's ``shell``/``cwd``) plus zevents' optional ``timeout``,
-``filter``, ``min_interval`` and ``env``.
+``filter``, ``min_interval``, ``env``, ``detach`` (what a run leaves running may outlive it) and
+``allow_option_values`` (a placeholder filling a whole argument may begin with ``-``).
 
 Every problem is reported with file, line and key.  Problems are *per subscription*: a bad subscription is left out
 (``HookProblem.skips``) and the others run, so they never stop the node (``fatal = False`` tells
@@ -27,7 +28,7 @@ from zevents import config as zconfig
 from zevents.config import ConfigError
 
 KEYS = ("event", "command", "type", "enabled", "name", "debug", "shell", "cwd", "timeout", "filter", "min_interval",
-        "env")
+        "env", "detach", "allow_option_values")
 TYPES = ("system", "gcode")
 DEFAULT_TIMEOUT = 60.0
 #: Payload keys hook result events carry beyond the catalogue's (see zevents.hooks.service).
@@ -63,6 +64,8 @@ class Subscription:
     filter: dict = field(default_factory=dict)     # key path → accepted values
     min_interval: float = 0.0
     env: dict = field(default_factory=dict)        # name → Template
+    detach: bool = False               # what the run leaves running may outlive it (else killed when it ends)
+    allow_option_values: bool = False  # a placeholder filling a whole argument may begin with '-'
     # Run-time state, owned by the thread that admits events (min_interval) or shared append-only (warned).
     last_admitted: float | None = None
     warned: set = field(default_factory=set)
@@ -191,7 +194,8 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
 
     # flags
     flags = {}
-    for key, default in (("enabled", True), ("debug", False), ("shell", False)):
+    for key, default in (("enabled", True), ("debug", False), ("shell", False), ("detach", False),
+                         ("allow_option_values", False)):
         value = raw.get(key, default)
         if not isinstance(value, bool):
             bad(f"must be true or false, not {value!r}", key)
@@ -240,7 +244,7 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
                     except placeholders.TemplateError as exc:
                         bad(str(exc), "env", key)
     if kind == "gcode":
-        for key in ("shell", "cwd", "env"):
+        for key in ("shell", "cwd", "env", "detach", "allow_option_values"):
             if key in raw:
                 bad(f"`{key}` only applies to system hooks; ignored for gcode", key, skips=False)
 
@@ -307,7 +311,8 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
     return Subscription(index=index, name=name, events=tuple(names), type=kind, sources=tuple(sources),
                         commands=tuple(commands), enabled=flags["enabled"], debug=flags["debug"],
                         shell=flags["shell"], cwd=cwd, timeout=float(timeout), filter=filters,
-                        min_interval=float(min_interval), env=env_templates), problems
+                        min_interval=float(min_interval), env=env_templates, detach=flags["detach"],
+                        allow_option_values=flags["allow_option_values"]), problems
 
 
 def compile_section(config) -> tuple[list, list]:
