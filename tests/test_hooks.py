@@ -282,9 +282,9 @@ def test_a_value_that_would_be_read_as_an_option_is_refused(hooks, publisher, re
     hooks([{"event": "FileAdded", "type": "system", "name": "sort", "command": f"{sort} {{path}}"},
            record_sub("FileAdded", "--", "{path}", record=record, name="dashdash"),
            record_sub("FileAdded", "{path}", record=record, name="allowed", allow_option_values=True),
-           record_sub("FileAdded", "--file={path}", "x{name}", record=record, name="inside")])
+           record_sub("FileAdded", "--file={path}", "x{name}", "{size}", record=record, name="inside")])
     path = f"-o{written}"
-    publisher.publish("FileAdded", {"storage": "local", "path": path, "name": "-n", "type": ["gcode"]})
+    publisher.publish("FileAdded", {"storage": "local", "path": path, "name": "-n", "type": ["gcode"], "size": -12})
     got = {e.payload["subscription"]: e for e in collect(results, 4)}
     refused = got["sort"]
     assert refused.name == "HookFailed"
@@ -295,7 +295,7 @@ def test_a_value_that_would_be_read_as_an_option_is_refused(hooks, publisher, re
     assert {name: got[name].name for name in ("dashdash", "allowed", "inside")} == dict.fromkeys(
         ("dashdash", "allowed", "inside"), "HookFinished")
     argvs = sorted(r["argv"] for r in read_records(record))
-    assert argvs == sorted([["--", path], [path], [f"--file={path}", "x-n"]])
+    assert argvs == sorted([["--", path], [path], [f"--file={path}", "x-n", "-12"]])  # a number is a value
     assert not written.exists()
 
 
@@ -305,6 +305,65 @@ def process_dead(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return "State:\tZ" in status  # killed, waiting for its (re-)parent to reap it
+
+
+# A hook that leaves behind: a background child, one that left for a session of its own (setsid), the child of such
+# a one, and 50 more background children; each writes its pid, then the hook exits at once.
+LEAVES_BEHIND = ("sleep 1000 & echo $! >> {pids}; "
+                 "setsid sh -c 'echo $$ >> {pids}; exec sleep 1000' & "
+                 "setsid sh -c 'sleep 1000 & echo $! >> {pids}; wait' & "
+                 "for i in $(seq 50); do sleep 1000 & echo $! >> {pids}; done; "
+                 "while [ $(wc -l < {pids}) -lt 53 ]; do sleep 0.01; done")
+
+
+def leaving_script(directory: Path, name: str, then: str = "") -> tuple[str, Path]:
+    """(the command of a hook that leaves 53 processes behind, the file their pids go to)."""
+    pids = directory / f"{name}.pids"
+    script = directory / f"{name}.sh"
+    script.write_text(LEAVES_BEHIND.format(pids=pids) + then + "\n")
+    return f"sh {script}", pids
+
+
+def left_behind(pids_file: Path) -> list:
+    pids = [int(line) for line in pids_file.read_text().split()]
+    assert len(pids) == 53
+    return pids
+
+
+def test_what_a_hook_leaves_behind_dies_when_its_run_ends(hooks, publisher, results, short_tmp):
+    command, pids_file = leaving_script(short_tmp, "leaves")
+    hooks([{"event": "Home", "type": "system", "name": "leaves", "command": command}])
+    publisher.publish("Home", {})
+    result = collect(results, 1)[0]
+    assert result.name == "HookFinished", result.payload
+    pids = left_behind(pids_file)
+    wait_for(lambda: all(process_dead(pid) for pid in pids), 10,
+             message=f"all of the {len(pids)} processes the run left behind to be killed")
+
+
+def test_a_detached_run_leaves_its_processes_running_until_its_timeout(hooks, publisher, results, short_tmp):
+    command, pids_file = leaving_script(short_tmp, "daemon")
+    hanging, hanging_pids = leaving_script(short_tmp, "hangs", then="; sleep 1000")
+    hooks([{"event": "Home", "type": "system", "name": "daemon", "detach": True, "command": command},
+           {"event": "Dwell", "type": "system", "name": "hangs", "detach": True, "timeout": 0.5,
+            "command": hanging}])
+    publisher.publish("Home", {})
+    assert collect(results, 1)[0].name == "HookFinished"
+    pids = left_behind(pids_file)
+    try:
+        assert [pid for pid in pids if process_dead(pid)] == []
+        publisher.publish("Dwell", {})  # detached too, but a timeout kills everything the run started
+        assert collect(results, 1)[0].name == "HookTimedOut"
+        timed_out = left_behind(hanging_pids)
+        wait_for(lambda: all(process_dead(pid) for pid in timed_out), 10,
+                 message="everything the timed-out run started to be killed")
+        assert [pid for pid in pids if process_dead(pid)] == []  # another run's leftovers are not its
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.mark.parametrize("ignores_sigterm", [False, True])

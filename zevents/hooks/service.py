@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -57,6 +59,7 @@ RESULT_TEXT_LIMIT = 2000
 ENV_VALUE_LIMIT = 65536
 FINISHED, FAILED, TIMED_OUT = "HookFinished", "HookFailed", "HookTimedOut"
 DEFAULT_MAX_QUEUED = 10000
+_NEGATIVE_NUMBER = re.compile(r"-(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?\Z")
 
 
 # --- printer state behind the generic placeholders ---------------------------------------------------------------
@@ -176,14 +179,17 @@ def _one_line(text: str) -> str:
 def refuse_option_values(templates: list, argv: list):
     """Argument injection: a placeholder that fills a whole argument with a value beginning with '-' would be read
     as an option (`sort {path}` with the path `-o/tmp/x` writes a file).  Raises runner.Refused unless a literal
-    `--` (the end of options) comes before that argument."""
+    `--` (the end of options) comes before that argument.  A negative number (`{__currentZ}` is -1 before any Z is
+    known) is a value, not an option."""
     for index in range(1, len(argv)):
         template = templates[index]
         if template.constant == "--":
             return
-        if argv[index].startswith("-") and len(template.parts) == 1 and template.fields:
+        value = argv[index]
+        if (value.startswith("-") and len(template.parts) == 1 and template.fields
+                and not _NEGATIVE_NUMBER.match(value)):
             raise hook_runner.Refused(
-                f"not run: {template.fields[0].text} fills argument {index} of {argv[0]!r} with {argv[index]!r}, "
+                f"not run: {template.fields[0].text} fills argument {index} of {argv[0]!r} with {value!r}, "
                 f"which {os.path.basename(argv[0])} would read as an option; write `--` before it in the command "
                 "(if the program knows it) or set `allow_option_values: true` on the subscription", argv)
 
@@ -196,6 +202,7 @@ class HookRunner:
         self.base_env = dict(os.environ)
         self._gcode_lock = threading.Lock()
         self._gcode_client = None
+        self._run_ids = itertools.count(1)
         self.reconfigure(config)
 
     def reconfigure(self, config):
@@ -253,8 +260,11 @@ class HookRunner:
         argvs = self.plan(job, values)
         if subscription.debug:
             log.info("hook %r on %s: running %s", subscription.name, job.name, json.dumps(argvs))
-        return hook_runner.Commands(argvs, self.environment(job, values, payload_json), subscription.cwd,
-                                   payload_json.encode("utf-8", "replace"), subscription.timeout)
+        env = self.environment(job, values, payload_json)
+        # Everything the run starts inherits it: how its leftovers are found once re-parented to this process.
+        env[hook_runner.RUN_MARKER] = f"{os.getpid()}.{next(self._run_ids)}"
+        return hook_runner.Commands(argvs, env, subscription.cwd, payload_json.encode("utf-8", "replace"),
+                                    subscription.timeout, subscription.detach)
 
     def outcome(self, job: Job, outcome) -> tuple[str, dict]:
         """(result event name, payload) from what the runs report for a job."""
@@ -286,7 +296,8 @@ class HookRunner:
             return self.outcome(job, spec())
         results = []
         for argv in spec.argvs:
-            results.append(hook_runner.run(argv, spec.env, spec.cwd, spec.stdin, spec.timeout, self.on_started))
+            results.append(hook_runner.run(argv, spec.env, spec.cwd, spec.stdin, spec.timeout, self.on_started,
+                                           detach=spec.detach))
             if not results[-1].ok:
                 break
         return self.outcome(job, results)
@@ -345,6 +356,7 @@ class HooksService:
 
     def __init__(self, config, context=None, on_started=None):
         hook_runner.ensure_std_fds()
+        hook_runner.ORPHANS.become_subreaper()  # a hook's setsid children are re-parented here, not to init
         self.config = config
         self.context = context
         self.runner = HookRunner(config, on_started)
@@ -585,6 +597,7 @@ class HooksService:
             self.ready.set()
             log.info("hooks service ready: subscribed at %s", self.config.bus.publish)
             dispatch, handle, monotonic = self.dispatch, runs.handle, time.monotonic
+            reap_at = 0.0
             while not self._stop.is_set():
                 sock = subscriber.sock
                 wait = min(runs.next_deadline() - monotonic(), SERVE_TICK)
@@ -597,6 +610,9 @@ class HooksService:
                     else:
                         handle(ready)
                 runs.check_time(monotonic())
+                if monotonic() >= reap_at:
+                    reap_at = monotonic() + SERVE_TICK
+                    hook_runner.ORPHANS.reap()
                 if self._reload_at is not None and monotonic() >= self._reload_at:
                     if self.reload() and self.groups() != subscriber.groups:
                         poller.unregister(subscriber.sock)
@@ -649,6 +665,7 @@ def watch_config(service: HooksService, path: str):
 def run(config) -> int:
     """`zevents hooks`: serve until SIGINT/SIGTERM; SIGHUP or a change of the file reloads it."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    hook_runner.ORPHANS.become_subreaper(reap_all=True)  # this process's every child is a hook's
     service = HooksService(config)
 
     def on_stop(signum, frame):
@@ -740,6 +757,8 @@ def run_test(config, event: str, payload_json: str | None, execute: bool, out=No
         print(f"no subscription runs on {name}", file=out)
         return 1
     runner = HookRunner(config)
+    if execute:
+        hook_runner.ORPHANS.become_subreaper(reap_all=True)
     ts = int(time.time() * 1e6)
     would_run = 0
     failures = 0
