@@ -199,3 +199,69 @@ def test_hook_processes_lead_their_own_session_with_default_signals():
 def test_embedded_nul_bytes_are_refused_not_cut():
     result = hook_runner.run(["echo", "a\x00b"], dict(os.environ))
     assert result.returncode == 126 and "embedded null byte" in result.error
+
+
+# --- warnings of `config check`: what would fail on this machine ------------------------------------------------
+
+DEPLOY_STYLE = """events:
+  subscriptions:
+    - event: PrintDone
+      command: ["logger", "-t", "zevents", "print {name} done in {time} s"]
+      type: system
+"""
+
+
+def warnings_of(tmp_path, text) -> list:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    found = zconfig.check(path, warnings=True)
+    assert all(problem.warning for problem in found), found
+    assert zconfig.check(path) == []  # warnings never make a file invalid
+    return found
+
+
+def test_an_argv_style_command_list_is_warned_about_once(tmp_path):
+    found = warnings_of(tmp_path, DEPLOY_STYLE)
+    assert len(found) == 1
+    assert found[0].line == 4 and found[0].key == "events.subscriptions.0.command.1"
+    assert "'-t' looks like an argument, but each item of a command list is a command of its own" in str(found[0])
+    assert "command: logger -t zevents 'print {name} done in {time} s'" in str(found[0])
+
+
+@pytest.mark.parametrize("command, warned", [
+    ("no-such-program-zev {name}", "program 'no-such-program-zev' is not found on PATH"),
+    ("/nonexistent/bin/tool {name}", "program '/nonexistent/bin/tool' is not an executable file here"),
+    ("TMP/data.txt", "data.txt' is not an executable file here"),
+    ("sh -c 'echo {name}'", None),
+    (["true", "no-such-program-zev"], "program 'no-such-program-zev' is not found on PATH"),
+])
+def test_a_program_not_on_path_is_a_warning(tmp_path, command, warned):
+    (tmp_path / "data.txt").write_text("not a program\n")
+    if isinstance(command, str):
+        command = command.replace("TMP", str(tmp_path))
+    found = warnings_of(tmp_path, yaml.safe_dump({"events": {"subscriptions": [
+        {"event": "PrintDone", "type": "system", "command": command}]}}))
+    assert len(found) == (1 if warned else 0), found
+    assert not found or warned in str(found[0]) and "the hook fails until it is" in str(found[0])
+
+
+def test_path_of_the_subscription_env_is_searched(tmp_path):
+    tool = tmp_path / "bin" / "my-tool"
+    tool.parent.mkdir()
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    sub = {"event": "PrintDone", "type": "system", "command": "my-tool", "env": {"PATH": str(tool.parent)}}
+    assert warnings_of(tmp_path, yaml.safe_dump({"events": {"subscriptions": [sub]}})) == []
+    # a shell hook's program is /bin/sh, and G-code has none
+    shell = {"event": "PrintDone", "type": "system", "shell": True, "command": "no-such-program-zev"}
+    gcode = {"event": "PrintDone", "type": "gcode", "command": ["M117 -t", "-x"]}
+    assert warnings_of(tmp_path, yaml.safe_dump({"events": {"subscriptions": [shell, gcode]}})) == []
+
+
+def test_config_check_prints_warnings_and_passes(tmp_path, zevents_cmd):
+    path = tmp_path / "deploy-style.yaml"
+    path.write_text(DEPLOY_STYLE)
+    result = subprocess.run(zevents_cmd + ["config", "check", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith(f"warning: {path}:4: events.subscriptions.0.command.1:")
+    assert result.stdout.strip() == f"{path}: OK (1 warning)"

@@ -22,6 +22,9 @@ ENV_CONFIG = "ZEVENTS_CONFIG"
 
 
 class ConfigError(Exception):
+    #: A warning: `zevents config check` shows it, but the file is valid (``check(..., warnings=True)`` returns it).
+    warning = False
+
     def __init__(self, message: str, file: str | None = None, line: int | None = None, key: str | None = None):
         self.message = message
         self.file = file
@@ -385,8 +388,9 @@ def _register_builtin_validators():
     register_config_sections()
 
 
-def check(path: str | os.PathLike) -> list:
-    """Every problem of a config file (an empty list when it is valid)."""
+def check(path: str | os.PathLike, warnings: bool = False) -> list:
+    """Every problem of a config file (an empty list when it is valid); with ``warnings``, the warnings too (their
+    ``warning`` is true): what may be wrong but depends on the machine the node runs on (a program not on PATH)."""
     path = str(path)
     try:
         text = _read(path)
@@ -394,9 +398,10 @@ def check(path: str | os.PathLike) -> list:
         return [exc]
     _register_builtin_validators()
     try:
-        return _build(text, path)[1]
+        problems = _build(text, path)[1]
     except ConfigError as exc:
         return [exc]
+    return problems if warnings else [problem for problem in problems if not problem.warning]
 
 
 def load(path: str | os.PathLike | None = None, text: str | None = None) -> Config:

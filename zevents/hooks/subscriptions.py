@@ -20,6 +20,8 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shlex
+import shutil
 from dataclasses import dataclass, field
 
 from zevents import events as _events
@@ -43,9 +45,10 @@ class HookProblem(ConfigError):
 
     fatal = False
 
-    def __init__(self, message, file=None, line=None, key=None, skips: bool = True):
+    def __init__(self, message, file=None, line=None, key=None, skips: bool = True, warning: bool = False):
         super().__init__(message, file, line, key)
-        self.skips = skips
+        self.skips = skips and not warning
+        self.warning = warning
 
 
 @dataclass(eq=False)
@@ -86,9 +89,26 @@ class Subscription:
         return f"{self.name!r} ({self.type}, on {', '.join(self.events)})"
 
 
-def _problem(config, message, *keys, skips=True) -> HookProblem:
+def _problem(config, message, *keys, skips=True, warning=False) -> HookProblem:
     base = config.error(message, *keys)
-    return HookProblem(base.message, base.file, base.line, base.key, skips=skips)
+    return HookProblem(base.message, base.file, base.line, base.key, skips=skips, warning=warning)
+
+
+def _program_problem(program: str, env_path) -> str | None:
+    """Why a hook's program would not start on this machine (not on PATH, not executable), or None."""
+    path = env_path if isinstance(env_path, str) else os.environ.get("PATH", os.defpath)
+    key = (program, path)
+    if key not in _program_checked:
+        if "/" in program:
+            found = os.path.isfile(program) and os.access(program, os.X_OK)
+            why = None if found else f"program {program!r} is not an executable file here"
+        else:
+            why = None if shutil.which(program, path=path) else f"program {program!r} is not found on PATH"
+        _program_checked[key] = why
+    return _program_checked[key]
+
+
+_program_checked: dict = {}
 
 
 def check_event_name(name) -> tuple[str | None, str | None]:
@@ -154,6 +174,9 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
 
     def bad(message, *keys, skips=True):
         problems.append(_problem(config, message, *path, *keys, skips=skips))
+
+    def warn(message, *keys):
+        problems.append(_problem(config, message, *path, *keys, warning=True))
 
     if not isinstance(raw, dict):
         bad(f"a subscription must be a mapping (event:, command:, type:), not {raw!r}")
@@ -264,6 +287,7 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
                 filters[tuple(key.split("."))] = tuple(accepted)
 
     # command
+    raw_env_path = env.get("PATH") if isinstance(env, dict) else None
     sources, commands = [], []
     command = raw.get("command")
     if command is None:
@@ -274,6 +298,10 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
         items = command if isinstance(command, list) else [command]
         if not items:
             bad("`command` is an empty list", "command")
+        # A list in argv style (["logger", "-t", ...]) is OctoPrint's list of commands misread: one warning for it.
+        argv_like = isinstance(command, list) and all(isinstance(i, str) for i in items) and any(
+            i.lstrip().startswith("-") for i in items)
+        argv_warned = False
         for i, item in enumerate(items):
             keys = ("command", i) if isinstance(command, list) else ("command",)
             if not isinstance(item, str) or not item.strip():
@@ -291,6 +319,18 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
                 continue
             sources.append(item)
             commands.extend(compiled)
+            if kind == "system":
+                if argv_like:
+                    if item.lstrip().startswith("-") and not argv_warned:
+                        argv_warned = True
+                        warn(f"{item!r} looks like an argument, but each item of a command list is a command of "
+                             f"its own, run in order (OctoPrint's format): write one command as one string, e.g. "
+                             f"command: {shlex.join(command)}", *keys)
+                elif not flags["shell"] and compiled[0][0].constant is not None:
+                    why = _program_problem(compiled[0][0].constant, raw_env_path)
+                    if why:
+                        warn(f"{why} (of `config check`; the service's may differ): the hook fails until it is",
+                             *keys)
             templates = compiled if kind == "gcode" or flags["shell"] else compiled[0]
             problems.extend(_check_keys(config, templates, _payload_keys(names), names, path + keys))
     if env_templates:
