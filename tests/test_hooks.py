@@ -307,21 +307,13 @@ def process_dead(pid: int) -> bool:
     return "State:\tZ" in status  # killed, waiting for its (re-)parent to reap it
 
 
-# A hook that leaves behind: a background child, one that left for a session of its own (setsid), the child of such
-# a one, and 50 more background children; each writes its pid, then the hook exits at once.
-LEAVES_BEHIND = ("sleep 1000 & echo $! >> {pids}; "
-                 "setsid sh -c 'echo $$ >> {pids}; exec sleep 1000' & "
-                 "setsid sh -c 'sleep 1000 & echo $! >> {pids}; wait' & "
-                 "for i in $(seq 50); do sleep 1000 & echo $! >> {pids}; done; "
-                 "while [ $(wc -l < {pids}) -lt 53 ]; do sleep 0.01; done")
+LEAVE_BEHIND = HOOKS / "leave-behind.sh"
 
 
 def leaving_script(directory: Path, name: str, then: str = "") -> tuple[str, Path]:
     """(the command of a hook that leaves 53 processes behind, the file their pids go to)."""
     pids = directory / f"{name}.pids"
-    script = directory / f"{name}.sh"
-    script.write_text(LEAVES_BEHIND.format(pids=pids) + then + "\n")
-    return f"sh {script}", pids
+    return f"sh {LEAVE_BEHIND} {pids} 1000 {then}", pids
 
 
 def left_behind(pids_file: Path) -> list:
@@ -343,7 +335,7 @@ def test_what_a_hook_leaves_behind_dies_when_its_run_ends(hooks, publisher, resu
 
 def test_a_detached_run_leaves_its_processes_running_until_its_timeout(hooks, publisher, results, short_tmp):
     command, pids_file = leaving_script(short_tmp, "daemon")
-    hanging, hanging_pids = leaving_script(short_tmp, "hangs", then="; sleep 1000")
+    hanging, hanging_pids = leaving_script(short_tmp, "hangs", then="hang")
     hooks([{"event": "Home", "type": "system", "name": "daemon", "detach": True, "command": command},
            {"event": "Dwell", "type": "system", "name": "hangs", "detach": True, "timeout": 0.5,
             "command": hanging}])
