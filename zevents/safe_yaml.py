@@ -99,6 +99,7 @@ def _build(text: str) -> tuple:
     constructor = SafeConstructor()
     marks: dict = {}
     anchors: dict = {}          # anchor -> (value, expanded size, depth below it)
+    resolved: dict = {}         # (plain scalar, plain?) -> its implicit tag
     stack: list = []
     total = 0
     root = None
@@ -152,15 +153,26 @@ def _build(text: str) -> tuple:
             raise YamlLimit(f"the document expands to more than {MAX_NODES} values (its aliases repeat anchored "
                             "content: a 'billion laughs' YAML bomb?)", line)
 
-    for event in yaml.parse(text, Loader=_Loader):
+    loader = _Loader(text)
+    get_event = loader.get_event  # not yaml.parse(): its generator asks check_event() before every event
+    while True:
+        event = get_event()
         cls = event.__class__
         if cls is ev.ScalarEvent:
             line = event.start_mark.line + 1
             grow(1, line)
             value = event.value
             tag = event.tag
-            if tag is None or tag == "!":
-                tag = _STR if tag == "!" else resolve(yaml.ScalarNode, value, event.implicit)
+            if tag is None:
+                # The same short values recur thousands of times in a large config (event names, `system`).
+                cache_key = (value, event.implicit[0])
+                tag = resolved.get(cache_key)
+                if tag is None:
+                    tag = resolve(yaml.ScalarNode, value, event.implicit)
+                    if len(value) <= 64:
+                        resolved[cache_key] = tag
+            elif tag == "!":
+                tag = _STR
             if tag == _STR:
                 result = value
             elif tag == _MERGE:
@@ -221,6 +233,9 @@ def _build(text: str) -> tuple:
             if documents > 1:
                 raise YamlProblem("a config file holds one YAML document (found a second `---`)",
                                   event.start_mark.line + 1)
+        elif cls is ev.StreamEndEvent:
+            break
+    loader.dispose()
     return root, marks
 
 

@@ -133,6 +133,16 @@ def check_event_name(name) -> tuple[str | None, str | None]:
 
 def _payload_keys(event_names) -> set | None:
     """Every payload key the events can carry, or None when one is custom (anything goes)."""
+    names = tuple(event_names)
+    if names not in _payload_keys_of:
+        _payload_keys_of[names] = _collect_payload_keys(names)
+    return _payload_keys_of[names]
+
+
+_payload_keys_of: dict = {}
+
+
+def _collect_payload_keys(event_names) -> set | None:
     keys = set()
     for name in event_names:
         spec = _events.lookup(name)
