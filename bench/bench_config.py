@@ -27,8 +27,7 @@ def big_config(count: int) -> str:
     lines = ["events:\n  enabled: true\n  subscriptions:\n"]
     for i in range(count):
         lines.append(f"    - event: {EVENTS[i % len(EVENTS)]}\n"
-                     f"      command: logger -t zevents hook{i} {{__filename}}\n"
-                     f"      type: system\n      name: hook {i}\n")
+                     f"      command: logger -t z hook{i} {{__filename}}\n      type: system\n")
     return "".join(lines)
 
 
