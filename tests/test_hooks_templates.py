@@ -242,7 +242,7 @@ def test_a_program_not_on_path_is_a_warning(tmp_path, command, warned):
     found = warnings_of(tmp_path, yaml.safe_dump({"events": {"subscriptions": [
         {"event": "PrintDone", "type": "system", "command": command}]}}))
     assert len(found) == (1 if warned else 0), found
-    assert not found or warned in str(found[0]) and "the hook fails until it is" in str(found[0])
+    assert not found or warned in str(found[0]) and "the hook fails until it is installed" in str(found[0])
 
 
 def test_path_of_the_subscription_env_is_searched(tmp_path):

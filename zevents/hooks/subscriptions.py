@@ -339,8 +339,8 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
                 elif not flags["shell"] and compiled[0][0].constant is not None:
                     why = _program_problem(compiled[0][0].constant, raw_env_path)
                     if why:
-                        warn(f"{why} (of `config check`; the service's may differ): the hook fails until it is",
-                             *keys)
+                        warn(f"{why} (the PATH `config check` sees; the service's may differ): the hook "
+                             "fails until it is installed", *keys)
             templates = compiled if kind == "gcode" or flags["shell"] else compiled[0]
             problems.extend(_check_keys(config, templates, _payload_keys(names), names, path + keys))
     if env_templates:
