@@ -282,16 +282,25 @@ def test_a_value_that_would_be_read_as_an_option_is_refused(hooks, publisher, re
     hooks([{"event": "FileAdded", "type": "system", "name": "sort", "command": f"{sort} {{path}}"},
            record_sub("FileAdded", "--", "{path}", record=record, name="dashdash"),
            record_sub("FileAdded", "{path}", record=record, name="allowed", allow_option_values=True),
-           record_sub("FileAdded", "--file={path}", "x{name}", "{size}", record=record, name="inside")])
+           record_sub("FileAdded", "--file={path}", "x{name}", "{size}", record=record, name="inside"),
+           {"event": "FileAdded", "type": "system", "name": "sort-shell", "shell": True,
+            "command": f"{sort} \"{{path}}\" < /dev/null"},
+           {"event": "FileAdded", "type": "system", "name": "sort-shell-ended", "shell": True,
+            "command": f"{sort} -- '{{path}}' < /dev/null"}])
     path = f"-o{written}"
     publisher.publish("FileAdded", {"storage": "local", "path": path, "name": "-n", "type": ["gcode"], "size": -12})
-    got = {e.payload["subscription"]: e for e in collect(results, 4)}
+    got = {e.payload["subscription"]: e for e in collect(results, 6)}
     refused = got["sort"]
     assert refused.name == "HookFailed"
     assert f"{{path}} fills argument 1 of {sort!r} with {path!r}, which sort would read as an option" \
         in refused.payload["stderr"]
     assert "`--`" in refused.payload["stderr"] and "allow_option_values: true" in refused.payload["stderr"]
     assert refused.payload["argv"] == [sort, path]
+    shell = got["sort-shell"]
+    assert shell.name == "HookFailed" and shell.payload["returncode"] is None
+    assert f"{{path}} fills a whole word of the shell command with {path!r}" in shell.payload["stderr"]
+    ended = got["sort-shell-ended"]  # sort ran, and found no file of that name
+    assert ended.name == "HookFailed" and ended.payload["returncode"] == 2 and "No such file" in ended.payload["stderr"]
     assert {name: got[name].name for name in ("dashdash", "allowed", "inside")} == dict.fromkeys(
         ("dashdash", "allowed", "inside"), "HookFinished")
     argvs = sorted(r["argv"] for r in read_records(record))

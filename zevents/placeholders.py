@@ -57,7 +57,7 @@ MISSING = _Missing()
 class Field:
     """One ``{...}`` of a template: where to look the value up and how to format and quote it."""
 
-    __slots__ = ("text", "path", "conversion", "spec", "context")
+    __slots__ = ("text", "path", "conversion", "spec", "context", "whole_word")
 
     def __init__(self, text: str, path: tuple, conversion: str | None, spec: str, context: str = "N"):
         self.text = text
@@ -65,6 +65,9 @@ class Field:
         self.conversion = conversion
         self.spec = spec
         self.context = context
+        # In a shell script: the placeholder is a whole word (bare or alone in its quotes) with no `--` before it,
+        # so a value beginning with '-' would be read as an option (see zevents.hooks.service).
+        self.whole_word = False
 
     @property
     def key(self) -> str:
@@ -278,7 +281,29 @@ def compile_shell(source: str) -> Template:
         field.context = scan.contexts.get(index, "N")
         if field.context == "BQ":
             raise TemplateError(f"{field.text} inside `...` cannot be quoted safely; write $(...) instead")
+        field.whole_word = _whole_word(marked, f"{_MARK}{index}{_MARK}", field.context)
     return Template(source, _parts_of(marked, fields), shell_quoting=True)
+
+
+_WORD_BEFORE = " \t\n;|&("
+_WORD_AFTER = " \t\n;|&)"
+_END_OF_OPTIONS = re.compile(r"(?:^|\s)--(?:\s|$)")
+
+
+def _whole_word(marked: str, marker: str, context: str) -> bool:
+    """Whether the placeholder ``marker`` is a whole word of the script (``{x}``, ``"{x}"`` or ``'{x}'``) with no
+    ``--`` word before it."""
+    start = marked.index(marker)
+    before, after = marked[:start], marked[start + len(marker):]
+    if context in ("SQ", "DQ"):
+        quote = "'" if context == "SQ" else '"'
+        if not (before.endswith(quote) and after.startswith(quote)):
+            return False
+        before, after = before[:-1], after[1:]
+    elif context != "N":
+        return False
+    whole = (not before or before[-1] in _WORD_BEFORE) and (not after or after[0] in _WORD_AFTER)
+    return whole and not _END_OF_OPTIONS.search(before)
 
 
 def compile_argv(source: str) -> list:

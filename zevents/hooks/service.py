@@ -186,12 +186,27 @@ def refuse_option_values(templates: list, argv: list):
         if template.constant == "--":
             return
         value = argv[index]
-        if (value.startswith("-") and len(template.parts) == 1 and template.fields
-                and not _NEGATIVE_NUMBER.match(value)):
+        if len(template.parts) == 1 and template.fields and _option_like(value):
             raise hook_runner.Refused(
                 f"not run: {template.fields[0].text} fills argument {index} of {argv[0]!r} with {value!r}, "
                 f"which {os.path.basename(argv[0])} would read as an option; write `--` before it in the command "
                 "(if the program knows it) or set `allow_option_values: true` on the subscription", argv)
+
+
+def _option_like(value: str) -> bool:
+    return value.startswith("-") and not _NEGATIVE_NUMBER.match(value)
+
+
+def refuse_option_words(template, values: placeholders.Values, script: list):
+    """refuse_option_values for a `shell: true` script: a placeholder that is a whole word of it."""
+    for field in template.fields:
+        if field.whole_word:
+            value = values.format(field)
+            if _option_like(value):
+                raise hook_runner.Refused(
+                    f"not run: {field.text} fills a whole word of the shell command with {value!r}, which the "
+                    "command would read as an option; write `--` before it in the command (if the program knows "
+                    "it) or set `allow_option_values: true` on the subscription", script)
 
 
 class HookRunner:
@@ -226,7 +241,11 @@ class HookRunner:
         if subscription.type == "gcode":
             return [template.render(values, _one_line) for template in subscription.commands]
         if subscription.shell:
-            return [["/bin/sh", "-c", template.render(values)] for template in subscription.commands]
+            scripts = [["/bin/sh", "-c", template.render(values)] for template in subscription.commands]
+            if not subscription.allow_option_values:
+                for template, script in zip(subscription.commands, scripts):
+                    refuse_option_words(template, values, script)
+            return scripts
         argvs = [[word.render(values) for word in argv] for argv in subscription.commands]
         if not subscription.allow_option_values:
             for templates, argv in zip(subscription.commands, argvs):
