@@ -233,6 +233,10 @@ def test_hooks_test_shows_the_exact_argv_without_running(zevents_cmd, short_tmp)
     typo = subprocess.run([*zevents_cmd, "hooks", "test", "PrintDon", "-c", str(config)], capture_output=True,
                           text=True, timeout=60)
     assert typo.returncode == 2 and "did you mean 'PrintDone'?" in typo.stderr
+    option = subprocess.run([*zevents_cmd, "hooks", "test", "PrintDone", "--payload", json.dumps({"name": "-rf"}),
+                             "-c", str(config)], capture_output=True, text=True, timeout=60)
+    assert option.returncode == 1
+    assert "'touch' [system]: refused: not run: {name} fills argument 2 of 'touch' with '-rf'" in option.stdout
 
 
 def gone(pid: int) -> bool:
