@@ -202,7 +202,7 @@ BAD_VALUES = [
     ("printer:\n  commands: 'printer.sock'\n", "printer.commands", "ipc://PATH or tcp://HOST:PORT"),
     ("printer:\n  name: a/b\n", "printer.name", "without '/'"),
     ("printer:\n  port: ''\n", "printer.port", "VIRTUAL, AUTO"),
-    ("printer:\n  virtual:\n    speed: 0\n", "printer.virtual.speed", "must be > 0"),
+    ("printer:\n  virtual:\n    speed: -1\n", "printer.virtual.speed", "between 0 and 1000000"),
     ("printer:\n  virtual:\n    tools: 0\n", "printer.virtual.tools", "between 1 and 8"),
     ("printer:\n  virtual:\n    firmware: marlyn\n", "printer.virtual.firmware", "must be one of marlin"),
     ("printer:\n  scripts:\n    afterPrintDone: [M104 S0]\n", "printer.scripts.afterPrintDone",

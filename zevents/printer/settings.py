@@ -67,7 +67,7 @@ PRINTER_SCHEMA = {
     "retries": Key(int, min=0, max=100),
     "virtual": {
         "firmware": Key(str, check=_check_firmware),
-        "speed": Key(NUMBER, above=0, max=1_000_000),
+        "speed": Key(NUMBER, min=0, max=1_000_000),     # 0: instant
         "tools": Key(int, min=1, max=8),
     },
     "scripts": Key(dict, check=_check_scripts),
