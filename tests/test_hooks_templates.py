@@ -265,3 +265,14 @@ def test_config_check_prints_warnings_and_passes(tmp_path, zevents_cmd):
     assert result.returncode == 0, result.stderr
     assert result.stderr.startswith(f"warning: {path}:4: events.subscriptions.0.command.1:")
     assert result.stdout.strip() == f"{path}: OK (1 warning)"
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0, -1])
+def test_a_timeout_that_never_kills_is_refused_before_anything_runs(tmp_path, timeout):
+    with pytest.raises(ValueError, match="finite number of seconds > 0"):
+        hook_runner.run(["touch", str(tmp_path / "ran")], dict(os.environ), timeout=timeout)
+    with pytest.raises(ValueError, match="finite number of seconds > 0"):
+        hook_runner.Commands([["true"]], {}, None, b"", timeout)
+    assert not (tmp_path / "ran").exists()
+    with pytest.raises(zconfig.ConfigError, match="hooks.timeout"):  # embedders get the file's ranges too
+        zconfig.from_bus(zconfig.BusConfig.for_dir(tmp_path), hooks={"timeout": timeout})

@@ -429,4 +429,8 @@ def from_bus(bus: BusConfig, **sections) -> Config:
                        replay_ring=bus.replay_ring, heartbeat=bus.heartbeat, max_payload=bus.max_payload, hwm=bus.hwm)
     for key, value in sections.items():
         data[key] = _merge(data.get(key) or {}, value) if isinstance(value, dict) else value
-    return Config(data)
+    config = Config(data)
+    problems = _validate_schema(config, data, SCHEMA)  # an embedder's values get the ranges a file gets
+    if problems:
+        raise problems[0]
+    return config

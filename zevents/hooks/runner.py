@@ -425,10 +425,17 @@ def drive(process: Process) -> RunResult:
 def run(argv: list, env: dict, cwd: str | None = None, stdin_data: bytes = b"", timeout: float = 60.0,
         on_started=None, tail: int = TAIL_BYTES, detach: bool = False) -> RunResult:
     """Run one command to its end (or its timeout) and return what happened; never raises for the command's sake."""
+    _check_timeout(timeout)
     process = Process(argv, env, cwd, stdin_data, timeout, tail, detach)
     if process.pid is not None and on_started is not None:
         on_started(process.result)
     return drive(process)
+
+
+def _check_timeout(timeout):
+    # NaN never compares >= a deadline (the poll loop spun at 100 % CPU and never killed); inf never kills either.
+    if not 0 < timeout < float("inf"):
+        raise ValueError(f"a hook timeout must be a finite number of seconds > 0, not {timeout!r}")
 
 
 def _feed(fd: int, pending: memoryview):
@@ -466,6 +473,7 @@ class Commands:
     __slots__ = ("argvs", "env", "cwd", "stdin", "timeout", "detach")
 
     def __init__(self, argvs: list, env: dict, cwd: str | None, stdin: bytes, timeout: float, detach: bool = False):
+        _check_timeout(timeout)
         self.argvs = argvs
         self.env = env
         self.cwd = cwd
