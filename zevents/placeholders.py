@@ -175,6 +175,8 @@ def _marked(pieces: list, fields: list) -> str:
 
 
 def _parts_of(text: str, fields: list) -> list:
+    if _MARK not in text:
+        return [text] if text else []
     parts = []
     pos = 0
     for match in _MARKER_RE.finditer(text):
@@ -306,6 +308,9 @@ def _whole_word(marked: str, marker: str, context: str) -> bool:
     return whole and not _END_OF_OPTIONS.search(before)
 
 
+_CONSTANT_WORDS: dict = {}
+
+
 def compile_argv(source: str) -> list:
     """The argv templates of a command run without a shell: the template is split like a shell would split it
     (quotes, backslashes), then each word is filled on its own.  Shell syntax is refused with a hint."""
@@ -330,6 +335,16 @@ def compile_argv(source: str) -> list:
         raise TemplateError("is empty")
     argv = []
     for word in words:
+        if _MARK not in word:
+            # A word without placeholders is an immutable constant: the same Template serves every hook that
+            # writes it (program names and options recur across thousands of hooks in a large config).
+            template = _CONSTANT_WORDS.get(word)
+            if template is None:
+                template = Template(word, [os.path.expanduser(word) if word.startswith("~") else word])
+                if len(_CONSTANT_WORDS) < 100_000:
+                    _CONSTANT_WORDS[word] = template
+            argv.append(template)
+            continue
         parts = _parts_of(word, fields)
         if parts and isinstance(parts[0], str) and parts[0].startswith("~"):
             parts[0] = os.path.expanduser(parts[0])

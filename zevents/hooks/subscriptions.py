@@ -31,6 +31,7 @@ from zevents.config import ConfigError
 
 KEYS = ("event", "command", "type", "enabled", "name", "debug", "shell", "cwd", "timeout", "filter", "min_interval",
         "env", "detach", "allow_option_values")
+_KEY_SET = frozenset(KEYS)
 TYPES = ("system", "gcode")
 DEFAULT_TIMEOUT = 60.0
 #: Payload keys hook result events carry beyond the catalogue's (see zevents.hooks.service).
@@ -96,7 +97,7 @@ def _problem(config, message, *keys, skips=True, warning=False) -> HookProblem:
 
 def _program_problem(program: str, env_path) -> str | None:
     """Why a hook's program would not start on this machine (not on PATH, not executable), or None."""
-    path = env_path if isinstance(env_path, str) else os.environ.get("PATH", os.defpath)
+    path = env_path if isinstance(env_path, str) else _SERVICE_PATH
     key = (program, path)
     if key not in _program_checked:
         if "/" in program:
@@ -109,6 +110,7 @@ def _program_problem(program: str, env_path) -> str | None:
 
 
 _program_checked: dict = {}
+_SERVICE_PATH = os.environ.get("PATH", os.defpath)
 
 
 def check_event_name(name) -> tuple[str | None, str | None]:
@@ -193,7 +195,7 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
         return None, problems
     label = raw.get("name") if isinstance(raw.get("name"), str) else None
     for key in raw:
-        if key not in KEYS:
+        if key not in _KEY_SET:
             near = difflib.get_close_matches(str(key), KEYS, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else f" (known: {', '.join(KEYS)})"
             bad(f"unknown key{hint}", key)
