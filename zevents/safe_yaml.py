@@ -52,19 +52,43 @@ class YamlLimit(YamlProblem):
 
 
 class _Frame:
-    __slots__ = ("value", "path", "line", "key", "has_key", "written", "merges", "anchor", "size", "depth")
+    __slots__ = ("value", "path", "line", "key", "has_key", "lines", "merges", "anchor", "size", "depth", "is_list")
 
-    def __init__(self, value, path, line, anchor, depth):
+    def __init__(self, value, path, line, anchor, lines):
         self.value = value
         self.path = path
         self.line = line
         self.key = None
         self.has_key = False
-        self.written = set() if isinstance(value, dict) else None
-        self.merges = []
+        self.lines = lines       # key or list index -> its line
+        self.merges = None
         self.anchor = anchor
         self.size = 1
-        self.depth = depth
+        self.depth = 0
+        self.is_list = value.__class__ is list
+
+
+class Marks:
+    """The line of every key and list item, by key path (a tuple of keys and list indexes): one table per mapping
+    or list, so that reading a large file makes no tuple per key."""
+
+    __slots__ = ("tables",)
+
+    def __init__(self, tables: dict | None = None):
+        self.tables = tables or {}   # container path -> {key or index: line}
+
+    def __contains__(self, path) -> bool:
+        table = self.tables.get(path[:-1])
+        return table is not None and path[-1] in table
+
+    def __getitem__(self, path) -> int:
+        table = self.tables.get(path[:-1])
+        if table is None or path[-1] not in table:
+            raise KeyError(path)
+        return table[path[-1]]
+
+    def get(self, path, default=None):
+        return self[path] if path in self else default
 
 
 def check_size(size: int):
@@ -94,10 +118,9 @@ def load(text: str) -> tuple:
 
 
 def _build(text: str) -> tuple:
-    resolver = Resolver()
-    resolve = resolver.resolve
+    resolve = Resolver().resolve
     constructor = SafeConstructor()
-    marks: dict = {}
+    tables: dict = {}
     anchors: dict = {}          # anchor -> (value, expanded size, depth below it)
     resolved: dict = {}         # (plain scalar, plain?) -> its implicit tag
     stack: list = []
@@ -105,21 +128,8 @@ def _build(text: str) -> tuple:
     root = None
     documents = 0
 
-    def add(value, line, size, below):
-        """Place a finished value in its parent (or as the root)."""
-        nonlocal root
-        if not stack:
-            root = value
-            return
-        parent = stack[-1]
-        parent.size += size
-        if below + 1 > parent.depth:
-            parent.depth = below + 1
-        container = parent.value
-        if container.__class__ is list:
-            marks[parent.path + (len(container),)] = line
-            container.append(value)
-            return
+    def place(parent, value, line):
+        """A finished value in its parent mapping (as its key, or as the value of the pending key)."""
         if not parent.has_key:
             if value.__class__ is _MergeKey:
                 parent.key = value
@@ -127,12 +137,11 @@ def _build(text: str) -> tuple:
                 raise YamlProblem("a mapping key must be a plain value, not a mapping or a list", line,
                                   parent.path)
             else:
-                if value in parent.written:
-                    raise YamlProblem(f"duplicate key {value!r} (first on line "
-                                      f"{marks.get(parent.path + (value,), '?')}): the first value would be "
-                                      "silently replaced", line, parent.path + (value,))
-                parent.written.add(value)
-                marks[parent.path + (value,)] = line
+                lines = parent.lines
+                if value in lines:
+                    raise YamlProblem(f"duplicate key {value!r} (first on line {lines[value]}): the first value "
+                                      "would be silently replaced", line, parent.path + (value,))
+                lines[value] = line
                 parent.key = value
             parent.has_key = True
             return
@@ -142,25 +151,21 @@ def _build(text: str) -> tuple:
             sources = value if isinstance(value, list) else [value]
             if not all(isinstance(source, dict) for source in sources):
                 raise YamlProblem("a `<<` merge key takes a mapping or a list of mappings", line, parent.path)
-            parent.merges.extend(sources)
+            parent.merges = (parent.merges or []) + sources
         else:
-            container[key] = value
-
-    def grow(count, line):
-        nonlocal total
-        total += count
-        if total > MAX_NODES:
-            raise YamlLimit(f"the document expands to more than {MAX_NODES} values (its aliases repeat anchored "
-                            "content: a 'billion laughs' YAML bomb?)", line)
+            parent.value[key] = value
 
     loader = _Loader(text)
     get_event = loader.get_event  # not yaml.parse(): its generator asks check_event() before every event
+    ScalarEvent, AliasEvent = ev.ScalarEvent, ev.AliasEvent
+    starts = (ev.MappingStartEvent, ev.SequenceStartEvent)
+    ends = (ev.MappingEndEvent, ev.SequenceEndEvent)
     while True:
         event = get_event()
         cls = event.__class__
-        if cls is ev.ScalarEvent:
+        if cls is ScalarEvent:
             line = event.start_mark.line + 1
-            grow(1, line)
+            total += 1
             value = event.value
             tag = event.tag
             if tag is None:
@@ -187,19 +192,32 @@ def _build(text: str) -> tuple:
                     raise YamlProblem(f"not a valid {tag.rsplit(':', 1)[-1]}: {value!r} ({exc})", line) from None
             if event.anchor is not None:
                 anchors[event.anchor] = (result, 1, 0)
-            add(result, line, 1, 0)
-        elif cls is ev.MappingStartEvent or cls is ev.SequenceStartEvent:
+            if not stack:
+                root = result
+                continue
+            parent = stack[-1]
+            parent.size += 1
+            if parent.depth < 1:
+                parent.depth = 1
+            if parent.is_list:
+                container = parent.value
+                parent.lines[len(container)] = line
+                container.append(result)
+            else:
+                place(parent, result, line)
+            continue
+        if cls in starts:
             line = event.start_mark.line + 1
-            grow(1, line)
-            tag = event.tag
+            total += 1
             is_map = cls is ev.MappingStartEvent
+            tag = event.tag
             if tag is not None and tag != "!" and tag != (_MAP if is_map else _SEQ):
                 raise YamlProblem(f"the tag {tag!r} is not allowed in a config file", line)
             if len(stack) >= MAX_DEPTH:
                 raise YamlLimit(f"nested deeper than {MAX_DEPTH} levels", line)
             if stack:
                 parent = stack[-1]
-                if parent.value.__class__ is list:
+                if parent.is_list:
                     path = parent.path + (len(parent.value),)
                 elif parent.has_key:
                     path = parent.path + (parent.key,)
@@ -207,18 +225,21 @@ def _build(text: str) -> tuple:
                     path = parent.path + ("?",)
             else:
                 path = ()
-            stack.append(_Frame({} if is_map else [], path, line, event.anchor, 0))
-        elif cls is ev.MappingEndEvent or cls is ev.SequenceEndEvent:
+            lines = tables[path] = {}
+            stack.append(_Frame({} if is_map else [], path, line, event.anchor, lines))
+            continue
+        if cls in ends:
             frame = stack.pop()
             value = frame.value
-            for source in frame.merges:  # explicit keys win, then the first merged mapping that has the key
-                for key, item in source.items():
-                    if key not in value:
-                        value[key] = item
+            if frame.merges:  # explicit keys win, then the first merged mapping that has the key
+                for source in frame.merges:
+                    for key, item in source.items():
+                        if key not in value:
+                            value[key] = item
+            size, below, line = frame.size, frame.depth, frame.line
             if frame.anchor is not None:
-                anchors[frame.anchor] = (value, frame.size, frame.depth)
-            add(value, frame.line, frame.size, frame.depth)
-        elif cls is ev.AliasEvent:
+                anchors[frame.anchor] = (value, size, below)
+        elif cls is AliasEvent:
             line = event.start_mark.line + 1
             try:
                 value, size, below = anchors[event.anchor]
@@ -226,17 +247,38 @@ def _build(text: str) -> tuple:
                 raise YamlProblem(f"unknown alias *{event.anchor}", line) from None
             if len(stack) + below > MAX_DEPTH:
                 raise YamlLimit(f"nested deeper than {MAX_DEPTH} levels (through the alias *{event.anchor})", line)
-            grow(size, line)
-            add(value, line, size, below)
+            total += size
         elif cls is ev.DocumentStartEvent:
             documents += 1
             if documents > 1:
                 raise YamlProblem("a config file holds one YAML document (found a second `---`)",
                                   event.start_mark.line + 1)
+            continue
         elif cls is ev.StreamEndEvent:
             break
+        else:
+            continue
+        # a finished collection or an alias: counted, then placed like a scalar
+        if total > MAX_NODES:
+            raise YamlLimit(f"the document expands to more than {MAX_NODES} values (its aliases repeat anchored "
+                            "content: a 'billion laughs' YAML bomb?)", line)
+        if not stack:
+            root = value
+            continue
+        parent = stack[-1]
+        parent.size += size
+        if below + 1 > parent.depth:
+            parent.depth = below + 1
+        if parent.is_list:
+            container = parent.value
+            parent.lines[len(container)] = line
+            container.append(value)
+        else:
+            place(parent, value, line)
     loader.dispose()
-    return root, marks
+    if total > MAX_NODES:
+        raise YamlLimit(f"the document expands to more than {MAX_NODES} values", None)
+    return root, Marks(tables)
 
 
 class _MergeKey:
