@@ -192,21 +192,8 @@ def _build(text: str) -> tuple:
                     raise YamlProblem(f"not a valid {tag.rsplit(':', 1)[-1]}: {value!r} ({exc})", line) from None
             if event.anchor is not None:
                 anchors[event.anchor] = (result, 1, 0)
-            if not stack:
-                root = result
-                continue
-            parent = stack[-1]
-            parent.size += 1
-            if parent.depth < 1:
-                parent.depth = 1
-            if parent.is_list:
-                container = parent.value
-                parent.lines[len(container)] = line
-                container.append(result)
-            else:
-                place(parent, result, line)
-            continue
-        if cls in starts:
+            value, size, below = result, 1, 0
+        elif cls in starts:
             line = event.start_mark.line + 1
             total += 1
             is_map = cls is ev.MappingStartEvent
@@ -228,7 +215,7 @@ def _build(text: str) -> tuple:
             lines = tables[path] = {}
             stack.append(_Frame({} if is_map else [], path, line, event.anchor, lines))
             continue
-        if cls in ends:
+        elif cls in ends:
             frame = stack.pop()
             value = frame.value
             if frame.merges:  # explicit keys win, then the first merged mapping that has the key
@@ -258,7 +245,7 @@ def _build(text: str) -> tuple:
             break
         else:
             continue
-        # a finished collection or an alias: counted, then placed like a scalar
+        # a scalar, a finished collection or an alias: placed in its parent
         if total > MAX_NODES:
             raise YamlLimit(f"the document expands to more than {MAX_NODES} values (its aliases repeat anchored "
                             "content: a 'billion laughs' YAML bomb?)", line)
