@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import errno
+import itertools
 import logging
 import os
 import queue
@@ -266,6 +267,13 @@ class Orphans:
 
 
 ORPHANS = Orphans()
+_run_numbers = itertools.count(1)
+
+
+def new_run_marker() -> str:
+    """A value for RUN_MARKER unique in this process, whichever of its services or runners asks (next() on a
+    count is atomic under the GIL)."""
+    return f"{os.getpid()}.{next(_run_numbers)}"
 
 
 def _kill_group(pid: int, sig: int):

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import itertools
 import json
 import logging
 import os
@@ -217,7 +216,6 @@ class HookRunner:
         self.base_env = dict(os.environ)
         self._gcode_lock = threading.Lock()
         self._gcode_client = None
-        self._run_ids = itertools.count(1)
         self.reconfigure(config)
 
     def reconfigure(self, config):
@@ -281,7 +279,7 @@ class HookRunner:
             log.info("hook %r on %s: running %s", subscription.name, job.name, json.dumps(argvs))
         env = self.environment(job, values, payload_json)
         # Everything the run starts inherits it: how its leftovers are found once re-parented to this process.
-        env[hook_runner.RUN_MARKER] = f"{os.getpid()}.{next(self._run_ids)}"
+        env[hook_runner.RUN_MARKER] = hook_runner.new_run_marker()
         return hook_runner.Commands(argvs, env, subscription.cwd, payload_json.encode("utf-8", "replace"),
                                     subscription.timeout, subscription.detach)
 
