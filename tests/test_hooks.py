@@ -558,3 +558,24 @@ def test_hooks_on_hook_results_cannot_loop(hooks, publisher, results):
              message="the loop guards to refuse the remaining runs")
     assert service.stats["HookFinished"] == 5
     assert set(got[0].payload) >= {"subscription", "event", "argv", "returncode", "duration", "stderr"}
+
+
+def _is_subreaper() -> bool:
+    import ctypes
+
+    flag = ctypes.c_int()
+    ctypes.CDLL(None).prctl(37, ctypes.byref(flag))  # PR_GET_CHILD_SUBREAPER
+    return bool(flag.value)
+
+
+def test_an_embedding_process_is_a_subreaper_only_while_a_service_lives(bus_config):
+    """Embedded (as here, in pytest), the service must not leave its host adopting orphans it never reaps."""
+    assert not _is_subreaper()
+    first = HooksService(zconfig.from_bus(bus_config))
+    second = HooksService(zconfig.from_bus(bus_config))
+    assert _is_subreaper()
+    first.close()
+    assert _is_subreaper()  # the second still runs hooks
+    second.close()
+    second.close()  # closing twice releases once
+    assert not _is_subreaper()

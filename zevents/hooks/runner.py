@@ -151,6 +151,12 @@ PR_SET_CHILD_SUBREAPER = 36
 ORPHAN_KILL_WAIT = 2.0   # seconds to wait for SIGKILLed leftovers to die (their children are then re-parented here)
 
 
+def _set_subreaper(flag: int):
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, flag, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
 class Orphans:
     """This process as a child subreaper, and the processes hook runs leave behind.
 
@@ -164,22 +170,37 @@ class Orphans:
     def __init__(self):
         self.enabled = False
         self.reap_all = False
+        self.users = 0
         self.mains: set = set()
         self.adopted: set = set()   # marked orphans seen alive (detached runs' leftovers), reaped when they exit
 
     def become_subreaper(self, reap_all: bool = False) -> bool:
+        """Make this process a child subreaper (until as many release() calls, unless ``reap_all``: then for
+        good, as the hooks service's own process is)."""
+        self.users += 1
+        self.reap_all = self.reap_all or reap_all
         if not self.enabled:
             try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-                    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+                _set_subreaper(1)
             except (OSError, AttributeError) as exc:
                 log.warning("cannot become a child subreaper (%s): a hook's children that leave its process group "
                             "(setsid) may outlive it", exc)
                 return False
             self.enabled = True
-        self.reap_all = self.reap_all or reap_all
         return True
+
+    def release(self):
+        """A user is done (a HooksService closed).  A process that only embeds the service stops being a subreaper
+        with its last user: other orphans of its own would otherwise stay its zombies, never reaped by init."""
+        self.users -= 1
+        if self.users > 0 or not self.enabled or self.reap_all:
+            return
+        self.reap()
+        try:
+            _set_subreaper(0)
+        except (OSError, AttributeError):
+            return
+        self.enabled = False
 
     @staticmethod
     def children() -> list:

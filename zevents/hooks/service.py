@@ -374,6 +374,7 @@ class HooksService:
     def __init__(self, config, context=None, on_started=None):
         hook_runner.ensure_std_fds()
         hook_runner.ORPHANS.become_subreaper()  # a hook's setsid children are re-parented here, not to init
+        self._released = False
         self.config = config
         self.context = context
         self.runner = HookRunner(config, on_started)
@@ -647,6 +648,9 @@ class HooksService:
         ones are not started.  Call once ``serve()`` has returned (or was never called)."""
         self._stop.set()
         self.runs.stop(grace)
+        if not self._released:
+            self._released = True
+            hook_runner.ORPHANS.release()
         if self.runs.not_started:
             log.warning("%d queued hook run(s) were not started because the service stopped",
                         self.runs.not_started)
