@@ -265,3 +265,15 @@ GOOD_VALUES = ["bus:\n  publish: tcp://*:5555\n  ingest: 'tcp://[::1]:5556'\n  r
 @pytest.mark.parametrize("text", GOOD_VALUES)
 def test_sensible_values_pass(tmp_path, text):
     assert config.check(write(tmp_path, text)) == []
+
+
+def test_without_libyaml_the_pure_parser_gives_the_same_answers(tmp_path, monkeypatch):
+    import yaml
+
+    from zevents import safe_yaml
+
+    monkeypatch.setattr(safe_yaml, "_Loader", yaml.SafeLoader)
+    assert config.check(write(tmp_path, "bus:\n  node: a\n  node: b\n"))[0].line == 3
+    assert "nested deeper than 64" in str(config.check(write(tmp_path, "a: " + "[" * 5000 + "]" * 5000, "d.yaml"))[0])
+    assert "billion laughs" in str(config.check(write(tmp_path, BOMB, "bomb.yaml"))[0])
+    test_anchors_merge_keys_and_tags_still_load(tmp_path)
