@@ -374,6 +374,7 @@ def compile_section(config) -> tuple[list, list]:
     default_timeout = config.get("hooks", "timeout", default=DEFAULT_TIMEOUT)
     if not isinstance(raw_list, list):
         return [], []  # the schema check reports it
+    _program_checked.clear()  # a reload looks again: a program may have been installed since
     subscriptions, problems = [], []
     for index, raw in enumerate(raw_list):
         subscription, found = compile_subscription(config, index, raw, default_timeout)
