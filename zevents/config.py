@@ -1,8 +1,10 @@
 """Configuration: YAML loading, merging over the embedded default, and validation that names file, line and key.
 
-Every section is described by a schema (key → expected type and default).  Validation collects *every* problem
-(``check``) or raises the first one (``load``); each problem is a :class:`ConfigError` carrying the file, the line
-and the dotted key, so ``zevents config check`` can report them all.
+Every section is described by a schema (key → :class:`Key`: its types and its range, choices or check); every key
+has one.  Validation collects *every* problem (``check``) or raises the first one (``load``, which every service
+calls at start); each problem is a :class:`ConfigError` carrying the file, the line and the dotted key, so
+``zevents config check`` can report them all.  Files are read by :mod:`zevents.safe_yaml` (size, depth and alias
+limits, duplicate keys refused).
 """
 from __future__ import annotations
 
