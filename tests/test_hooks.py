@@ -273,12 +273,98 @@ def test_injection_file_names_are_only_file_names(mode, hooks, publisher, result
     assert os.path.exists("/tmp/pwned") == existed
 
 
+def test_a_value_that_would_be_read_as_an_option_is_refused(hooks, publisher, results, short_tmp):
+    """`sort {path}` with the path `-o<file>` would write <file>: refused with a HookFailed that says why, unless
+    `--` ends the options first or the subscription allows it; a placeholder inside an argument is not an option."""
+    record = short_tmp / "record.jsonl"
+    written = short_tmp / "written"
+    sort = shutil.which("sort")
+    hooks([{"event": "FileAdded", "type": "system", "name": "sort", "command": f"{sort} {{path}}"},
+           record_sub("FileAdded", "--", "{path}", record=record, name="dashdash"),
+           record_sub("FileAdded", "{path}", record=record, name="allowed", allow_option_values=True),
+           record_sub("FileAdded", "--file={path}", "x{name}", "{size}", record=record, name="inside"),
+           {"event": "FileAdded", "type": "system", "name": "sort-shell", "shell": True,
+            "command": f"{sort} \"{{path}}\" < /dev/null"},
+           {"event": "FileAdded", "type": "system", "name": "sort-shell-ended", "shell": True,
+            "command": f"{sort} -- '{{path}}' < /dev/null"}])
+    path = f"-o{written}"
+    publisher.publish("FileAdded", {"storage": "local", "path": path, "name": "-n", "type": ["gcode"], "size": -12})
+    got = {e.payload["subscription"]: e for e in collect(results, 6)}
+    refused = got["sort"]
+    assert refused.name == "HookFailed"
+    assert f"{{path}} fills argument 1 of {sort!r} with {path!r}, which sort would read as an option" \
+        in refused.payload["stderr"]
+    assert "`--`" in refused.payload["stderr"] and "allow_option_values: true" in refused.payload["stderr"]
+    assert refused.payload["argv"] == [sort, path]
+    shell = got["sort-shell"]
+    assert shell.name == "HookFailed" and shell.payload["returncode"] is None
+    assert f"{{path}} fills a whole word of the shell command with {path!r}" in shell.payload["stderr"]
+    ended = got["sort-shell-ended"]  # sort ran, and found no file of that name
+    assert ended.name == "HookFailed" and ended.payload["returncode"] == 2 and "No such file" in ended.payload["stderr"]
+    assert {name: got[name].name for name in ("dashdash", "allowed", "inside")} == dict.fromkeys(
+        ("dashdash", "allowed", "inside"), "HookFinished")
+    argvs = sorted(r["argv"] for r in read_records(record))
+    assert argvs == sorted([["--", path], [path], [f"--file={path}", "x-n", "-12"]])  # a number is a value
+    assert not written.exists()
+
+
 def process_dead(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except FileNotFoundError:
         return True
     return "State:\tZ" in status  # killed, waiting for its (re-)parent to reap it
+
+
+LEAVE_BEHIND = HOOKS / "leave-behind.sh"
+
+
+def leaving_script(directory: Path, name: str, then: str = "") -> tuple[str, Path]:
+    """(the command of a hook that leaves 53 processes behind, the file their pids go to)."""
+    pids = directory / f"{name}.pids"
+    return f"sh {LEAVE_BEHIND} {pids} 1000 {then}", pids
+
+
+def left_behind(pids_file: Path) -> list:
+    pids = [int(line) for line in pids_file.read_text().split()]
+    assert len(pids) == 53
+    return pids
+
+
+def test_what_a_hook_leaves_behind_dies_when_its_run_ends(hooks, publisher, results, short_tmp):
+    command, pids_file = leaving_script(short_tmp, "leaves")
+    hooks([{"event": "Home", "type": "system", "name": "leaves", "command": command}])
+    publisher.publish("Home", {})
+    result = collect(results, 1)[0]
+    assert result.name == "HookFinished", result.payload
+    pids = left_behind(pids_file)
+    wait_for(lambda: all(process_dead(pid) for pid in pids), 10,
+             message=f"all of the {len(pids)} processes the run left behind to be killed")
+
+
+def test_a_detached_run_leaves_its_processes_running_until_its_timeout(hooks, publisher, results, short_tmp):
+    command, pids_file = leaving_script(short_tmp, "daemon")
+    hanging, hanging_pids = leaving_script(short_tmp, "hangs", then="hang")
+    hooks([{"event": "Home", "type": "system", "name": "daemon", "detach": True, "command": command},
+           {"event": "Dwell", "type": "system", "name": "hangs", "detach": True, "timeout": 0.5,
+            "command": hanging}])
+    publisher.publish("Home", {})
+    assert collect(results, 1)[0].name == "HookFinished"
+    pids = left_behind(pids_file)
+    try:
+        assert [pid for pid in pids if process_dead(pid)] == []
+        publisher.publish("Dwell", {})  # detached too, but a timeout kills everything the run started
+        assert collect(results, 1)[0].name == "HookTimedOut"
+        timed_out = left_behind(hanging_pids)
+        wait_for(lambda: all(process_dead(pid) for pid in timed_out), 10,
+                 message="everything the timed-out run started to be killed")
+        assert [pid for pid in pids if process_dead(pid)] == []  # another run's leftovers are not its
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.mark.parametrize("ignores_sigterm", [False, True])
@@ -472,3 +558,24 @@ def test_hooks_on_hook_results_cannot_loop(hooks, publisher, results):
              message="the loop guards to refuse the remaining runs")
     assert service.stats["HookFinished"] == 5
     assert set(got[0].payload) >= {"subscription", "event", "argv", "returncode", "duration", "stderr"}
+
+
+def _is_subreaper() -> bool:
+    import ctypes
+
+    flag = ctypes.c_int()
+    ctypes.CDLL(None).prctl(37, ctypes.byref(flag))  # PR_GET_CHILD_SUBREAPER
+    return bool(flag.value)
+
+
+def test_an_embedding_process_is_a_subreaper_only_while_a_service_lives(bus_config):
+    """Embedded (as here, in pytest), the service must not leave its host adopting orphans it never reaps."""
+    assert not _is_subreaper()
+    first = HooksService(zconfig.from_bus(bus_config))
+    second = HooksService(zconfig.from_bus(bus_config))
+    assert _is_subreaper()
+    first.close()
+    assert _is_subreaper()  # the second still runs hooks
+    second.close()
+    second.close()  # closing twice releases once
+    assert not _is_subreaper()

@@ -233,3 +233,49 @@ def test_hooks_test_shows_the_exact_argv_without_running(zevents_cmd, short_tmp)
     typo = subprocess.run([*zevents_cmd, "hooks", "test", "PrintDon", "-c", str(config)], capture_output=True,
                           text=True, timeout=60)
     assert typo.returncode == 2 and "did you mean 'PrintDone'?" in typo.stderr
+    option = subprocess.run([*zevents_cmd, "hooks", "test", "PrintDone", "--payload", json.dumps({"name": "-rf"}),
+                             "-c", str(config)], capture_output=True, text=True, timeout=60)
+    assert option.returncode == 1
+    assert "'touch' [system]: refused: not run: {name} fills argument 2 of 'touch' with '-rf'" in option.stdout
+
+
+def gone(pid: int) -> bool:
+    """Dead and reaped: a zombie still has its /proc entry."""
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def pids_in(path: Path, count: int = 53) -> list:
+    wait_for(lambda: path.exists() and len(path.read_text().split()) >= count, 30, message=f"{count} pids in {path}")
+    return [int(pid) for pid in path.read_text().split()]
+
+
+def test_the_service_kills_and_reaps_what_hooks_leave_behind(bus_config, running_broker, hooks_process, short_tmp):
+    """The real service process is the subreaper: a run's leftovers (setsid ones too) are killed and reaped when it
+    ends; a detached run's leftovers live on, and are reaped by the service when they end."""
+    leave = HOOKS / "leave-behind.sh"
+    killed, detached = short_tmp / "killed.pids", short_tmp / "detached.pids"
+    config = short_tmp / "config.yaml"
+    config.write_text(bus_yaml(bus_config, short_tmp) + yaml.safe_dump({"events": {"subscriptions": [
+        {"event": "Home", "type": "system", "name": "leaves", "command": f"sh {leave} {killed}"},
+        {"event": "Dwell", "type": "system", "name": "daemon", "detach": True,
+         "command": f"sh {leave} {detached}"}]}}))
+    results = bus.Subscriber(bus_config, groups=["hook"])
+    publisher = bus.Publisher(bus_config, src="test")
+    try:
+        proc, log = hooks_process(config)
+        publisher.publish("Home", {})
+        assert collect(results, 1)[0].name == "HookFinished"
+        pids = pids_in(killed)
+        wait_for(lambda: all(gone(pid) for pid in pids), 30, message="the leftovers killed and reaped")
+        publisher.publish("Dwell", {})
+        assert collect(results, 1)[0].name == "HookFinished"
+        daemons = pids_in(detached)
+        assert not any(gone(pid) for pid in daemons)  # they outlive the run; when they end, the service reaps them
+        for pid in daemons:
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: all(gone(pid) for pid in daemons), 30, message="the detached processes reaped")
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert children == [], children
+    finally:
+        results.close()
+        publisher.close(linger=0)

@@ -126,7 +126,11 @@ def test_accepted_event_names(tmp_path, event):
     ({"command": ["true", 3]}, "events.subscriptions.0.command.1: each command must be a non-empty string"),
     ({"command": []}, "empty list"),
     ({"timeout": -1}, "must be a number of seconds > 0"),
-    ({"min_interval": "often"}, "must be a number of seconds >= 0"),
+    ({"min_interval": "often"}, "must be a number of seconds between 0 and 86400"),
+    ({"timeout": float("nan")}, "must be a number of seconds > 0 and at most 86400, not nan"),
+    ({"timeout": float("inf")}, "must be a number of seconds > 0 and at most 86400, not inf"),
+    ({"timeout": 0}, "must be a number of seconds > 0"),
+    ({"min_interval": float("-inf")}, "must be a number of seconds between 0 and 86400"),
     ({"enabled": "no"}, "must be true or false"),
     ({"env": {"1BAD": "x"}}, "is not an environment variable name"),
     ({"env": {"GOOD": "{name"}}, "expected '}'"),
@@ -163,7 +167,7 @@ def test_warnings_keep_the_subscription(tmp_path):
 
 @pytest.mark.parametrize("hooks_section, message", [({"workers": 0}, "between 1 and 256"),
                                                     ({"timeout": 0}, "must be > 0"),
-                                                    ({"max_queued": 0}, "at least 1")])
+                                                    ({"max_queued": 0}, "between 1 and 10000000")])
 def test_hooks_section_limits_are_fatal(tmp_path, hooks_section, message):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"hooks": hooks_section}))
@@ -195,3 +199,80 @@ def test_hook_processes_lead_their_own_session_with_default_signals():
 def test_embedded_nul_bytes_are_refused_not_cut():
     result = hook_runner.run(["echo", "a\x00b"], dict(os.environ))
     assert result.returncode == 126 and "embedded null byte" in result.error
+
+
+# --- warnings of `config check`: what would fail on this machine ------------------------------------------------
+
+DEPLOY_STYLE = """events:
+  subscriptions:
+    - event: PrintDone
+      command: ["logger", "-t", "zevents", "print {name} done in {time} s"]
+      type: system
+"""
+
+
+def warnings_of(tmp_path, text) -> list:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    found = zconfig.check(path, warnings=True)
+    assert all(problem.warning for problem in found), found
+    assert zconfig.check(path) == []  # warnings never make a file invalid
+    return found
+
+
+def test_an_argv_style_command_list_is_warned_about_once(tmp_path):
+    found = warnings_of(tmp_path, DEPLOY_STYLE)
+    assert len(found) == 1
+    assert found[0].line == 4 and found[0].key == "events.subscriptions.0.command.1"
+    assert "'-t' looks like an argument, but each item of a command list is a command of its own" in str(found[0])
+    assert "command: logger -t zevents 'print {name} done in {time} s'" in str(found[0])
+
+
+@pytest.mark.parametrize("command, warned", [
+    ("no-such-program-zev {name}", "program 'no-such-program-zev' is not found on PATH"),
+    ("/nonexistent/bin/tool {name}", "program '/nonexistent/bin/tool' is not an executable file here"),
+    ("TMP/data.txt", "data.txt' is not an executable file here"),
+    ("sh -c 'echo {name}'", None),
+    (["true", "no-such-program-zev"], "program 'no-such-program-zev' is not found on PATH"),
+])
+def test_a_program_not_on_path_is_a_warning(tmp_path, command, warned):
+    (tmp_path / "data.txt").write_text("not a program\n")
+    if isinstance(command, str):
+        command = command.replace("TMP", str(tmp_path))
+    found = warnings_of(tmp_path, yaml.safe_dump({"events": {"subscriptions": [
+        {"event": "PrintDone", "type": "system", "command": command}]}}))
+    assert len(found) == (1 if warned else 0), found
+    assert not found or warned in str(found[0]) and "the hook fails until it is installed" in str(found[0])
+
+
+def test_path_of_the_subscription_env_is_searched(tmp_path):
+    tool = tmp_path / "bin" / "my-tool"
+    tool.parent.mkdir()
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    sub = {"event": "PrintDone", "type": "system", "command": "my-tool", "env": {"PATH": str(tool.parent)}}
+    assert warnings_of(tmp_path, yaml.safe_dump({"events": {"subscriptions": [sub]}})) == []
+    # a shell hook's program is /bin/sh, and G-code has none
+    shell = {"event": "PrintDone", "type": "system", "shell": True, "command": "no-such-program-zev"}
+    gcode = {"event": "PrintDone", "type": "gcode", "command": ["M117 -t", "-x"]}
+    assert warnings_of(tmp_path, yaml.safe_dump({"events": {"subscriptions": [shell, gcode]}})) == []
+
+
+def test_config_check_prints_warnings_and_passes(tmp_path, zevents_cmd):
+    path = tmp_path / "deploy-style.yaml"
+    path.write_text(DEPLOY_STYLE)
+    result = subprocess.run(zevents_cmd + ["config", "check", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith(f"warning: {path}:4: events.subscriptions.0.command.1:")
+    assert result.stdout.strip() == f"{path}: OK (1 warning)"
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0, -1])
+def test_a_timeout_that_never_kills_is_refused_before_anything_runs(tmp_path, timeout):
+    with pytest.raises(ValueError, match="finite number of seconds > 0"):
+        hook_runner.run(["touch", str(tmp_path / "ran")], dict(os.environ), timeout=timeout)
+    with pytest.raises(ValueError, match="finite number of seconds > 0"):
+        hook_runner.Commands([["true"]], {}, None, b"", timeout)
+    assert not (tmp_path / "ran").exists()
+    with pytest.raises(zconfig.ConfigError, match="hooks.timeout"):  # embedders get the file's ranges too
+        zconfig.from_bus(zconfig.BusConfig.for_dir(tmp_path), hooks={"timeout": timeout})

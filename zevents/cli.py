@@ -573,15 +573,17 @@ def slicing_profile_default(slicer: str = typer.Argument(..., help="prusaslicer,
 
 @config_app.command("check")
 def config_check(file: str = typer.Argument(..., help="Config file to validate.")):
-    """Validate a config file; every problem with its file, line and key."""
+    """Validate a config file; every problem with its file, line and key (warnings too: they do not fail it)."""
     from zevents.config import check
 
-    problems = check(file)
-    for problem in problems:
-        typer.echo(str(problem), err=True)
-    if problems:
+    problems = check(file, warnings=True)
+    errors = [problem for problem in problems if not problem.warning]
+    for problem in errors + [problem for problem in problems if problem.warning]:
+        typer.echo(f"{'warning: ' if problem.warning else ''}{problem}", err=True)
+    if errors:
         raise typer.Exit(1)
-    typer.echo(f"{file}: OK")
+    warned = len(problems)
+    typer.echo(f"{file}: OK" + (f" ({warned} warning{'s' if warned > 1 else ''})" if warned else ""))
 
 
 def main():

@@ -1,25 +1,32 @@
 """Configuration: YAML loading, merging over the embedded default, and validation that names file, line and key.
 
-Every section is described by a schema (key → expected type and default).  Validation collects *every* problem
-(``check``) or raises the first one (``load``); each problem is a :class:`ConfigError` carrying the file, the line
-and the dotted key, so ``zevents config check`` can report them all.
+Every section is described by a schema (key → :class:`Key`: its types and its range, choices or check); every key
+has one.  Validation collects *every* problem (``check``) or raises the first one (``load``, which every service
+calls at start); each problem is a :class:`ConfigError` carrying the file, the line and the dotted key, so
+``zevents config check`` can report them all.  Files are read by :mod:`zevents.safe_yaml` (size, depth and alias
+limits, duplicate keys refused).
 """
 from __future__ import annotations
 
 import copy
+import gc
 import os
+import re
 import socket
 import stat
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import yaml
+from zevents import safe_yaml
 
 ENV_CONFIG = "ZEVENTS_CONFIG"
 
 
 class ConfigError(Exception):
+    #: A warning: `zevents config check` shows it, but the file is valid (``check(..., warnings=True)`` returns it).
+    warning = False
+
     def __init__(self, message: str, file: str | None = None, line: int | None = None, key: str | None = None):
         self.message = message
         self.file = file
@@ -41,13 +48,17 @@ OPT_STR = (str, type(None))
 
 @dataclass(frozen=True)
 class Key:
-    """One key's rule beyond its type: an inclusive range, a set of choices, or a check of its own (returning an
-    error message, or None when the value is fine).  A plain type or tuple of types in a schema means Key(types)."""
+    """One key's rule beyond its type: an inclusive range (``min``/``max``), an exclusive lower bound (``above``),
+    a set of choices, or a check of its own (returning an error message, or ``(keys inside the value, message)``
+    to name the list item or mapping key at fault, or None when the value is fine).  A plain
+    type or tuple of types in a schema means Key(types).  A number is always refused when it is NaN or infinite:
+    no key means anything by those (a hook's `timeout: .nan` spun the hooks service at 100 % CPU)."""
     types: object
     min: float | None = None
     max: float | None = None
     choices: tuple | None = None
     check: object = None
+    above: float | None = None
 
     def problem(self, value) -> str | None:
         if value is None:
@@ -57,24 +68,94 @@ class Key:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if value != value:
                 return "must be a number, not NaN"
-            if self.min is not None and value < self.min:
-                return f"must be at least {self.min}, not {value!r}"
-            if self.max is not None and value > self.max:
-                return f"must be at most {self.max}, not {value!r}"
+            if value in (INF, -INF):
+                return f"must be a finite number, not {value!r}"
+            if (self.above is not None and value <= self.above or self.min is not None and value < self.min
+                    or self.max is not None and value > self.max):
+                return f"must be {self.range_text()}, not {value!r}"
         if self.check is not None:
             return self.check(value)
         return None
+
+    def range_text(self) -> str:
+        low = (f"> {_number_text(self.above)}" if self.above is not None else
+               f"at least {_number_text(self.min)}" if self.min is not None else None)
+        if self.min is not None and self.max is not None:
+            return f"between {_number_text(self.min)} and {_number_text(self.max)}"
+        high = f"at most {_number_text(self.max)}" if self.max is not None else None
+        return " and ".join(part for part in (low, high) if part)
+
+    def validate(self, value) -> str | None:
+        """Why ``value`` is not right for this key (its type, then its range), or None."""
+        types = self.types if isinstance(self.types, tuple) else (self.types,)
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            return f"must be {_type_name(self.types)}, not {value!r}"
+        return self.problem(value)
+
+
+INF = float("inf")
+
+
+def _number_text(number) -> str:
+    return f"{number:g}" if isinstance(number, float) else str(number)
+
+
+def check_endpoint(value) -> str | None:
+    """A ZeroMQ endpoint other processes can reach: ``ipc://PATH`` (a socket path fits in 107 bytes) or
+    ``tcp://HOST:PORT`` (a port 1-65535; ``*`` as HOST binds every interface)."""
+    if not isinstance(value, str):
+        return None
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("ipc", "tcp"):
+        return f"must be an ipc://PATH or tcp://HOST:PORT endpoint, not {value!r}"
+    if scheme == "ipc":
+        if not rest:
+            return f"{value!r} has no socket path (ipc://PATH)"
+        if len(os.fsencode(rest)) > 107:
+            return (f"the socket path of {value!r} is {len(os.fsencode(rest))} bytes; at most 107 fit in a socket "
+                    "address")
+        return None
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host:
+        return f"{value!r} needs a host and a port (tcp://HOST:PORT, e.g. tcp://127.0.0.1:5555)"
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"{value!r}: the port must be a number from 1 to 65535, not {port!r}"
+    if host.startswith("[") != host.endswith("]") or any(c.isspace() or c in "/?#" for c in host):
+        return f"{value!r}: {host!r} is not a host name or address"
+    return None
+
+
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+
+def _check_node(value) -> str | None:
+    if isinstance(value, str) and not _NODE_NAME.match(value):
+        return (f"must be 1-64 letters, digits, '.', '_' or '-' (it names the node's socket directory and every "
+                f"event header), not {value!r}")
+    return None
+
+
+def _check_path(value) -> str | None:
+    if isinstance(value, str) and (not value.strip() or "\x00" in value):
+        return f"must be a directory path, not {value!r}"
+    return None
 
 
 # The registry of sections: top-level key -> schema (key -> types, Key, or a nested schema dict).  The core owns
 # `bus` and `data_dir`; every service registers its own sections (register_section) from the module that
 # zevents.service.SECTION_OWNERS names, so this module imports no service.
+ENDPOINT = Key(OPT_STR, check=check_endpoint)
 SCHEMA: dict = {
     "bus": {
-        "node": OPT_STR, "publish": OPT_STR, "ingest": OPT_STR, "replay": OPT_STR,
-        "replay_ring": int, "heartbeat": NUMBER, "max_payload": int, "hwm": int,
+        "node": Key(OPT_STR, check=_check_node),
+        "publish": ENDPOINT, "ingest": ENDPOINT, "replay": ENDPOINT,
+        "replay_ring": Key(int, min=1, max=100_000_000),
+        # below 10 ms heartbeats are most of the traffic; above an hour a dead broker goes unnoticed
+        "heartbeat": Key(NUMBER, min=0.01, max=3600),
+        "max_payload": Key(int, min=1, max=256 * 1024 * 1024),
+        "hwm": Key(int, min=0, max=100_000_000),     # 0: no limit (ZeroMQ's meaning)
     },
-    "data_dir": OPT_STR,
+    "data_dir": Key(OPT_STR, check=_check_path),
 }
 
 # Extra validators per top-level section: fn(config, section_value) -> list[ConfigError], run once the schema
@@ -97,22 +178,6 @@ def _type_name(types) -> str:
     names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
              dict: "a mapping", type(None): "null"}
     return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
-
-
-def _marks(node, path=(), out=None) -> dict:
-    """Line numbers (1-based) of every key and list item in a composed YAML tree, by key path."""
-    if out is None:
-        out = {}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key_path = path + (key_node.value,)
-            out[key_path] = key_node.start_mark.line + 1
-            _marks(value_node, key_path, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            out[path + (index,)] = item.start_mark.line + 1
-            _marks(item, path + (index,), out)
-    return out
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -231,18 +296,36 @@ class Config:
 
 
 def _parse(text: str, path: str | None):
+    """(data, marks) of a config text; YAML problems and broken limits (size, depth, aliases) as ConfigError."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"not valid YAML: {problem}", path, mark.line + 1 if mark else None) from None
+        data, marks = safe_yaml.load(text)
+    except safe_yaml.YamlProblem as exc:
+        key = ".".join(str(k) for k in exc.key) or None
+        raise ConfigError(exc.message, path, exc.line, key) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("the top level must be a mapping (bus:, printer:, events:, ...)", path, 1)
-    return data, _marks(node) if node is not None else {}
+    return data, marks
+
+
+def _read(path: str) -> str:
+    """A config file's text; ConfigError when it cannot be read or is too large to be a config (checked before
+    reading it: a config path pointing at a huge file must not fill the memory)."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            try:
+                safe_yaml.check_size(size)
+                data = handle.read(safe_yaml.MAX_BYTES + 1)  # a FIFO or /proc file has no size
+                safe_yaml.check_size(len(data))
+            except safe_yaml.YamlLimit as exc:
+                raise ConfigError(exc.message, path) from None
+        return data.decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError("no such file", path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read: {exc}", path) from None
 
 
 def _validate_schema(config: Config, value, schema, path=()) -> list:
@@ -264,21 +347,28 @@ def _validate_schema(config: Config, value, schema, path=()) -> list:
                 problems.extend(_validate_schema(config, item, expected, key_path))
         elif expected is not ANY:
             rule = expected if isinstance(expected, Key) else Key(expected)
-            types = rule.types if isinstance(rule.types, tuple) else (rule.types,)
-            if isinstance(item, bool) and bool not in types:
-                ok = False
-            else:
-                ok = isinstance(item, types)
-            if not ok:
-                problems.append(config.error(f"must be {_type_name(rule.types)}, not {item!r}", *key_path))
-            else:
-                message = rule.problem(item)
-                if message:
-                    problems.append(config.error(message, *key_path))
+            message = rule.validate(item)
+            if message:
+                inner = ()
+                if isinstance(message, tuple):  # a check that names the item inside the value (a list index)
+                    inner, message = message
+                problems.append(config.error(message, *key_path, *inner))
     return problems
 
 
 def _build(text: str | None, path: str | None) -> tuple[Config, list]:
+    enabled = gc.isenabled()
+    # Checking a large config allocates 100 000s of objects that all live until the check ends: the generational
+    # collector would walk them again and again (it tripled the time of a 5 MB config) and would find no garbage.
+    gc.disable()
+    try:
+        return _build_config(text, path)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _build_config(text: str | None, path: str | None) -> tuple[Config, list]:
     default_data, _ = _parse(default_text(), "<default>")
     if text is None:
         return Config(default_data, None, {}), []
@@ -300,18 +390,20 @@ def _register_builtin_validators():
     register_config_sections()
 
 
-def check(path: str | os.PathLike) -> list:
-    """Every problem of a config file (an empty list when it is valid)."""
+def check(path: str | os.PathLike, warnings: bool = False) -> list:
+    """Every problem of a config file (an empty list when it is valid); with ``warnings``, the warnings too (their
+    ``warning`` is true): what may be wrong but depends on the machine the node runs on (a program not on PATH)."""
     path = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        return [ConfigError(f"cannot read: {exc}", path)]
-    _register_builtin_validators()
-    try:
-        return _build(text, path)[1]
+        text = _read(path)
     except ConfigError as exc:
         return [exc]
+    _register_builtin_validators()
+    try:
+        problems = _build(text, path)[1]
+    except ConfigError as exc:
+        return [exc]
+    return problems if warnings else [problem for problem in problems if not problem.warning]
 
 
 def load(path: str | os.PathLike | None = None, text: str | None = None) -> Config:
@@ -320,12 +412,7 @@ def load(path: str | os.PathLike | None = None, text: str | None = None) -> Conf
         path = os.environ.get(ENV_CONFIG) or None
     if path is not None:
         path = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError("no such file", path) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read: {exc}", path) from None
+        text = _read(path)
     _register_builtin_validators()
     config, problems = _build(text, path)
     # A problem marked `fatal = False` (one bad hook subscription) is for `config check` and its service to report;
@@ -344,4 +431,8 @@ def from_bus(bus: BusConfig, **sections) -> Config:
                        replay_ring=bus.replay_ring, heartbeat=bus.heartbeat, max_payload=bus.max_payload, hwm=bus.hwm)
     for key, value in sections.items():
         data[key] = _merge(data.get(key) or {}, value) if isinstance(value, dict) else value
-    return Config(data)
+    config = Config(data)
+    problems = _validate_schema(config, data, SCHEMA)  # an embedder's values get the ranges a file gets
+    if problems:
+        raise problems[0]
+    return config

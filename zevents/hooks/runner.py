@@ -9,11 +9,19 @@ its own process group: at the timeout the whole group gets SIGTERM, then SIGKILL
 
 The exit is watched through a pidfd, not by waiting for EOF on the pipes: a hook that leaves a background child
 holding its stdout is done when its own process exits.
+
+What a command leaves behind dies with it (unless its subscription says ``detach: true``): when it exits, its
+process group is killed, and so is every process that carries its run's marker (:data:`RUN_MARKER` in the
+environment, inherited by everything it starts) among the orphans this process adopts as a child subreaper
+(:class:`Orphans`): a child that called ``setsid`` has left the group, but when its parent dies it is re-parented
+here rather than to init, and is found.  A timeout kills everything the run started, detached or not.
 """
 from __future__ import annotations
 
 import collections
+import ctypes
 import errno
+import itertools
 import logging
 import os
 import queue
@@ -32,6 +40,15 @@ _READ = 65536
 _POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
 _DUP2 = os.POSIX_SPAWN_DUP2
 _DEFAULT_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGPIPE", "SIGXFSZ", "SIGXFZ")) if s)
+
+
+class Refused(Exception):
+    """A run that must not start (``prepare`` raises it): reported as a failure saying why, with no traceback."""
+
+    def __init__(self, message: str, argv=None):
+        super().__init__(message)
+        self.message = message
+        self.argv = argv
 
 
 class RunResult:
@@ -128,6 +145,158 @@ def _spawn(argv: list, env: dict, cwd: str | None, stdin_r: int, out_w: int, err
     return proc.pid
 
 
+RUN_MARKER = "ZEVENTS_HOOK_RUN"
+_MARKER_KEY = b"\0" + RUN_MARKER.encode() + b"="
+PR_SET_CHILD_SUBREAPER = 36
+ORPHAN_KILL_WAIT = 2.0   # seconds to wait for SIGKILLed leftovers to die (their children are then re-parented here)
+
+
+def _set_subreaper(flag: int):
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, flag, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+class Orphans:
+    """This process as a child subreaper, and the processes hook runs leave behind.
+
+    ``mains`` are the commands spawned and not yet reaped (reaped only by their :class:`Process`); every other child
+    of this process is an orphan re-parented here.  :meth:`collect` kills the orphans of one run (found by the
+    marker in their environment) and what they started, round by round: a killed orphan's own children are
+    re-parented here in turn.  :meth:`reap` collects exited orphans (zombies); ``reap_all`` (the hooks service's
+    own process, whose every child is a hook's) reaps every zombie, while a process that embeds the service (and
+    may have children of its own) reaps only the orphans it has seen carrying a marker."""
+
+    def __init__(self):
+        self.enabled = False
+        self.reap_all = False
+        self.users = 0
+        self.mains: set = set()
+        self.adopted: set = set()   # marked orphans seen alive (detached runs' leftovers), reaped when they exit
+
+    def become_subreaper(self, reap_all: bool = False) -> bool:
+        """Make this process a child subreaper (until as many release() calls, unless ``reap_all``: then for
+        good, as the hooks service's own process is)."""
+        self.users += 1
+        self.reap_all = self.reap_all or reap_all
+        if not self.enabled:
+            try:
+                _set_subreaper(1)
+            except (OSError, AttributeError) as exc:
+                log.warning("cannot become a child subreaper (%s): a hook's children that leave its process group "
+                            "(setsid) may outlive it", exc)
+                return False
+            self.enabled = True
+        return True
+
+    def release(self):
+        """A user is done (a HooksService closed).  A process that only embeds the service stops being a subreaper
+        with its last user: other orphans of its own would otherwise stay its zombies, never reaped by init."""
+        self.users -= 1
+        if self.users > 0 or not self.enabled or self.reap_all:
+            return
+        self.reap()
+        try:
+            _set_subreaper(0)
+        except (OSError, AttributeError):
+            return
+        self.enabled = False
+
+    @staticmethod
+    def children() -> list:
+        """The children of this process's main thread: where the kernel re-parents orphans (to the first live thread
+        of the subreaper), so one small read per finished command, not one per thread."""
+        try:
+            with open(f"/proc/self/task/{os.getpid()}/children", "rb") as handle:
+                return [int(pid) for pid in handle.read().split()]
+        except OSError:
+            return []
+
+    @staticmethod
+    def marker(pid: int) -> bytes | None:
+        """The run marker in a process's environment (None for a zombie, or when it is not readable)."""
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                environ = handle.read()
+        except OSError:
+            return None
+        environ = b"\0" + environ
+        start = environ.find(_MARKER_KEY)
+        if start < 0:
+            return None
+        start += len(_MARKER_KEY)
+        end = environ.find(b"\0", start)
+        return environ[start:end if end >= 0 else len(environ)]
+
+    def collect(self, marker: str) -> int:
+        """SIGKILL every orphan of the run marked ``marker`` and all it started; how many were killed."""
+        if not self.enabled:
+            return 0
+        wanted = marker.encode()
+        killed = 0
+        deadline = time.monotonic() + ORPHAN_KILL_WAIT
+        while time.monotonic() < deadline:
+            victims = [pid for pid in self.children() if pid not in self.mains and self.marker(pid) == wanted]
+            if not victims:
+                break
+            waiting = {}
+            for pid in victims:
+                try:
+                    waiting[os.pidfd_open(pid)] = pid
+                except OSError:
+                    continue
+                # It is our child and not yet reaped: neither its pid nor a group named after it can be reused.
+                _kill_group(pid, signal.SIGKILL)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            killed += len(waiting)
+            poller = select.poll()
+            for fd in waiting:
+                poller.register(fd, select.POLLIN)
+            pending = set(waiting)
+            while pending and time.monotonic() < deadline:
+                for fd, _ in poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                    pending.discard(fd)
+                    poller.unregister(fd)
+            for fd, pid in waiting.items():
+                os.close(fd)
+                self._reap(pid)
+        return killed
+
+    def reap(self):
+        """Collect exited orphans (see the class)."""
+        if not self.enabled:
+            return
+        for pid in self.children():
+            if pid in self.mains:
+                continue
+            if not self.reap_all and pid not in self.adopted:
+                if self.marker(pid) is None:
+                    continue
+                self.adopted.add(pid)
+            self._reap(pid)
+
+    def _reap(self, pid: int):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            self.adopted.discard(pid)
+
+
+ORPHANS = Orphans()
+_run_numbers = itertools.count(1)
+
+
+def new_run_marker() -> str:
+    """A value for RUN_MARKER unique in this process, whichever of its services or runners asks (next() on a
+    count is atomic under the GIL)."""
+    return f"{os.getpid()}.{next(_run_numbers)}"
+
+
 def _kill_group(pid: int, sig: int):
     try:
         os.killpg(pid, sig)
@@ -141,8 +310,10 @@ class Process:
     A command that cannot start is a Process that is already ``exited``, with ``result.error`` set."""
 
     def __init__(self, argv: list, env: dict, cwd: str | None = None, stdin_data: bytes = b"",
-                 timeout: float = 60.0, tail: int = TAIL_BYTES):
+                 timeout: float = 60.0, tail: int = TAIL_BYTES, detach: bool = False):
         self.result = result = RunResult(argv)
+        self.marker = env.get(RUN_MARKER)
+        self.detach = detach
         self.started = time.monotonic()
         self.deadline = self.started + timeout
         self.kill_at = None
@@ -168,6 +339,7 @@ class Process:
             self.pid = None
             self.exited = True
             return
+        ORPHANS.mains.add(self.pid)
         result.pid = self.pid
         result.started_ns = time.time_ns()
         os.close(stdin_r)
@@ -245,9 +417,13 @@ class Process:
         """Once exited: reap it, keep what it left in its pipes, close everything (unregister the fds first)."""
         result = self.result
         if self.pid is not None:
-            if result.timed_out and not self.killed:
-                _kill_group(self.pid, signal.SIGKILL)  # children that outlived the SIGTERMed parent
+            if not self.detach or result.timed_out:
+                # What it left running, before it is reaped (until then no other group can take its id).
+                _kill_group(self.pid, signal.SIGKILL)
+                if self.marker:
+                    ORPHANS.collect(self.marker)
             _, status = os.waitpid(self.pid, 0)
+            ORPHANS.mains.discard(self.pid)
             result.returncode = os.waitstatus_to_exitcode(status)
             for fd, tail in self.reading.items():
                 _drain(fd, tail)
@@ -276,12 +452,19 @@ def drive(process: Process) -> RunResult:
 
 
 def run(argv: list, env: dict, cwd: str | None = None, stdin_data: bytes = b"", timeout: float = 60.0,
-        on_started=None, tail: int = TAIL_BYTES) -> RunResult:
+        on_started=None, tail: int = TAIL_BYTES, detach: bool = False) -> RunResult:
     """Run one command to its end (or its timeout) and return what happened; never raises for the command's sake."""
-    process = Process(argv, env, cwd, stdin_data, timeout, tail)
+    _check_timeout(timeout)
+    process = Process(argv, env, cwd, stdin_data, timeout, tail, detach)
     if process.pid is not None and on_started is not None:
         on_started(process.result)
     return drive(process)
+
+
+def _check_timeout(timeout):
+    # NaN never compares >= a deadline (the poll loop spun at 100 % CPU and never killed); inf never kills either.
+    if not 0 < timeout < float("inf"):
+        raise ValueError(f"a hook timeout must be a finite number of seconds > 0, not {timeout!r}")
 
 
 def _feed(fd: int, pending: memoryview):
@@ -316,14 +499,16 @@ def _drain(fd: int, tail: _Tail):
 class Commands:
     """What a system hook run executes: commands in order, stopping at the first that fails."""
 
-    __slots__ = ("argvs", "env", "cwd", "stdin", "timeout")
+    __slots__ = ("argvs", "env", "cwd", "stdin", "timeout", "detach")
 
-    def __init__(self, argvs: list, env: dict, cwd: str | None, stdin: bytes, timeout: float):
+    def __init__(self, argvs: list, env: dict, cwd: str | None, stdin: bytes, timeout: float, detach: bool = False):
+        _check_timeout(timeout)
         self.argvs = argvs
         self.env = env
         self.cwd = cwd
         self.stdin = stdin
         self.timeout = timeout
+        self.detach = detach
 
 
 class _Run:
@@ -402,6 +587,9 @@ class Runs:
     def _begin(self, job):
         try:
             spec = self.prepare(job)
+        except Refused as exc:
+            self._complete(job, exc)
+            return
         except Exception as exc:  # reported to complete(), which publishes the failure
             log.exception("hook run failed inside zevents")
             self._complete(job, exc)
@@ -420,7 +608,8 @@ class Runs:
         """Start the run's next command, or complete the run when it has none left or the last one failed."""
         spec = run.spec
         while run.index < len(spec.argvs) and (not run.results or run.results[-1].ok):
-            process = Process(spec.argvs[run.index], spec.env, spec.cwd, spec.stdin, spec.timeout)
+            process = Process(spec.argvs[run.index], spec.env, spec.cwd, spec.stdin, spec.timeout,
+                              detach=spec.detach)
             run.index += 1
             if process.pid is None:
                 run.results.append(process.finish())

@@ -30,6 +30,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -57,6 +58,7 @@ RESULT_TEXT_LIMIT = 2000
 ENV_VALUE_LIMIT = 65536
 FINISHED, FAILED, TIMED_OUT = "HookFinished", "HookFailed", "HookTimedOut"
 DEFAULT_MAX_QUEUED = 10000
+_NEGATIVE_NUMBER = re.compile(r"-(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?\Z")
 
 
 # --- printer state behind the generic placeholders ---------------------------------------------------------------
@@ -173,6 +175,39 @@ def _one_line(text: str) -> str:
     return text.replace("\r", " ").replace("\n", " ")
 
 
+def refuse_option_values(templates: list, argv: list):
+    """Argument injection: a placeholder that fills a whole argument with a value beginning with '-' would be read
+    as an option (`sort {path}` with the path `-o/tmp/x` writes a file).  Raises runner.Refused unless a literal
+    `--` (the end of options) comes before that argument.  A negative number (`{__currentZ}` is -1 before any Z is
+    known) is a value, not an option."""
+    for index in range(1, len(argv)):
+        template = templates[index]
+        if template.constant == "--":
+            return
+        value = argv[index]
+        if len(template.parts) == 1 and template.fields and _option_like(value):
+            raise hook_runner.Refused(
+                f"not run: {template.fields[0].text} fills argument {index} of {argv[0]!r} with {value!r}, "
+                f"which {os.path.basename(argv[0])} would read as an option; write `--` before it in the command "
+                "(if the program knows it) or set `allow_option_values: true` on the subscription", argv)
+
+
+def _option_like(value: str) -> bool:
+    return value.startswith("-") and not _NEGATIVE_NUMBER.match(value)
+
+
+def refuse_option_words(template, values: placeholders.Values, script: list):
+    """refuse_option_values for a `shell: true` script: a placeholder that is a whole word of it."""
+    for field in template.fields:
+        if field.whole_word:
+            value = values.format(field)
+            if _option_like(value):
+                raise hook_runner.Refused(
+                    f"not run: {field.text} fills a whole word of the shell command with {value!r}, which the "
+                    "command would read as an option; write `--` before it in the command (if the program knows "
+                    "it) or set `allow_option_values: true` on the subscription", script)
+
+
 class HookRunner:
     """Fills and runs the commands of one job; knows nothing of the bus (the service publishes the outcome)."""
 
@@ -204,8 +239,16 @@ class HookRunner:
         if subscription.type == "gcode":
             return [template.render(values, _one_line) for template in subscription.commands]
         if subscription.shell:
-            return [["/bin/sh", "-c", template.render(values)] for template in subscription.commands]
-        return [[word.render(values) for word in argv] for argv in subscription.commands]
+            scripts = [["/bin/sh", "-c", template.render(values)] for template in subscription.commands]
+            if not subscription.allow_option_values:
+                for template, script in zip(subscription.commands, scripts):
+                    refuse_option_words(template, values, script)
+            return scripts
+        argvs = [[word.render(values) for word in argv] for argv in subscription.commands]
+        if not subscription.allow_option_values:
+            for templates, argv in zip(subscription.commands, argvs):
+                refuse_option_values(templates, argv)
+        return argvs
 
     def environment(self, job: Job, values: placeholders.Values, payload_json: str) -> dict:
         env = dict(self.base_env)
@@ -234,13 +277,18 @@ class HookRunner:
         argvs = self.plan(job, values)
         if subscription.debug:
             log.info("hook %r on %s: running %s", subscription.name, job.name, json.dumps(argvs))
-        return hook_runner.Commands(argvs, self.environment(job, values, payload_json), subscription.cwd,
-                                   payload_json.encode("utf-8", "replace"), subscription.timeout)
+        env = self.environment(job, values, payload_json)
+        # Everything the run starts inherits it: how its leftovers are found once re-parented to this process.
+        env[hook_runner.RUN_MARKER] = hook_runner.new_run_marker()
+        return hook_runner.Commands(argvs, env, subscription.cwd, payload_json.encode("utf-8", "replace"),
+                                    subscription.timeout, subscription.detach)
 
     def outcome(self, job: Job, outcome) -> tuple[str, dict]:
         """(result event name, payload) from what the runs report for a job."""
         subscription = job.subscription
-        if isinstance(outcome, BaseException):
+        if isinstance(outcome, hook_runner.Refused):
+            name, fields = FAILED, {"stderr": outcome.message, "argv": outcome.argv}
+        elif isinstance(outcome, BaseException):
             name, fields = FAILED, {"stderr": f"internal error: {outcome!r}"}
         elif isinstance(outcome, tuple):
             name, fields = outcome
@@ -257,12 +305,16 @@ class HookRunner:
 
     def execute(self, job: Job) -> tuple[str, dict]:
         """Run one job here and now (``zevents hooks test --run``); the service drives many at once through Runs."""
-        spec = self.prepare(job)
+        try:
+            spec = self.prepare(job)
+        except hook_runner.Refused as exc:
+            return self.outcome(job, exc)
         if not isinstance(spec, hook_runner.Commands):
             return self.outcome(job, spec())
         results = []
         for argv in spec.argvs:
-            results.append(hook_runner.run(argv, spec.env, spec.cwd, spec.stdin, spec.timeout, self.on_started))
+            results.append(hook_runner.run(argv, spec.env, spec.cwd, spec.stdin, spec.timeout, self.on_started,
+                                           detach=spec.detach))
             if not results[-1].ok:
                 break
         return self.outcome(job, results)
@@ -321,6 +373,8 @@ class HooksService:
 
     def __init__(self, config, context=None, on_started=None):
         hook_runner.ensure_std_fds()
+        hook_runner.ORPHANS.become_subreaper()  # a hook's setsid children are re-parented here, not to init
+        self._released = False
         self.config = config
         self.context = context
         self.runner = HookRunner(config, on_started)
@@ -561,6 +615,7 @@ class HooksService:
             self.ready.set()
             log.info("hooks service ready: subscribed at %s", self.config.bus.publish)
             dispatch, handle, monotonic = self.dispatch, runs.handle, time.monotonic
+            reap_at = 0.0
             while not self._stop.is_set():
                 sock = subscriber.sock
                 wait = min(runs.next_deadline() - monotonic(), SERVE_TICK)
@@ -573,6 +628,9 @@ class HooksService:
                     else:
                         handle(ready)
                 runs.check_time(monotonic())
+                if monotonic() >= reap_at:
+                    reap_at = monotonic() + SERVE_TICK
+                    hook_runner.ORPHANS.reap()
                 if self._reload_at is not None and monotonic() >= self._reload_at:
                     if self.reload() and self.groups() != subscriber.groups:
                         poller.unregister(subscriber.sock)
@@ -590,6 +648,9 @@ class HooksService:
         ones are not started.  Call once ``serve()`` has returned (or was never called)."""
         self._stop.set()
         self.runs.stop(grace)
+        if not self._released:
+            self._released = True
+            hook_runner.ORPHANS.release()
         if self.runs.not_started:
             log.warning("%d queued hook run(s) were not started because the service stopped",
                         self.runs.not_started)
@@ -625,6 +686,7 @@ def watch_config(service: HooksService, path: str):
 def run(config) -> int:
     """`zevents hooks`: serve until SIGINT/SIGTERM; SIGHUP or a change of the file reloads it."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    hook_runner.ORPHANS.become_subreaper(reap_all=True)  # this process's every child is a hook's
     service = HooksService(config)
 
     def on_stop(signum, frame):
@@ -716,6 +778,8 @@ def run_test(config, event: str, payload_json: str | None, execute: bool, out=No
         print(f"no subscription runs on {name}", file=out)
         return 1
     runner = HookRunner(config)
+    if execute:
+        hook_runner.ORPHANS.become_subreaper(reap_all=True)
     ts = int(time.time() * 1e6)
     would_run = 0
     failures = 0
@@ -730,9 +794,15 @@ def run_test(config, event: str, payload_json: str | None, execute: bool, out=No
                 wanted = ", ".join(f"{'.'.join(k)} in {list(v)}" for k, v in subscription.filter.items())
                 print(f"{header}: filtered out (filter: {wanted})", file=out)
                 continue
+            try:
+                planned = runner.plan(job)
+            except hook_runner.Refused as exc:
+                failures += 1
+                print(f"{header}: refused: {exc.message}", file=out)
+                continue
             would_run += 1
             print(f"{header}:", file=out)
-            for item in runner.plan(job):
+            for item in planned:
                 print(f"  {'gcode' if subscription.type == 'gcode' else 'argv'}: "
                       f"{json.dumps(item, ensure_ascii=False)}", file=out)
             if execute:

@@ -2,7 +2,8 @@
 
 A subscription is OctoPrint's (``event`` a name or a list, ``command`` a string or a list, ``type`` system|gcode,
 optional ``enabled``, ``name``, ``debug``, and OctoPrint's ``shell``/``cwd``) plus zevents' optional ``timeout``,
-``filter``, ``min_interval`` and ``env``.
+``filter``, ``min_interval``, ``env``, ``detach`` (what a run leaves running may outlive it) and
+``allow_option_values`` (a placeholder filling a whole argument may begin with ``-``).
 
 Every problem is reported with file, line and key.  Problems are *per subscription*: a bad subscription is left out
 (``HookProblem.skips``) and the others run, so they never stop the node (``fatal = False`` tells
@@ -19,6 +20,8 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shlex
+import shutil
 from dataclasses import dataclass, field
 
 from zevents import events as _events
@@ -27,7 +30,8 @@ from zevents import config as zconfig
 from zevents.config import ConfigError
 
 KEYS = ("event", "command", "type", "enabled", "name", "debug", "shell", "cwd", "timeout", "filter", "min_interval",
-        "env")
+        "env", "detach", "allow_option_values")
+_KEY_SET = frozenset(KEYS)
 TYPES = ("system", "gcode")
 DEFAULT_TIMEOUT = 60.0
 #: Payload keys hook result events carry beyond the catalogue's (see zevents.hooks.service).
@@ -42,9 +46,10 @@ class HookProblem(ConfigError):
 
     fatal = False
 
-    def __init__(self, message, file=None, line=None, key=None, skips: bool = True):
+    def __init__(self, message, file=None, line=None, key=None, skips: bool = True, warning: bool = False):
         super().__init__(message, file, line, key)
-        self.skips = skips
+        self.skips = skips and not warning
+        self.warning = warning
 
 
 @dataclass(eq=False)
@@ -63,6 +68,8 @@ class Subscription:
     filter: dict = field(default_factory=dict)     # key path → accepted values
     min_interval: float = 0.0
     env: dict = field(default_factory=dict)        # name → Template
+    detach: bool = False               # what the run leaves running may outlive it (else killed when it ends)
+    allow_option_values: bool = False  # a placeholder filling a whole argument may begin with '-'
     # Run-time state, owned by the thread that admits events (min_interval) or shared append-only (warned).
     last_admitted: float | None = None
     warned: set = field(default_factory=set)
@@ -83,9 +90,27 @@ class Subscription:
         return f"{self.name!r} ({self.type}, on {', '.join(self.events)})"
 
 
-def _problem(config, message, *keys, skips=True) -> HookProblem:
+def _problem(config, message, *keys, skips=True, warning=False) -> HookProblem:
     base = config.error(message, *keys)
-    return HookProblem(base.message, base.file, base.line, base.key, skips=skips)
+    return HookProblem(base.message, base.file, base.line, base.key, skips=skips, warning=warning)
+
+
+def _program_problem(program: str, env_path) -> str | None:
+    """Why a hook's program would not start on this machine (not on PATH, not executable), or None."""
+    path = env_path if isinstance(env_path, str) else _SERVICE_PATH
+    key = (program, path)
+    if key not in _program_checked:
+        if "/" in program:
+            found = os.path.isfile(program) and os.access(program, os.X_OK)
+            why = None if found else f"program {program!r} is not an executable file here"
+        else:
+            why = None if shutil.which(program, path=path) else f"program {program!r} is not found on PATH"
+        _program_checked[key] = why
+    return _program_checked[key]
+
+
+_program_checked: dict = {}
+_SERVICE_PATH = os.environ.get("PATH", os.defpath)
 
 
 def check_event_name(name) -> tuple[str | None, str | None]:
@@ -110,6 +135,16 @@ def check_event_name(name) -> tuple[str | None, str | None]:
 
 def _payload_keys(event_names) -> set | None:
     """Every payload key the events can carry, or None when one is custom (anything goes)."""
+    names = tuple(event_names)
+    if names not in _payload_keys_of:
+        _payload_keys_of[names] = _collect_payload_keys(names)
+    return _payload_keys_of[names]
+
+
+_payload_keys_of: dict = {}
+
+
+def _collect_payload_keys(event_names) -> set | None:
     keys = set()
     for name in event_names:
         spec = _events.lookup(name)
@@ -144,10 +179,6 @@ def _check_keys(config, templates, known: set | None, event_names, keys_path) ->
     return problems
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def compile_subscription(config, index: int, raw, default_timeout: float) -> tuple[Subscription | None, list]:
     """One subscription and its problems; None when it has to be left out."""
     path = ("events", "subscriptions", index)
@@ -156,12 +187,15 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
     def bad(message, *keys, skips=True):
         problems.append(_problem(config, message, *path, *keys, skips=skips))
 
+    def warn(message, *keys):
+        problems.append(_problem(config, message, *path, *keys, warning=True))
+
     if not isinstance(raw, dict):
         bad(f"a subscription must be a mapping (event:, command:, type:), not {raw!r}")
         return None, problems
     label = raw.get("name") if isinstance(raw.get("name"), str) else None
     for key in raw:
-        if key not in KEYS:
+        if key not in _KEY_SET:
             near = difflib.get_close_matches(str(key), KEYS, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else f" (known: {', '.join(KEYS)})"
             bad(f"unknown key{hint}", key)
@@ -195,7 +229,8 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
 
     # flags
     flags = {}
-    for key, default in (("enabled", True), ("debug", False), ("shell", False)):
+    for key, default in (("enabled", True), ("debug", False), ("shell", False), ("detach", False),
+                         ("allow_option_values", False)):
         value = raw.get(key, default)
         if not isinstance(value, bool):
             bad(f"must be true or false, not {value!r}", key)
@@ -210,11 +245,11 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
 
     # numbers
     timeout = raw.get("timeout", default_timeout)
-    if not _number(timeout) or timeout <= 0:
-        bad(f"must be a number of seconds > 0, not {timeout!r}", "timeout")
+    if TIMEOUT.validate(timeout):
+        bad(f"must be a number of seconds {TIMEOUT.range_text()}, not {timeout!r}", "timeout")
     min_interval = raw.get("min_interval", 0.0)
-    if not _number(min_interval) or min_interval < 0:
-        bad(f"must be a number of seconds >= 0, not {min_interval!r}", "min_interval")
+    if MIN_INTERVAL.validate(min_interval):
+        bad(f"must be a number of seconds {MIN_INTERVAL.range_text()}, not {min_interval!r}", "min_interval")
 
     # cwd, env only make sense for system hooks
     cwd = raw.get("cwd")
@@ -244,7 +279,7 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
                     except placeholders.TemplateError as exc:
                         bad(str(exc), "env", key)
     if kind == "gcode":
-        for key in ("shell", "cwd", "env"):
+        for key in ("shell", "cwd", "env", "detach", "allow_option_values"):
             if key in raw:
                 bad(f"`{key}` only applies to system hooks; ignored for gcode", key, skips=False)
 
@@ -264,6 +299,7 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
                 filters[tuple(key.split("."))] = tuple(accepted)
 
     # command
+    raw_env_path = env.get("PATH") if isinstance(env, dict) else None
     sources, commands = [], []
     command = raw.get("command")
     if command is None:
@@ -274,6 +310,10 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
         items = command if isinstance(command, list) else [command]
         if not items:
             bad("`command` is an empty list", "command")
+        # A list in argv style (["logger", "-t", ...]) is OctoPrint's list of commands misread: one warning for it.
+        argv_like = isinstance(command, list) and all(isinstance(i, str) for i in items) and any(
+            i.lstrip().startswith("-") for i in items)
+        argv_warned = False
         for i, item in enumerate(items):
             keys = ("command", i) if isinstance(command, list) else ("command",)
             if not isinstance(item, str) or not item.strip():
@@ -291,6 +331,18 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
                 continue
             sources.append(item)
             commands.extend(compiled)
+            if kind == "system":
+                if argv_like:
+                    if item.lstrip().startswith("-") and not argv_warned:
+                        argv_warned = True
+                        warn(f"{item!r} looks like an argument, but each item of a command list is a command of "
+                             f"its own, run in order (OctoPrint's format): write one command as one string, e.g. "
+                             f"command: {shlex.join(command)}", *keys)
+                elif not flags["shell"] and compiled[0][0].constant is not None:
+                    why = _program_problem(compiled[0][0].constant, raw_env_path)
+                    if why:
+                        warn(f"{why} (the PATH `config check` sees; the service's may differ): the hook "
+                             "fails until it is installed", *keys)
             templates = compiled if kind == "gcode" or flags["shell"] else compiled[0]
             problems.extend(_check_keys(config, templates, _payload_keys(names), names, path + keys))
     if env_templates:
@@ -311,7 +363,8 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
     return Subscription(index=index, name=name, events=tuple(names), type=kind, sources=tuple(sources),
                         commands=tuple(commands), enabled=flags["enabled"], debug=flags["debug"],
                         shell=flags["shell"], cwd=cwd, timeout=float(timeout), filter=filters,
-                        min_interval=float(min_interval), env=env_templates), problems
+                        min_interval=float(min_interval), env=env_templates, detach=flags["detach"],
+                        allow_option_values=flags["allow_option_values"]), problems
 
 
 def compile_section(config) -> tuple[list, list]:
@@ -321,6 +374,7 @@ def compile_section(config) -> tuple[list, list]:
     default_timeout = config.get("hooks", "timeout", default=DEFAULT_TIMEOUT)
     if not isinstance(raw_list, list):
         return [], []  # the schema check reports it
+    _program_checked.clear()  # a reload looks again: a program may have been installed since
     subscriptions, problems = [], []
     for index, raw in enumerate(raw_list):
         subscription, found = compile_subscription(config, index, raw, default_timeout)
@@ -335,21 +389,10 @@ def validate_events(config, section) -> list:
     return compile_section(config)[1]
 
 
-def validate_hooks(config, section) -> list:
-    """``hooks.workers`` ≥ 1, ``hooks.max_queued`` ≥ 1 and ``hooks.timeout`` > 0 (the schema checks their types)."""
-    problems = []
-    section = section or {}
-    workers = section.get("workers")
-    if isinstance(workers, int) and not isinstance(workers, bool) and not 1 <= workers <= 256:
-        problems.append(config.error(f"must be between 1 and 256, not {workers}", "hooks", "workers"))
-    max_queued = section.get("max_queued")
-    if isinstance(max_queued, int) and not isinstance(max_queued, bool) and max_queued < 1:
-        problems.append(config.error(f"must be at least 1, not {max_queued}", "hooks", "max_queued"))
-    timeout = section.get("timeout")
-    if _number(timeout) and timeout <= 0:
-        problems.append(config.error(f"must be > 0 seconds, not {timeout}", "hooks", "timeout"))
-    return problems
-
+# A hook's time limits: a day at most (a longer wait is a hung hook); NaN, infinity, 0 and negative are refused.
+TIMEOUT = zconfig.Key(zconfig.NUMBER, above=0, max=86400)
+MIN_INTERVAL = zconfig.Key(zconfig.NUMBER, min=0, max=86400)
 
 zconfig.register_section("events", {"enabled": bool, "subscriptions": list}, validate_events)
-zconfig.register_section("hooks", {"workers": int, "timeout": zconfig.NUMBER, "max_queued": int}, validate_hooks)
+zconfig.register_section("hooks", {"workers": zconfig.Key(int, min=1, max=256), "timeout": TIMEOUT,
+                                   "max_queued": zconfig.Key(int, min=1, max=10_000_000)})

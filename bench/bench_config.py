@@ -1,0 +1,81 @@
+"""`zevents config check` of a 5 MB config (52 651 hook subscriptions), beside a baseline measured in the same run:
+libyaml loading the same text into Python objects and checking nothing (``yaml.load(text, CSafeLoader)``), what
+a checker built on PyYAML's loader would pay before checking anything; and libyaml's bare event stream (the floor).  Also how fast the limits refuse a YAML bomb and a list nested
+200 000 deep (they must take well under a second).
+
+Target (issue 13): the 5 MB config in about a second (it took 38 s, then 97 s on the loaded development machine,
+through PyYAML's pure-Python scanner, twice); linear in the file's size.
+
+Run: pytest bench/bench_config.py --benchmark-only
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import yaml
+
+from zevents import config
+
+SUBSCRIPTIONS = 52_651
+EVENTS = ("PrintDone", "PrintFailed", "PrintStarted", "Connected", "ZChange", "FileSelected")
+BOMB = ('a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
+        + "".join(f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi")))
+
+
+def big_config(count: int) -> str:
+    lines = ["events:\n  enabled: true\n  subscriptions:\n"]
+    for i in range(count):
+        lines.append(f"    - event: {EVENTS[i % len(EVENTS)]}\n"
+                     f"      command: logger -t z hook{i} {{__filename}}\n      type: system\n")
+    return "".join(lines)
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "big.yaml"
+    path.write_text(big_config(SUBSCRIPTIONS))
+    config._register_builtin_validators()
+    return path
+
+
+def _best(function, rounds: int = 3) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _events(text: str):
+    loader = yaml.CSafeLoader(text)
+    while not isinstance(loader.get_event(), yaml.StreamEndEvent):
+        pass
+    loader.dispose()
+
+
+def test_check_a_5_mb_config(benchmark, figures, big):
+    text = big.read_text()
+    baseline = _best(lambda: yaml.load(text, Loader=yaml.CSafeLoader))
+    problems = benchmark.pedantic(config.check, args=(big,), rounds=3, iterations=1)
+    assert problems == []
+    seconds = benchmark.stats.stats.min
+    figures.add("config", f"check {big.stat().st_size / 1e6:.1f} MB, {SUBSCRIPTIONS} hooks", seconds, "s",
+                baseline, "libyaml load, no checks")
+    figures.add("config", "  the same beside libyaml's bare event stream", seconds, "s", _best(lambda: _events(text)),
+                "libyaml events, nothing built")
+    half = big.with_name("half.yaml")
+    half.write_text(big_config(SUBSCRIPTIONS // 2))
+    figures.add("config", "linearity: time of half the file / half the time", _best(lambda: config.check(half))
+                / (seconds / 2), "x")
+
+
+@pytest.mark.parametrize("name, text", [("YAML bomb (342 bytes)", BOMB),
+                                        ("list nested 200 000 deep", "a: " + "[" * 200_000 + "]" * 200_000)])
+def test_limits_refuse_quickly(benchmark, figures, tmp_path, name, text):
+    path = tmp_path / "hostile.yaml"
+    path.write_text(text)
+    problems = benchmark.pedantic(config.check, args=(path,), rounds=3, iterations=1)
+    assert len(problems) == 1
+    figures.add("config", f"refuse a {name}", benchmark.stats.stats.min * 1e3, "ms")
