@@ -144,7 +144,22 @@ def _check_path(value) -> str | None:
 # The registry of sections: top-level key -> schema (key -> types, Key, or a nested schema dict).  The core owns
 # `bus` and `data_dir`; every service registers its own sections (register_section) from the module that
 # zevents.service.SECTION_OWNERS names, so this module imports no service.
+def check_text(value) -> str | None:
+    if isinstance(value, str) and (not value.strip() or any(ord(c) < 32 or ord(c) == 127 for c in value)):
+        return f"must be a non-empty text without control characters, not {value!r}"
+    return None
+
+
+def _check_url(value) -> str | None:
+    if isinstance(value, str) and value and not re.match(r"(https?|rtsp|webrtc)://[^\s/]+|/[^\s]*\Z", value):
+        return f"must be an http(s):// URL or a path on this server, not {value!r}"
+    return None
+
+
 ENDPOINT = Key(OPT_STR, check=check_endpoint)
+PATH = Key(OPT_STR, check=_check_path)          # a file or directory path (null: the default)
+TEXT = Key(OPT_STR, check=check_text)          # a name, id or host: non-empty, no control characters
+URL = Key(OPT_STR, check=_check_url)            # empty: not set (OctoPrint's configs write "")
 SCHEMA: dict = {
     "bus": {
         "node": Key(OPT_STR, check=_check_node),
@@ -155,7 +170,7 @@ SCHEMA: dict = {
         "max_payload": Key(int, min=1, max=256 * 1024 * 1024),
         "hwm": Key(int, min=0, max=100_000_000),     # 0: no limit (ZeroMQ's meaning)
     },
-    "data_dir": Key(OPT_STR, check=_check_path),
+    "data_dir": PATH,
 }
 
 # Extra validators per top-level section: fn(config, section_value) -> list[ConfigError], run once the schema

@@ -71,7 +71,7 @@ PRINTER_SCHEMA = {
         "tools": Key(int, min=1, max=8),
     },
     "scripts": Key(dict, check=_check_scripts),
-    "profile": OPT_STR,                              # a printer profile id (zevents profile ls)
+    "profile": zconfig.TEXT,                         # a printer profile id (zevents profile ls)
 }
 PARSER_SCHEMA = {
     "blocked_commands": Key(list, check=_command_names),

@@ -19,7 +19,7 @@ import shutil
 from dataclasses import dataclass, field
 
 from zevents import config as zconfig
-from zevents.config import NUMBER, OPT_STR, Key
+from zevents.config import NUMBER, OPT_STR, PATH, URL, Key, check_text
 
 MODES = ("layer", "zchange", "timed")
 RENDER_AFTER = ("off", "always", "success", "failure", "never")
@@ -38,15 +38,31 @@ def _bitrate(value):
 
 # OctoPrint's WebcamConfig (1.11.8), every key, old (< 1.9) snapshot keys included; stream keys are accepted for
 # a copied config.yaml and unused (we take snapshots, we show no stream).
+def _ice_servers(value):
+    if isinstance(value, list) and not all(isinstance(item, str) for item in value):
+        return "must be a list of STUN/TURN URLs"
+    return None
+
+
+def _list_of(kind, what: str):
+    def check(value):
+        if isinstance(value, list) and not all(isinstance(item, kind) for item in value):
+            return f"must be a list of {what}"
+        return None
+    return check
+
+
 WEBCAM_SCHEMA = {
     "webcamEnabled": bool, "timelapseEnabled": bool,
-    "ffmpeg": OPT_STR, "ffmpegThreads": Key(int, min=1, max=64), "ffmpegVideoCodec": str,
+    "ffmpeg": PATH, "ffmpegThreads": Key(int, min=1, max=64), "ffmpegVideoCodec": Key(str, check=check_text),
     "bitrate": Key((str, int), check=_bitrate), "watermark": bool,
-    "ffmpegCommandline": str, "ffmpegThumbnailCommandline": str,
+    "ffmpegCommandline": Key(str, check=check_text), "ffmpegThumbnailCommandline": Key(str, check=check_text),
     "cleanTmpAfterDays": Key(int, min=0, max=36500), "renderAfterPrintDelay": Key(NUMBER, min=0, max=86400),
-    "defaultWebcam": str, "snapshotWebcam": str,
-    "snapshot": OPT_STR, "snapshotTimeout": Key(NUMBER, min=0.1, max=600), "snapshotSslValidation": bool,
-    "stream": OPT_STR, "streamRatio": OPT_STR, "streamTimeout": NUMBER, "streamWebrtcIceServers": (list, str),
+    "defaultWebcam": Key(str, check=check_text), "snapshotWebcam": Key(str, check=check_text),
+    "snapshot": URL, "snapshotTimeout": Key(NUMBER, min=0.1, max=600), "snapshotSslValidation": bool,
+    "stream": URL, "streamRatio": Key(OPT_STR, choices=(None, "16:9", "4:3")),
+    "streamTimeout": Key(NUMBER, min=0, max=600),
+    "streamWebrtcIceServers": Key((list, str), check=_ice_servers),
     "cacheBuster": bool, "flipH": bool, "flipV": bool, "rotate90": bool,
     "timelapse": {
         # YAML 1.1 reads a bare `off` as false: OctoPrint's own loader does too, so false means off.
@@ -65,8 +81,10 @@ WEBCAM_SCHEMA = {
 }
 
 CLASSICWEBCAM_KEYS = {
-    "snapshot": OPT_STR, "snapshotTimeout": Key(NUMBER, min=0.1, max=600), "snapshotSslValidation": bool,
-    "stream": OPT_STR, "streamRatio": OPT_STR, "streamTimeout": NUMBER, "streamWebrtcIceServers": (list, str),
+    "snapshot": URL, "snapshotTimeout": Key(NUMBER, min=0.1, max=600), "snapshotSslValidation": bool,
+    "stream": URL, "streamRatio": Key(OPT_STR, choices=(None, "16:9", "4:3")),
+    "streamTimeout": Key(NUMBER, min=0, max=600),
+    "streamWebrtcIceServers": Key((list, str), check=_ice_servers),
     "cacheBuster": bool, "flipH": bool, "flipV": bool, "rotate90": bool,
 }
 
@@ -79,8 +97,8 @@ CAMERA_KEYS = {
 
 TIMELAPSE_SCHEMA = {
     "enabled": bool,
-    "modes": (list, type(None)),
-    "cameras": list,
+    "modes": Key((list, type(None)), check=_list_of(str, "mode names (layer, zchange, timed)")),
+    "cameras": Key(list, check=_list_of(dict, "camera mappings (name, snapshot or command, ...)")),
     "timeout": Key(NUMBER, min=0.1, max=600),
     "retries": Key(int, min=0, max=20),
     "retry_backoff": Key(NUMBER, min=0, max=60),
