@@ -86,7 +86,7 @@ def plan_services(config) -> list:
         wanted.append("printer")
     if config.get("events", "enabled") and "hooks" in have:
         wanted.append("hooks")
-    for extra in ("timelapse", "files", "slicing"):
+    for extra in ("timelapse", "files", "slicing", "gateway"):
         if extra in have and config.get(extra, "enabled"):
             wanted.append(extra)
     return wanted

@@ -16,6 +16,7 @@ SERVICES = {
     "hooks": "zevents.hooks.service",
     "files": "zevents.files.service",
     "slicing": "zevents.slicing.service",
+    "gateway": "zevents.gateway.service",
 }
 
 # The modules that register config sections (zevents.config.register_section) when imported: every service's
@@ -25,6 +26,7 @@ SECTION_OWNERS = (
     "zevents.hooks.subscriptions",
     "zevents.files.settings",
     "zevents.slicing.settings",
+    "zevents.gateway.settings",
 )
 
 

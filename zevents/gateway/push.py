@@ -1,0 +1,302 @@
+"""The push socket: OctoPrint's SockJS websocket transport (``/sockjs/<server>/<session>/websocket``, ``o``/``h``/
+``a[...]``/``c[...]`` framing, elements as JSON objects) and the raw ``/sockjs/websocket`` (one JSON object per
+text frame), for `octoprint client listen`, farm managers and anything else that listens like OctoPrint's UI.
+
+Owns each client's session: ``connected`` on open, ``auth`` against a login session, messages held back (100 at
+most) until then, ``history`` then ``current`` at most every 0.5 s × ``throttle``, every bus event as
+``{"event": {"type", "payload"}}`` to users with STATUS (user events to admins only; client events' payloads to
+admins only), ``subscribe`` filters, heartbeats every 25 s.  Every client has a bounded outbox written by its own
+task: a client that does not keep up is dropped (its outbox overflows), so a slow client never delays another, the
+gateway or the bus.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from aiohttp import WSMsgType, web
+
+from zevents.gateway.auth import Identity
+
+log = logging.getLogger("zevents.gateway.push")
+
+HELD_BACK = 100
+OUTBOX = 1000
+ADMIN_EVENTS = {"UserLoggedIn", "UserLoggedOut"}
+ADMIN_PAYLOAD_EVENTS = {"ClientOpened", "ClientAuthed"}
+HIDDEN_EVENTS = {"Heartbeat"}
+
+
+class PushClient:
+    def __init__(self, hub: "PushHub", ws: web.WebSocketResponse, sockjs: bool, remote: str):
+        self.hub = hub
+        self.ws = ws
+        self.sockjs = sockjs
+        self.remote = remote
+        self.identity = Identity(None, None)
+        self.session: str | None = None
+        self.held: list = []
+        self.outbox: asyncio.Queue = asyncio.Queue(OUTBOX)
+        self.throttle = 1
+        self.subscription = None               # None: everything (until the first subscribe)
+        self.registered = False
+        self.last_current = 0.0
+        self.dropped = False
+
+    # --- sending -------------------------------------------------------------------------------------------------
+
+    def send(self, kind: str, payload) -> None:
+        """Queue one message; before auth only ``connected`` and ``reauthRequired`` go out."""
+        if self.dropped:
+            return
+        if self.identity.user is None and kind not in ("connected", "reauthRequired"):
+            if len(self.held) < HELD_BACK:
+                self.held.append((kind, payload))
+            return
+        self._queue({kind: payload})
+
+    def _queue(self, message) -> None:
+        try:
+            self.outbox.put_nowait(message)
+        except asyncio.QueueFull:
+            self.dropped = True
+            log.warning("push: %s does not keep up (%d messages waiting): dropped", self.remote, OUTBOX)
+            asyncio.get_running_loop().create_task(self.ws.close(code=1008, message=b"too slow"))
+
+    def frame(self, messages: list) -> str:
+        if self.sockjs:
+            return "a" + json.dumps(messages, separators=(",", ":"), default=str)
+        return json.dumps(messages[0], separators=(",", ":"), default=str)
+
+    async def writer(self) -> None:
+        while True:
+            message = await self.outbox.get()
+            if message is None:
+                return
+            if isinstance(message, str):            # raw SockJS frames: o, h, c[...]
+                await self.ws.send_str(message)
+                continue
+            batch = [message]
+            if self.sockjs:
+                while not self.outbox.empty() and len(batch) < 100:
+                    extra = self.outbox.get_nowait()
+                    if extra is None or isinstance(extra, str):
+                        self.outbox.put_nowait(extra)
+                        break
+                    batch.append(extra)
+                await self.ws.send_str(self.frame(batch))
+            else:
+                await self.ws.send_str(self.frame(batch))
+
+    # --- what the client asked for -------------------------------------------------------------------------------
+
+    def wants_state(self) -> bool:
+        return self.subscription is None or bool(self.subscription.get("state"))
+
+    def wants_event(self, name: str) -> bool:
+        if self.subscription is None:
+            return True
+        events = self.subscription.get("events", [])
+        return events is True or (isinstance(events, list) and name in events)
+
+    def wants_plugin(self, plugin: str) -> bool:
+        if self.subscription is None:
+            return True
+        plugins = self.subscription.get("plugins", [])
+        return plugins is True or (isinstance(plugins, list) and plugin in plugins)
+
+    def handle(self, message: dict) -> None:
+        if not isinstance(message, dict):
+            return
+        if "auth" in message:
+            self.hub.authenticate(self, str(message["auth"]))
+        if "throttle" in message:
+            try:
+                self.throttle = max(1, int(message["throttle"]))
+            except (TypeError, ValueError):
+                pass
+        if "subscribe" in message and isinstance(message["subscribe"], dict):
+            had_state = self.wants_state()
+            self.subscription = {"state": message["subscribe"].get("state", False),
+                                 "plugins": message["subscribe"].get("plugins", []),
+                                 "events": message["subscribe"].get("events", [])}
+            if self.registered and self.wants_state() and not had_state:
+                self.send("history", self.hub.gw.view.snapshot(full=True))
+
+
+class PushHub:
+    def __init__(self, gateway, heartbeat: float = 25.0):
+        self.gw = gateway
+        self.heartbeat = heartbeat
+        self.clients: set = set()
+
+    # --- connection life -----------------------------------------------------------------------------------------
+
+    async def sockjs_info(self, request):
+        import random
+
+        return web.json_response({"websocket": True, "cookie_needed": False, "origins": ["*:*"],
+                                  "entropy": random.getrandbits(31)})
+
+    async def sockjs_welcome(self, request):
+        return web.Response(text="Welcome to SockJS!\n", content_type="text/plain")
+
+    async def sockjs_websocket(self, request):
+        return await self._serve(request, sockjs=True)
+
+    async def raw_websocket(self, request):
+        return await self._serve(request, sockjs=False)
+
+    def _origin_allowed(self, request) -> bool:
+        origin = request.headers.get("Origin")
+        if not origin or self.gw.cors:
+            return True
+        from urllib.parse import urlsplit
+
+        return urlsplit(origin).netloc == request.headers.get("Host")
+
+    async def _serve(self, request, sockjs: bool):
+        if not self._origin_allowed(request):
+            return web.Response(status=403, text="Cross origin websockets not allowed")
+        ws = web.WebSocketResponse(autoping=True, heartbeat=None, max_msg_size=1 << 20)
+        await ws.prepare(request)
+        client = PushClient(self, ws, sockjs, request.remote or "?")
+        self.clients.add(client)
+        writer = asyncio.get_running_loop().create_task(client.writer())
+        beat = asyncio.get_running_loop().create_task(self._heartbeats(client)) if sockjs else None
+        try:
+            if sockjs:
+                client._queue("o")
+            client.send("connected", self.gw.connected_payload())
+            self.gw.publish("ClientOpened", {"remoteAddress": client.remote})
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    if msg.type in (WSMsgType.ERROR, WSMsgType.CLOSE):
+                        break
+                    continue
+                for message in _decode(msg.data, sockjs):
+                    client.handle(message)
+        finally:
+            self.clients.discard(client)
+            if beat is not None:
+                beat.cancel()
+            client.dropped = True
+            try:
+                client.outbox.put_nowait(None)
+            except asyncio.QueueFull:
+                writer.cancel()
+            try:
+                await asyncio.wait_for(writer, 5)
+            except (asyncio.TimeoutError, asyncio.CancelledError, ConnectionError, RuntimeError):
+                writer.cancel()
+            self.gw.publish("ClientClosed", {"remoteAddress": client.remote})
+        return ws
+
+    async def _heartbeats(self, client: PushClient):
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            if not client.dropped:
+                client._queue("h")
+
+    # --- auth ----------------------------------------------------------------------------------------------------
+
+    def authenticate(self, client: PushClient, credentials: str) -> None:
+        user_name, _, session = credentials.partition(":")
+        owner = self.gw.sessions.user(session)
+        user = self.gw.users.get(user_name) if owner == user_name else None
+        if user is None or not user.active:
+            client.send("reauthRequired", {"reason": "stale"})
+            return
+        client.identity = Identity(user, "password", session)
+        client.session = session
+        held, client.held = client.held, []
+        for kind, payload in held:
+            client.send(kind, payload)
+        self.gw.publish("ClientAuthed", {"username": user.name, "remoteAddress": client.remote})
+        if client.identity.can("STATUS"):
+            client.registered = True
+            if client.wants_state():
+                client.send("history", self.gw.view.snapshot(full=True))
+            client.send("timelapse", self.gw.timelapse_message())
+            client.last_current = time.monotonic()
+
+    def end_sessions(self, session: str, reason: str) -> None:
+        for client in list(self.clients):
+            if client.session == session:
+                client.identity = Identity(None, None)
+                client.registered = False
+                client.session = None
+                client.send("reauthRequired", {"reason": reason})
+
+    # --- from the bus ----------------------------------------------------------------------------------------------
+
+    def event(self, name: str, payload) -> None:
+        if name in HIDDEN_EVENTS:
+            return
+        for client in list(self.clients):
+            identity = client.identity
+            if client.dropped or (identity.user is not None and not identity.can("STATUS")):
+                continue
+            if name in ADMIN_EVENTS and not identity.can("ADMIN"):
+                continue
+            if not client.wants_event(name):
+                continue
+            shown = payload if name not in ADMIN_PAYLOAD_EVENTS or identity.can("ADMIN") else {}
+            if identity.user is None:
+                if name in ADMIN_EVENTS:
+                    continue
+                shown = {} if name in ADMIN_PAYLOAD_EVENTS else payload
+            client.send("event", {"type": name, "payload": shown})
+
+    def message(self, kind: str, payload, plugin: str | None = None) -> None:
+        for client in list(self.clients):
+            if not client.dropped and (plugin is None or client.wants_plugin(plugin)):
+                if plugin is not None or client.identity.user is None or client.identity.can("STATUS"):
+                    client.send(kind, payload)
+
+    def tick(self) -> None:
+        """Called every 0.1 s by the gateway: ``current`` to each registered client due for one."""
+        now = time.monotonic()
+        current = None
+        for client in list(self.clients):
+            if client.dropped or not client.registered or not client.wants_state():
+                continue
+            if now - client.last_current < 0.5 * client.throttle:
+                continue
+            if current is None:
+                current = self.gw.view.snapshot(full=False)
+            client.last_current = now
+            client.send("current", current)
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_route("GET", "/sockjs/info", self.sockjs_info)
+        app.router.add_route("GET", "/sockjs", self.sockjs_welcome)
+        app.router.add_route("GET", "/sockjs/websocket", self.raw_websocket)
+        app.router.add_route("GET", r"/sockjs/{server:[^/.]+}/{session:[^/.]+}/websocket", self.sockjs_websocket)
+
+
+def _decode(data: str, sockjs: bool) -> list:
+    """Client messages of one text frame: SockJS sends a JSON array of JSON strings (or one JSON string), the raw
+    socket plain JSON objects.  Anything else is ignored with a log line."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        log.info("push: invalid JSON from a client: %.80r", data)
+        return []
+    if not sockjs:
+        return [value] if isinstance(value, dict) else []
+    items = value if isinstance(value, list) else [value]
+    messages = []
+    for item in items:
+        if not isinstance(item, str):
+            log.info("push: ignored a message that is not a JSON string: %.80r", item)
+            continue
+        try:
+            decoded = json.loads(item)
+        except ValueError:
+            continue
+        if isinstance(decoded, dict):
+            messages.append(decoded)
+    return messages
