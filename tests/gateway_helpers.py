@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import start_service_process
+from tests.files_helpers import stop_service as stop  # noqa: F401  (re-exported for the gateway tests)
 
 ZEVENTS = [sys.executable, "-m", "zevents"]
 
@@ -49,20 +50,6 @@ def cli(config: Path, *args, stdin: str | None = None, timeout: float = 60) -> s
 
 def start(config: Path, bus_config, service: str, argv: list) -> subprocess.Popen:
     return start_service_process(ZEVENTS + argv + ["-c", str(config)], bus_config, service)
-
-
-def stop(process: subprocess.Popen) -> str:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    err = process.stderr.read() if process.stderr else ""
-    if process.stderr:
-        process.stderr.close()
-    return err
 
 
 class Response:

@@ -14,13 +14,12 @@ import logging
 import os
 import re
 import tempfile
-import uuid
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from urllib.parse import quote
 
 from aiohttp import web
 
-from zevents.gateway.auth import ANONYMOUS, SAFE_METHODS, Identity, csrf_ok
+from zevents.gateway.auth import SAFE_METHODS, Identity
 
 log = logging.getLogger("zevents.gateway")
 
@@ -656,10 +655,7 @@ class Api:
             log.info("gateway: suppressed by the link: %s", reply["suppressed"])
 
     async def printer_tool(self, request):
-        identity = request["identity"]
-        require(identity, "CONTROL")
-        if not self.gw.view.operational:
-            raise Abort(409, NOT_OPERATIONAL)
+        self._operational(request["identity"], "CONTROL")
         data = await json_body(request)
         command = command_of(data, {"target": ("targets",), "offset": ("offsets",), "select": ("tool",),
                                     "extrude": ("amount",), "flowrate": ("factor",)})
@@ -697,9 +693,7 @@ class Api:
         return no_content()
 
     async def printer_bed(self, request):
-        require(request["identity"], "CONTROL")
-        if not self.gw.view.operational:
-            raise Abort(409, NOT_OPERATIONAL)
+        self._operational(request["identity"], "CONTROL")
         if not self.gw.view.heated_bed:
             raise Abort(409, "Printer does not have a heated bed")
         data = await json_body(request)
@@ -714,9 +708,7 @@ class Api:
         return no_content()
 
     async def printer_command(self, request):
-        require(request["identity"], "CONTROL")
-        if not self.gw.view.operational:
-            raise Abort(409, NOT_OPERATIONAL)
+        self._operational(request["identity"], "CONTROL")
         data = await json_body(request)
         if "command" in data and "commands" in data:
             raise Abort(400, "'command' and 'commands' are mutually exclusive")
@@ -737,9 +729,7 @@ class Api:
         return no_content()
 
     async def printhead(self, request):
-        require(request["identity"], "CONTROL")
-        if not self.gw.view.operational:
-            raise Abort(409, NOT_OPERATIONAL)
+        self._operational(request["identity"], "CONTROL")
         data = await json_body(request)
         command = command_of(data, {"jog": (), "home": ("axes",), "feedrate": ("factor",)})
         if command != "feedrate" and self.gw.view.state_id in ("PRINTING", "PAUSING", "RESUMING", "STARTING"):
@@ -929,10 +919,6 @@ class Api:
         add("GET", "/login", self.page)
 
 
-def request_id() -> str:
-    return uuid.uuid4().hex
-
-
 def is_api_path(path: str) -> bool:
     return path.startswith(("/api/", "/plugin/")) or path == "/api"
 
@@ -946,6 +932,3 @@ def csrf_required(request: web.Request, identity: Identity) -> bool:
         return False
     return path not in ("/plugin/appkeys/request",) and not path.startswith("/plugin/appkeys/request/")
 
-
-__all__ = ["Api", "Abort", "error", "is_api_path", "csrf_required", "csrf_ok", "ANONYMOUS", "Path",
-           "request_id", "FORBIDDEN", "NOT_FOUND", "NOT_ALLOWED"]

@@ -5,9 +5,10 @@ text frame), for `octoprint client listen`, farm managers and anything else that
 Owns each client's session: ``connected`` on open, ``auth`` against a login session, messages held back (100 at
 most) until then, ``history`` then ``current`` at most every 0.5 s × ``throttle``, every bus event as
 ``{"event": {"type", "payload"}}`` to users with STATUS (user events to admins only; client events' payloads to
-admins only), ``subscribe`` filters, heartbeats every 25 s.  Every client has a bounded outbox written by its own
-task: a client that does not keep up is dropped (its outbox overflows), so a slow client never delays another, the
-gateway or the bus.
+admins only), ``subscribe`` filters, heartbeats every 25 s.  Every client has an outbox written by its own task, so
+a slow client never delays another, the gateway or the bus: a client whose socket has not taken a frame for
+``STUCK_AFTER`` seconds while messages pile up is dropped, and so is one whose outbox reaches ``OUTBOX_HARD`` (a
+burst from the bus may queue more than ``OUTBOX_SOFT`` for a client that reads; that is not a reason to drop it).
 """
 from __future__ import annotations
 
@@ -23,22 +24,27 @@ from zevents.gateway.auth import Identity
 log = logging.getLogger("zevents.gateway.push")
 
 HELD_BACK = 100
-OUTBOX = 1000
+OUTBOX_SOFT = 1000        # more waiting than this, with the client's socket stuck for STUCK_AFTER: it is dropped
+OUTBOX_HARD = 50_000      # more than this, whatever the reason: dropped (bounded memory per client)
+STUCK_AFTER = 5.0
 ADMIN_EVENTS = {"UserLoggedIn", "UserLoggedOut"}
 ADMIN_PAYLOAD_EVENTS = {"ClientOpened", "ClientAuthed"}
 HIDDEN_EVENTS = {"Heartbeat"}
+_NOTHING = object()
 
 
 class PushClient:
-    def __init__(self, hub: "PushHub", ws: web.WebSocketResponse, sockjs: bool, remote: str):
+    def __init__(self, hub: "PushHub", ws: web.WebSocketResponse, sockjs: bool, remote: str, transport=None):
         self.hub = hub
         self.ws = ws
+        self.transport = transport
         self.sockjs = sockjs
         self.remote = remote
         self.identity = Identity(None, None)
         self.session: str | None = None
         self.held: list = []
-        self.outbox: asyncio.Queue = asyncio.Queue(OUTBOX)
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.sending_since: float | None = None
         self.throttle = 1
         self.subscription = None               # None: everything (until the first subscribe)
         self.registered = False
@@ -58,12 +64,21 @@ class PushClient:
         self._queue({kind: payload})
 
     def _queue(self, message) -> None:
-        try:
-            self.outbox.put_nowait(message)
-        except asyncio.QueueFull:
+        self.outbox.put_nowait(message)
+        if self.outbox.qsize() >= OUTBOX_SOFT:
+            self.check_stuck()
+
+    def check_stuck(self) -> None:
+        waiting = self.outbox.qsize()
+        stuck = self.sending_since is not None and time.monotonic() - self.sending_since > STUCK_AFTER
+        if waiting >= OUTBOX_HARD or (waiting >= OUTBOX_SOFT and stuck):
             self.dropped = True
-            log.warning("push: %s does not keep up (%d messages waiting): dropped", self.remote, OUTBOX)
-            asyncio.get_running_loop().create_task(self.ws.close(code=1008, message=b"too slow"))
+            log.warning("push: %s does not keep up (%d messages waiting): dropped", self.remote, waiting)
+            while not self.outbox.empty():
+                self.outbox.get_nowait()
+            self.outbox.put_nowait(None)
+            if self.transport is not None:
+                self.transport.abort()              # the writer may sit in a send that will never finish
 
     def frame(self, messages: list) -> str:
         if self.sockjs:
@@ -71,24 +86,31 @@ class PushClient:
         return json.dumps(messages[0], separators=(",", ":"), default=str)
 
     async def writer(self) -> None:
+        """Sends the outbox in order until its end marker (None); on SockJS, what is waiting goes as one a[...]."""
+        carried = _NOTHING
         while True:
-            message = await self.outbox.get()
+            message = await self.outbox.get() if carried is _NOTHING else carried
+            carried = _NOTHING
             if message is None:
                 return
             if isinstance(message, str):            # raw SockJS frames: o, h, c[...]
-                await self.ws.send_str(message)
+                await self._send(message)
                 continue
             batch = [message]
-            if self.sockjs:
-                while not self.outbox.empty() and len(batch) < 100:
-                    extra = self.outbox.get_nowait()
-                    if extra is None or isinstance(extra, str):
-                        self.outbox.put_nowait(extra)
-                        break
-                    batch.append(extra)
-                await self.ws.send_str(self.frame(batch))
-            else:
-                await self.ws.send_str(self.frame(batch))
+            while self.sockjs and not self.outbox.empty() and len(batch) < 100:
+                extra = self.outbox.get_nowait()
+                if not isinstance(extra, dict):
+                    carried = extra                 # a raw frame or the end: after this batch
+                    break
+                batch.append(extra)
+            await self._send(self.frame(batch))
+
+    async def _send(self, text: str) -> None:
+        self.sending_since = time.monotonic()
+        try:
+            await self.ws.send_str(text)
+        finally:
+            self.sending_since = None
 
     # --- what the client asked for -------------------------------------------------------------------------------
 
@@ -162,7 +184,7 @@ class PushHub:
             return web.Response(status=403, text="Cross origin websockets not allowed")
         ws = web.WebSocketResponse(autoping=True, heartbeat=None, max_msg_size=1 << 20)
         await ws.prepare(request)
-        client = PushClient(self, ws, sockjs, request.remote or "?")
+        client = PushClient(self, ws, sockjs, request.remote or "?", request.transport)
         self.clients.add(client)
         writer = asyncio.get_running_loop().create_task(client.writer())
         beat = asyncio.get_running_loop().create_task(self._heartbeats(client)) if sockjs else None
@@ -183,10 +205,7 @@ class PushHub:
             if beat is not None:
                 beat.cancel()
             client.dropped = True
-            try:
-                client.outbox.put_nowait(None)
-            except asyncio.QueueFull:
-                writer.cancel()
+            client.outbox.put_nowait(None)
             try:
                 await asyncio.wait_for(writer, 5)
             except (asyncio.TimeoutError, asyncio.CancelledError, ConnectionError, RuntimeError):
@@ -261,6 +280,8 @@ class PushHub:
         now = time.monotonic()
         current = None
         for client in list(self.clients):
+            if not client.dropped and client.outbox.qsize() >= OUTBOX_SOFT:
+                client.check_stuck()
             if client.dropped or not client.registered or not client.wants_state():
                 continue
             if now - client.last_current < 0.5 * client.throttle:
