@@ -33,6 +33,31 @@ HIDDEN_EVENTS = {"Heartbeat"}
 _NOTHING = object()
 
 
+class _Encoded(str):
+    """One message as its JSON text, encoded once for every client that gets it (a bus event goes to every client:
+    encoding it per client was most of the gateway's work under load).  Other strings in an outbox are raw SockJS
+    frames (``o``, ``h``)."""
+    __slots__ = ()
+
+
+def _encode(message: dict) -> _Encoded:
+    return _Encoded(json.dumps(message, separators=(",", ":"), default=str))
+
+
+class _Shared:
+    """The encoded forms of one message sent to many clients: one per distinct payload object."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.texts: dict = {}
+
+    def text(self, payload) -> _Encoded:
+        text = self.texts.get(id(payload))
+        if text is None:
+            text = self.texts[id(payload)] = _encode({self.kind: payload})
+        return text
+
+
 class PushClient:
     def __init__(self, hub: "PushHub", ws: web.WebSocketResponse, sockjs: bool, remote: str, transport=None):
         self.hub = hub
@@ -53,15 +78,16 @@ class PushClient:
 
     # --- sending -------------------------------------------------------------------------------------------------
 
-    def send(self, kind: str, payload) -> None:
-        """Queue one message; before auth only ``connected`` and ``reauthRequired`` go out."""
+    def send(self, kind: str, payload, shared: _Shared | None = None) -> None:
+        """Queue one message; before auth only ``connected`` and ``reauthRequired`` go out.  ``shared``: the same
+        message goes to other clients too (it is encoded once for all)."""
         if self.dropped:
             return
         if self.identity.user is None and kind not in ("connected", "reauthRequired"):
             if len(self.held) < HELD_BACK:
                 self.held.append((kind, payload))
             return
-        self._queue({kind: payload})
+        self._queue(shared.text(payload) if shared is not None else _encode({kind: payload}))
 
     def _queue(self, message) -> None:
         self.outbox.put_nowait(message)
@@ -80,11 +106,6 @@ class PushClient:
             if self.transport is not None:
                 self.transport.abort()              # the writer may sit in a send that will never finish
 
-    def frame(self, messages: list) -> str:
-        if self.sockjs:
-            return "a" + json.dumps(messages, separators=(",", ":"), default=str)
-        return json.dumps(messages[0], separators=(",", ":"), default=str)
-
     async def writer(self) -> None:
         """Sends the outbox in order until its end marker (None); on SockJS, what is waiting goes as one a[...]."""
         carried = _NOTHING
@@ -93,17 +114,21 @@ class PushClient:
             carried = _NOTHING
             if message is None:
                 return
-            if isinstance(message, str):            # raw SockJS frames: o, h, c[...]
+            if not isinstance(message, _Encoded):   # raw SockJS frames: o, h, c[...]
                 await self._send(message)
                 continue
             batch = [message]
-            while self.sockjs and not self.outbox.empty() and len(batch) < 100:
+            while not self.outbox.empty() and len(batch) < 100:
                 extra = self.outbox.get_nowait()
-                if not isinstance(extra, dict):
+                if not isinstance(extra, _Encoded):
                     carried = extra                 # a raw frame or the end: after this batch
                     break
                 batch.append(extra)
-            await self._send(self.frame(batch))
+            if self.sockjs:                         # SockJS: what is waiting goes as one a[...] frame
+                await self._send("a[" + ",".join(batch) + "]")
+            else:                                   # raw: one object per frame, without a task switch between
+                for text in batch:
+                    await self._send(text)
 
     async def _send(self, text: str) -> None:
         self.sending_since = time.monotonic()
@@ -254,6 +279,8 @@ class PushHub:
     def event(self, name: str, payload) -> None:
         if name in HIDDEN_EVENTS:
             return
+        shared = _Shared("event")
+        messages: dict = {}
         for client in list(self.clients):
             identity = client.identity
             if client.dropped or (identity.user is not None and not identity.can("STATUS")):
@@ -267,18 +294,23 @@ class PushHub:
                 if name in ADMIN_EVENTS:
                     continue
                 shown = {} if name in ADMIN_PAYLOAD_EVENTS else payload
-            client.send("event", {"type": name, "payload": shown})
+            message = messages.get(id(shown))
+            if message is None:
+                message = messages[id(shown)] = {"type": name, "payload": shown}
+            client.send("event", message, shared)
 
     def message(self, kind: str, payload, plugin: str | None = None) -> None:
+        shared = _Shared(kind)
         for client in list(self.clients):
             if not client.dropped and (plugin is None or client.wants_plugin(plugin)):
                 if plugin is not None or client.identity.user is None or client.identity.can("STATUS"):
-                    client.send(kind, payload)
+                    client.send(kind, payload, shared)
 
     def tick(self) -> None:
         """Called every 0.1 s by the gateway: ``current`` to each registered client due for one."""
         now = time.monotonic()
         current = None
+        shared = _Shared("current")
         for client in list(self.clients):
             if not client.dropped and client.outbox.qsize() >= OUTBOX_SOFT:
                 client.check_stuck()
@@ -289,7 +321,7 @@ class PushHub:
             if current is None:
                 current = self.gw.view.snapshot(full=False)
             client.last_current = now
-            client.send("current", current)
+            client.send("current", current, shared)
 
     def routes(self, app: web.Application) -> None:
         app.router.add_route("GET", "/sockjs/info", self.sockjs_info)

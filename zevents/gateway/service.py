@@ -13,6 +13,7 @@ channels, the printer's state is the bus's.  It binds loopback by default and wa
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import hashlib
 import ipaddress
@@ -38,6 +39,7 @@ from zevents.gateway.users import UserStore
 from zevents.printer.profiles import ProfileStore
 
 log = logging.getLogger("zevents.gateway")
+INBOX_BATCH = 500         # bus events handled per turn of the event loop
 
 COMMANDS = ("APPKEYS", "APPKEY_DECIDE", "ONLINE_CHECK", "STATUS")
 
@@ -98,6 +100,8 @@ class Gateway:
         self.runner: web.AppRunner | None = None
         self._stop: asyncio.Event | None = None
         self._threads: list = []
+        self._inbox: collections.deque = collections.deque()
+        self._inbox_scheduled = False
         self._running = threading.Event()
         self.online = True
         self.online_state = {"connection": True, "resolution": True}
@@ -364,8 +368,24 @@ class Gateway:
                 log.exception("gateway: bus receive failed")
                 continue
             if envelope is not None and self.loop is not None:
-                self.loop.call_soon_threadsafe(self._on_event, envelope.name, envelope.payload)
+                self._inbox.append((envelope.name, envelope.payload))
+                if not self._inbox_scheduled:
+                    # one wake-up of the loop for whatever arrives until it runs, not one per event
+                    self._inbox_scheduled = True
+                    self.loop.call_soon_threadsafe(self._drain_inbox)
         subscriber.close()
+
+    def _drain_inbox(self) -> None:
+        """Events from the bus thread, in order; at most INBOX_BATCH at once, so a burst of events does not keep
+        HTTP requests and socket writers waiting until all of it is handled."""
+        self._inbox_scheduled = False            # before draining: an event appended from now on is drained here
+        for _ in range(INBOX_BATCH):              # or by the next call, never lost
+            if not self._inbox:
+                return
+            self._on_event(*self._inbox.popleft())
+        if self._inbox and not self._inbox_scheduled:
+            self._inbox_scheduled = True
+            self.loop.call_soon(self._drain_inbox)
 
     def _on_event(self, name: str, payload) -> None:
         self.view.apply(name, payload if isinstance(payload, dict) else {})
