@@ -48,8 +48,8 @@ def cli(config: Path, *args, stdin: str | None = None, timeout: float = 60) -> s
                           timeout=timeout)
 
 
-def start(config: Path, bus_config, service: str, argv: list) -> subprocess.Popen:
-    return start_service_process(ZEVENTS + argv + ["-c", str(config)], bus_config, service)
+def start(config: Path, bus_config, service: str, argv: list, stderr=None) -> subprocess.Popen:
+    return start_service_process(ZEVENTS + argv + ["-c", str(config)], bus_config, service, stderr=stderr)
 
 
 class Response:
@@ -124,3 +124,14 @@ class Client:
                              f'{value}\r\n'.encode())
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
         return self.request("POST", path, body, headers, f"multipart/form-data; boundary={boundary}")
+
+
+async def raw_socket(http, port: int, key: str, subscribe: dict):
+    """An authenticated raw push socket (``/sockjs/websocket``) on an aiohttp session, as farm managers open one:
+    passive login with the key, ``connected`` read, then ``auth`` with ``subscribe`` in one message."""
+    login = await (await http.post(f"http://127.0.0.1:{port}/api/login", json={"passive": True},
+                                   headers={"X-Api-Key": key})).json()
+    ws = await http.ws_connect(f"ws://127.0.0.1:{port}/sockjs/websocket", max_msg_size=0)
+    await ws.receive(timeout=30)                         # connected
+    await ws.send_str(json.dumps({"auth": f"{login['name']}:{login['session']}", "subscribe": subscribe}))
+    return ws

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_for
-from tests.gateway_helpers import Client, cli, free_port, start, stop, write_config
+from tests.gateway_helpers import Client, cli, free_port, raw_socket, start, stop, write_config
 from zevents import bus
 
 GCODE = b"G28\nG1 Z5 F3000\nG1 X10 Y10 E1 F1500\nM104 S0\n"
@@ -389,20 +389,11 @@ def test_a_slow_socket_client_does_not_delay_the_others(node):
     count = 20_000
     port, key = node["port"], node["keys"]["alice"]
 
-    async def authed(http):
-        login = await (await http.post(f"http://127.0.0.1:{port}/api/login", json={"passive": True},
-                                       headers={"X-Api-Key": key})).json()
-        ws = await http.ws_connect(f"ws://127.0.0.1:{port}/sockjs/websocket", max_msg_size=0)
-        await ws.receive(timeout=10)                         # connected
-        await ws.send_str(json.dumps({"auth": f"{login['name']}:{login['session']}",
-                                      "subscribe": {"events": ["PrintProgress"]}}))
-        return ws
-
     async def scenario():
         async with aiohttp.ClientSession() as slow_http, aiohttp.ClientSession(read_bufsize=1024) as fast_http:
-            slow = await authed(slow_http)
+            slow = await raw_socket(slow_http, port, key, {"events": ["PrintProgress"]})
             slow._response.connection.transport.pause_reading()      # it stops reading: its TCP window fills
-            fast = await authed(fast_http)
+            fast = await raw_socket(fast_http, port, key, {"events": ["PrintProgress"]})
             await asyncio.sleep(0.5)
 
             def publish():
