@@ -16,6 +16,8 @@ from pathlib import Path
 OPERATIONAL = {"OPERATIONAL", "PRINTING", "STARTING", "PAUSED", "PAUSING", "RESUMING", "CANCELLING", "FINISHING",
                "TRANSFERING_FILE"}
 PRINTING = {"PRINTING", "STARTING", "PAUSING", "RESUMING", "CANCELLING", "FINISHING"}
+#: OctoPrint's closedOrError: no connection (offline) or a closed/errored one; still connecting is neither.
+CLOSED_OR_ERROR = {"OFFLINE", "CLOSED", "ERROR", "CLOSED_WITH_ERROR"}
 HISTORY_SECONDS = 30 * 60
 
 
@@ -139,7 +141,7 @@ class PrinterView:
         error = state in ("ERROR", "CLOSED_WITH_ERROR")
         return {"operational": self.operational, "printing": state in PRINTING,
                 "cancelling": state == "CANCELLING", "pausing": state == "PAUSING", "resuming": state == "RESUMING",
-                "finishing": state == "FINISHING", "closedOrError": error or not self.operational,
+                "finishing": state == "FINISHING", "closedOrError": state in CLOSED_OR_ERROR,
                 "error": error, "paused": state == "PAUSED", "ready": state == "OPERATIONAL",
                 "sdReady": self.operational}
 
