@@ -2,14 +2,16 @@
 
 - ``GET /api/printer`` and ``GET /api/job`` requests per second: the gateway (with its node: broker, files service,
   virtual printer) against ``octoprint serve`` from the side venv (``ZEVENTS_OCTOPRINT_PYTHON``; that baseline is
-  skipped without it) with its own virtual printer connected.  The load: aiohttp, ``CONNECTIONS`` keep-alive
-  connections, ``REQUESTS`` requests per endpoint and round, rounds alternating between the two servers.
-  Target: ratio ≥ 3.
+  skipped without it) with its own virtual printer connected.  The load, the same for both: a minimal HTTP/1.1
+  client on asyncio streams, ``CONNECTIONS`` keep-alive connections, ``REQUESTS`` requests per endpoint and round,
+  rounds alternating between the two servers; the gateway's CPU time per request beside.  Target: ratio ≥ 3.
 - Upload of a 500 MB G-code file through ``POST /api/files/local`` (streamed multipart, as a slicer sends it): MB/s
   against ``cp`` of the same file, and the gateway process's RSS growth while it streams (target < 20 MB).
 - Push latency: 50 raw-socket clients, authenticated, a publisher process firing 1 000 events/s on the bus for
   ``PUSH_SECONDS``; each event carries its monotonic send time (one clock for every process on Linux); p50 and
   p99 of bus → client over every (event, client) pair, beside the bus alone (one plain Subscriber in the same run).
+  The clients run in PUSH_PROCESSES processes; on a small machine they compete with the gateway for the CPU, which
+  the bus subscriber's own tail shows.
 
 Run: ZEVENTS_OCTOPRINT_PYTHON=/work/octoprint-venv/bin/python pytest bench/bench_gateway.py --benchmark-only -s
 """
