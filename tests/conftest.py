@@ -114,14 +114,16 @@ def Parser(request):
     return CParser
 
 
-def start_service_process(argv: list, bus_config, service: str, timeout: float = 30.0):
-    """A zevents service as a real process (``argv``); returns the Popen once its ServiceStarted is on the bus."""
+def start_service_process(argv: list, bus_config, service: str, timeout: float = 30.0, stderr=None):
+    """A zevents service as a real process (``argv``); returns the Popen once its ServiceStarted is on the bus.
+    Its stderr goes to a pipe read only when it fails to start, or to ``stderr`` (an open file) for a process that
+    logs a lot over a long run (a pipe nobody reads would fill and block it)."""
     import subprocess
 
     from zevents import bus
 
     watcher = bus.Subscriber(bus_config, groups=["sys"])
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr or subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -129,7 +131,7 @@ def start_service_process(argv: list, bus_config, service: str, timeout: float =
             if envelope is not None and envelope.name == "ServiceStarted" and envelope.payload["service"] == service:
                 return process
             if process.poll() is not None:
-                raise AssertionError(f"the {service} service exited: {process.stderr.read()}")
+                raise AssertionError(f"the {service} service exited: {process.stderr.read() if not stderr else ''}")
             if time.monotonic() > deadline:
                 process.kill()
                 process.wait()

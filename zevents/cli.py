@@ -571,6 +571,105 @@ def slicing_profile_default(slicer: str = typer.Argument(..., help="prusaslicer,
     raise typer.Exit(commands.run_profile_default(load_config(config), slicer, name))
 
 
+gateway_app = typer.Typer(no_args_is_help=True, help="The gateway: OctoPrint's REST API and push socket.")
+app.add_typer(gateway_app, name="gateway")
+user_app = typer.Typer(no_args_is_help=True, help="Users and API keys of the gateway.")
+app.add_typer(user_app, name="user")
+appkey_app = typer.Typer(no_args_is_help=True, help="Application keys asked for by Home Assistant, Cura, ...")
+user_app.add_typer(appkey_app, name="appkey")
+
+
+@gateway_app.command("serve")
+def gateway_serve(config: Optional[str] = ConfigOption):
+    """Run the gateway alone (`zevents run` starts it with the node)."""
+    from zevents.gateway import service
+
+    raise typer.Exit(service.run(load_config(config)))
+
+
+@gateway_app.command("online-check")
+def gateway_online_check(as_json: bool = typer.Option(False, "--json", help="One JSON document."),
+                         config: Optional[str] = ConfigOption):
+    """Run the online check now (server.onlineCheck); ConnectivityChanged if the answer changed."""
+    from zevents.gateway import commands
+
+    raise typer.Exit(commands.run_online_check(load_config(config), as_json))
+
+
+@user_app.command("add")
+def user_add(name: str = typer.Argument(..., help="User name."),
+             admin: bool = typer.Option(False, "--admin", help="Also in the admins group (every permission)."),
+             config: Optional[str] = ConfigOption):
+    """Add a user; the password comes from a prompt, or from the first line of stdin."""
+    from zevents.gateway import commands
+
+    raise typer.Exit(commands.run_add(load_config(config), name, admin))
+
+
+@user_app.command("rm")
+def user_rm(name: str = typer.Argument(..., help="User name."), config: Optional[str] = ConfigOption):
+    """Remove a user and the app keys they granted."""
+    from zevents.gateway import commands
+
+    raise typer.Exit(commands.run_rm(load_config(config), name))
+
+
+@user_app.command("passwd")
+def user_passwd(name: str = typer.Argument(..., help="User name."), config: Optional[str] = ConfigOption):
+    """Set a user's password (prompt, or the first line of stdin)."""
+    from zevents.gateway import commands
+
+    raise typer.Exit(commands.run_passwd(load_config(config), name))
+
+
+@user_app.command("apikey")
+def user_apikey(name: str = typer.Argument(..., help="User name."),
+                show: bool = typer.Option(False, "--show", help="Print the current key instead of a new one."),
+                config: Optional[str] = ConfigOption):
+    """Make (and print) a new API key for a user; the old one stops working."""
+    from zevents.gateway import commands
+
+    raise typer.Exit(commands.run_apikey(load_config(config), name, show))
+
+
+@user_app.command("ls")
+def user_ls(as_json: bool = typer.Option(False, "--json", help="One JSON document."),
+            config: Optional[str] = ConfigOption):
+    """List the users, their groups and keys."""
+    from zevents.gateway import commands
+
+    raise typer.Exit(commands.run_ls(load_config(config), as_json))
+
+
+@appkey_app.command("ls")
+def appkey_ls(as_json: bool = typer.Option(False, "--json", help="One JSON document."),
+              config: Optional[str] = ConfigOption):
+    """The app-key requests waiting for a decision (from the running gateway)."""
+    from zevents.gateway import commands
+
+    raise typer.Exit(commands.run_appkey_ls(load_config(config), as_json))
+
+
+@appkey_app.command("approve")
+def appkey_approve(token: str = typer.Argument(..., help="The request's token (`zevents user appkey ls`)."),
+                   user: str = typer.Option(..., "--user", "-u", help="The user the key acts as."),
+                   config: Optional[str] = ConfigOption):
+    """Approve an app-key request: the app gets a key acting as --user."""
+    from zevents.gateway import commands
+
+    raise typer.Exit(commands.run_appkey_decide(load_config(config), token, user, True))
+
+
+@appkey_app.command("deny")
+def appkey_deny(token: str = typer.Argument(..., help="The request's token."),
+                user: str = typer.Option(..., "--user", "-u", help="Who decides."),
+                config: Optional[str] = ConfigOption):
+    """Deny an app-key request."""
+    from zevents.gateway import commands
+
+    raise typer.Exit(commands.run_appkey_decide(load_config(config), token, user, False))
+
+
 @config_app.command("check")
 def config_check(file: str = typer.Argument(..., help="Config file to validate.")):
     """Validate a config file; every problem with its file, line and key (warnings too: they do not fail it)."""

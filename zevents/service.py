@@ -18,6 +18,7 @@ SERVICES = {
     "camera": "zevents.printer.virtual.camera",
     "files": "zevents.files.service",
     "slicing": "zevents.slicing.service",
+    "gateway": "zevents.gateway.service",
 }
 
 # The modules that register config sections (zevents.config.register_section) when imported: every service's
@@ -28,6 +29,7 @@ SECTION_OWNERS = (
     "zevents.timelapse.settings",
     "zevents.files.settings",
     "zevents.slicing.settings",
+    "zevents.gateway.settings",
 )
 
 
