@@ -1,6 +1,7 @@
 """The ``gateway:`` config section and OctoPrint's ``server.onlineCheck``, registered with :mod:`zevents.config`."""
 from zevents import config as zconfig
-from zevents.config import NUMBER, OPT_STR, Key
+from zevents.config import check_text as config_text
+from zevents.config import ENDPOINT, NUMBER, TEXT, URL, Key
 
 
 def _listen(value) -> str | None:
@@ -13,7 +14,7 @@ def _listen(value) -> str | None:
 GATEWAY_SCHEMA = {
     "enabled": bool,
     "listen": Key(str, check=_listen),
-    "commands": OPT_STR,
+    "commands": ENDPOINT,
     "max_upload": Key(int, min=1),
     "cors": bool,
     "trust_forwarded": bool,
@@ -21,16 +22,16 @@ GATEWAY_SCHEMA = {
     "rate_limit": bool,
     "session_stale_after": Key(NUMBER, min=10, max=86400 * 30),
     "socket_heartbeat": Key(NUMBER, min=1, max=3600),
-    "webcam": {"stream": OPT_STR, "snapshot": OPT_STR},
+    "webcam": {"stream": URL, "snapshot": URL},
 }
 
 SERVER_SCHEMA = {
     "onlineCheck": {
         "enabled": (bool, type(None)),
         "interval": Key(NUMBER, min=1, max=86400 * 7),
-        "host": str,
+        "host": Key(str, check=config_text),
         "port": Key(int, min=1, max=65535),
-        "name": OPT_STR,
+        "name": TEXT,
     },
 }
 
