@@ -51,7 +51,9 @@ class Job:
 
 
 class AnalysisQueue:
-    def __init__(self, notify, cache_dir, timeout: float = 600.0, run_at: str = "idle"):
+    WORKER = (sys.executable, "-m", "zevents.files.analysis_queue")
+
+    def __init__(self, notify, cache_dir, timeout: float = 600.0, run_at: str = "idle", worker: tuple = WORKER):
         if run_at not in RUN_AT:
             raise ValueError(f"run_at must be one of {', '.join(RUN_AT)}")
         self.notify = notify
@@ -59,6 +61,7 @@ class AnalysisQueue:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.timeout = float(timeout)
         self.run_at = run_at
+        self.worker_argv = list(worker)     # any program speaking the worker's JSON-lines protocol
         self._heap: list = []
         self._order = itertools.count()
         self._queued: dict = {}              # path -> Job (the live entry; heap entries not here are stale)
@@ -208,9 +211,8 @@ class AnalysisQueue:
 
     def _analyse_in_worker(self, job: Job) -> tuple:
         if self._worker is None or self._worker.poll() is not None:
-            self._worker = subprocess.Popen([sys.executable, "-m", "zevents.files.analysis_queue"],
-                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
-                                            start_new_session=True)
+            self._worker = subprocess.Popen(self.worker_argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            bufsize=0, start_new_session=True)
         worker = self._worker
         try:
             worker.stdin.write(json.dumps({"path": job.disk}).encode() + b"\n")
