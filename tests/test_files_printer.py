@@ -1,0 +1,85 @@
+"""The files service with a real printer link (`zevents printer --virtual` process): the SD card as storage
+`sdcard` (list, upload, remove through the link's channel), upload with --select / --print, and the print history
+of a real print."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from zevents import bus
+
+from conftest import wait_for
+from files_helpers import ZEVENTS, cli, count, events, request, start_service, stop_service, write_config
+
+CUBE = Path(__file__).parent / "data" / "printer" / "sliced_cube20_prusaslicer250_mk3s_cut.gcode"
+SMALL = b"M82\nG28\nG1 Z0.2 F3000\nG1 X10 Y10 E1 F1200\nG1 X20 Y10 E2\n"
+
+
+@pytest.fixture
+def node(short_tmp, bus_config, running_broker):
+    """A files service and a virtual printer's link, both real processes, and a subscriber on their events."""
+    config = write_config(short_tmp, bus_config, files={"analysis": {"run_at": "never"}, "watch": False})
+    subscriber = bus.Subscriber(bus_config, groups=["file", "print", "comm"])
+    printer = subprocess.Popen(ZEVENTS + ["printer", "--virtual", "-c", str(config)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    files = None
+    try:
+        events(subscriber, count("Connected", 1), names=("Connected",))
+        files = start_service(config, bus_config)
+        yield config, subscriber, short_tmp
+    finally:
+        if files is not None:
+            stop_service(files)
+        stop_service(printer)
+        subscriber.close()
+
+
+NAMES = ("FileAdded", "FileRemoved", "UpdatedFiles", "Upload", "TransferStarted", "TransferDone", "FileSelected",
+         "PrintStarted", "PrintDone", "MetadataStatisticsUpdated")
+
+
+def test_sd_card_storage_through_the_printer_link(node):
+    config, subscriber, tmp = node
+    source = tmp / "sdpart.gcode"
+    source.write_bytes(SMALL)
+    result = cli(config, "files", "upload", str(source), "--storage", "sdcard")
+    assert result.returncode == 0, result.stderr
+    got = events(subscriber, count("Upload", 1), names=NAMES)
+    assert [n for n, _ in got] == ["TransferStarted", "TransferDone", "FileAdded", "UpdatedFiles", "Upload"]
+    remote = got[-1][1]["path"]
+    assert got[2][1] == {"storage": "sdcard", "path": remote, "name": remote, "type": ["machinecode", "gcode"],
+                         "operation": "add"}
+    assert got[-1][1]["target"] == "sdcard"
+    listing = json.loads(cli(config, "files", "ls", "--storage", "sdcard", "--json").stdout)
+    assert remote.lower() in [entry["name"].lower() for entry in listing]
+    assert cli(config, "files", "rm", remote, "--storage", "sdcard").returncode == 0
+    got = events(subscriber, count("UpdatedFiles", 1), names=NAMES)
+    assert got[0] == ("FileRemoved", {"storage": "sdcard", "path": remote, "name": remote,
+                                      "type": ["machinecode", "gcode"], "operation": "remove"})
+    wait_for(lambda: remote.lower() not in [e["name"].lower() for e in
+                                            request(config, "LIST", storage="sdcard")["files"]],
+             message="the SD file to go")
+    refused = cli(config, "files", "mkdir", "x", "--storage", "sdcard")
+    assert refused.returncode != 0
+
+
+def test_upload_with_select_and_print_then_history(node):
+    config, subscriber, tmp = node
+    source = tmp / "cube.gcode"
+    source.write_bytes(CUBE.read_bytes())
+    reply = request(config, "UPLOAD", source=str(source), path="jobs/cube.gcode", select=True)
+    assert reply["effective_select"] is True and reply["effective_print"] is False
+    got = events(subscriber, count("Upload", 1), names=NAMES)
+    assert [n for n, _ in got] == ["FileAdded", "UpdatedFiles", "FileSelected", "Upload"]
+    assert got[-1][1]["effective_select"] is True
+    result = cli(config, "files", "upload", str(source), "--path", "jobs", "--print")
+    assert result.returncode == 0 and "printing" in result.stderr, result.stderr
+    got = events(subscriber, count("MetadataStatisticsUpdated", 1), names=NAMES, timeout=120)
+    names = [n for n, _ in got]
+    assert names.index("PrintStarted") < names.index("Upload") < names.index("PrintDone")
+    info = request(config, "INFO", path="jobs/cube.gcode")["file"]
+    assert [h["success"] for h in info["history"]] == [True]
+    assert info["statistics"]["lastPrintTime"]["_default"] == info["history"][0]["printTime"]
