@@ -365,21 +365,27 @@ class LocalStorage:
         disk = self.disk(path)
         temp = disk.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex}")
         try:
+            # A move is a hard link then an unlink of the source once the file is in place, not a rename: a
+            # rename out of the watched folder is an unpaired IN_MOVED_FROM, which watchdog holds for 0.5 s
+            # waiting for its pair, delaying every later event of the folder.  A crash before the unlink leaves
+            # the source to be added again at start: never a lost file.
+            linked = False
             if move_source:
                 try:
-                    os.rename(source, temp)
+                    os.link(source, temp)
+                    linked = True
                 except OSError as exc:
-                    if exc.errno != errno.EXDEV:
+                    if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                         raise
-                    shutil.copyfile(source, temp)
-                    os.unlink(source)
-            else:
+            if not linked:
                 shutil.copyfile(source, temp)
             digest = sha1_of(temp)
             os.replace(temp, disk)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
+        if move_source:
+            source.unlink(missing_ok=True)
         stat = disk.stat()
         old = self.entry(path) or {}
         changed = old.get("hash") != digest
