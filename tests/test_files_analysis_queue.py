@@ -115,7 +115,7 @@ def test_results_are_cached_by_content_hash(queue_with_worker, tmp_path):
     queue.enqueue("copy/a.gcode", disk, digest)       # same bytes elsewhere: no second run of the worker
     wait_for(lambda: recorder.kinds("finished") == ["a.gcode", "copy/a.gcode"], message="the cached result")
     assert attempted(attempts) == ["a.gcode"]
-    assert (tmp_path / "cache" / f"{digest}.json").exists()
+    assert (tmp_path / "cache" / f"{digest}.{queue.engine}.json").exists()
 
 
 def test_run_at_never_ignores_every_file(queue_with_worker, tmp_path):

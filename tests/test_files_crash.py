@@ -13,7 +13,6 @@ from pathlib import Path
 from zevents.files.storage import METADATA, TEMP_PREFIX
 from zevents.printer.channel import ChannelError
 
-from conftest import wait_for
 from files_helpers import request, start_service, write_config
 
 BIG = b"G1 X1 Y1 E0.1 F1200 ; a line of a large upload\n" * 400_000      # ~19 MB: a copy takes a while

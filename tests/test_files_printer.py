@@ -83,3 +83,38 @@ def test_upload_with_select_and_print_then_history(node):
     info = request(config, "INFO", path="jobs/cube.gcode")["file"]
     assert [h["success"] for h in info["history"]] == [True]
     assert info["statistics"]["lastPrintTime"]["_default"] == info["history"][0]["printTime"]
+
+
+def test_a_restarted_service_learns_the_running_print_from_the_link(short_tmp, bus_config, running_broker):
+    config = write_config(short_tmp, bus_config, files={"watch": False},
+                          printer={"virtual": {"firmware": "marlin", "speed": 1, "tools": 1}})
+    stored = short_tmp / "data" / "uploads" / "long.gcode"
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(CUBE.read_bytes())
+    subscriber = bus.Subscriber(bus_config, groups=["file", "print", "comm"])
+    printer = subprocess.Popen(ZEVENTS + ["printer", "--virtual", "-c", str(config)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    files = None
+    try:
+        events(subscriber, count("Connected", 1), names=("Connected",))
+        assert cli(config, "print", str(stored)).returncode == 0
+        events(subscriber, count("PrintStarted", 1), names=("PrintStarted",))
+        files = start_service(config, bus_config)          # started after PrintStarted: it must ask the link
+        wait_for(lambda: request(config, "STATUS")["printing"] == "long.gcode", message="the running print")
+        status = request(config, "STATUS")
+        assert status["analysis"]["paused"] and status["analysis"]["pending"] == ["long.gcode"]
+        refused = cli(config, "files", "rm", "long.gcode")
+        assert refused.returncode == 1 and "being printed" in refused.stderr
+        assert stored.exists()
+        assert cli(config, "cancel").returncode == 0
+        got = events(subscriber, count("MetadataAnalysisFinished", 1), names=NAMES + ("PrintFailed",
+                                                                                   "MetadataAnalysisFinished"))
+        names = [n for n, _ in got]
+        assert names.index("PrintFailed") < names.index("MetadataStatisticsUpdated")
+        result = got[-1][1]["result"]
+        assert [h["success"] for h in result["history"]] == [False]
+    finally:
+        if files is not None:
+            stop_service(files)
+        stop_service(printer)
+        subscriber.close()

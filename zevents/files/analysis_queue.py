@@ -9,7 +9,7 @@ or threads: a 1 GB file costs the service nothing but a pipe.  The queue's threa
 - ``run_at``: ``idle`` (default) pauses the queue while printing (a running analysis is killed and requeued);
   ``always`` never pauses; ``never`` ignores every enqueue.
 - A per-file ``timeout``: the worker is killed, the analysis is reported failed (no Finished event, as OctoPrint)
-  and not retried until the file changes.
+  and not retried until the file changes or the service starts again.
 - Results are cached by content hash (``<cache>/<sha1>.json``): a copy, a re-upload or a restart with unchanged
   bytes reuses the result without running the worker again.
 
@@ -62,6 +62,7 @@ class AnalysisQueue:
         self.timeout = float(timeout)
         self.run_at = run_at
         self.worker_argv = list(worker)     # any program speaking the worker's JSON-lines protocol
+        self.engine = engine()
         self._heap: list = []
         self._order = itertools.count()
         self._queued: dict = {}              # path -> Job (the live entry; heap entries not here are stale)
@@ -258,15 +259,26 @@ class AnalysisQueue:
 
     def _cache_get(self, digest: str):
         try:
-            return json.loads((self.cache_dir / f"{digest}.json").read_text())
+            return json.loads((self.cache_dir / f"{digest}.{self.engine}.json").read_text())
         except (OSError, ValueError):
             return None
 
     def _cache_put(self, digest: str, result: dict):
-        target = self.cache_dir / f"{digest}.json"
+        target = self.cache_dir / f"{digest}.{self.engine}.json"
         temp = target.with_name(f".{digest}.{os.getpid()}.tmp")
         temp.write_text(json.dumps(result))
         os.replace(temp, target)
+
+
+def engine() -> str:
+    """Which analysis the worker runs: "analysis" (the metadata analysis engine) or "summary" (the stop-gap).  Part
+    of the cache key and stored with each result, so results of the stop-gap are redone once the engine lands."""
+    import importlib.util
+
+    try:
+        return "analysis" if importlib.util.find_spec("zevents.files.analysis") is not None else "summary"
+    except (ImportError, ValueError):
+        return "summary"
 
 
 # --- the worker process ------------------------------------------------------------------------------------------

@@ -15,19 +15,21 @@ import logging
 import os
 import queue
 import threading
+import time
 from pathlib import Path
 
 import zmq
 
 from zevents import bus as zbus
 from zevents.files import storage as st
-from zevents.files.analysis_queue import AnalysisQueue
+from zevents.files.analysis_queue import AnalysisQueue, engine
 from zevents.files.channel import STORAGES, endpoint as files_endpoint
 from zevents.printer import channel as printer_channel
 
 log = logging.getLogger("zevents.files")
 
 LOOP_INTERVAL = 1.0
+AWAIT_PRINTER_EVENT = 10.0   # seconds Upload waits for the printer's FileSelected / PrintStarted on the bus
 PRINTING_STATES = ("PRINTING", "PAUSING", "PAUSED", "RESUMING", "CANCELLING", "FINISHING", "STARTING")
 UPDATED = ("UpdatedFiles", {"type": "printables"})
 SD = "sdcard"
@@ -68,6 +70,8 @@ class FilesService:
         self.printer_busy = False
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: list = []
+        self._awaiting: list = []                 # (event name, path, deadline, action): Upload after the printer's
+        self._seen: dict = {}                     # (event name, path) -> when the bus carried it
         self._printer_work = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="files-printer")
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
@@ -81,7 +85,7 @@ class FilesService:
             self.storage = st.LocalStorage(self.uploads)
         except OSError as exc:
             raise ServiceError(f"cannot use the uploads folder {self.uploads}: {exc}") from None
-        backlog = self.storage.reconcile()
+        backlog = self.storage.reconcile(engine())
         endpoint = files_endpoint(self.config)
         try:
             self.server = printer_channel.CommandServer(endpoint, self.context)
@@ -90,13 +94,17 @@ class FilesService:
                                "(is another files service running?)") from None
         self.publisher = zbus.Publisher(self.config, src="files", printer=self.config.get("printer", "name"),
                                         context=self.context)
-        self.subscriber = zbus.Subscriber(self.config, groups=["print", "comm"], context=self.context)
+        self.subscriber = zbus.Subscriber(self.config, groups=["print", "comm", "file"], context=self.context)
         settings = self.section.get("analysis") or {}
         self.analysis = AnalysisQueue(self._analysis_report, self.cache_dir,
                                       timeout=float(settings.get("timeout", 600.0)),
                                       run_at=settings.get("run_at", "idle"))
         for path in backlog:
             self._enqueue_analysis(path, high=False)
+        # a restart during a print must still protect the printed file and keep the analysis paused: ask the link
+        future = self._printer_work.submit(self._printer_job)
+        future.add_done_callback(self._wake)
+        self._pending.append((future, None, {}, self._apply_printer_job))
         if self.watched_dir is not None:
             from zevents.files.watched import WatchedFolder
 
@@ -125,6 +133,9 @@ class FilesService:
                 self._handle(*request)
             self._inbox()
             self._reply_finished()
+            if self._awaiting:   # a printer event that never came: Upload goes out anyway
+                now = time.monotonic()
+                self._run_awaiting(lambda waiting: waiting[2] <= now)
 
     def _wake(self, *_):
         try:
@@ -171,6 +182,8 @@ class FilesService:
             if envelope is None:
                 return
             name, payload = envelope.name, envelope.payload or {}
+            if name in ("PrintStarted", "FileSelected"):
+                self._note_printer_event(name, payload)
             if name == "PrintStarted":
                 self.printer_busy = True
                 self.printing = self._local_path(payload)
@@ -269,7 +282,7 @@ class FilesService:
         if kind == "failed":
             entry = self.storage.update_entry(job.path, analysisError=str(result))
             return []   # OctoPrint fires no Finished event for a failed analysis
-        entry = dict(entry, analysis=result)
+        entry = dict(entry, analysis=result, analysisBy=self.analysis.engine)
         entry.pop("analysisError", None)
         self.storage.set_entry(job.path, entry)
         shown = dict(result)
@@ -340,9 +353,43 @@ class FilesService:
         if not (select or start) or not st.is_gcode(path):
             return self._uploaded(result, upload, args, False, False)
         disk = str(self.storage.disk(path))
+        asked = time.monotonic()
+
+        def after_printer(outcome):
+            selected, printing = outcome
+            if not selected:
+                return self._uploaded(result, upload, args, False, False)
+            # The printer's FileSelected / PrintStarted come from another process: Upload waits until the bus
+            # has carried them, so subscribers see OctoPrint's order (FileSelected, PrintStarted, then Upload).
+            self._await_event("PrintStarted" if printing else "FileSelected", disk, asked,
+                              lambda: self.server.reply(reply_to, args, True,
+                                                        **self._uploaded(result, upload, args, selected, printing)))
+            return None
+
         self._submit_printer(reply_to, args, self._select_and_print, disk, select, start, args.get("user"),
-                             then=lambda outcome: self._uploaded(result, upload, args, *outcome))
+                             then=after_printer)
         return None
+
+    def _await_event(self, name: str, disk: str, since: float, action):
+        seen = self._seen.get((name, disk))
+        if seen is not None and seen >= since:
+            action()
+        else:
+            self._awaiting.append((name, disk, time.monotonic() + AWAIT_PRINTER_EVENT, action))
+
+    def _note_printer_event(self, name: str, payload: dict):
+        disk = payload.get("path")
+        self._seen[(name, disk)] = time.monotonic()
+        if len(self._seen) > 100:
+            self._seen.pop(next(iter(self._seen)))
+        self._run_awaiting(lambda waiting: waiting[0] == name and waiting[1] == disk)
+
+    def _run_awaiting(self, matches):
+        due = [waiting for waiting in self._awaiting if matches(waiting)]
+        if due:
+            self._awaiting = [waiting for waiting in self._awaiting if not matches(waiting)]
+            for waiting in due:
+                waiting[3]()
 
     def _uploaded(self, result: dict, upload: dict, args: dict, selected: bool, printing: bool) -> dict:
         upload.update(effective_select=selected, effective_print=printing)
@@ -426,16 +473,39 @@ class FilesService:
                     self._publish(outcome[1])
                     outcome = outcome[2]
                 reply = then(outcome) if then is not None else outcome
-                self.server.reply(reply_to, args, True, **reply)
+                if reply_to is not None and reply is not None:
+                    self.server.reply(reply_to, args, True, **reply)
             except (st.StorageError, printer_channel.ChannelError) as exc:
-                self.server.reply(reply_to, args, False, error=str(exc))
+                if reply_to is not None:
+                    self.server.reply(reply_to, args, False, error=str(exc))
             except Exception as exc:
                 log.exception("files: printer request failed")
-                self.server.reply(reply_to, args, False, error=f"internal error: {exc}")
+                if reply_to is not None:
+                    self.server.reply(reply_to, args, False, error=f"internal error: {exc}")
         self._pending = still
 
     def _printer_client(self):
         return printer_channel.CommandClient(printer_channel.endpoint(self.config), self.context)
+
+    def _printer_job(self) -> dict:
+        """The link's STATUS (state and job), or {} when no link answers (no printer in this node)."""
+        endpoint = printer_channel.endpoint(self.config)
+        if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
+            return {}
+        client = self._printer_client()
+        try:
+            return client.request("STATUS", {}, timeout=5.0)
+        except printer_channel.ChannelError:
+            return {}
+        finally:
+            client.close()
+
+    def _apply_printer_job(self, status: dict):
+        if status.get("printing") or status.get("state_id") in PRINTING_STATES:
+            self.printer_busy = True
+            self.printing = self._local_path(status.get("job") or {}) or self.printing
+            self.analysis.pause()
+        return None
 
     def _select_and_print(self, disk: str, select: bool, start: bool, user) -> tuple:
         """(effective_select, effective_print): a refusal of the printer is logged, the upload stays done."""

@@ -23,6 +23,7 @@ Decisions on OctoPrint's quirks (reference-behaviour.md 2.1/2.2):
 - A copy or move onto an existing *folder* goes into it under the same name; onto an existing file it is
   refused (OctoPrint's 409), for files and folders alike.  ``add`` overwrites unless ``overwrite`` is false.
 - Removing a folder fires only FolderRemoved (no FileRemoved per file inside), as OctoPrint does.
+- A copy gets the source's metadata (analysis included) but not its print history: the copy was never printed.
 - When a file's content hash changes on add, all its old metadata is discarded (``{"hash": new}``) except the
   print history, which OctoPrint drops too: we keep OctoPrint's behaviour (the history belonged to other bytes).
 """
@@ -225,9 +226,9 @@ class LocalStorage:
             self._metadata.pop(key, None)
             self._dirty.discard(key)
 
-    def reconcile(self) -> list:
+    def reconcile(self, engine: str | None = None) -> list:
         """Repair what a crash can leave (see the module docstring); returns the G-code paths lacking an
-        analysis (the backlog)."""
+        analysis, or whose analysis another engine made (the backlog)."""
         backlog = []
         for directory, folders, files in os.walk(self.root):
             folders[:] = sorted(f for f in folders if not f.startswith("."))
@@ -252,7 +253,8 @@ class LocalStorage:
                     old = entry if isinstance(entry, dict) and entry.get("hash") == digest else {}
                     meta[name] = dict(old, hash=digest, size=stat.st_size, mtime=stat.st_mtime)
                     self._dirty.add(folder)
-                if is_gcode(name) and "analysis" not in meta[name]:
+                if is_gcode(name) and ("analysis" not in meta[name] or
+                                       (engine and meta[name].get("analysisBy", engine) != engine)):
                     backlog.append(path)
         self.flush()
         return backlog
