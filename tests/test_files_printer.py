@@ -3,6 +3,7 @@
 of a real print."""
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from pathlib import Path
@@ -18,23 +19,35 @@ CUBE = Path(__file__).parent / "data" / "printer" / "sliced_cube20_prusaslicer25
 SMALL = b"M82\nG28\nG1 Z0.2 F3000\nG1 X10 Y10 E1 F1200\nG1 X20 Y10 E2\n"
 
 
-@pytest.fixture
-def node(short_tmp, bus_config, running_broker):
-    """A files service and a virtual printer's link, both real processes, and a subscriber on their events."""
-    config = write_config(short_tmp, bus_config, files={"analysis": {"run_at": "never"}, "watch": False})
+@contextlib.contextmanager
+def printer_and_files(config: Path, bus_config, files_now: bool = True):
+    """A virtual printer's link (`zevents printer --virtual`) and, unless told, a files service: both real
+    processes; yields (subscriber on their events, start_files() to start the files service later)."""
     subscriber = bus.Subscriber(bus_config, groups=["file", "print", "comm"])
     printer = subprocess.Popen(ZEVENTS + ["printer", "--virtual", "-c", str(config)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
-    files = None
+    started = []
+
+    def start_files():
+        started.append(start_service(config, bus_config))
+
     try:
         events(subscriber, count("Connected", 1), names=("Connected",))
-        files = start_service(config, bus_config)
-        yield config, subscriber, short_tmp
+        if files_now:
+            start_files()
+        yield subscriber, start_files
     finally:
-        if files is not None:
-            stop_service(files)
+        for process in started:
+            stop_service(process)
         stop_service(printer)
         subscriber.close()
+
+
+@pytest.fixture
+def node(short_tmp, bus_config, running_broker):
+    config = write_config(short_tmp, bus_config, files={"analysis": {"run_at": "never"}, "watch": False})
+    with printer_and_files(config, bus_config) as (subscriber, _):
+        yield config, subscriber, short_tmp
 
 
 NAMES = ("FileAdded", "FileRemoved", "UpdatedFiles", "Upload", "TransferStarted", "TransferDone", "FileSelected",
@@ -91,18 +104,13 @@ def test_a_restarted_service_learns_the_running_print_from_the_link(short_tmp, b
     stored = short_tmp / "data" / "uploads" / "long.gcode"
     stored.parent.mkdir(parents=True)
     stored.write_bytes(CUBE.read_bytes())
-    subscriber = bus.Subscriber(bus_config, groups=["file", "print", "comm"])
-    printer = subprocess.Popen(ZEVENTS + ["printer", "--virtual", "-c", str(config)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    files = None
-    try:
-        events(subscriber, count("Connected", 1), names=("Connected",))
+    with printer_and_files(config, bus_config, files_now=False) as (subscriber, start_files):
         assert cli(config, "print", str(stored)).returncode == 0
         events(subscriber, count("PrintStarted", 1), names=("PrintStarted",))
-        files = start_service(config, bus_config)          # started after PrintStarted: it must ask the link
+        start_files()                     # started after PrintStarted: it must ask the link
         wait_for(lambda: request(config, "STATUS")["printing"] == "long.gcode", message="the running print")
         status = request(config, "STATUS")
-        assert status["analysis"]["paused"] and status["analysis"]["pending"] == ["long.gcode"]
+        assert status["analysis"]["paused"] and status["analysis"]["pending"] == ["long.gcode"], status
         refused = cli(config, "files", "rm", "long.gcode")
         assert refused.returncode == 1 and "being printed" in refused.stderr
         assert stored.exists()
@@ -113,8 +121,3 @@ def test_a_restarted_service_learns_the_running_print_from_the_link(short_tmp, b
         assert names.index("PrintFailed") < names.index("MetadataStatisticsUpdated")
         result = got[-1][1]["result"]
         assert [h["success"] for h in result["history"]] == [False]
-    finally:
-        if files is not None:
-            stop_service(files)
-        stop_service(printer)
-        subscriber.close()

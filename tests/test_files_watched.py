@@ -17,10 +17,24 @@ from conftest import wait_for
 BODY = b"G28\n" + b"G1 X10 Y10 E0.5 F1200\n" * 200
 
 
-def service(short_tmp, bus_config, **files):
-    files.setdefault("analysis", {"run_at": "never"})
-    config = write_config(short_tmp, bus_config, files=files)
-    return config, short_tmp / "data" / "watched", short_tmp / "data" / "uploads"
+@pytest.fixture
+def service(short_tmp, bus_config, running_broker):
+    """service(**files settings, before=fn(watched)) starts a files service (analysis off) as a real process;
+    returns (watched folder, uploads folder); the process is stopped after the test."""
+    started = []
+
+    def start(before=None, **files):
+        files.setdefault("analysis", {"run_at": "never"})
+        config = write_config(short_tmp, bus_config, files=files)
+        watched, uploads = short_tmp / "data" / "watched", short_tmp / "data" / "uploads"
+        if before is not None:
+            before(watched)
+        started.append(start_service(config, bus_config))
+        return watched, uploads
+
+    yield start
+    for process in started:
+        stop_service(process)
 
 
 @pytest.fixture
@@ -53,95 +67,76 @@ def added_paths(got):
 
 
 @pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
-def test_dropped_files_are_added_with_their_subfolder_and_removed(short_tmp, bus_config, subscriber, polling):
-    config, watched, uploads = service(short_tmp, bus_config, poll_watched=polling)
-    process = start_service(config, bus_config)
-    try:
-        drop(watched, "top.gcode")
-        drop(watched, "sub/dir/deep.gcode")
-        got = events(subscriber, count("FileAdded", 2))
-        assert sorted(added_paths(got)) == ["sub/dir/deep.gcode", "top.gcode"]
-        added = [p for n, p in got if n == "FileAdded"]
-        assert all(p["operation"] == "add" and p["storage"] == "local" for p in added)
-        assert "Upload" not in [n for n, _ in got]            # OctoPrint: no Upload for the watched folder
-        assert (uploads / "sub" / "dir" / "deep.gcode").read_bytes() == BODY
-        wait_for(lambda: not (watched / "top.gcode").exists() and not (watched / "sub/dir/deep.gcode").exists(),
-                 message="the sources to go")
-    finally:
-        stop_service(process)
+def test_dropped_files_are_added_with_their_subfolder_and_removed(service, subscriber, polling):
+    watched, uploads = service(poll_watched=polling)
+    drop(watched, "top.gcode")
+    drop(watched, "sub/dir/deep.gcode")
+    got = events(subscriber, count("FileAdded", 2))
+    assert sorted(added_paths(got)) == ["sub/dir/deep.gcode", "top.gcode"]
+    added = [p for n, p in got if n == "FileAdded"]
+    assert all(p["operation"] == "add" and p["storage"] == "local" for p in added)
+    assert "Upload" not in [n for n, _ in got]            # OctoPrint: no Upload for the watched folder
+    assert (uploads / "sub" / "dir" / "deep.gcode").read_bytes() == BODY
+    wait_for(lambda: not (watched / "top.gcode").exists() and not (watched / "sub/dir/deep.gcode").exists(),
+             message="the sources to go")
 
 
 @pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
-def test_a_slow_writer_is_added_once_complete(short_tmp, bus_config, subscriber, polling):
+def test_a_slow_writer_is_added_once_complete(service, subscriber, polling):
     # polling decides by a size stable for stable_time (0.5 s here): the writer pauses less than that
-    config, watched, uploads = service(short_tmp, bus_config, poll_watched=polling, stable_time=1.5)
-    process = start_service(config, bus_config)
-    try:
-        data = BODY * 20
-        writer = threading.Thread(target=slow_write, args=(watched / "slow.gcode", data, 15, 0.1))
-        writer.start()
-        got = events(subscriber, count("FileAdded", 1))
-        writer.join()
-        assert added_paths(got) == ["slow.gcode"]
-        assert (uploads / "slow.gcode").read_bytes() == data
-    finally:
-        stop_service(process)
+    watched, uploads = service(poll_watched=polling, stable_time=1.5)
+    data = BODY * 20
+    writer = threading.Thread(target=slow_write, args=(watched / "slow.gcode", data, 15, 0.1))
+    writer.start()
+    got = events(subscriber, count("FileAdded", 1))
+    writer.join()
+    assert added_paths(got) == ["slow.gcode"]
+    assert (uploads / "slow.gcode").read_bytes() == data
 
 
-def test_a_file_that_cannot_be_added_is_renamed_failed_with_an_event(short_tmp, bus_config, subscriber):
-    config, watched, uploads = service(short_tmp, bus_config)
-    process = start_service(config, bus_config)
-    try:
-        drop(watched, "notes/readme.txt", b"not G-code")
-        drop(watched, "bad\x01name.gcode")
-        got = events(subscriber, count("WatchedFileFailed", 2))
-        failed = sorted((p["path"], p["reason"]) for n, p in got if n == "WatchedFileFailed")
-        assert "control character" in failed[0][1] and failed[0][0] == "bad\x01name.gcode"
-        assert failed[1][0] == "notes/readme.txt" and "neither G-code" in failed[1][1]
-        assert (watched / "notes" / "readme.txt.failed").read_bytes() == b"not G-code"
-        assert not (watched / "notes" / "readme.txt").exists()
-        assert not any(name for name, _ in got if name == "FileAdded")
-        drop(watched, "ok.gcode")                            # .failed files are not picked up again
-        got = events(subscriber, count("FileAdded", 1))
-        assert added_paths(got) == ["ok.gcode"] and "WatchedFileFailed" not in [n for n, _ in got]
-    finally:
-        stop_service(process)
+def test_a_file_that_cannot_be_added_is_renamed_failed_with_an_event(service, subscriber):
+    watched, uploads = service()
+    drop(watched, "notes/readme.txt", b"not G-code")
+    drop(watched, "bad\x01name.gcode")
+    got = events(subscriber, count("WatchedFileFailed", 2))
+    failed = sorted((p["path"], p["reason"]) for n, p in got if n == "WatchedFileFailed")
+    assert "control character" in failed[0][1] and failed[0][0] == "bad\x01name.gcode"
+    assert failed[1][0] == "notes/readme.txt" and "neither G-code" in failed[1][1]
+    assert (watched / "notes" / "readme.txt.failed").read_bytes() == b"not G-code"
+    assert not (watched / "notes" / "readme.txt").exists()
+    assert not any(name for name, _ in got if name == "FileAdded")
+    drop(watched, "ok.gcode")                            # .failed files are not picked up again
+    got = events(subscriber, count("FileAdded", 1))
+    assert added_paths(got) == ["ok.gcode"] and "WatchedFileFailed" not in [n for n, _ in got]
 
 
-def test_startup_scan_adds_what_was_dropped_while_stopped(short_tmp, bus_config, subscriber):
-    config, watched, uploads = service(short_tmp, bus_config)
-    for i in range(5):
-        drop(watched, f"early/{i}.gcode")
-    drop(watched, ".hidden.gcode")                          # hidden files are left alone
-    process = start_service(config, bus_config)
-    try:
-        got = events(subscriber, count("FileAdded", 5))
-        assert sorted(added_paths(got)) == [f"early/{i}.gcode" for i in range(5)]
-        assert (watched / ".hidden.gcode").exists()
-    finally:
-        stop_service(process)
+def test_startup_scan_adds_what_was_dropped_while_stopped(service, subscriber):
+    def early(watched):
+        for i in range(5):
+            drop(watched, f"early/{i}.gcode")
+        drop(watched, ".hidden.gcode")                          # hidden files are left alone
+    watched, uploads = service(before=early)
+    got = events(subscriber, count("FileAdded", 5))
+    assert sorted(added_paths(got)) == [f"early/{i}.gcode" for i in range(5)]
+    assert (watched / ".hidden.gcode").exists()
 
 
-def test_a_thousand_files_at_once_some_slow_end_as_a_thousand_file_added(short_tmp, bus_config, subscriber):
-    config, watched, uploads = service(short_tmp, bus_config)
-    process = start_service(config, bus_config)
-    try:
-        slow = [threading.Thread(target=slow_write, args=(watched / "slow" / f"s{i}.gcode", BODY * 5, 5, 0.05))
-                for i in range(20)]
-        for thread in slow:
-            thread.start()
-        for i in range(980):
-            drop(watched, f"batch/{i // 100}/f{i}.gcode", BODY + str(i).encode())
-        for thread in slow:
-            thread.join()
-        got = events(subscriber, count("FileAdded", 1000), timeout=240)
-        paths = added_paths(got)
-        assert len(paths) == len(set(paths)) == 1000
-        # nothing added twice: the next FileAdded after the thousand is a new file's
-        drop(watched, "last.gcode")
-        assert added_paths(events(subscriber, count("FileAdded", 1))) == ["last.gcode"]
-        assert (uploads / "batch" / "9" / "f979.gcode").read_bytes() == BODY + b"979"
-        assert all((uploads / "slow" / f"s{i}.gcode").read_bytes() == BODY * 5 for i in range(20))
-        wait_for(lambda: not any(files for _, _, files in os.walk(watched)), message="the watched folder to empty")
-    finally:
-        stop_service(process)
+def test_a_thousand_files_at_once_some_slow_end_as_a_thousand_file_added(service, subscriber):
+    watched, uploads = service()
+    slow = [threading.Thread(target=slow_write, args=(watched / "slow" / f"s{i}.gcode", BODY * 5, 5, 0.05))
+            for i in range(20)]
+    for thread in slow:
+        thread.start()
+    for i in range(980):
+        drop(watched, f"batch/{i // 100}/f{i}.gcode", BODY + str(i).encode())
+    for thread in slow:
+        thread.join()
+    got = events(subscriber, count("FileAdded", 1000), timeout=240)
+    paths = added_paths(got)
+    assert len(paths) == len(set(paths)) == 1000
+    # nothing added twice: the next FileAdded after the thousand is a new file's
+    drop(watched, "last.gcode")
+    assert added_paths(events(subscriber, count("FileAdded", 1))) == ["last.gcode"]
+    assert (uploads / "batch" / "9" / "f979.gcode").read_bytes() == BODY + b"979"
+    assert all((uploads / "slow" / f"s{i}.gcode").read_bytes() == BODY * 5 for i in range(20))
+    wait_for(lambda: not any(files for _, _, files in os.walk(watched)), message="the watched folder to empty")

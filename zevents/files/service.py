@@ -99,9 +99,11 @@ class FilesService:
         self.analysis = AnalysisQueue(self._analysis_report, self.cache_dir,
                                       timeout=float(settings.get("timeout", 600.0)),
                                       run_at=settings.get("run_at", "idle"))
+        # A restart during a print must still protect the printed file and not analyse while printing: the queue
+        # waits for the link's answer (or its absence) before the first analysis.
+        self.analysis.pause()
         for path in backlog:
             self._enqueue_analysis(path, high=False)
-        # a restart during a print must still protect the printed file and keep the analysis paused: ask the link
         future = self._printer_work.submit(self._printer_job)
         future.add_done_callback(self._wake)
         self._pending.append((future, None, {}, self._apply_printer_job))
@@ -182,7 +184,7 @@ class FilesService:
             if envelope is None:
                 return
             name, payload = envelope.name, envelope.payload or {}
-            if name in ("PrintStarted", "FileSelected"):
+            if name in ("PrintStarted", "FileSelected", "TransferDone"):
                 self._note_printer_event(name, payload)
             if name == "PrintStarted":
                 self.printer_busy = True
@@ -372,13 +374,13 @@ class FilesService:
 
     def _await_event(self, name: str, disk: str, since: float, action):
         seen = self._seen.get((name, disk))
-        if seen is not None and seen >= since:
+        if not name or (seen is not None and seen >= since):
             action()
         else:
             self._awaiting.append((name, disk, time.monotonic() + AWAIT_PRINTER_EVENT, action))
 
     def _note_printer_event(self, name: str, payload: dict):
-        disk = payload.get("path")
+        disk = payload.get("remote") if name == "TransferDone" else payload.get("path")
         self._seen[(name, disk)] = time.monotonic()
         if len(self._seen) > 100:
             self._seen.pop(next(iter(self._seen)))
@@ -470,8 +472,12 @@ class FilesService:
             try:
                 outcome = future.result()
                 if isinstance(outcome, tuple) and outcome and outcome[0] == "events":
-                    self._publish(outcome[1])
-                    outcome = outcome[2]
+                    _, events, reply, (after, key, since) = outcome
+                    # after the printer's own event (e.g. TransferDone) has been on the bus: OctoPrint's order
+                    self._await_event(after, key, since, lambda events=events, reply=reply, reply_to=reply_to,
+                                      args=args: (self._publish(events),
+                                                  self.server.reply(reply_to, args, True, **reply)))
+                    continue
                 reply = then(outcome) if then is not None else outcome
                 if reply_to is not None and reply is not None:
                     self.server.reply(reply_to, args, True, **reply)
@@ -504,7 +510,8 @@ class FilesService:
         if status.get("printing") or status.get("state_id") in PRINTING_STATES:
             self.printer_busy = True
             self.printing = self._local_path(status.get("job") or {}) or self.printing
-            self.analysis.pause()
+        elif not self.printer_busy:
+            self.analysis.resume()
         return None
 
     def _select_and_print(self, disk: str, select: bool, start: bool, user) -> tuple:
@@ -528,6 +535,7 @@ class FilesService:
     def _sd_request(self, command: str, args: dict):
         """SD card storage through the printer link: list, upload (M28/M29), remove (M30)."""
         client = self._printer_client()
+        asked = time.monotonic()
         try:
             if command == "LIST":
                 files = client.request("SD_LIST", {}, timeout=60.0).get("files") or []
@@ -549,7 +557,8 @@ class FilesService:
                           "effective_select": False, "effective_print": False}
                 events = [("FileAdded", {"storage": SD, "path": name, "name": name, "type": kind,
                                          "operation": "add"}), UPDATED, ("Upload", upload)]
-                return ("events", events, {"storage": SD, "path": name, "name": name, "done": True})
+                return ("events", events, {"storage": SD, "path": name, "name": name, "done": True},
+                        ("TransferDone", name, asked))
             if command == "REMOVE":
                 name = _required(args, "path")
                 if any(c in name for c in "\0\n\r") or "/" in name.strip("/"):
@@ -557,7 +566,7 @@ class FilesService:
                 client.request("GCODE", {"lines": [f"M30 {name}"], "src": "user"}, timeout=30.0)
                 events = [("FileRemoved", {"storage": SD, "path": name, "name": name,
                                            "type": ["machinecode", "gcode"], "operation": "remove"}), UPDATED]
-                return ("events", events, {})
+                return ("events", events, {}, ("", None, asked))   # M30: the printer fires nothing
             raise st.StorageError(f"{command} is not available on the SD card (ls, upload, rm)")
         finally:
             client.close()
