@@ -248,3 +248,21 @@ def test_cli_without_a_running_service_says_so(short_tmp, bus_config):
     config = write_config(short_tmp, bus_config)
     result = cli(config, "files", "ls")
     assert result.returncode == 1 and "files service is not running" in result.stderr
+
+
+def test_zevents_run_plans_the_files_service_unless_disabled(tmp_path):
+    from zevents import config as zconfig
+    from zevents.node import plan_services
+
+    assert "files" in plan_services(zconfig.load(text=""))
+    assert "files" not in plan_services(zconfig.load(text="files:\n  enabled: false\n"))
+
+
+def test_config_check_names_the_bad_files_key(tmp_path, zevents_cmd):
+    import subprocess
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("files:\n  poll_watched: true\n  analysis:\n    run_at: sometimes\n")
+    result = subprocess.run(zevents_cmd + ["config", "check", str(path)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "bad.yaml" in result.stderr and ":4" in result.stderr and "run_at" in result.stderr

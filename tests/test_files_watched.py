@@ -105,6 +105,10 @@ def test_a_file_that_cannot_be_added_is_renamed_failed_with_an_event(service, su
     assert (watched / "notes" / "readme.txt.failed").read_bytes() == b"not G-code"
     assert not (watched / "notes" / "readme.txt").exists()
     assert not any(name for name, _ in got if name == "FileAdded")
+    drop(watched, "dl/part.gcode.part")                      # a download's temp name: left alone until renamed
+    os.rename(watched / "dl" / "part.gcode.part", watched / "dl" / "part.gcode")
+    got = events(subscriber, count("FileAdded", 1))
+    assert added_paths(got) == ["dl/part.gcode"] and "WatchedFileFailed" not in [n for n, _ in got]
     drop(watched, "ok.gcode")                            # .failed files are not picked up again
     got = events(subscriber, count("FileAdded", 1))
     assert added_paths(got) == ["ok.gcode"] and "WatchedFileFailed" not in [n for n, _ in got]
