@@ -121,26 +121,26 @@ def test_folder_copy_move_remove_in_octoprint_order(files_node, short_tmp):
 
 
 BAD = [
-    ("UPLOAD", {"path": "../evil.gcode"}, "'..' is not allowed"),
-    ("UPLOAD", {"path": "/etc/evil.gcode"}, "absolute paths"),
-    ("UPLOAD", {"path": "a\0b.gcode"}, "NUL"),
-    ("UPLOAD", {"path": "a\nb.gcode"}, "control character"),
-    ("UPLOAD", {"path": "x" * 300 + ".gcode"}, "the file system allows"),
-    ("UPLOAD", {"path": "notes.txt"}, "neither G-code"),
-    ("UPLOAD", {"path": ".hidden.gcode"}, "hidden"),
-    ("UPLOAD", {"path": "keep.gcode", "overwrite": False}, "already exists"),
-    ("UPLOAD", {"path": "keep.gcode/inner.gcode"}, "is a file"),
-    ("COPY", {"source": "keep.gcode", "destination": "folder/keep.gcode"}, "already exists"),
-    ("COPY", {"source": "keep.gcode", "destination": "../keep.gcode"}, "'..'"),
-    ("COPY", {"source": "keep.gcode", "destination": "keep.stl"}, "type"),
-    ("MOVE", {"source": "folder", "destination": "folder/sub"}, "inside itself"),
-    ("MOVE", {"source": "missing.gcode", "destination": "x.gcode"}, "no such file"),
-    ("REMOVE", {"path": "folder/../../keep.gcode"}, "'..'"),
-    ("REMOVE", {"path": "folder"}, "no such file"),
-    ("MKDIR", {"path": "folder"}, "already exists"),
-    ("RMDIR", {"path": "keep.gcode"}, "no such folder"),
-    ("LIST", {"path": "../.."}, "'..'"),
-    ("INFO", {"path": "nothing.gcode"}, "no such file"),
+    ("UPLOAD", {"path": "../evil.gcode"}, "'..' is not allowed", "invalid"),
+    ("UPLOAD", {"path": "/etc/evil.gcode"}, "absolute paths", "invalid"),
+    ("UPLOAD", {"path": "a\0b.gcode"}, "NUL", "invalid"),
+    ("UPLOAD", {"path": "a\nb.gcode"}, "control character", "invalid"),
+    ("UPLOAD", {"path": "x" * 300 + ".gcode"}, "the file system allows", "invalid"),
+    ("UPLOAD", {"path": "notes.txt"}, "neither G-code", "unsupported_type"),
+    ("UPLOAD", {"path": ".hidden.gcode"}, "hidden", "invalid"),
+    ("UPLOAD", {"path": "keep.gcode", "overwrite": False}, "already exists", "exists"),
+    ("UPLOAD", {"path": "keep.gcode/inner.gcode"}, "is a file", "exists"),
+    ("COPY", {"source": "keep.gcode", "destination": "folder/keep.gcode"}, "already exists", "exists"),
+    ("COPY", {"source": "keep.gcode", "destination": "../keep.gcode"}, "'..'", "invalid"),
+    ("COPY", {"source": "keep.gcode", "destination": "keep.stl"}, "type", "unsupported_type"),
+    ("MOVE", {"source": "folder", "destination": "folder/sub"}, "inside itself", "invalid"),
+    ("MOVE", {"source": "missing.gcode", "destination": "x.gcode"}, "no such file", "not_found"),
+    ("REMOVE", {"path": "folder/../../keep.gcode"}, "'..'", "invalid"),
+    ("REMOVE", {"path": "folder"}, "no such file", "not_found"),
+    ("MKDIR", {"path": "folder"}, "already exists", "exists"),
+    ("RMDIR", {"path": "keep.gcode"}, "no such folder", "not_found"),
+    ("LIST", {"path": "../.."}, "'..'", "invalid"),
+    ("INFO", {"path": "nothing.gcode"}, "no such file", "not_found"),
 ]
 
 
@@ -151,12 +151,13 @@ def test_bad_input_is_refused_and_changes_nothing(files_node, short_tmp):
     events(sub, count("Upload", 2))
     source = short_tmp / "src" / "keep.gcode"
     before = snapshot(uploads)
-    for command, args, message in BAD:
+    for command, args, message, code in BAD:
         if command == "UPLOAD":
             args = dict(args, source=str(source) if not args["path"].endswith(".txt") else str(short_tmp / "n.txt"))
             Path(args["source"]).write_bytes(b"G28\n")
-        with pytest.raises(ChannelError, match=message):
+        with pytest.raises(ChannelError, match=message) as refused:
             request(config, command, **args)
+        assert refused.value.reply["code"] == code, (command, args)    # what a gateway maps to an HTTP status
         assert snapshot(uploads) == before, (command, args)
     assert source.exists()   # a refused upload keeps its source
     request(config, "MKDIR", path="sentinel")   # the next event on the bus is this one: no refusal fired any

@@ -92,7 +92,8 @@ def test_upload_with_select_and_print_then_history(node):
     assert result.returncode == 0 and "printing" in result.stderr, result.stderr
     got = events(subscriber, count("MetadataStatisticsUpdated", 1), names=NAMES, timeout=120)
     names = [n for n, _ in got]
-    assert names.index("PrintStarted") < names.index("Upload") < names.index("PrintDone")
+    # Upload after PrintStarted (OctoPrint's order); the virtual printer at speed 0 may be done before Upload
+    assert names.index("PrintStarted") < names.index("Upload") and "PrintDone" in names
     info = request(config, "INFO", path="jobs/cube.gcode")["file"]
     assert [h["success"] for h in info["history"]] == [True]
     assert info["statistics"]["lastPrintTime"]["_default"] == info["history"][0]["printTime"]

@@ -312,7 +312,7 @@ class FilesService:
                 server.reply(reply_to, args, True, **reply)
         except st.StorageError as exc:
             self.storage.flush()
-            server.reply(reply_to, args, False, error=str(exc))
+            server.reply(reply_to, args, False, error=str(exc), code=exc.code)
         except OSError as exc:
             self.storage.flush()
             log.exception("files: %s failed", command)
@@ -324,7 +324,7 @@ class FilesService:
     def _cmd_info(self, reply_to, args):
         path = self.storage.path(_required(args, "path"))
         if not self.storage.exists(path) or (self.storage.is_file(path) and not st.file_type(path)):
-            raise st.StorageError(f"no such file or folder: {path}")
+            raise st.NotFound(f"no such file or folder: {path}")
         info = self.storage.describe(path)
         if self.storage.is_file(path):
             entry = self.storage.entry(path) or {}
@@ -440,7 +440,7 @@ class FilesService:
     def _cmd_analyse(self, reply_to, args):
         path = self.storage.path(_required(args, "path"))
         if not self.storage.is_file(path) or not st.is_gcode(path):
-            raise st.StorageError(f"no such G-code file: {path}")
+            raise st.NotFound(f"no such G-code file: {path}")
         return {"queued": self._enqueue_analysis(path, high=True)}
 
     def _cmd_status(self, reply_to, args):
@@ -483,7 +483,8 @@ class FilesService:
                     self.server.reply(reply_to, args, True, **reply)
             except (st.StorageError, printer_channel.ChannelError) as exc:
                 if reply_to is not None:
-                    self.server.reply(reply_to, args, False, error=str(exc))
+                    self.server.reply(reply_to, args, False, error=str(exc),
+                                      code=getattr(exc, "code", None) or "printer")
             except Exception as exc:
                 log.exception("files: printer request failed")
                 if reply_to is not None:
@@ -545,9 +546,9 @@ class FilesService:
             if command == "UPLOAD":
                 source = _required(args, "source")
                 if not os.path.isfile(source):
-                    raise st.StorageError(f"no such file to upload: {source}")
+                    raise st.NotFound(f"no such file to upload: {source}")
                 if not st.is_gcode(source):
-                    raise st.StorageError("only G-code can go to the SD card")
+                    raise st.UnsupportedType("only G-code can go to the SD card")
                 remote = args.get("path") or None
                 reply = client.request("SD_UPLOAD", {"path": source, "remote": remote, "wait": True},
                                        timeout=24 * 3600.0)

@@ -51,7 +51,27 @@ READ_CHUNK = 1 << 20
 
 
 class StorageError(ValueError):
-    """An operation refused: bad input, a conflict, or a missing entry.  Nothing was changed."""
+    """An operation refused: bad input, a conflict, or a missing entry.  Nothing was changed.  ``code`` tells a
+    gateway which HTTP status OctoPrint answers with (invalid 400, not_found 404, exists/busy 409,
+    unsupported_type 415)."""
+    code = "invalid"
+
+
+class NotFound(StorageError):
+    code = "not_found"
+
+
+class Conflict(StorageError):
+    code = "exists"
+
+
+class Busy(StorageError):
+    """The file (or a file in the folder) is being printed."""
+    code = "busy"
+
+
+class UnsupportedType(StorageError):
+    code = "unsupported_type"
 
 
 def file_type(name: str) -> list | None:
@@ -284,7 +304,7 @@ class LocalStorage:
         if not disk.is_dir():
             if disk.is_file() and file_type(disk.name):
                 return [self.describe(path)]
-            raise StorageError(f"no such folder: {path or '/'}")
+            raise NotFound(f"no such folder: {path or '/'}")
         entries = []
         for child in sorted(os.listdir(disk)):
             if child.startswith("."):
@@ -314,16 +334,16 @@ class LocalStorage:
 
     def _require_file(self, path: str) -> None:
         if not self.is_file(path) or not file_type(path):
-            raise StorageError(f"no such file: {path}")
+            raise NotFound(f"no such file: {path}")
 
     def _require_folder(self, path: str) -> None:
         if not path or not self.is_folder(path):
-            raise StorageError(f"no such folder: {path or '/'}")
+            raise NotFound(f"no such folder: {path or '/'}")
 
     def _require_type(self, path: str) -> list:
         kind = file_type(path)
         if kind is None:
-            raise StorageError(f"{path.rpartition('/')[2]!r} is neither G-code (.gcode, .gco, .g) nor a model "
+            raise UnsupportedType(f"{path.rpartition('/')[2]!r} is neither G-code (.gcode, .gco, .g) nor a model "
                                f"(.stl, .3mf, .obj)")
         return kind
 
@@ -332,7 +352,7 @@ class LocalStorage:
         for i in range(1, len(parts) + 1):
             prefix = "/".join(parts[:i])
             if self.is_file(prefix) or (self.exists(prefix) and not self.is_folder(prefix)):
-                raise StorageError(f"{prefix} is a file, not a folder")
+                raise Conflict(f"{prefix} is a file, not a folder")
 
     def _ensure_parents(self, path: str):
         folder = path.rpartition("/")[0]
@@ -354,14 +374,14 @@ class LocalStorage:
         kind = self._require_type(path)
         source = Path(source)
         if not source.is_file():
-            raise StorageError(f"no such file to upload: {source}")
+            raise NotFound(f"no such file to upload: {source}")
         if self.exists(path):
             if self.is_folder(path):
-                raise StorageError(f"{path} is a folder")
+                raise Conflict(f"{path} is a folder")
             if not overwrite:
-                raise StorageError(f"{path} already exists")
+                raise Conflict(f"{path} already exists")
             if path == printing:
-                raise StorageError(f"{path} is being printed; it cannot be replaced now")
+                raise Busy(f"{path} is being printed; it cannot be replaced now")
         self._require_parent_not_file(path)
         self._ensure_parents(path)
         disk = self.disk(path)
@@ -408,7 +428,7 @@ class LocalStorage:
         path = self.path(path)
         self._require_file(path)
         if path == printing:
-            raise StorageError(f"{path} is being printed; cancel the print first")
+            raise Busy(f"{path} is being printed; cancel the print first")
         self.disk(path).unlink()
         self.set_entry(path, None)
         return [("FileRemoved", self._file_payload(path, file_type(path), "remove"))]
@@ -420,9 +440,10 @@ class LocalStorage:
         if not folder:
             self._require_type(destination)
             if file_type(destination) != file_type(source):
-                raise StorageError(f"{destination} would change the file's type ({'.'.join(file_type(source))})")
+                raise UnsupportedType(f"{destination} would change the file's type "
+                                      f"({'.'.join(file_type(source))})")
         if self.exists(destination):
-            raise StorageError(f"{destination} already exists")
+            raise Conflict(f"{destination} already exists")
         if destination == source or destination.startswith(source + "/"):
             raise StorageError(f"cannot put {source} inside itself")
         self._require_parent_not_file(destination)
@@ -450,7 +471,7 @@ class LocalStorage:
     def move_file(self, source: str, destination: str, printing: str | None = None) -> tuple:
         source, destination = self._check_copy(source, destination, folder=False)
         if source == printing:
-            raise StorageError(f"{source} is being printed; it cannot be moved now")
+            raise Busy(f"{source} is being printed; it cannot be moved now")
         self._ensure_parents(destination)
         entry = self.entry(source)
         os.rename(self.disk(source), self.disk(destination))
@@ -469,7 +490,7 @@ class LocalStorage:
     def add_folder(self, path: str) -> list:
         path = self.path(path)
         if self.exists(path):
-            raise StorageError(f"{path} already exists")
+            raise Conflict(f"{path} already exists")
         self._require_parent_not_file(path)
         self.disk(path).mkdir(parents=True)
         return [("FolderAdded", self._folder_payload(path))]
@@ -479,10 +500,10 @@ class LocalStorage:
         self._require_folder(path)
         inside = self.files_under(path)
         if printing and printing in inside:
-            raise StorageError(f"{path} holds {printing}, which is being printed")
+            raise Busy(f"{path} holds {printing}, which is being printed")
         visible = [n for n in os.listdir(self.disk(path)) if not n.startswith(".")]
         if visible and not recursive:
-            raise StorageError(f"{path} is not empty (use --recursive to remove it with everything inside)")
+            raise Conflict(f"{path} is not empty (use --recursive to remove it with everything inside)")
         shutil.rmtree(self.disk(path))
         self._forget_metadata_under(path)
         return [("FolderRemoved", self._folder_payload(path))]
@@ -503,7 +524,7 @@ class LocalStorage:
     def move_folder(self, source: str, destination: str, printing: str | None = None) -> tuple:
         source, destination = self._check_copy(source, destination, folder=True)
         if printing and printing in self.files_under(source):
-            raise StorageError(f"{source} holds {printing}, which is being printed")
+            raise Busy(f"{source} holds {printing}, which is being printed")
         self.flush()
         self._ensure_parents(destination)
         os.rename(self.disk(source), self.disk(destination))
