@@ -122,3 +122,17 @@ def test_a_restarted_service_learns_the_running_print_from_the_link(short_tmp, b
         assert names.index("PrintFailed") < names.index("MetadataStatisticsUpdated")
         result = got[-1][1]["result"]
         assert [h["success"] for h in result["history"]] == [False]
+
+
+def test_a_selected_file_replaced_through_the_watched_folder_is_selected_again(short_tmp, bus_config,
+                                                                              running_broker):
+    config = write_config(short_tmp, bus_config, files={"analysis": {"run_at": "never"}})
+    with printer_and_files(config, bus_config) as (subscriber, _):
+        source = short_tmp / "w.gcode"
+        source.write_bytes(SMALL)
+        assert request(config, "UPLOAD", source=str(source), path="w.gcode", select=True)["effective_select"]
+        events(subscriber, count("Upload", 1), names=NAMES)
+        (short_tmp / "data" / "watched" / "w.gcode").write_bytes(SMALL + b"G1 X30 E3\n")
+        got = events(subscriber, count("FileSelected", 1), names=NAMES)
+        assert [n for n, _ in got] == ["FileAdded", "UpdatedFiles", "FileSelected"]
+        assert got[-1][1]["path"].endswith("/uploads/w.gcode")

@@ -67,6 +67,7 @@ class FilesService:
         self.analysis: AnalysisQueue | None = None
         self.watcher = None
         self.printing: str | None = None          # storage path of the local file being printed
+        self.selected: str | None = None          # storage path of the local file selected on the printer
         self.printer_busy = False
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: list = []
@@ -186,6 +187,10 @@ class FilesService:
             name, payload = envelope.name, envelope.payload or {}
             if name in ("PrintStarted", "FileSelected", "TransferDone"):
                 self._note_printer_event(name, payload)
+            if name == "FileSelected":
+                self.selected = self._local_path(payload)
+            elif name == "FileDeselected":
+                self.selected = None
             if name == "PrintStarted":
                 self.printer_busy = True
                 self.printing = self._local_path(payload)
@@ -262,6 +267,10 @@ class FilesService:
                                            "name": os.path.basename(disk_path), "failed": failed,
                                            "reason": reason})]
         self._enqueue_analysis(path, high=True)
+        if path == self.selected:
+            # OctoPrint re-selects a selected file that the watched folder replaced: the printer gets the new bytes
+            disk = str(self.storage.disk(path))
+            self._submit_printer(None, {}, self._select_and_print, disk, True, False, None)
         return events + [UPDATED]
 
     def _enqueue_analysis(self, path: str, high: bool) -> bool:
@@ -508,6 +517,8 @@ class FilesService:
             client.close()
 
     def _apply_printer_job(self, status: dict):
+        if status.get("job"):
+            self.selected = self._local_path(status["job"])
         if status.get("printing") or status.get("state_id") in PRINTING_STATES:
             self.printer_busy = True
             self.printing = self._local_path(status.get("job") or {}) or self.printing
