@@ -267,3 +267,11 @@ def test_config_check_names_the_bad_files_key(tmp_path, zevents_cmd):
     result = subprocess.run(zevents_cmd + ["config", "check", str(path)], capture_output=True, text=True)
     assert result.returncode == 1
     assert "bad.yaml" in result.stderr and ":4" in result.stderr and "run_at" in result.stderr
+
+
+def test_upload_with_select_and_no_printer_link_is_done_without_selecting(files_node, short_tmp):
+    config, sub, uploads = files_node
+    reply = upload(config, short_tmp, "s.gcode", select=True, _timeout=10)
+    assert reply["effective_select"] is False and (uploads / "s.gcode").exists()
+    got = events(sub, count("Upload", 1))
+    assert got[-1][1]["select"] is True and got[-1][1]["effective_select"] is False

@@ -25,6 +25,9 @@ for line in sys.stdin:
     with open(attempts, "a") as log:
         log.write(os.path.basename(path) + "\n")
     seen = open(attempts).read().split().count(os.path.basename(path))
+    if "garbage" in path:
+        print("this is not JSON", flush=True)
+        continue
     if "hang" in path and (seen == 1 or "forever" in path):
         while True:
             time.sleep(3600)
@@ -105,6 +108,15 @@ def test_a_hung_analysis_is_killed_at_its_timeout_and_the_queue_goes_on(queue_wi
     wait_for(lambda: recorder.kinds("finished") == ["next.gcode"], timeout=30, message="the next file")
     failed = [(p, r) for k, p, r in recorder.reports if k == "failed"]
     assert failed and failed[0][0] == "hang-forever.gcode" and "timed out" in failed[0][1]
+
+
+def test_a_worker_answering_garbage_fails_that_file_only(queue_with_worker, tmp_path):
+    queue, recorder, attempts = queue_with_worker()
+    queue.enqueue(*job(tmp_path, "garbage.gcode"))
+    queue.enqueue(*job(tmp_path, "fine.gcode"))
+    wait_for(lambda: recorder.kinds("finished") == ["fine.gcode"], message="the next file")
+    failed = [(p, r) for k, p, r in recorder.reports if k == "failed"]
+    assert failed[0][0] == "garbage.gcode" and "garbage" in failed[0][1]
 
 
 def test_results_are_cached_by_content_hash(queue_with_worker, tmp_path):

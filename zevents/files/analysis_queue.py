@@ -238,8 +238,12 @@ class AnalysisQueue:
                     return "error", "the analysis worker exited"
                 buffer += chunk
                 if buffer.endswith(b"\n"):
-                    reply = json.loads(buffer)
-                    return ("ok", reply["result"]) if reply.get("ok") else ("error", reply.get("error"))
+                    try:
+                        reply = json.loads(buffer)
+                        return ("ok", reply["result"]) if reply.get("ok") else ("error", reply.get("error"))
+                    except (ValueError, KeyError, TypeError, AttributeError):
+                        self._kill_worker()     # out of step with us: a fresh worker for the next file
+                        return "error", f"the analysis worker answered garbage: {buffer[:200]!r}"
 
     def _kill_worker(self):
         worker, self._worker = self._worker, None

@@ -501,14 +501,18 @@ class FilesService:
         self._pending = still
 
     def _printer_client(self):
-        return printer_channel.CommandClient(printer_channel.endpoint(self.config), self.context)
+        """A client of the printer link's channel; ChannelError at once when no link is running (no socket)."""
+        endpoint = printer_channel.endpoint(self.config)
+        if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
+            raise printer_channel.ChannelError("the printer link is not running")
+        return printer_channel.CommandClient(endpoint, self.context)
 
     def _printer_job(self) -> dict:
         """The link's STATUS (state and job), or {} when no link answers (no printer in this node)."""
-        endpoint = printer_channel.endpoint(self.config)
-        if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
+        try:
+            client = self._printer_client()
+        except printer_channel.ChannelError:
             return {}
-        client = self._printer_client()
         try:
             return client.request("STATUS", {}, timeout=5.0)
         except printer_channel.ChannelError:
@@ -528,9 +532,10 @@ class FilesService:
 
     def _select_and_print(self, disk: str, select: bool, start: bool, user) -> tuple:
         """(effective_select, effective_print): a refusal of the printer is logged, the upload stays done."""
-        client = self._printer_client()
         selected = printing = False
+        client = None
         try:
+            client = self._printer_client()
             if start:
                 client.request("PRINT", {"path": disk, "user": user}, timeout=30.0)
                 selected = printing = True
@@ -541,7 +546,8 @@ class FilesService:
             log.warning("files: upload %s: the printer did not %s it: %s", os.path.basename(disk),
                         "print" if start else "select", exc)
         finally:
-            client.close()
+            if client is not None:
+                client.close()
         return selected, printing
 
     def _sd_request(self, command: str, args: dict):
