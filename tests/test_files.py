@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,11 @@ def snapshot(root: Path) -> dict:
             path = os.path.join(directory, name)
             out[os.path.relpath(path, root)] = Path(path).read_bytes()
     return out
+
+
+def visible(root: Path) -> list:
+    """The stored files and folders, without the hidden metadata and lock files."""
+    return sorted(p for p in snapshot(root) if not os.path.basename(p.rstrip("/")).startswith("."))
 
 
 def upload(config, tmp: Path, name: str, path: str | None = None, data: bytes = GCODE, **args) -> dict:
@@ -93,7 +99,7 @@ def test_copy_move_remove_files_in_octoprint_order(files_node, short_tmp):
                        "destination_type": GC}), UPDATED]
     request(config, "REMOVE", path="b.gcode")
     assert events(sub, count("UpdatedFiles", 1)) == [("FileRemoved", file_event("remove", "b.gcode")), UPDATED]
-    assert sorted(p for p in snapshot(uploads) if not p.endswith(".metadata.json")) == ["a.gcode", "dir/"]
+    assert visible(uploads) == ["a.gcode", "dir/"]
     assert "b.gcode" not in json.loads((uploads / ".metadata.json").read_text())
 
 
@@ -242,7 +248,7 @@ def test_cli_commands(files_node, short_tmp):
     assert cli(config, "files", "rm", "m/renamed.gcode").returncode == 0
     assert cli(config, "files", "rmdir", "m").returncode == 0
     assert cli(config, "files", "upload", str(short_tmp / "missing.gcode")).returncode == 2
-    assert sorted(p for p in snapshot(uploads) if not p.endswith(".metadata.json")) == ["c/", "c/cli.gcode"]
+    assert visible(uploads) == ["c/", "c/cli.gcode"]
 
 
 def test_cli_without_a_running_service_says_so(short_tmp, bus_config):
@@ -275,3 +281,13 @@ def test_upload_with_select_and_no_printer_link_is_done_without_selecting(files_
     assert reply["effective_select"] is False and (uploads / "s.gcode").exists()
     got = events(sub, count("Upload", 1))
     assert got[-1][1]["select"] is True and got[-1][1]["effective_select"] is False
+
+
+def test_a_second_service_on_the_same_uploads_refuses_to_start(files_node):
+    import subprocess
+
+    config, sub, uploads = files_node
+    second = subprocess.run([sys.executable, "-m", "zevents", "files", "serve", "-c", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1 and "another files service is using" in second.stderr
+    assert request(config, "STATUS")["uploads"] == str(uploads)     # the first one still answers

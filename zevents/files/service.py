@@ -11,6 +11,7 @@ the channel stays responsive.  Events are published only after the metadata they
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import logging
 import os
 import queue
@@ -32,6 +33,7 @@ LOOP_INTERVAL = 1.0
 AWAIT_PRINTER_EVENT = 10.0   # seconds Upload waits for the printer's FileSelected / PrintStarted on the bus
 PRINTING_STATES = ("PRINTING", "PAUSING", "PAUSED", "RESUMING", "CANCELLING", "FINISHING", "STARTING")
 UPDATED = ("UpdatedFiles", {"type": "printables"})
+LOCK_FILE = ".zevents-files.lock"
 SD = "sdcard"
 
 
@@ -75,6 +77,7 @@ class FilesService:
         self._seen: dict = {}                     # (event name, path) -> when the bus carried it
         self._printer_work = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="files-printer")
         self._stop = threading.Event()
+        self._lock_fd = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -86,6 +89,13 @@ class FilesService:
             self.storage = st.LocalStorage(self.uploads)
         except OSError as exc:
             raise ServiceError(f"cannot use the uploads folder {self.uploads}: {exc}") from None
+        # One service per uploads folder (two would race on the metadata and both drain the watched folder); a
+        # second one binding the same ipc path would silently take the channel over, so the lock is the check.
+        self._lock_fd = os.open(self.uploads / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ServiceError(f"another files service is using {self.uploads}") from None
         backlog = self.storage.reconcile(engine())
         endpoint = files_endpoint(self.config)
         try:
@@ -163,9 +173,10 @@ class FilesService:
                 closeable.close()
         if self.publisher is not None:
             self.publisher.close(linger=2.0)
-        for fd in (self._wake_r, self._wake_w):
+        for fd in (self._wake_r, self._wake_w, self._lock_fd):
             try:
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
             except OSError:
                 pass
 
