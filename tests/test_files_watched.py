@@ -71,8 +71,11 @@ def test_dropped_files_are_added_with_their_subfolder_and_removed(service, subsc
     watched, uploads = service(poll_watched=polling)
     drop(watched, "top.gcode")
     drop(watched, "sub/dir/deep.gcode")
-    got = events(subscriber, count("FileAdded", 2))
-    assert sorted(added_paths(got)) == ["sub/dir/deep.gcode", "top.gcode"]
+    outside = watched.parent / "elsewhere"                 # a whole folder renamed into the watched folder
+    drop(outside, "inner/one.gcode")
+    os.rename(outside, watched / "moved")
+    got = events(subscriber, count("FileAdded", 3))
+    assert sorted(added_paths(got)) == ["moved/inner/one.gcode", "sub/dir/deep.gcode", "top.gcode"]
     added = [p for n, p in got if n == "FileAdded"]
     assert all(p["operation"] == "add" and p["storage"] == "local" for p in added)
     assert "Upload" not in [n for n, _ in got]            # OctoPrint: no Upload for the watched folder
@@ -125,8 +128,9 @@ def test_startup_scan_adds_what_was_dropped_while_stopped(service, subscriber):
     assert (watched / ".hidden.gcode").exists()
 
 
-def test_a_thousand_files_at_once_some_slow_end_as_a_thousand_file_added(service, subscriber):
-    watched, uploads = service()
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+def test_a_thousand_files_at_once_some_slow_end_as_a_thousand_file_added(service, subscriber, polling):
+    watched, uploads = service(poll_watched=polling)
     slow = [threading.Thread(target=slow_write, args=(watched / "slow" / f"s{i}.gcode", BODY * 5, 5, 0.05))
             for i in range(20)]
     for thread in slow:
