@@ -251,8 +251,11 @@ class LocalStorage:
         analysis, or whose analysis another engine made (the backlog)."""
         backlog = []
         for directory, folders, files in os.walk(self.root):
-            folders[:] = sorted(f for f in folders if not f.startswith("."))
             here = Path(directory)
+            for name in folders:
+                if name.startswith(TEMP_PREFIX):   # a folder copy a crash interrupted
+                    shutil.rmtree(here / name, ignore_errors=True)
+            folders[:] = sorted(f for f in folders if not f.startswith("."))
             folder = here.relative_to(self.root).as_posix()
             folder = "" if folder == "." else folder
             for name in files:
