@@ -319,9 +319,24 @@ def result_from_summary(path: str) -> dict:
     return result
 
 
+def _die_with_parent():
+    """Linux: SIGKILL when the files service dies (even by kill -9), instead of finishing a long analysis that
+    nobody will read.  Elsewhere the worker ends when its stdin closes, after the file at hand."""
+    try:
+        import ctypes
+
+        # PR_SET_PDEATHSIG; "parent" is the thread that spawned us: the queue's thread, which lives as long as the service
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:       # the parent was already gone before prctl took effect
+        sys.exit(0)
+
+
 def worker_main() -> int:
     """One JSON request per line in, one JSON reply per line out, until stdin closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the queue ends us (SIGKILL), not a Ctrl-C of the node
+    _die_with_parent()
     for line in sys.stdin.buffer:
         try:
             request = json.loads(line)
