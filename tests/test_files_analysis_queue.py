@@ -19,6 +19,8 @@ from files_helpers import count, events, request, start_service, stop_service, w
 # while every other request is answered at once: the queue's decisions become visible without timing anything.
 WORKER = r'''
 import json, os, sys, time
+from zevents.files.analysis_queue import _die_with_parent
+_die_with_parent()
 attempts = os.environ["ATTEMPTS"]
 for line in sys.stdin:
     path = json.loads(line)["path"]
@@ -128,6 +130,49 @@ def test_results_are_cached_by_content_hash(queue_with_worker, tmp_path):
     wait_for(lambda: recorder.kinds("finished") == ["a.gcode", "copy/a.gcode"], message="the cached result")
     assert attempted(attempts) == ["a.gcode"]
     assert (tmp_path / "cache" / f"{digest}.{queue.engine}.json").exists()
+
+
+def test_the_worker_dies_with_a_killed_service(tmp_path):
+    """kill -9 of the process that owns the queue: its worker, busy with a file, goes too."""
+    import os
+    import signal
+    import subprocess
+
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    owner = tmp_path / "owner.py"
+    owner.write_text(f"""
+import sys, time
+from zevents.files.analysis_queue import AnalysisQueue
+queue = AnalysisQueue(lambda *a: None, {str(tmp_path / "cache")!r}, worker=(sys.executable, {str(script)!r}))
+queue.enqueue("hang-forever.gcode", {str(tmp_path / "hang-forever.gcode")!r}, "0" * 40)
+while queue._worker is None:
+    time.sleep(0.01)
+print(queue._worker.pid, flush=True)
+time.sleep(3600)
+""")
+    (tmp_path / "hang-forever.gcode").write_text("G28\n")
+    (tmp_path / "attempts").touch()
+    process = subprocess.Popen([sys.executable, str(owner)], stdout=subprocess.PIPE, text=True,
+                               env=dict(os.environ, ATTEMPTS=str(tmp_path / "attempts")))
+    try:
+        worker = int(process.stdout.readline())
+        wait_for(lambda: attempted(tmp_path / "attempts") == ["hang-forever.gcode"], message="the analysis")
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+
+        def gone():
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        wait_for(gone, timeout=30, message="the worker to die with its service")
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
 
 
 def test_run_at_never_ignores_every_file(queue_with_worker, tmp_path):

@@ -325,7 +325,7 @@ def _die_with_parent():
     try:
         import ctypes
 
-        # PR_SET_PDEATHSIG; "parent" is the thread that spawned us: the queue's thread, which lives as long as the service
+        # PR_SET_PDEATHSIG; "parent" is the thread that spawned us: the queue's, which lives as long as the service
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
