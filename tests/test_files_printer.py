@@ -51,7 +51,7 @@ def node(short_tmp, bus_config, running_broker):
 
 
 NAMES = ("FileAdded", "FileRemoved", "UpdatedFiles", "Upload", "TransferStarted", "TransferDone", "FileSelected",
-         "PrintStarted", "PrintDone", "MetadataStatisticsUpdated")
+         "FileDeselected", "PrintStarted", "PrintDone", "MetadataStatisticsUpdated")
 
 
 def test_sd_card_storage_through_the_printer_link(node):
@@ -136,3 +136,14 @@ def test_a_selected_file_replaced_through_the_watched_folder_is_selected_again(s
         got = events(subscriber, count("FileSelected", 1), names=NAMES)
         assert [n for n, _ in got] == ["FileAdded", "UpdatedFiles", "FileSelected"]
         assert got[-1][1]["path"].endswith("/uploads/w.gcode")
+
+
+def test_removing_the_selected_file_deselects_it_first(node):
+    config, subscriber, tmp = node
+    source = tmp / "sel.gcode"
+    source.write_bytes(SMALL)
+    assert request(config, "UPLOAD", source=str(source), path="sel.gcode", select=True)["effective_select"]
+    events(subscriber, count("Upload", 1), names=NAMES)
+    assert cli(config, "files", "rm", "sel.gcode").returncode == 0
+    got = events(subscriber, count("UpdatedFiles", 1), names=NAMES)
+    assert [n for n, _ in got] == ["FileDeselected", "FileRemoved", "UpdatedFiles"]     # OctoPrint's order

@@ -337,6 +337,12 @@ def worker_main() -> int:
     """One JSON request per line in, one JSON reply per line out, until stdin closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the queue ends us (SIGKILL), not a Ctrl-C of the node
     _die_with_parent()
+    # OctoPrint throttles its analysis (sleeps between lines and files) to leave the CPU to printing; a separate
+    # process at a lower priority does that without slowing the analysis on an idle machine
+    try:
+        os.nice(10)
+    except OSError:
+        pass
     for line in sys.stdin.buffer:
         try:
             request = json.loads(line)

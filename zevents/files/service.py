@@ -196,7 +196,7 @@ class FilesService:
             if envelope is None:
                 return
             name, payload = envelope.name, envelope.payload or {}
-            if name in ("PrintStarted", "FileSelected", "TransferDone"):
+            if name in ("PrintStarted", "FileSelected", "FileDeselected", "TransferDone"):
                 self._note_printer_event(name, payload)
             if name == "FileSelected":
                 self.selected = self._local_path(payload)
@@ -421,6 +421,22 @@ class FilesService:
 
     def _cmd_remove(self, reply_to, args):
         path = self.storage.path(_required(args, "path"))
+        if path == self.selected and path != self.printing and self.storage.is_file(path):
+            # OctoPrint unselects a selected file before removing it: FileDeselected comes before FileRemoved
+            asked = time.monotonic()
+
+            def after_deselect(deselected):
+                if deselected:
+                    self._await_event("FileDeselected", None, asked, lambda: self.server.reply(
+                        reply_to, args, True, **self._remove(path)))
+                    return None
+                return self._remove(path)
+
+            self._submit_printer(reply_to, args, self._deselect, then=after_deselect)
+            return None
+        return self._remove(path)
+
+    def _remove(self, path: str) -> dict:
         events = self.storage.remove_file(path, printing=self.printing)
         self.analysis.dequeue(path)
         self._publish(events + [UPDATED])
@@ -540,6 +556,20 @@ class FilesService:
         elif not self.printer_busy:
             self.analysis.resume()
         return None
+
+    def _deselect(self) -> bool:
+        try:
+            client = self._printer_client()
+        except printer_channel.ChannelError:
+            return False
+        try:
+            client.request("DESELECT", {}, timeout=30.0)
+            return True
+        except printer_channel.ChannelError as exc:
+            log.warning("files: the printer did not deselect the file being removed: %s", exc)
+            return False
+        finally:
+            client.close()
 
     def _select_and_print(self, disk: str, select: bool, start: bool, user) -> tuple:
         """(effective_select, effective_print): a refusal of the printer is logged, the upload stays done."""
