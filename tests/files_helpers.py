@@ -68,12 +68,12 @@ def stop_service(process: subprocess.Popen) -> str:
     return err
 
 
-def request(config_path: Path, command: str, **args) -> dict:
+def request(config_path: Path, command: str, _timeout: float = 60.0, **args) -> dict:
     from zevents.config import load
 
     client = channel.FilesClient(channel.endpoint(load(config_path)))
     try:
-        return client.request(command, args, timeout=60.0)
+        return client.request(command, args, timeout=_timeout)
     finally:
         client.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,11 @@ def snapshot(root: Path) -> dict:
             path = os.path.join(directory, name)
             out[os.path.relpath(path, root)] = Path(path).read_bytes()
     return out
+
+
+def visible(root: Path) -> list:
+    """The stored files and folders, without the hidden metadata and lock files."""
+    return sorted(p for p in snapshot(root) if not os.path.basename(p.rstrip("/")).startswith("."))
 
 
 def upload(config, tmp: Path, name: str, path: str | None = None, data: bytes = GCODE, **args) -> dict:
@@ -93,7 +99,7 @@ def test_copy_move_remove_files_in_octoprint_order(files_node, short_tmp):
                        "destination_type": GC}), UPDATED]
     request(config, "REMOVE", path="b.gcode")
     assert events(sub, count("UpdatedFiles", 1)) == [("FileRemoved", file_event("remove", "b.gcode")), UPDATED]
-    assert sorted(p for p in snapshot(uploads) if not p.endswith(".metadata.json")) == ["a.gcode", "dir/"]
+    assert visible(uploads) == ["a.gcode", "dir/"]
     assert "b.gcode" not in json.loads((uploads / ".metadata.json").read_text())
 
 
@@ -121,26 +127,26 @@ def test_folder_copy_move_remove_in_octoprint_order(files_node, short_tmp):
 
 
 BAD = [
-    ("UPLOAD", {"path": "../evil.gcode"}, "'..' is not allowed"),
-    ("UPLOAD", {"path": "/etc/evil.gcode"}, "absolute paths"),
-    ("UPLOAD", {"path": "a\0b.gcode"}, "NUL"),
-    ("UPLOAD", {"path": "a\nb.gcode"}, "control character"),
-    ("UPLOAD", {"path": "x" * 300 + ".gcode"}, "the file system allows"),
-    ("UPLOAD", {"path": "notes.txt"}, "neither G-code"),
-    ("UPLOAD", {"path": ".hidden.gcode"}, "hidden"),
-    ("UPLOAD", {"path": "keep.gcode", "overwrite": False}, "already exists"),
-    ("UPLOAD", {"path": "keep.gcode/inner.gcode"}, "is a file"),
-    ("COPY", {"source": "keep.gcode", "destination": "folder/keep.gcode"}, "already exists"),
-    ("COPY", {"source": "keep.gcode", "destination": "../keep.gcode"}, "'..'"),
-    ("COPY", {"source": "keep.gcode", "destination": "keep.stl"}, "type"),
-    ("MOVE", {"source": "folder", "destination": "folder/sub"}, "inside itself"),
-    ("MOVE", {"source": "missing.gcode", "destination": "x.gcode"}, "no such file"),
-    ("REMOVE", {"path": "folder/../../keep.gcode"}, "'..'"),
-    ("REMOVE", {"path": "folder"}, "no such file"),
-    ("MKDIR", {"path": "folder"}, "already exists"),
-    ("RMDIR", {"path": "keep.gcode"}, "no such folder"),
-    ("LIST", {"path": "../.."}, "'..'"),
-    ("INFO", {"path": "nothing.gcode"}, "no such file"),
+    ("UPLOAD", {"path": "../evil.gcode"}, "'..' is not allowed", "invalid"),
+    ("UPLOAD", {"path": "/etc/evil.gcode"}, "absolute paths", "invalid"),
+    ("UPLOAD", {"path": "a\0b.gcode"}, "NUL", "invalid"),
+    ("UPLOAD", {"path": "a\nb.gcode"}, "control character", "invalid"),
+    ("UPLOAD", {"path": "x" * 300 + ".gcode"}, "the file system allows", "invalid"),
+    ("UPLOAD", {"path": "notes.txt"}, "neither G-code", "unsupported_type"),
+    ("UPLOAD", {"path": ".hidden.gcode"}, "hidden", "invalid"),
+    ("UPLOAD", {"path": "keep.gcode", "overwrite": False}, "already exists", "exists"),
+    ("UPLOAD", {"path": "keep.gcode/inner.gcode"}, "is a file", "exists"),
+    ("COPY", {"source": "keep.gcode", "destination": "folder/keep.gcode"}, "already exists", "exists"),
+    ("COPY", {"source": "keep.gcode", "destination": "../keep.gcode"}, "'..'", "invalid"),
+    ("COPY", {"source": "keep.gcode", "destination": "keep.stl"}, "type", "unsupported_type"),
+    ("MOVE", {"source": "folder", "destination": "folder/sub"}, "inside itself", "invalid"),
+    ("MOVE", {"source": "missing.gcode", "destination": "x.gcode"}, "no such file", "not_found"),
+    ("REMOVE", {"path": "folder/../../keep.gcode"}, "'..'", "invalid"),
+    ("REMOVE", {"path": "folder"}, "no such file", "not_found"),
+    ("MKDIR", {"path": "folder"}, "already exists", "exists"),
+    ("RMDIR", {"path": "keep.gcode"}, "no such folder", "not_found"),
+    ("LIST", {"path": "../.."}, "'..'", "invalid"),
+    ("INFO", {"path": "nothing.gcode"}, "no such file", "not_found"),
 ]
 
 
@@ -151,12 +157,13 @@ def test_bad_input_is_refused_and_changes_nothing(files_node, short_tmp):
     events(sub, count("Upload", 2))
     source = short_tmp / "src" / "keep.gcode"
     before = snapshot(uploads)
-    for command, args, message in BAD:
+    for command, args, message, code in BAD:
         if command == "UPLOAD":
             args = dict(args, source=str(source) if not args["path"].endswith(".txt") else str(short_tmp / "n.txt"))
             Path(args["source"]).write_bytes(b"G28\n")
-        with pytest.raises(ChannelError, match=message):
+        with pytest.raises(ChannelError, match=message) as refused:
             request(config, command, **args)
+        assert refused.value.reply["code"] == code, (command, args)    # what a gateway maps to an HTTP status
         assert snapshot(uploads) == before, (command, args)
     assert source.exists()   # a refused upload keeps its source
     request(config, "MKDIR", path="sentinel")   # the next event on the bus is this one: no refusal fired any
@@ -241,10 +248,46 @@ def test_cli_commands(files_node, short_tmp):
     assert cli(config, "files", "rm", "m/renamed.gcode").returncode == 0
     assert cli(config, "files", "rmdir", "m").returncode == 0
     assert cli(config, "files", "upload", str(short_tmp / "missing.gcode")).returncode == 2
-    assert sorted(p for p in snapshot(uploads) if not p.endswith(".metadata.json")) == ["c/", "c/cli.gcode"]
+    assert visible(uploads) == ["c/", "c/cli.gcode"]
 
 
 def test_cli_without_a_running_service_says_so(short_tmp, bus_config):
     config = write_config(short_tmp, bus_config)
     result = cli(config, "files", "ls")
     assert result.returncode == 1 and "files service is not running" in result.stderr
+
+
+def test_zevents_run_plans_the_files_service_unless_disabled(tmp_path):
+    from zevents import config as zconfig
+    from zevents.node import plan_services
+
+    assert "files" in plan_services(zconfig.load(text=""))
+    assert "files" not in plan_services(zconfig.load(text="files:\n  enabled: false\n"))
+
+
+def test_config_check_names_the_bad_files_key(tmp_path, zevents_cmd):
+    import subprocess
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("files:\n  poll_watched: true\n  analysis:\n    run_at: sometimes\n")
+    result = subprocess.run(zevents_cmd + ["config", "check", str(path)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "bad.yaml" in result.stderr and ":4" in result.stderr and "run_at" in result.stderr
+
+
+def test_upload_with_select_and_no_printer_link_is_done_without_selecting(files_node, short_tmp):
+    config, sub, uploads = files_node
+    reply = upload(config, short_tmp, "s.gcode", select=True, _timeout=10)
+    assert reply["effective_select"] is False and (uploads / "s.gcode").exists()
+    got = events(sub, count("Upload", 1))
+    assert got[-1][1]["select"] is True and got[-1][1]["effective_select"] is False
+
+
+def test_a_second_service_on_the_same_uploads_refuses_to_start(files_node):
+    import subprocess
+
+    config, sub, uploads = files_node
+    second = subprocess.run([sys.executable, "-m", "zevents", "files", "serve", "-c", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1 and "another files service is using" in second.stderr
+    assert request(config, "STATUS")["uploads"] == str(uploads)     # the first one still answers

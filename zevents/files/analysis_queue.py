@@ -9,7 +9,7 @@ or threads: a 1 GB file costs the service nothing but a pipe.  The queue's threa
 - ``run_at``: ``idle`` (default) pauses the queue while printing (a running analysis is killed and requeued);
   ``always`` never pauses; ``never`` ignores every enqueue.
 - A per-file ``timeout``: the worker is killed, the analysis is reported failed (no Finished event, as OctoPrint)
-  and not retried until the file changes.
+  and not retried until the file changes or the service starts again.
 - Results are cached by content hash (``<cache>/<sha1>.json``): a copy, a re-upload or a restart with unchanged
   bytes reuses the result without running the worker again.
 
@@ -51,7 +51,9 @@ class Job:
 
 
 class AnalysisQueue:
-    def __init__(self, notify, cache_dir, timeout: float = 600.0, run_at: str = "idle"):
+    WORKER = (sys.executable, "-m", "zevents.files.analysis_queue")
+
+    def __init__(self, notify, cache_dir, timeout: float = 600.0, run_at: str = "idle", worker: tuple = WORKER):
         if run_at not in RUN_AT:
             raise ValueError(f"run_at must be one of {', '.join(RUN_AT)}")
         self.notify = notify
@@ -59,6 +61,8 @@ class AnalysisQueue:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.timeout = float(timeout)
         self.run_at = run_at
+        self.worker_argv = list(worker)     # any program speaking the worker's JSON-lines protocol
+        self.engine = engine()
         self._heap: list = []
         self._order = itertools.count()
         self._queued: dict = {}              # path -> Job (the live entry; heap entries not here are stale)
@@ -208,9 +212,8 @@ class AnalysisQueue:
 
     def _analyse_in_worker(self, job: Job) -> tuple:
         if self._worker is None or self._worker.poll() is not None:
-            self._worker = subprocess.Popen([sys.executable, "-m", "zevents.files.analysis_queue"],
-                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
-                                            start_new_session=True)
+            self._worker = subprocess.Popen(self.worker_argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            bufsize=0, start_new_session=True)
         worker = self._worker
         try:
             worker.stdin.write(json.dumps({"path": job.disk}).encode() + b"\n")
@@ -235,8 +238,12 @@ class AnalysisQueue:
                     return "error", "the analysis worker exited"
                 buffer += chunk
                 if buffer.endswith(b"\n"):
-                    reply = json.loads(buffer)
-                    return ("ok", reply["result"]) if reply.get("ok") else ("error", reply.get("error"))
+                    try:
+                        reply = json.loads(buffer)
+                        return ("ok", reply["result"]) if reply.get("ok") else ("error", reply.get("error"))
+                    except (ValueError, KeyError, TypeError, AttributeError):
+                        self._kill_worker()     # out of step with us: a fresh worker for the next file
+                        return "error", f"the analysis worker answered garbage: {buffer[:200]!r}"
 
     def _kill_worker(self):
         worker, self._worker = self._worker, None
@@ -256,15 +263,26 @@ class AnalysisQueue:
 
     def _cache_get(self, digest: str):
         try:
-            return json.loads((self.cache_dir / f"{digest}.json").read_text())
+            return json.loads((self.cache_dir / f"{digest}.{self.engine}.json").read_text())
         except (OSError, ValueError):
             return None
 
     def _cache_put(self, digest: str, result: dict):
-        target = self.cache_dir / f"{digest}.json"
+        target = self.cache_dir / f"{digest}.{self.engine}.json"
         temp = target.with_name(f".{digest}.{os.getpid()}.tmp")
         temp.write_text(json.dumps(result))
         os.replace(temp, target)
+
+
+def engine() -> str:
+    """Which analysis the worker runs: "analysis" (the metadata analysis engine) or "summary" (the stop-gap).  Part
+    of the cache key and stored with each result, so results of the stop-gap are redone once the engine lands."""
+    import importlib.util
+
+    try:
+        return "analysis" if importlib.util.find_spec("zevents.files.analysis") is not None else "summary"
+    except (ImportError, ValueError):
+        return "summary"
 
 
 # --- the worker process ------------------------------------------------------------------------------------------
@@ -301,9 +319,30 @@ def result_from_summary(path: str) -> dict:
     return result
 
 
+def _die_with_parent():
+    """Linux: SIGKILL when the files service dies (even by kill -9), instead of finishing a long analysis that
+    nobody will read.  Elsewhere the worker ends when its stdin closes, after the file at hand."""
+    try:
+        import ctypes
+
+        # PR_SET_PDEATHSIG; "parent" is the thread that spawned us: the queue's, which lives as long as the service
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:       # the parent was already gone before prctl took effect
+        sys.exit(0)
+
+
 def worker_main() -> int:
     """One JSON request per line in, one JSON reply per line out, until stdin closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the queue ends us (SIGKILL), not a Ctrl-C of the node
+    _die_with_parent()
+    # OctoPrint throttles its analysis (sleeps between lines and files) to leave the CPU to printing; a separate
+    # process at a lower priority does that without slowing the analysis on an idle machine
+    try:
+        os.nice(10)
+    except OSError:
+        pass
     for line in sys.stdin.buffer:
         try:
             request = json.loads(line)

@@ -28,9 +28,11 @@ Commands (argument maps):
   RMDIR  {path, recursive?: false}        -> {}        FolderRemoved, UpdatedFiles
   ANALYSE {path}                          -> {queued}  analysis at high priority (MetadataAnalysisStarted/Finished)
   STATUS {}                               -> {printing, analysis: {paused, pending}, uploads, watched}
-A destination that is an existing folder means "into it, under the same name".  Refusals (ERR with ``error``)
-change nothing: bad paths (``..``, absolute, NUL/control characters, names too long), an existing destination,
-the file being printed, a type that is neither G-code nor a model.
+A destination that is an existing folder means "into it, under the same name".  Refusals change nothing: bad paths
+(``..``, absolute, NUL/control characters, names too long), an existing destination, the file being printed, a type
+that is neither G-code nor a model.  A refusal is ERR with ``error`` (a sentence) and ``code``, which a gateway maps
+to OctoPrint's HTTP status: ``invalid`` 400, ``not_found`` 404, ``exists`` 409, ``busy`` 409, ``unsupported_type``
+415, ``printer`` (the printer link refused or did not answer).  A ChannelError's ``reply`` holds that map.
 """
 from __future__ import annotations
 

@@ -11,25 +11,29 @@ the channel stays responsive.  Events are published only after the metadata they
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import logging
 import os
 import queue
 import threading
+import time
 from pathlib import Path
 
 import zmq
 
 from zevents import bus as zbus
 from zevents.files import storage as st
-from zevents.files.analysis_queue import AnalysisQueue
+from zevents.files.analysis_queue import AnalysisQueue, engine
 from zevents.files.channel import STORAGES, endpoint as files_endpoint
 from zevents.printer import channel as printer_channel
 
 log = logging.getLogger("zevents.files")
 
 LOOP_INTERVAL = 1.0
+AWAIT_PRINTER_EVENT = 10.0   # seconds Upload waits for the printer's FileSelected / PrintStarted on the bus
 PRINTING_STATES = ("PRINTING", "PAUSING", "PAUSED", "RESUMING", "CANCELLING", "FINISHING", "STARTING")
 UPDATED = ("UpdatedFiles", {"type": "printables"})
+LOCK_FILE = ".zevents-files.lock"
 SD = "sdcard"
 
 
@@ -65,11 +69,15 @@ class FilesService:
         self.analysis: AnalysisQueue | None = None
         self.watcher = None
         self.printing: str | None = None          # storage path of the local file being printed
+        self.selected: str | None = None          # storage path of the local file selected on the printer
         self.printer_busy = False
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: list = []
+        self._awaiting: list = []                 # (event name, path, deadline, action): Upload after the printer's
+        self._seen: dict = {}                     # (event name, path) -> when the bus carried it
         self._printer_work = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="files-printer")
         self._stop = threading.Event()
+        self._lock_fd = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -81,7 +89,14 @@ class FilesService:
             self.storage = st.LocalStorage(self.uploads)
         except OSError as exc:
             raise ServiceError(f"cannot use the uploads folder {self.uploads}: {exc}") from None
-        backlog = self.storage.reconcile()
+        # One service per uploads folder (two would race on the metadata and both drain the watched folder); a
+        # second one binding the same ipc path would silently take the channel over, so the lock is the check.
+        self._lock_fd = os.open(self.uploads / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ServiceError(f"another files service is using {self.uploads}") from None
+        backlog = self.storage.reconcile(engine())
         endpoint = files_endpoint(self.config)
         try:
             self.server = printer_channel.CommandServer(endpoint, self.context)
@@ -90,13 +105,19 @@ class FilesService:
                                "(is another files service running?)") from None
         self.publisher = zbus.Publisher(self.config, src="files", printer=self.config.get("printer", "name"),
                                         context=self.context)
-        self.subscriber = zbus.Subscriber(self.config, groups=["print", "comm"], context=self.context)
+        self.subscriber = zbus.Subscriber(self.config, groups=["print", "comm", "file"], context=self.context)
         settings = self.section.get("analysis") or {}
         self.analysis = AnalysisQueue(self._analysis_report, self.cache_dir,
                                       timeout=float(settings.get("timeout", 600.0)),
                                       run_at=settings.get("run_at", "idle"))
+        # A restart during a print must still protect the printed file and not analyse while printing: the queue
+        # waits for the link's answer (or its absence) before the first analysis.
+        self.analysis.pause()
         for path in backlog:
             self._enqueue_analysis(path, high=False)
+        future = self._printer_work.submit(self._printer_job)
+        future.add_done_callback(self._wake)
+        self._pending.append((future, None, {}, self._apply_printer_job))
         if self.watched_dir is not None:
             from zevents.files.watched import WatchedFolder
 
@@ -125,6 +146,9 @@ class FilesService:
                 self._handle(*request)
             self._inbox()
             self._reply_finished()
+            if self._awaiting:   # a printer event that never came: Upload goes out anyway
+                now = time.monotonic()
+                self._run_awaiting(lambda waiting: waiting[2] <= now)
 
     def _wake(self, *_):
         try:
@@ -149,9 +173,10 @@ class FilesService:
                 closeable.close()
         if self.publisher is not None:
             self.publisher.close(linger=2.0)
-        for fd in (self._wake_r, self._wake_w):
+        for fd in (self._wake_r, self._wake_w, self._lock_fd):
             try:
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
             except OSError:
                 pass
 
@@ -171,6 +196,12 @@ class FilesService:
             if envelope is None:
                 return
             name, payload = envelope.name, envelope.payload or {}
+            if name in ("PrintStarted", "FileSelected", "FileDeselected", "TransferDone"):
+                self._note_printer_event(name, payload)
+            if name == "FileSelected":
+                self.selected = self._local_path(payload)
+            elif name == "FileDeselected":
+                self.selected = None
             if name == "PrintStarted":
                 self.printer_busy = True
                 self.printing = self._local_path(payload)
@@ -247,6 +278,10 @@ class FilesService:
                                            "name": os.path.basename(disk_path), "failed": failed,
                                            "reason": reason})]
         self._enqueue_analysis(path, high=True)
+        if path == self.selected:
+            # OctoPrint re-selects a selected file that the watched folder replaced: the printer gets the new bytes
+            disk = str(self.storage.disk(path))
+            self._submit_printer(None, {}, self._select_and_print, disk, True, False, None)
         return events + [UPDATED]
 
     def _enqueue_analysis(self, path: str, high: bool) -> bool:
@@ -269,7 +304,7 @@ class FilesService:
         if kind == "failed":
             entry = self.storage.update_entry(job.path, analysisError=str(result))
             return []   # OctoPrint fires no Finished event for a failed analysis
-        entry = dict(entry, analysis=result)
+        entry = dict(entry, analysis=result, analysisBy=self.analysis.engine)
         entry.pop("analysisError", None)
         self.storage.set_entry(job.path, entry)
         shown = dict(result)
@@ -297,7 +332,7 @@ class FilesService:
                 server.reply(reply_to, args, True, **reply)
         except st.StorageError as exc:
             self.storage.flush()
-            server.reply(reply_to, args, False, error=str(exc))
+            server.reply(reply_to, args, False, error=str(exc), code=exc.code)
         except OSError as exc:
             self.storage.flush()
             log.exception("files: %s failed", command)
@@ -309,7 +344,7 @@ class FilesService:
     def _cmd_info(self, reply_to, args):
         path = self.storage.path(_required(args, "path"))
         if not self.storage.exists(path) or (self.storage.is_file(path) and not st.file_type(path)):
-            raise st.StorageError(f"no such file or folder: {path}")
+            raise st.NotFound(f"no such file or folder: {path}")
         info = self.storage.describe(path)
         if self.storage.is_file(path):
             entry = self.storage.entry(path) or {}
@@ -340,9 +375,43 @@ class FilesService:
         if not (select or start) or not st.is_gcode(path):
             return self._uploaded(result, upload, args, False, False)
         disk = str(self.storage.disk(path))
+        asked = time.monotonic()
+
+        def after_printer(outcome):
+            selected, printing = outcome
+            if not selected:
+                return self._uploaded(result, upload, args, False, False)
+            # The printer's FileSelected / PrintStarted come from another process: Upload waits until the bus
+            # has carried them, so subscribers see OctoPrint's order (FileSelected, PrintStarted, then Upload).
+            self._await_event("PrintStarted" if printing else "FileSelected", disk, asked,
+                              lambda: self.server.reply(reply_to, args, True,
+                                                        **self._uploaded(result, upload, args, selected, printing)))
+            return None
+
         self._submit_printer(reply_to, args, self._select_and_print, disk, select, start, args.get("user"),
-                             then=lambda outcome: self._uploaded(result, upload, args, *outcome))
+                             then=after_printer)
         return None
+
+    def _await_event(self, name: str, disk: str, since: float, action):
+        seen = self._seen.get((name, disk))
+        if not name or (seen is not None and seen >= since):
+            action()
+        else:
+            self._awaiting.append((name, disk, time.monotonic() + AWAIT_PRINTER_EVENT, action))
+
+    def _note_printer_event(self, name: str, payload: dict):
+        disk = payload.get("remote") if name == "TransferDone" else payload.get("path")
+        self._seen[(name, disk)] = time.monotonic()
+        if len(self._seen) > 100:
+            self._seen.pop(next(iter(self._seen)))
+        self._run_awaiting(lambda waiting: waiting[0] == name and waiting[1] == disk)
+
+    def _run_awaiting(self, matches):
+        due = [waiting for waiting in self._awaiting if matches(waiting)]
+        if due:
+            self._awaiting = [waiting for waiting in self._awaiting if not matches(waiting)]
+            for waiting in due:
+                waiting[3]()
 
     def _uploaded(self, result: dict, upload: dict, args: dict, selected: bool, printing: bool) -> dict:
         upload.update(effective_select=selected, effective_print=printing)
@@ -352,6 +421,22 @@ class FilesService:
 
     def _cmd_remove(self, reply_to, args):
         path = self.storage.path(_required(args, "path"))
+        if path == self.selected and path != self.printing and self.storage.is_file(path):
+            # OctoPrint unselects a selected file before removing it: FileDeselected comes before FileRemoved
+            asked = time.monotonic()
+
+            def after_deselect(deselected):
+                if deselected:
+                    self._await_event("FileDeselected", None, asked, lambda: self.server.reply(
+                        reply_to, args, True, **self._remove(path)))
+                    return None
+                return self._remove(path)
+
+            self._submit_printer(reply_to, args, self._deselect, then=after_deselect)
+            return None
+        return self._remove(path)
+
+    def _remove(self, path: str) -> dict:
         events = self.storage.remove_file(path, printing=self.printing)
         self.analysis.dequeue(path)
         self._publish(events + [UPDATED])
@@ -391,7 +476,7 @@ class FilesService:
     def _cmd_analyse(self, reply_to, args):
         path = self.storage.path(_required(args, "path"))
         if not self.storage.is_file(path) or not st.is_gcode(path):
-            raise st.StorageError(f"no such G-code file: {path}")
+            raise st.NotFound(f"no such G-code file: {path}")
         return {"queued": self._enqueue_analysis(path, high=True)}
 
     def _cmd_status(self, reply_to, args):
@@ -423,25 +508,75 @@ class FilesService:
             try:
                 outcome = future.result()
                 if isinstance(outcome, tuple) and outcome and outcome[0] == "events":
-                    self._publish(outcome[1])
-                    outcome = outcome[2]
+                    _, events, reply, (after, key, since) = outcome
+                    # after the printer's own event (e.g. TransferDone) has been on the bus: OctoPrint's order
+                    self._await_event(after, key, since, lambda events=events, reply=reply, reply_to=reply_to,
+                                      args=args: (self._publish(events),
+                                                  self.server.reply(reply_to, args, True, **reply)))
+                    continue
                 reply = then(outcome) if then is not None else outcome
-                self.server.reply(reply_to, args, True, **reply)
+                if reply_to is not None and reply is not None:
+                    self.server.reply(reply_to, args, True, **reply)
             except (st.StorageError, printer_channel.ChannelError) as exc:
-                self.server.reply(reply_to, args, False, error=str(exc))
+                if reply_to is not None:
+                    self.server.reply(reply_to, args, False, error=str(exc),
+                                      code=getattr(exc, "code", None) or "printer")
             except Exception as exc:
                 log.exception("files: printer request failed")
-                self.server.reply(reply_to, args, False, error=f"internal error: {exc}")
+                if reply_to is not None:
+                    self.server.reply(reply_to, args, False, error=f"internal error: {exc}")
         self._pending = still
 
     def _printer_client(self):
-        return printer_channel.CommandClient(printer_channel.endpoint(self.config), self.context)
+        """A client of the printer link's channel; ChannelError at once when no link is running (no socket)."""
+        endpoint = printer_channel.endpoint(self.config)
+        if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
+            raise printer_channel.ChannelError("the printer link is not running")
+        return printer_channel.CommandClient(endpoint, self.context)
+
+    def _printer_job(self) -> dict:
+        """The link's STATUS (state and job), or {} when no link answers (no printer in this node)."""
+        try:
+            client = self._printer_client()
+        except printer_channel.ChannelError:
+            return {}
+        try:
+            return client.request("STATUS", {}, timeout=5.0)
+        except printer_channel.ChannelError:
+            return {}
+        finally:
+            client.close()
+
+    def _apply_printer_job(self, status: dict):
+        if status.get("job"):
+            self.selected = self._local_path(status["job"])
+        if status.get("printing") or status.get("state_id") in PRINTING_STATES:
+            self.printer_busy = True
+            self.printing = self._local_path(status.get("job") or {}) or self.printing
+        elif not self.printer_busy:
+            self.analysis.resume()
+        return None
+
+    def _deselect(self) -> bool:
+        try:
+            client = self._printer_client()
+        except printer_channel.ChannelError:
+            return False
+        try:
+            client.request("DESELECT", {}, timeout=30.0)
+            return True
+        except printer_channel.ChannelError as exc:
+            log.warning("files: the printer did not deselect the file being removed: %s", exc)
+            return False
+        finally:
+            client.close()
 
     def _select_and_print(self, disk: str, select: bool, start: bool, user) -> tuple:
         """(effective_select, effective_print): a refusal of the printer is logged, the upload stays done."""
-        client = self._printer_client()
         selected = printing = False
+        client = None
         try:
+            client = self._printer_client()
             if start:
                 client.request("PRINT", {"path": disk, "user": user}, timeout=30.0)
                 selected = printing = True
@@ -452,12 +587,14 @@ class FilesService:
             log.warning("files: upload %s: the printer did not %s it: %s", os.path.basename(disk),
                         "print" if start else "select", exc)
         finally:
-            client.close()
+            if client is not None:
+                client.close()
         return selected, printing
 
     def _sd_request(self, command: str, args: dict):
         """SD card storage through the printer link: list, upload (M28/M29), remove (M30)."""
         client = self._printer_client()
+        asked = time.monotonic()
         try:
             if command == "LIST":
                 files = client.request("SD_LIST", {}, timeout=60.0).get("files") or []
@@ -467,9 +604,9 @@ class FilesService:
             if command == "UPLOAD":
                 source = _required(args, "source")
                 if not os.path.isfile(source):
-                    raise st.StorageError(f"no such file to upload: {source}")
+                    raise st.NotFound(f"no such file to upload: {source}")
                 if not st.is_gcode(source):
-                    raise st.StorageError("only G-code can go to the SD card")
+                    raise st.UnsupportedType("only G-code can go to the SD card")
                 remote = args.get("path") or None
                 reply = client.request("SD_UPLOAD", {"path": source, "remote": remote, "wait": True},
                                        timeout=24 * 3600.0)
@@ -479,7 +616,8 @@ class FilesService:
                           "effective_select": False, "effective_print": False}
                 events = [("FileAdded", {"storage": SD, "path": name, "name": name, "type": kind,
                                          "operation": "add"}), UPDATED, ("Upload", upload)]
-                return ("events", events, {"storage": SD, "path": name, "name": name, "done": True})
+                return ("events", events, {"storage": SD, "path": name, "name": name, "done": True},
+                        ("TransferDone", name, asked))
             if command == "REMOVE":
                 name = _required(args, "path")
                 if any(c in name for c in "\0\n\r") or "/" in name.strip("/"):
@@ -487,7 +625,7 @@ class FilesService:
                 client.request("GCODE", {"lines": [f"M30 {name}"], "src": "user"}, timeout=30.0)
                 events = [("FileRemoved", {"storage": SD, "path": name, "name": name,
                                            "type": ["machinecode", "gcode"], "operation": "remove"}), UPDATED]
-                return ("events", events, {})
+                return ("events", events, {}, ("", None, asked))   # M30: the printer fires nothing
             raise st.StorageError(f"{command} is not available on the SD card (ls, upload, rm)")
         finally:
             client.close()

@@ -23,6 +23,7 @@ Decisions on OctoPrint's quirks (reference-behaviour.md 2.1/2.2):
 - A copy or move onto an existing *folder* goes into it under the same name; onto an existing file it is
   refused (OctoPrint's 409), for files and folders alike.  ``add`` overwrites unless ``overwrite`` is false.
 - Removing a folder fires only FolderRemoved (no FileRemoved per file inside), as OctoPrint does.
+- A copy gets the source's metadata (analysis included) but not its print history: the copy was never printed.
 - When a file's content hash changes on add, all its old metadata is discarded (``{"hash": new}``) except the
   print history, which OctoPrint drops too: we keep OctoPrint's behaviour (the history belonged to other bytes).
 """
@@ -50,7 +51,27 @@ READ_CHUNK = 1 << 20
 
 
 class StorageError(ValueError):
-    """An operation refused: bad input, a conflict, or a missing entry.  Nothing was changed."""
+    """An operation refused: bad input, a conflict, or a missing entry.  Nothing was changed.  ``code`` tells a
+    gateway which HTTP status OctoPrint answers with (invalid 400, not_found 404, exists/busy 409,
+    unsupported_type 415)."""
+    code = "invalid"
+
+
+class NotFound(StorageError):
+    code = "not_found"
+
+
+class Conflict(StorageError):
+    code = "exists"
+
+
+class Busy(StorageError):
+    """The file (or a file in the folder) is being printed."""
+    code = "busy"
+
+
+class UnsupportedType(StorageError):
+    code = "unsupported_type"
 
 
 def file_type(name: str) -> list | None:
@@ -225,13 +246,16 @@ class LocalStorage:
             self._metadata.pop(key, None)
             self._dirty.discard(key)
 
-    def reconcile(self) -> list:
+    def reconcile(self, engine: str | None = None) -> list:
         """Repair what a crash can leave (see the module docstring); returns the G-code paths lacking an
-        analysis (the backlog)."""
+        analysis, or whose analysis another engine made (the backlog)."""
         backlog = []
         for directory, folders, files in os.walk(self.root):
-            folders[:] = sorted(f for f in folders if not f.startswith("."))
             here = Path(directory)
+            for name in folders:
+                if name.startswith(TEMP_PREFIX):   # a folder copy a crash interrupted
+                    shutil.rmtree(here / name, ignore_errors=True)
+            folders[:] = sorted(f for f in folders if not f.startswith("."))
             folder = here.relative_to(self.root).as_posix()
             folder = "" if folder == "." else folder
             for name in files:
@@ -252,7 +276,8 @@ class LocalStorage:
                     old = entry if isinstance(entry, dict) and entry.get("hash") == digest else {}
                     meta[name] = dict(old, hash=digest, size=stat.st_size, mtime=stat.st_mtime)
                     self._dirty.add(folder)
-                if is_gcode(name) and "analysis" not in meta[name]:
+                if is_gcode(name) and ("analysis" not in meta[name] or
+                                       (engine and meta[name].get("analysisBy", engine) != engine)):
                     backlog.append(path)
         self.flush()
         return backlog
@@ -282,7 +307,7 @@ class LocalStorage:
         if not disk.is_dir():
             if disk.is_file() and file_type(disk.name):
                 return [self.describe(path)]
-            raise StorageError(f"no such folder: {path or '/'}")
+            raise NotFound(f"no such folder: {path or '/'}")
         entries = []
         for child in sorted(os.listdir(disk)):
             if child.startswith("."):
@@ -312,16 +337,16 @@ class LocalStorage:
 
     def _require_file(self, path: str) -> None:
         if not self.is_file(path) or not file_type(path):
-            raise StorageError(f"no such file: {path}")
+            raise NotFound(f"no such file: {path}")
 
     def _require_folder(self, path: str) -> None:
         if not path or not self.is_folder(path):
-            raise StorageError(f"no such folder: {path or '/'}")
+            raise NotFound(f"no such folder: {path or '/'}")
 
     def _require_type(self, path: str) -> list:
         kind = file_type(path)
         if kind is None:
-            raise StorageError(f"{path.rpartition('/')[2]!r} is neither G-code (.gcode, .gco, .g) nor a model "
+            raise UnsupportedType(f"{path.rpartition('/')[2]!r} is neither G-code (.gcode, .gco, .g) nor a model "
                                f"(.stl, .3mf, .obj)")
         return kind
 
@@ -330,7 +355,7 @@ class LocalStorage:
         for i in range(1, len(parts) + 1):
             prefix = "/".join(parts[:i])
             if self.is_file(prefix) or (self.exists(prefix) and not self.is_folder(prefix)):
-                raise StorageError(f"{prefix} is a file, not a folder")
+                raise Conflict(f"{prefix} is a file, not a folder")
 
     def _ensure_parents(self, path: str):
         folder = path.rpartition("/")[0]
@@ -352,34 +377,40 @@ class LocalStorage:
         kind = self._require_type(path)
         source = Path(source)
         if not source.is_file():
-            raise StorageError(f"no such file to upload: {source}")
+            raise NotFound(f"no such file to upload: {source}")
         if self.exists(path):
             if self.is_folder(path):
-                raise StorageError(f"{path} is a folder")
+                raise Conflict(f"{path} is a folder")
             if not overwrite:
-                raise StorageError(f"{path} already exists")
+                raise Conflict(f"{path} already exists")
             if path == printing:
-                raise StorageError(f"{path} is being printed; it cannot be replaced now")
+                raise Busy(f"{path} is being printed; it cannot be replaced now")
         self._require_parent_not_file(path)
         self._ensure_parents(path)
         disk = self.disk(path)
         temp = disk.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex}")
         try:
+            # A move is a hard link then an unlink of the source once the file is in place, not a rename: a
+            # rename out of the watched folder is an unpaired IN_MOVED_FROM, which watchdog holds for 0.5 s
+            # waiting for its pair, delaying every later event of the folder.  A crash before the unlink leaves
+            # the source to be added again at start: never a lost file.
+            linked = False
             if move_source:
                 try:
-                    os.rename(source, temp)
+                    os.link(source, temp)
+                    linked = True
                 except OSError as exc:
-                    if exc.errno != errno.EXDEV:
+                    if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                         raise
-                    shutil.copyfile(source, temp)
-                    os.unlink(source)
-            else:
+            if not linked:
                 shutil.copyfile(source, temp)
             digest = sha1_of(temp)
             os.replace(temp, disk)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
+        if move_source:
+            source.unlink(missing_ok=True)
         stat = disk.stat()
         old = self.entry(path) or {}
         changed = old.get("hash") != digest
@@ -400,7 +431,7 @@ class LocalStorage:
         path = self.path(path)
         self._require_file(path)
         if path == printing:
-            raise StorageError(f"{path} is being printed; cancel the print first")
+            raise Busy(f"{path} is being printed; cancel the print first")
         self.disk(path).unlink()
         self.set_entry(path, None)
         return [("FileRemoved", self._file_payload(path, file_type(path), "remove"))]
@@ -412,9 +443,10 @@ class LocalStorage:
         if not folder:
             self._require_type(destination)
             if file_type(destination) != file_type(source):
-                raise StorageError(f"{destination} would change the file's type ({'.'.join(file_type(source))})")
+                raise UnsupportedType(f"{destination} would change the file's type "
+                                      f"({'.'.join(file_type(source))})")
         if self.exists(destination):
-            raise StorageError(f"{destination} already exists")
+            raise Conflict(f"{destination} already exists")
         if destination == source or destination.startswith(source + "/"):
             raise StorageError(f"cannot put {source} inside itself")
         self._require_parent_not_file(destination)
@@ -442,7 +474,7 @@ class LocalStorage:
     def move_file(self, source: str, destination: str, printing: str | None = None) -> tuple:
         source, destination = self._check_copy(source, destination, folder=False)
         if source == printing:
-            raise StorageError(f"{source} is being printed; it cannot be moved now")
+            raise Busy(f"{source} is being printed; it cannot be moved now")
         self._ensure_parents(destination)
         entry = self.entry(source)
         os.rename(self.disk(source), self.disk(destination))
@@ -461,7 +493,7 @@ class LocalStorage:
     def add_folder(self, path: str) -> list:
         path = self.path(path)
         if self.exists(path):
-            raise StorageError(f"{path} already exists")
+            raise Conflict(f"{path} already exists")
         self._require_parent_not_file(path)
         self.disk(path).mkdir(parents=True)
         return [("FolderAdded", self._folder_payload(path))]
@@ -471,10 +503,10 @@ class LocalStorage:
         self._require_folder(path)
         inside = self.files_under(path)
         if printing and printing in inside:
-            raise StorageError(f"{path} holds {printing}, which is being printed")
+            raise Busy(f"{path} holds {printing}, which is being printed")
         visible = [n for n in os.listdir(self.disk(path)) if not n.startswith(".")]
         if visible and not recursive:
-            raise StorageError(f"{path} is not empty (use --recursive to remove it with everything inside)")
+            raise Conflict(f"{path} is not empty (use --recursive to remove it with everything inside)")
         shutil.rmtree(self.disk(path))
         self._forget_metadata_under(path)
         return [("FolderRemoved", self._folder_payload(path))]
@@ -495,7 +527,7 @@ class LocalStorage:
     def move_folder(self, source: str, destination: str, printing: str | None = None) -> tuple:
         source, destination = self._check_copy(source, destination, folder=True)
         if printing and printing in self.files_under(source):
-            raise StorageError(f"{source} holds {printing}, which is being printed")
+            raise Busy(f"{source} holds {printing}, which is being printed")
         self.flush()
         self._ensure_parents(destination)
         os.rename(self.disk(source), self.disk(destination))

@@ -3,8 +3,10 @@
 Two ways to notice (``files.poll_watched``): watchdog's inotify Observer (local disks: a file is complete when
 its writer closes it, IN_CLOSE_WRITE, or when it is renamed into the folder) or watchdog's PollingObserver
 (network shares, where inotify sees nothing: a file is complete once its size and mtime stayed the same for
-``stable_time`` seconds, OctoPrint's rule, which uses 5 s).  Files already there at start (the startup scan) and
-files whose close we did not see use the same stability rule in either mode.
+``stable_time`` seconds, OctoPrint's rule, which uses 5 s).  The stability rule also covers, in either mode, the
+files already there at start (the startup scan) and the files whose close inotify could not report (written in a
+folder created a moment before, before its watch was in place); a writer that pauses longer than ``stable_time``
+without closing is therefore only safe with inotify in a folder that already existed.
 
 What is ignored: hidden names (``.x``: rsync's and our own temp files), ``*.failed`` (files that could not be added
 stay there for a human), and download/editor temp suffixes (``.part``, ``.tmp``, ``.crdownload``, ``~``) that are
@@ -38,12 +40,11 @@ def ignored(path: str) -> bool:
 
 
 class _Candidate:
-    __slots__ = ("size", "mtime", "since", "wait_close")
+    __slots__ = ("size", "mtime", "since")
 
-    def __init__(self, wait_close: bool):
+    def __init__(self):
         self.size = self.mtime = None
         self.since = time.monotonic()
-        self.wait_close = wait_close
 
 
 class WatchedFolder(FileSystemEventHandler):
@@ -82,14 +83,14 @@ class WatchedFolder(FileSystemEventHandler):
         for directory, folders, files in os.walk(self.root):
             folders[:] = [f for f in folders if not f.startswith(".")]
             for name in files:
-                self._track(os.path.join(directory, name), wait_close=False)
+                self._track(os.path.join(directory, name))
 
-    def _track(self, path: str, wait_close: bool):
+    def _track(self, path: str):
         if ignored(path):
             return
         with self._cond:
             if path not in self._candidates:
-                self._candidates[path] = _Candidate(wait_close)
+                self._candidates[path] = _Candidate()
                 self._cond.notify_all()
 
     def _hand_over(self, path: str):
@@ -101,11 +102,11 @@ class WatchedFolder(FileSystemEventHandler):
     # watchdog callbacks (observer thread)
     def on_created(self, event):
         if not event.is_directory:
-            self._track(event.src_path, wait_close=not self.polling)
+            self._track(event.src_path)
 
     def on_modified(self, event):
         if not event.is_directory:
-            self._track(event.src_path, wait_close=not self.polling)
+            self._track(event.src_path)
             with self._cond:
                 candidate = self._candidates.get(event.src_path)
                 if candidate is not None:
@@ -123,9 +124,9 @@ class WatchedFolder(FileSystemEventHandler):
             for directory, _, files in os.walk(event.dest_path):
                 for name in files:
                     self._hand_over(os.path.join(directory, name)) if not self.polling else \
-                        self._track(os.path.join(directory, name), wait_close=False)
+                        self._track(os.path.join(directory, name))
         elif self.polling:
-            self._track(event.dest_path, wait_close=False)
+            self._track(event.dest_path)
         else:
             self._hand_over(event.dest_path)
 
@@ -141,13 +142,13 @@ class WatchedFolder(FileSystemEventHandler):
             with self._cond:
                 if self._stopped:
                     return
-                if not any(not c.wait_close for c in self._candidates.values()):
+                if not self._candidates:
                     self._cond.wait()
                     continue
                 self._cond.wait(interval)
                 if self._stopped:
                     return
-                checks = [(p, c) for p, c in self._candidates.items() if not c.wait_close]
+                checks = list(self._candidates.items())
             now = time.monotonic()
             for path, candidate in checks:
                 try:

@@ -68,7 +68,9 @@ class CommandClient:
             if meta.get("id") != request_id:
                 continue
             if not ok:
-                raise ChannelError(meta.get("error") or "refused")
+                error = ChannelError(meta.get("error") or "refused")
+                error.reply = meta   # the whole ERR map (the files channel adds a ``code``)
+                raise error
             return meta
 
     def gcode(self, lines, src: str = "user", timeout: float = 10.0) -> dict:
