@@ -285,6 +285,9 @@ def engine() -> str:
         return "summary"
 
 
+THUMBNAILS = ".thumbnails"
+
+
 # --- the worker process ------------------------------------------------------------------------------------------
 
 def analyse(path: str) -> dict:
@@ -293,7 +296,9 @@ def analyse(path: str) -> dict:
         from zevents.files.analysis import analyse_file
     except ImportError:
         return result_from_summary(path)
-    return analyse_file(path)
+    # the embedded thumbnails become sidecar images in a hidden folder beside the file (storage lists no hidden
+    # names), as <stem>-<w>x<h>.<ext>
+    return analyse_file(path, thumbnail_dir=os.path.join(os.path.dirname(path), THUMBNAILS))
 
 
 def result_from_summary(path: str) -> dict:
