@@ -529,3 +529,20 @@ def test_octoprint_client_listen_authenticates_and_receives_bus_events(node):
         process.terminate()
         process.wait(10)
         process.stdout.close()
+
+
+def test_timelapse_listing_and_download(node):
+    """What the timelapse service rendered is listed and downloadable; names outside its folder are not."""
+    movies = node["config"].parent / "data" / "timelapse" / "printer"
+    movies.mkdir(parents=True, exist_ok=True)
+    (movies / "cube_20261207.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"x" * 100)
+    client = Client(node["port"], node["keys"]["bob"])
+    listing = client.get("/api/timelapse").json()
+    entry = next(f for f in listing["files"] if f["name"] == "cube_20261207.mp4")
+    assert entry["url"] == "/downloads/timelapse/printer/cube_20261207.mp4" and entry["bytes"] == 112
+    assert listing["config"] == {"type": "off"} and "unrendered" not in listing
+    assert "unrendered" in client.get("/api/timelapse?unrendered=true").json()
+    download = client.get(entry["url"])
+    assert download.status == 200 and download.body.startswith(b"\x00\x00\x00\x18ftyp")
+    assert client.get("/downloads/timelapse/printer/..%2F..%2Fusers.yaml").status == 404
+    assert Client(node["port"]).get(entry["url"]).status == 403

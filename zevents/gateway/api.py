@@ -836,6 +836,15 @@ class Api:
             body["unrendered"] = self.gw.timelapse_unrendered()
         return web.json_response(body, headers=CACHE_GET)
 
+    async def timelapse_download(self, request):
+        if not request["identity"].can("TIMELAPSE_DOWNLOAD"):
+            return web.Response(status=403, text="<h1>403 Forbidden</h1>", content_type="text/html")
+        path = self.gw.timelapse_download(request.match_info["printer"], request.match_info["name"])
+        if path is None:
+            return web.Response(status=404, text="<h1>404 Not Found</h1>", content_type="text/html")
+        return web.FileResponse(path, headers={"Content-Disposition": f"attachment; filename*=UTF-8''"
+                                                                      f"{quote(path.name)}"})
+
     async def slicing(self, request):
         require(request["identity"], "SLICE")
         from zevents.slicing import slicers
@@ -912,6 +921,7 @@ class Api:
         add("GET", "/api/printerprofiles", self.printerprofiles)
         add("GET", "/api/printerprofiles/{identifier}", self.printerprofile)
         add("GET", "/api/timelapse", self.timelapse)
+        add("GET", "/downloads/timelapse/{printer}/{name}", self.timelapse_download)
         add("GET", "/api/slicing", self.slicing)
         add("GET", "/api/system/commands", self.system_commands)
         add("POST", "/api/system/commands/{source}/{action}", self.system_command)

@@ -201,7 +201,22 @@ class Gateway:
         gateway_webcam = self.section.get("webcam") or {}
         stream = gateway_webcam.get("stream") or webcam.get("stream") or classic.get("stream") or ""
         snapshot = gateway_webcam.get("snapshot") or webcam.get("snapshot") or classic.get("snapshot") or ""
+        if not snapshot:
+            snapshot = self._virtual_camera_url()
         return stream, snapshot
+
+    def _virtual_camera_url(self) -> str:
+        """The virtual printer's camera (what the timelapse films when no camera is configured), if it runs."""
+        import json
+
+        from zevents import config as zconfig
+
+        try:
+            data = json.loads((zconfig.runtime_dir() / self.config.node / "virtual-camera.json").read_text())
+        except (OSError, ValueError):
+            return ""
+        url = data.get("url") if isinstance(data, dict) else None
+        return url if isinstance(url, str) else ""
 
     def settings_tree(self, identity: Identity, base: str) -> dict:
         stream, snapshot = self._webcam_urls()
@@ -284,23 +299,47 @@ class Gateway:
         options = {k: v for k, v in config.items() if k in ("interval", "retractionZHop")}
         return {"type": config["type"], "options": options}
 
+    def _timelapse_listing(self) -> dict:
+        from zevents.timelapse.commands import listing
+
+        try:
+            return listing(self.config)
+        except (OSError, ValueError) as exc:
+            log.warning("gateway: cannot list the timelapses: %s", exc)
+            return {"movies": [], "unrendered": []}
+
     def timelapse_files(self) -> list:
-        folder = self.data / "timelapse"
+        """OctoPrint's entries for the rendered movies (``url`` root-relative, as OctoPrint's is)."""
         files = []
-        if folder.is_dir():
-            for path in sorted(folder.iterdir()):
-                if path.suffix.lower() in (".mp4", ".mpg", ".mkv") and path.is_file():
-                    info = path.stat()
-                    thumb = path.with_suffix(".jpg")
-                    files.append({"name": path.name, "size": _human_size(info.st_size), "bytes": info.st_size,
-                                  "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(info.st_mtime)),
-                                  "timestamp": info.st_mtime, "url": f"/downloads/timelapse/{path.name}",
-                                  **({"thumbnail": f"/downloads/timelapse/{thumb.name}"} if thumb.is_file()
-                                     else {})})
+        for movie in self._timelapse_listing()["movies"]:
+            name = f"{movie['printer']}/{movie['name']}"
+            entry = {"name": movie["name"], "size": _human_size(movie["bytes"]), "bytes": movie["bytes"],
+                     "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(movie["timestamp"])),
+                     "timestamp": movie["timestamp"], "url": f"/downloads/timelapse/{name}"}
+            if movie.get("thumbnail"):
+                entry["thumbnail"] = f"/downloads/timelapse/{name}.thumb.jpg"
+            files.append(entry)
         return files
 
     def timelapse_unrendered(self) -> list:
-        return []
+        return [{"name": job["name"], "size": _human_size(job["bytes"]), "bytes": job["bytes"],
+                 "date": job["date"], "timestamp": None, "count": job["count"], "processing": job["state"] ==
+                 "rendering", "rendering": job["state"] == "rendering", "recording": job["state"] == "capturing"}
+                for job in self._timelapse_listing()["unrendered"]]
+
+    def timelapse_download(self, printer: str, name: str) -> Path | None:
+        """A movie or its thumbnail, only from the timelapse folder and only by its own names."""
+        from zevents.timelapse import store
+
+        if "/" in printer or "/" in name or printer.startswith(".") or name.startswith("."):
+            return None
+        folder = store.movie_folder(self.config, printer)
+        candidate = folder / name
+        try:
+            candidate.resolve().relative_to(store.root(self.config).resolve())
+        except ValueError:
+            return None
+        return candidate if candidate.is_file() else None
 
     # --- connectivity --------------------------------------------------------------------------------------------
 
