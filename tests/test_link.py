@@ -260,6 +260,33 @@ def test_a_resend_storm_loses_and_duplicates_nothing(link, printer):
     assert link.stats["resend_requests"] >= 10
 
 
+@pytest.mark.parametrize("window", [4, 16])
+def test_a_firmware_that_refuses_every_line_in_flight_and_asks_twice_loses_and_duplicates_nothing(
+        printer, recorder, window):
+    """OctoPrint's simulator and Repetier keep their receive buffer after a line error: each line still in flight
+    is refused in turn ("expected line X got Y" + Resend + ok), some firmwares ask twice for one error.  Taking
+    each echo as a new request sent the requested line again and again: "expected 101 got 100" for ever."""
+    the_link = make_link(printer.port, recorder, window=window)
+    assert the_link.connect(), the_link.error
+    try:
+        printer.inject("keep_buffer", count=10_000)
+        lines = stream(400)
+        for at in range(40, 400, 45):
+            printer.inject("corrupt_checksum", at=at)
+        for at in (100, 300):
+            printer.inject("resend_twice", at=at)
+            printer.inject("corrupt_checksum", at=at)
+        the_link.send(lines)
+        assert the_link.wait_idle(60)
+        assert commands(printer)[-400:] == lines
+        assert the_link.stats["resend_echoes_ignored"] >= 1 and the_link.stats["resend_duplicates"] >= 1
+        # One rewind per real error, not one per echo.
+        assert the_link.stats["lines_resent"] <= 12 * window
+        assert not recorder.named("Error") and the_link.connected
+    finally:
+        the_link.disconnect(timeout=1.0)
+
+
 def test_a_printer_that_keeps_asking_for_the_same_line_is_a_resend_loop(link, recorder, printer):
     printer.inject("corrupt_checksum", count=500)
     link.send(stream(5))

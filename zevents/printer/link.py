@@ -77,6 +77,8 @@ LOG_LINES = 40               # lines of communication kept for Error {logs}
 _NUMBER_PREFIX = re.compile(r"^\s*N\d+\s+")
 _WAITS = frozenset(("M109", "M190", "M191", "M116", "M303", "G4", "M400"))  # commands that may run for minutes
 _M110 = re.compile(r"^M110(?:\s+N(-?\d+))?\s*$", re.IGNORECASE)
+# "expected line X got Y" (OctoPrint's simulator, Repetier): the error names the line that was rejected.
+_EXPECTED_GOT = re.compile(r"expected\s+line\s*:?\s*(\d+)\s*,?\s*got\s*:?\s*(\d+)", re.IGNORECASE)
 
 
 class LinkError(RuntimeError):
@@ -235,6 +237,9 @@ class PrinterLink:
         self._recovering = False
         self._resend_repeats = 0
         self._rejection_oks = 0
+        # The line error that came before the next resend request: None (no error line yet), or the line number
+        # the error says was rejected (0 when it does not say).
+        self._line_error: int | None = None
         self._last_rx = time.monotonic()
         self._timeouts = 0
         self._m112_sent = False
@@ -337,6 +342,7 @@ class PrinterLink:
         self._recovering = False
         self._resend_repeats = 0
         self._rejection_oks = 0
+        self._line_error = None
         self._timeouts = 0
         self._m112_sent = False
         self._idle_callbacks = []
@@ -867,6 +873,21 @@ class PrinterLink:
         copy only makes the firmware see a duplicate, which it answers with a request for the line it really
         wants; so rewinding is always safe."""
         self.stats["resend_requests"] += 1
+        rejected, self._line_error = self._line_error, None
+        if self._recovering and number == self._resend_target:
+            if rejected is None:
+                # A second request for one error (some firmwares repeat "Resend:"): it shares the error's ok.
+                self.stats["resend_duplicates"] += 1
+                return
+            if rejected and rejected != number:
+                # "expected line N got M" while already resending from N: the echo of a line written before the
+                # rewind (or a stale copy), not of the copy of N on its way.  Rewinding again would send N twice
+                # and make the firmware reject the second copy in turn: OctoPrint's "ignore resend requests for
+                # already-resent lines".  Its ok is the rejection's.
+                self.stats["resend_echoes_ignored"] += 1
+                if followed_by_ok:
+                    self._rejection_oks += 1
+                return
         if followed_by_ok:
             self._rejection_oks += 1
         if number == self._resend_target and self._recovering:
@@ -903,6 +924,8 @@ class PrinterLink:
         message = (reply.message or line).strip()
         if kind == "resend":
             self.stats["line_errors"] += 1
+            got = _EXPECTED_GOT.search(message)
+            self._line_error = int(got.group(2)) if got else 0
             return
         if kind == "command":
             log.info("link: the firmware refused a command: %s", message)
