@@ -4,6 +4,8 @@ actions, SD upload and SD print.
 """
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import pytest
@@ -289,16 +291,27 @@ def test_a_non_fatal_firmware_error_mid_print_cancels_it(bench):
     wait_until(lambda: b.link.state == "OPERATIONAL", what="operational after the cancel")
 
 
+# Files that must never reach a printer: (name, content, what the refusal says).
+BINARIES = [("cube.bgcode", b"GCDE\x01\x00\x00\x00" + bytes(range(256)), "binary G-code"),
+            ("tool.gcode", b"\x7fELF\x02\x01\x01" + bytes(200), r"executable \(ELF\)"),
+            ("image.gcode", b"G28\nG1 X1\n\x89PNG\x00\x00IHDR", r"binary file \(a NUL byte at offset 14\)")]
+
+
 def test_selection_refuses_what_cannot_be_printed(bench, tmp_path):
     b = bench()
-    with pytest.raises(JobError, match="no such file"):
+    with pytest.raises(JobError, match="No such file"):
         b.jobs.select(str(tmp_path / "missing.gcode"))
-    with pytest.raises(JobError, match="not a file"):
+    with pytest.raises(JobError, match="is a directory, not a G-code file"):
         b.jobs.select(str(tmp_path))
-    binary = tmp_path / "cube.bgcode"
-    binary.write_bytes(b"GCDE\x01\x00\x00\x00")
-    with pytest.raises(JobError, match="binary"):
-        b.jobs.select(str(binary))
+    fifo = tmp_path / "pipe.gcode"
+    os.mkfifo(fifo)
+    with pytest.raises(JobError, match=r"is a named pipe \(FIFO\), not a G-code file"):
+        b.jobs.select(str(fifo))
+    for name, content, why in BINARIES:
+        binary = tmp_path / name
+        binary.write_bytes(content)
+        with pytest.raises(JobError, match=why):
+            b.jobs.select(str(binary))
     with pytest.raises(JobError, match="no file selected"):
         b.jobs.start()
     b.jobs.select(str(CUBE))

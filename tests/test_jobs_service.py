@@ -104,7 +104,7 @@ def test_print_send_and_refusals_through_the_cli(printer_service):
     assert result.stderr.strip().count("\n") == 0 and "cannot pause: not printing" in result.stderr
 
     result = cli("print", "/no/such/file.gcode", config=config)
-    assert result.returncode == 2 and "no such file" in result.stderr
+    assert result.returncode == 2 and "No such file" in result.stderr
 
     client = channel.CommandClient(channel.endpoint(_load(config)))
     try:
@@ -267,3 +267,26 @@ def test_which_lines_move_the_printer(line, moves):
     from zevents.printer.service import moves_the_printer
 
     assert moves_the_printer(line) is moves
+
+
+def test_print_refuses_what_parse_refuses_with_the_same_message(short_tmp, bus_config):
+    """Binary G-code, an executable, a file with NUL bytes, a FIFO, a directory: `zevents print` refuses each
+    before anything is sent (no printer needed to see it), with the line `zevents parse` prints."""
+    import os
+
+    config = write_config(short_tmp, bus_config)
+    bad = {"cube.bgcode": b"GCDE\x01\x00\x00\x00" + bytes(64), "tool.gcode": b"\x7fELF\x02\x01" + bytes(64),
+           "nul.gcode": b"G28\n\x00\x01\x02"}
+    paths = []
+    for name, content in bad.items():
+        (short_tmp / name).write_bytes(content)
+        paths.append(short_tmp / name)
+    os.mkfifo(short_tmp / "pipe.gcode")
+    paths += [short_tmp / "pipe.gcode", short_tmp]
+    for path in paths:
+        printed = cli("print", str(path), config=config)
+        parsed = subprocess.run(ZEVENTS + ["parse", str(path)], capture_output=True, text=True, timeout=60)
+        assert printed.returncode == 2 and parsed.returncode == 1
+        message = printed.stderr.strip().removeprefix("zevents print: ")
+        assert printed.stderr.strip() != message and parsed.stderr.strip() == f"zevents parse: {message}"
+        assert str(path) in message and ("binary" in message or "not a G-code file" in message)

@@ -79,7 +79,11 @@ SEVERITY = {BLOCKED: "warn", IGNORED: "info", INVALID_TOOL: "warn"}
 LINE_SPACE = b" \t\x0b\x0c\x00"
 
 
-class BinaryGcodeError(ValueError):
+class NotGcodeError(ValueError):
+    """What was given to print or parse is not a text G-code file (binary, a directory, a FIFO, a device)."""
+
+
+class BinaryGcodeError(NotGcodeError):
     """Binary G-code (.bgcode, magic ``GCDE``) was given where text G-code is expected."""
 
     def __init__(self, where: str = "stream"):

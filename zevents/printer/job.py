@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zevents import events as zevents_events
+from zevents.parser import NotGcodeError, check_gcode_file, describe_file_error
 from zevents.printer.link import LinkError, LinkListener, PrinterLink
 
 log = logging.getLogger("zevents.printer.job")
 
-BGCODE_MAGIC = b"GCDE"
 PRINTING_STATES = ("PRINTING", "PAUSING", "PAUSED", "RESUMING", "CANCELLING", "FINISHING", "STARTING")
 _FILE_OPENED = re.compile(r"File opened:\s*(\S+)\s+Size:\s*(\d+)", re.IGNORECASE)
 _SD_PROGRESS = re.compile(r"SD printing byte\s+(\d+)\s*/\s*(\d+)", re.IGNORECASE)
@@ -209,17 +209,11 @@ class Jobs(LinkListener):
             if self.active is not None:
                 raise JobError("cannot select a file while a job is running")
             target = Path(os.path.expanduser(str(path)))
-            if not target.exists():
-                raise JobError(f"no such file: {path}")
-            if not target.is_file():
-                raise JobError(f"not a file: {path}")
             try:
-                with open(target, "rb") as handle:
-                    head = handle.read(4)
-            except OSError as exc:
-                raise JobError(f"cannot read {path}: {exc}") from None
-            if head == BGCODE_MAGIC:
-                raise JobError(f"{path} is binary G-code (.bgcode); only plain G-code can be printed")
+                # The check `zevents parse` makes: nothing that is not text G-code reaches the printer.
+                check_gcode_file(str(target))
+            except (OSError, NotGcodeError) as exc:
+                raise JobError(describe_file_error(str(path), exc)) from None
             target = target.resolve()
             self.selected = FileRef(target.name, str(target), "local", target.stat().st_size)
             self.emit("FileSelected", {"name": target.name, "path": str(target), "origin": "local"})

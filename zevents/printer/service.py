@@ -366,8 +366,12 @@ def run_print(config, file: str, user: str | None = None) -> int:
     import os
     import sys
 
-    if not os.path.isfile(file):
-        print(f"zevents: no such file: {file}", file=sys.stderr)
+    from zevents.parser import NotGcodeError, check_gcode_file, describe_file_error
+
+    try:
+        check_gcode_file(file)  # the check `zevents parse` makes, before anything reaches the printer
+    except (OSError, NotGcodeError) as exc:
+        print(f"zevents print: {describe_file_error(file, exc)}", file=sys.stderr)
         return 2
     reply = _client_request(config, "PRINT", {"path": os.path.abspath(file), "user": user})
     if reply is None:
