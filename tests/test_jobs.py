@@ -13,8 +13,8 @@ import pytest
 from test_link import Recorder, make_link, wait_until
 from zevents import analysis
 from zevents.parser import Parser
-from zevents.printer.job import JobError, Jobs
-from zevents.printer.link import strip_line
+from zevents.printer.job import JobError, Jobs, LocalSource
+from zevents.printer.link import LinkError, strip_line
 from zevents.printer.virtual import VirtualPrinter
 
 DATA = Path(__file__).parent / "data" / "printer"
@@ -391,3 +391,103 @@ def test_a_selected_file_that_vanished_cannot_start(bench, tmp_path):
     error = b.wait("Error")[1]
     assert error["reason"] == "start_print" and "doomed.gcode" in error["error"]
     assert not b.recorder.named("PrintStarted") and b.link.state == "OPERATIONAL"
+
+
+# --- lines the firmware cannot take, files that change -----------------------------------------------------------
+
+def test_a_2kb_m117_in_a_file_is_shortened_and_the_print_finishes(bench, tmp_path):
+    b = bench()
+    path = tmp_path / "message.gcode"
+    path.write_text("G28\nM117 " + "x" * 2048 + "\nG1 X10 Y10\n")
+    b.jobs.start(str(path))
+    b.wait("PrintDone", timeout=30)
+    shortened = b.wait("CommandSuppressed")[1]
+    assert shortened["severity"] == "info" and "shortened from 2053 to 80" in shortened["message"]
+    sent = [c for c in executed(b.printer) if c.startswith("M117")]
+    assert sent == ["M117 " + "x" * 75]
+    assert executed(b.printer)[-1] == "G1 X10 Y10" and not b.recorder.named("Error")
+
+
+def test_a_10mb_line_refuses_the_print_at_its_start_naming_the_line(bench, tmp_path):
+    b = bench()
+    path = tmp_path / "huge.gcode"
+    with open(path, "wb") as handle:
+        handle.write(b"G28\nG1 X1\n; a comment as long as it likes " + b"c" * 1000 + b"\nG1 X2 " + b"9" * (10 << 20)
+                     + b"\nG1 X3\n")
+    before = len(executed(b.printer))
+    with pytest.raises(JobError, match=r"huge.gcode: line 4 \(G1 X2 9+\.\.\.\) is 10485766 characters long, "
+                                       r"the printer takes at most 80 \(printer.max_line\)"):
+        b.jobs.start(str(path))
+    assert b.wait("Error")[1]["reason"] == "start_print"
+    assert not b.recorder.named("PrintStarted") and b.link.state == "OPERATIONAL"
+    assert len(executed(b.printer)) == before
+
+
+def test_an_over_long_line_that_reaches_the_firmware_ends_in_a_defined_state(bench, tmp_path):
+    """No line limit on our side (max_line 0) and a firmware that drops lines over its buffer without a word:
+    every probe is answered with a request for the same line, and the retries must still run out."""
+    b = bench(timeout=0.5, retries=2, max_line=0)
+    path = tmp_path / "long.gcode"
+    path.write_text("G28\nG1 X1 " + "0" * 2000 + "\nG1 X2\n")
+    b.jobs.start(str(path))
+    error = b.wait("Error", timeout=30)[1]
+    assert error["reason"] == "timeout" and error["consequence"] == "disconnect"
+    assert b.wait("PrintFailed", timeout=30)[1]["reason"] == "error"
+    b.wait("Disconnected", timeout=30)
+    assert b.link.state == "CLOSED_WITH_ERROR"
+
+
+def test_send_refuses_an_over_long_line_and_shortens_a_message(bench):
+    b = bench()
+    with pytest.raises(LinkError, match=r"line 2 not sent \(nothing was\): G1 X1 0+\.\.\. is 206 characters long"):
+        b.link.send(["G1 X5", "G1 X1 " + "0" * 200])
+    accepted, suppressed = b.link.send(["M118 E1 " + "y" * 300, "G1 X6"])
+    assert accepted == 2 and not suppressed
+    assert b.link.wait_idle(10)
+    assert [c for c in executed(b.printer) if c.startswith(("G1", "M118"))] == ["M118 E1 " + "y" * 72, "G1 X6"]
+
+
+@pytest.mark.parametrize("change", ["truncate", "append", "rewrite"])
+def test_a_file_changed_under_the_job_stops_it_saying_why(bench, tmp_path, monkeypatch, change):
+    monkeypatch.setattr(LocalSource, "CHECK_EVERY", 1024)
+    b = bench(speed=20.0, scripts=SCRIPTS)
+    path = tmp_path / "cube.gcode"
+    original = CUBE.read_bytes()
+    path.write_bytes(original)
+    b.jobs.start(str(path))
+    b.wait_progress(10)
+    if change == "truncate":
+        with open(path, "r+b") as handle:
+            handle.truncate(len(original) // 5)
+    elif change == "append":
+        with open(path, "ab") as handle:
+            handle.write(original * 8)
+    else:
+        with open(path, "r+b") as handle:
+            handle.write(original[::-1][:len(original)])
+    error = b.wait("Error", timeout=30)[1]
+    assert "changed while it was printing" in error["error"] and error["consequence"] == "cancel"
+    assert b.wait("PrintCancelling")[1]["firmwareError"] == error["error"]
+    assert b.wait("PrintFailed", timeout=30)[1]["reason"] == "cancelled"
+    assert not b.recorder.named("PrintDone")
+    assert all(0 <= p <= 100 for p in progress_values(b.recorder))
+    assert all(e[1]["size"] == len(original) for e in b.recorder.named("PrintStarted", "PrintCancelled"))
+    b.printer.wait_received("M117 cancelled")
+    wait_until(lambda: b.link.state == "OPERATIONAL", what="operational again")
+
+
+def test_a_file_replaced_by_a_new_one_prints_as_started(bench, tmp_path):
+    """The usual atomic save (write a new file, rename it over the old) is no change: the job prints the file it
+    opened."""
+    b = bench(speed=20.0)
+    path = tmp_path / "cube.gcode"
+    path.write_bytes(CUBE.read_bytes())
+    b.jobs.start(str(path))
+    b.wait_progress(10)
+    replacement = tmp_path / "new.gcode"
+    replacement.write_text("G28\n")
+    os.replace(replacement, path)
+    b.wait("PrintDone", timeout=60)
+    assert not b.recorder.named("Error")
+    assert [c for c in executed(b.printer) if not c.startswith("M117")][-len(file_commands(CUBE)):] == \
+        file_commands(CUBE)

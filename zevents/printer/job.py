@@ -26,7 +26,8 @@ from pathlib import Path
 
 from zevents import events as zevents_events
 from zevents.parser import NotGcodeError, check_gcode_file, describe_file_error
-from zevents.printer.link import LinkError, LinkListener, PrinterLink
+from zevents.printer.link import LinkError, LinkListener, PrinterLink, strip_line
+from zevents.printer.scan import scan_file
 
 log = logging.getLogger("zevents.printer.job")
 
@@ -57,36 +58,75 @@ def sd_name(path: str) -> str:
 
 
 class LocalSource:
-    """Lines of a local file for the link, with progress (at most one PrintProgress per percent)."""
+    """Lines of a local file for the link, with progress (at most one PrintProgress per percent).
+
+    The file must stay what it was when the job started: its size and modification time are checked every
+    ``CHECK_EVERY`` bytes and at its end, and a file that changed (truncated, appended to, rewritten in place)
+    ends the stream with ``error`` saying so.  A file replaced by a new one (the usual atomic save) is no change:
+    the open descriptor keeps reading the file that was started."""
 
     src = "job"
     parse = True
     reports_progress = True
+    CHECK_EVERY = 64 * 1024
 
     def __init__(self, jobs: "Jobs", ref: FileRef):
         self.jobs = jobs
         self.ref = ref
         self.file = open(ref.path, "rb")
-        self.size = ref.size or 0
+        started = os.fstat(self.file.fileno())
+        self.identity = (started.st_size, started.st_mtime_ns)
+        self.size = started.st_size
         self.position = 0
         self.percent = -1
+        self.checked = 0
+        self.error: str | None = None
+
+    def _changed(self, at_end: bool) -> str | None:
+        try:
+            now = os.fstat(self.file.fileno())
+        except (OSError, ValueError) as exc:
+            return f"{self.ref.name} cannot be read any more: {exc}"
+        if (now.st_size, now.st_mtime_ns) != self.identity or (at_end and self.position != self.size):
+            return (f"{self.ref.name} changed while it was printing ({self.size} bytes at the start, "
+                    f"{now.st_size} now, {self.position} sent): stopping rather than send what is not the file "
+                    "that was started")
+        return None
+
+    def _stop(self, error: str):
+        self.error = error
+        self.close()
+        return None
 
     def next_line(self):
+        if self.error is not None:
+            return None
         raw = self.file.readline()
+        after = self.position + len(raw)
+        if not raw or after > self.size or after - self.checked >= self.CHECK_EVERY:
+            self.checked = self.position
+            changed = self._changed(at_end=not raw)
+            if changed:
+                return self._stop(changed)
         if not raw:
             self.close()
             return None
         self.position += len(raw)
+        line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+        link = self.jobs.link
+        too_long = link.too_long(strip_line(line)) if len(line) > link.max_line > 0 else None
+        if too_long:
+            return self._stop(f"{self.ref.name}: {too_long}")
         if self.size and self.reports_progress:
-            percent = self.position * 100 // self.size
+            percent = min(100, self.position * 100 // self.size)
             if percent > self.percent:
                 self.percent = percent
                 self.jobs.progress(percent, self.position)
-        return raw.rstrip(b"\r\n").decode("utf-8", "replace")
+        return line
 
     @property
     def progress(self) -> float:
-        return round(self.position * 100.0 / self.size, 2) if self.size else 0.0
+        return round(min(self.position, self.size) * 100.0 / self.size, 2) if self.size else 0.0
 
     def close(self):
         try:
@@ -242,8 +282,16 @@ class Jobs(LinkListener):
                 return self._start_sd(ref, user)
             try:
                 source = LocalSource(self, ref)
+                scan = scan_file(ref.path, self.link.max_line)
             except OSError as exc:
                 raise self._start_failed(f"cannot open the selected file {ref.path}: {exc.strerror or exc}")
+            if scan.too_long is not None:
+                source.close()
+                number, length, start = scan.too_long
+                raise self._start_failed(
+                    f"{ref.name}: line {number} ({start}...) is {length} characters long, the printer takes at "
+                    f"most {self.link.max_line} (printer.max_line); the print was not started")
+            ref.size = source.size  # the file's size now: what the progress and the job's payloads are about
             self.active, self.user = ref, user
             self.started = time.monotonic()
             self.progress_percent, self.fileposition = 0.0, 0
@@ -278,8 +326,16 @@ class Jobs(LinkListener):
     def on_source_exhausted(self, source):
         if isinstance(source, UploadSource):
             self.submit(self._finish_upload, source)
+        elif source is self.source and source.error is not None:
+            self._stop_for(source.error)
         elif source is self.source:
             self.submit(self._finish, source)
+
+    def _stop_for(self, error: str, reason: str | None = None):
+        """The job cannot go on (its file changed, a firmware error): Error, then a cancel that says why."""
+        self.emit("Error", {"error": error, "reason": reason, "consequence": "cancel",
+                            "logs": list(self.link.comm_log)}, src="firmware")
+        self.submit(self._cancel_quietly, None, error)
 
     def _finish(self, source):
         """The file is all sent: FINISHING until its last line is acknowledged, then done.  The wait happens on
@@ -441,9 +497,7 @@ class Jobs(LinkListener):
         with self._lock:
             if self.active is None or self.link.state not in PRINTING_STATES or self.link.state == "CANCELLING":
                 return None
-        self.emit("Error", {"error": message, "reason": "firmware", "consequence": "cancel",
-                            "logs": list(self.link.comm_log)}, src="firmware")
-        self.submit(self._cancel_quietly, None, message)
+        self._stop_for(message, "firmware")
         return "cancel"
 
     def _cancel_quietly(self, user, firmware_error=None):

@@ -74,6 +74,11 @@ RESEND_LOOP_LIMIT = 10       # the same line requested this many times in a row:
 MAX_BATCH = 32               # lines written with one system call at most
 MAX_REPLY = 4096             # longer replies are cut (a garbage line must not eat memory)
 LOG_LINES = 40               # lines of communication kept for Error {logs}
+#: The longest command sent (without line number and checksum) by default: Marlin's and Prusa's input buffer
+#: holds 96 bytes (MAX_CMD_SIZE), the rest is room for "N<line> " and "*<checksum>".
+MAX_LINE = 80
+#: Commands whose text may be shortened to fit (a display message loses its tail; nothing moves differently).
+MESSAGE_COMMANDS = ("M117", "M118")
 _NUMBER_PREFIX = re.compile(r"^\s*N\d+\s+")
 _WAITS = frozenset(("M109", "M190", "M191", "M116", "M303", "G4", "M400"))  # commands that may run for minutes
 _M110 = re.compile(r"^M110(?:\s+N(-?\d+))?\s*$", re.IGNORECASE)
@@ -97,6 +102,12 @@ def numbered(line: str, number: int) -> bytes:
     """``N<number> <line>*<checksum>`` plus newline, as bytes ready for the wire."""
     body = f"N{number} {line}".encode("ascii", "replace")
     return body + b"*%d\n" % checksum(body)
+
+
+def is_message(line: str) -> bool:
+    """An M117/M118 command (display or host message), whose text may be shortened."""
+    word = line[:4].upper()
+    return word in MESSAGE_COMMANDS and (len(line) == 4 or not line[4].isdigit())
 
 
 def strip_line(raw: str) -> str:
@@ -184,7 +195,8 @@ class PrinterLink:
     def __init__(self, port: str, baudrate: int = 115200, *, emit: Callable | None = None, parser=True,
                  parser_config: dict | None = None, window: int = 4, timeout: float = 10.0, retries: int = 3,
                  hello_timeout: float | None = None, temperature_interval: float = 0.5,
-                 autoreport_interval: int = 2, poll_interval: float = 2.0, candidates=None, read_timeout=0.05):
+                 autoreport_interval: int = 2, poll_interval: float = 2.0, candidates=None, read_timeout=0.05,
+                 max_line: int = MAX_LINE):
         from zevents import parser as zparser
 
         self.port = port
@@ -203,6 +215,7 @@ class PrinterLink:
         self.poll_interval = poll_interval
         self.candidates = candidates
         self.read_timeout = read_timeout
+        self.max_line = int(max_line) if max_line else 0
         self.listener: LinkListener = LinkListener()
 
         self.state = "OFFLINE"
@@ -478,6 +491,11 @@ class PrinterLink:
         with self._lock:
             if not self._running or self._closing:
                 raise LinkError(f"the printer is not connected (state: {STATE_STRINGS.get(self.state, self.state)})")
+            lines = list(lines)
+            for number, raw in enumerate(lines, 1):
+                too_long = self.too_long(strip_line(raw))
+                if too_long:
+                    raise LinkError(f"line {number} not sent (nothing was): {too_long}")
             for raw in lines:
                 command = self._prepare(raw, src)
                 if command is None:
@@ -546,6 +564,34 @@ class PrinterLink:
             if source is None or self._source is source:
                 self._source = None
 
+    def too_long(self, line: str) -> str | None:
+        """Why the command ``line`` cannot be sent (longer than ``max_line`` and not a message that can be
+        shortened), or None."""
+        if not self.max_line or len(line) <= self.max_line or is_message(line):
+            return None
+        return (f"{line[:24]}... is {len(line)} characters long, the printer takes at most {self.max_line} "
+                "(printer.max_line)")
+
+    def _fit(self, line: str, src: str) -> str | None:
+        """The command as it can be sent: an over-long M117/M118 shortened (CommandSuppressed says so), another
+        over-long line suppressed (senders check ``too_long`` first: only a source changing under us gets here)."""
+        if not self.max_line or len(line) <= self.max_line:
+            return line
+        word = line.split(None, 1)[0]
+        if is_message(line):
+            short = line[:self.max_line].rstrip()
+            self.emit("CommandSuppressed", {
+                "command": short, "severity": "info",
+                "message": f"{word} text shortened from {len(line)} to {len(short)} characters to fit the "
+                           f"printer's line length (printer.max_line: {self.max_line})"}, src)
+            self.stats["shortened"] += 1
+            return short
+        self.emit("CommandSuppressed", {"command": line[:self.max_line], "severity": "warn",
+                                        "message": f"Not sending a {len(line)}-character line: {self.too_long(line)}"},
+                  src)
+        self.stats["suppressed"] += 1
+        return None
+
     def _prepare(self, raw: str, src: str, parse: bool = True) -> Command | None:
         """Parse one line (publishing its gcode events) and turn it into a Command; None if there is nothing to
         send (comment, blank, suppressed).  Called with the lock held, in send order."""
@@ -566,6 +612,10 @@ class PrinterLink:
                     return None
         line = strip_line(raw)
         if not line:
+            return None
+        line = self._fit(line, src)
+        if line is None:
+            self._last_suppressed = True
             return None
         command = Command(line, src)
         if line[:4].upper() == "M112" and (len(line) == 4 or not line[4].isdigit()):
@@ -769,11 +819,15 @@ class PrinterLink:
                 self.emit(event.name, event.payload, "firmware")
         reply = self._classify(line)
         kind = reply.kind
-        if kind not in ("temperature", "unknown") or self._heating():
+        heating = kind == "temperature" and self._heating()
+        if kind not in ("temperature", "unknown") or heating:
             # Progress (or a keep-alive); temperature auto-reports and noise are not, except during a heat-up
-            # wait of a firmware without the busy protocol.
+            # wait of a firmware without the busy protocol.  The timeout count is reset by an acknowledged line or
+            # a keep-alive only: a resend request answering every probe must not keep a line that never gets
+            # through alive for ever.
             self._last_rx = time.monotonic()
-            self._timeouts = 0
+            if kind == "busy" or heating:
+                self._timeouts = 0
         if self._file_list is not None:
             if "End file list" in line:
                 self.sd_files, self._file_list = self._file_list, None
@@ -840,6 +894,7 @@ class PrinterLink:
             return
         # Also when a rewind put writing back before it: some copy of the line got through after all, and
         # writing skips ahead instead of sending a duplicate.
+        self._timeouts = 0
         self._acknowledge(self._ack_no)
 
     def _acknowledge(self, number: int):

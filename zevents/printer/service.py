@@ -23,7 +23,7 @@ import zmq
 from zevents import bus as zbus
 from zevents.printer import channel
 from zevents.printer.job import JobError, Jobs
-from zevents.printer.link import LinkError, PrinterLink
+from zevents.printer.link import MAX_LINE, LinkError, PrinterLink
 from zevents.service import freeze_startup_heap
 
 log = logging.getLogger("zevents.printer.service")
@@ -100,7 +100,7 @@ class PrinterService:
         self.link = PrinterLink(
             self.port, self.baud, emit=self._enqueue_event, parser_config=self.config.get("parser"),
             window=int(self.section.get("window") or 4), timeout=float(self.section.get("timeout") or 10.0),
-            retries=int(self.section.get("retries", 3)))
+            retries=int(self.section.get("retries", 3)), max_line=int(self.section.get("max_line", MAX_LINE)))
         self.jobs = Jobs(self.link, scripts=self.section.get("scripts") or {})
         if self.autoconnect:
             future = self.jobs.submit(self._connect)
