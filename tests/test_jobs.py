@@ -491,3 +491,26 @@ def test_a_file_replaced_by_a_new_one_prints_as_started(bench, tmp_path):
     assert not b.recorder.named("Error")
     assert [c for c in executed(b.printer) if not c.startswith("M117")][-len(file_commands(CUBE)):] == \
         file_commands(CUBE)
+
+
+def test_cancel_turns_the_heaters_fan_and_motors_off_by_default(bench):
+    """OctoPrint's default afterPrintCancelled: a cancelled print does not leave a 215 °C nozzle behind."""
+    b = bench(speed=20.0, tools=2)
+    b.jobs.start(str(CUBE))
+    b.wait_progress(25)
+    assert b.printer.temperatures["tools"][0][1] == 215 and b.printer.temperatures["bed"][1] == 60
+    b.jobs.cancel()
+    b.wait("GcodeScriptAfterPrintCancelledFinished", timeout=30)
+    b.wait("PrintCancelled")
+    temperatures = b.printer.temperatures
+    assert [target for _, target in temperatures["tools"]] == [0, 0] and temperatures["bed"][1] == 0
+    assert executed(b.printer)[-5:] == ["M84", "M104 T0 S0", "M104 T1 S0", "M140 S0", "M106 S0"]
+
+
+def test_a_configured_script_replaces_the_default_and_an_empty_one_turns_it_off(bench):
+    b = bench(scripts={"afterPrintCancelled": ""})
+    assert b.jobs.run_script("afterPrintCancelled") is False
+    b = bench(scripts={"afterPrintCancelled": "M104 S0 ; only the nozzle"})
+    assert b.jobs.run_script("afterPrintCancelled") is True
+    b.printer.wait_received("M104 S0")
+    assert "M84" not in executed(b.printer)

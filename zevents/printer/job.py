@@ -36,6 +36,16 @@ _FILE_OPENED = re.compile(r"File opened:\s*(\S+)\s+Size:\s*(\d+)", re.IGNORECASE
 _SD_PROGRESS = re.compile(r"SD printing byte\s+(\d+)\s*/\s*(\d+)", re.IGNORECASE)
 
 
+#: OctoPrint's default GCODE scripts.  afterPrintCancelled: motors off, every hotend and the bed off, fan off
+#: (``{hotends}`` is one ``M104 T<n> S0`` per extruder the firmware reports); the others empty.  Each is replaced
+#: by ``printer.scripts.<name>`` (an empty string turns it off).
+DEFAULT_SCRIPTS = {
+    "beforePrintStarted": "",
+    "afterPrintDone": "",
+    "afterPrintCancelled": "; disable motors\nM84\n; disable all heaters\n{hotends}\nM140 S0\n; disable fan\nM106 S0",
+}
+
+
 class JobError(RuntimeError):
     """A job request that cannot be honoured now; the message says why."""
 
@@ -150,7 +160,8 @@ class Jobs(LinkListener):
                  wait_timeout: float | None = None):
         self.link = link
         link.listener = self
-        self.scripts = {k: v for k, v in (scripts or {}).items() if isinstance(v, str)}
+        self.scripts = dict(DEFAULT_SCRIPTS)
+        self.scripts.update({k: v for k, v in (scripts or {}).items() if isinstance(v, str)})
         self.sd_poll_interval = sd_poll_interval
         self.wait_timeout = wait_timeout or max(30.0, link.timeout * (link.retries + 1))
         self.selected: FileRef | None = None
@@ -225,7 +236,9 @@ class Jobs(LinkListener):
         """Send the configured script ``name`` (``printer.scripts``) with GcodeScript<Name>Running/Finished; the
         Finished event comes once its last line is acknowledged.  False when no such script is configured."""
         text = self.scripts.get(name)
-        lines = [line for line in (text or "").splitlines() if line.strip()]
+        if text and text is DEFAULT_SCRIPTS.get(name) and "{hotends}" in text:
+            text = text.replace("{hotends}", "\n".join(f"M104 T{tool} S0" for tool in range(self._extruders())))
+        lines = [line for line in (text or "").splitlines() if strip_line(line)]
         if not lines:
             return False
         payload = self._job_payload(time=self._elapsed())
@@ -241,6 +254,12 @@ class Jobs(LinkListener):
         if wait and not done.wait(self.wait_timeout):
             log.warning("jobs: script %s not acknowledged within %g s", name, self.wait_timeout)
         return True
+
+    def _extruders(self) -> int:
+        try:
+            return max(1, min(16, int(self.link.firmware.get("EXTRUDER_COUNT", 1))))
+        except (TypeError, ValueError):
+            return 1
 
     # --- selection -----------------------------------------------------------------------------------------------
 
