@@ -514,3 +514,38 @@ def test_a_configured_script_replaces_the_default_and_an_empty_one_turns_it_off(
     assert b.jobs.run_script("afterPrintCancelled") is True
     b.printer.wait_received("M104 S0")
     assert "M84" not in executed(b.printer)
+
+
+def end_offsets(path: Path) -> list:
+    """The file offset after each line that carries a command (what a printer executes), in order."""
+    offsets, position = [], 0
+    for raw in path.read_bytes().splitlines(keepends=True):
+        position += len(raw)
+        if strip_line(raw.decode()):
+            offsets.append(position)
+    return offsets
+
+
+@pytest.mark.parametrize("how", ["pause", "cancel"])
+def test_pause_and_cancel_report_the_position_of_the_last_acknowledged_line(bench, how):
+    b = bench(speed=20.0, scripts={"afterPrintCancelled": ""})
+    b.jobs.start(str(CUBE))
+    b.wait_progress(30)
+    # A few lines past the last percent published: the pause comes between two PrintProgress events.
+    count = len(b.printer.received)
+    wait_until(lambda: len(b.printer.received) >= count + 5, what="five more lines")
+    if how == "pause":
+        b.jobs.pause()
+        event = b.wait("PrintPaused")[1]
+    else:
+        b.jobs.cancel()
+        event = b.wait("PrintCancelled")[1]
+    # What the printer ran of the file (it acknowledges a line once it has run it): the job's position is the end
+    # of the last of those lines, not of the last line read or of the last percent published.
+    ran = [c for c in b.printer.received if c != "M115" and not c.startswith(("M110", "M155", "M105", "M114"))]
+    offset = end_offsets(CUBE)[len(ran) - 1]
+    assert event["fileposition"] == offset
+    assert event["progress"] == round(offset * 100.0 / CUBE.stat().st_size, 2)
+    if how == "pause":
+        b.jobs.resume()
+        b.wait("PrintDone", timeout=60)

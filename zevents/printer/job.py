@@ -134,10 +134,6 @@ class LocalSource:
                 self.jobs.progress(percent, self.position)
         return line
 
-    @property
-    def progress(self) -> float:
-        return round(min(self.position, self.size) * 100.0 / self.size, 2) if self.size else 0.0
-
     def close(self):
         try:
             self.file.close()
@@ -428,14 +424,15 @@ class Jobs(LinkListener):
         with self._lock:
             if self.active is None:
                 raise JobError("the job ended while pausing")
+            progress = self._progress()
             self.emit("PrintPaused", self._job_payload(user=user, position=position, fileposition=self.fileposition,
-                                                       progress=self._progress()))
+                                                       progress=progress))
             self._chart("pause", "Pause")
         self.run_script("afterPrintPaused")
         with self._lock:
             if self.active is not None:
                 self._state("PAUSED")
-        return {"position": position, "fileposition": self.fileposition, "progress": self._progress()}
+        return {"position": position, "fileposition": self.fileposition, "progress": progress}
 
     def resume(self, user: str | None = None, firmware: bool = False) -> dict:
         with self._lock:
@@ -487,9 +484,12 @@ class Jobs(LinkListener):
         return {"position": position, "progress": progress}
 
     def _progress(self) -> float | None:
+        """Where the job stands, by the last line the printer acknowledged (not the last one read or sent); sets
+        ``fileposition`` to it."""
         if self.source is not None and self.active is not None and self.active.origin == "local":
-            self.fileposition = self.source.position
-            return self.source.progress
+            size = self.source.size
+            self.fileposition = min(self.link.acknowledged_offset, size)
+            return round(self.fileposition * 100.0 / size, 2) if size else 0.0
         return self.progress_percent
 
     # --- link callbacks ------------------------------------------------------------------------------------------

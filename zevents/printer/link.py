@@ -132,6 +132,7 @@ class Command:
     src: str = "user"
     on_done: Optional[Callable[[bool], None]] = None
     emergency: bool = False
+    offset: Optional[int] = None   # a source's line: where the source stood after it (its file position)
 
 
 @dataclass
@@ -217,6 +218,8 @@ class PrinterLink:
         self.read_timeout = read_timeout
         self.max_line = int(max_line) if max_line else 0
         self.listener: LinkListener = LinkListener()
+        #: The source's position after the last of its lines the printer acknowledged (a job's file position).
+        self.acknowledged_offset = 0
 
         self.state = "OFFLINE"
         self.error: str | None = None
@@ -552,6 +555,7 @@ class PrinterLink:
                 raise LinkError("the printer is not connected")
             self._source = source
             self._source_paused = paused
+            self.acknowledged_offset = 0
             self._cond.notify_all()
 
     def pause_source(self, paused: bool):
@@ -692,6 +696,7 @@ class PrinterLink:
                     return None
                 command = self._prepare(raw, src, parse)
                 if command is not None:
+                    command.offset = getattr(source, "position", None)
                     data = self._number(command)
                     self._after_queued()
                     return data
@@ -908,6 +913,8 @@ class PrinterLink:
         self._cond.notify_all()
         entry = self._history.get(number)
         command = entry[1] if entry is not None else None
+        if command is not None and command.offset is not None:
+            self.acknowledged_offset = command.offset
         if command is not None and command.on_done is not None:
             self._deferred.append(lambda: command.on_done(True))
         if self._idle_callbacks and self._is_idle():
