@@ -97,6 +97,18 @@ def test_print_send_and_refusals_through_the_cli(printer_service):
 
     result = cli("send", "M0", config=config)
     assert result.returncode == 0 and "suppressed: M0" in result.stderr
+
+    # One line with its parameters; the firmware's answers on stdout; a refused command exits 1.
+    result = cli("send", "M104", "S0", config=config)
+    assert result.returncode == 0 and "sent 1 line(s)" in result.stderr, result.stderr
+    result = cli("send", "G92", "X12.5", "Y3", "M114", config=config)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("X:12.50 Y:3.00 "), result.stdout
+    result = cli("send", "M115", config=config)
+    assert "FIRMWARE_NAME:Marlin" in result.stdout and "Cap:AUTOREPORT_TEMP:1" in result.stdout
+    result = cli("send", "M9999", config=config)
+    assert result.returncode == 1 and 'Unknown command: "M9999"' in result.stdout
+    assert "the printer refused: M9999" in result.stderr
     assert next_event(subscriber, lambda e: e.name == "CommandSuppressed").src == "user"
 
     result = cli("pause", config=config)
@@ -290,3 +302,21 @@ def test_print_refuses_what_parse_refuses_with_the_same_message(short_tmp, bus_c
         message = printed.stderr.strip().removeprefix("zevents print: ")
         assert printed.stderr.strip() != message and parsed.stderr.strip() == f"zevents parse: {message}"
         assert str(path) in message and ("binary" in message or "not a G-code file" in message)
+
+
+@pytest.mark.parametrize("arguments, lines", [
+    (["M109", "S0"], ["M109 S0"]),
+    (["G28", "G1", "X10", "F600"], ["G28", "G1 X10 F600"]),
+    (["M104", "T1", "S0"], ["M104 T1 S0"]),
+    (["G28", "G1 X10 F600"], ["G28", "G1 X10 F600"]),
+    (["G1 X1", "S0"], ["G1 X1", "S0"]),
+    (["START_PRINT", "BED=60", "M117", "hi"], ["START_PRINT BED=60", "M117 hi"]),
+    (["G28\nM105"], ["G28", "M105"]),
+    (["-", "M400"], ["G28", "G1 X5", "M400"]),
+])
+def test_send_arguments_make_lines(arguments, lines):
+    import io
+
+    from zevents.printer.service import send_lines
+
+    assert send_lines(arguments, io.StringIO("G28\n\nG1 X5\n")) == lines

@@ -191,9 +191,10 @@ def cancel(config: Optional[str] = ConfigOption):
 
 
 @app.command()
-def send(lines: List[str] = typer.Argument(..., help="G-code lines, one per argument."),
+def send(lines: List[str] = typer.Argument(..., help="G-code: `M109 S0` is one line; several lines are several "
+                                                  "quoted arguments ('G28' 'G1 X10'), or - to read them from stdin."),
          config: Optional[str] = ConfigOption):
-    """Send G-code to the printer through the running link."""
+    """Send G-code through the running link; prints the firmware's answers, exits 1 if it refused a line."""
     from zevents.printer import service
 
     raise typer.Exit(service.run_send(load_config(config), lines))

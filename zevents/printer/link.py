@@ -110,6 +110,16 @@ def is_message(line: str) -> bool:
     return word in MESSAGE_COMMANDS and (len(line) == 4 or not line[4].isdigit())
 
 
+def is_refusal(reply_line: str) -> bool:
+    """A firmware answer saying a command was not done: an error (not a line error) or an unknown command."""
+    from zevents import parser as zparser
+
+    reply = zparser.classify_reply(reply_line)
+    if reply.kind == "error":
+        return reply.error_kind != "resend"
+    return "unknown command" in reply_line.lower()
+
+
 def strip_line(raw: str) -> str:
     """The command part of a G-code line: no comment, no line number or checksum, no surrounding blanks."""
     semicolon = raw.find(";")
@@ -133,6 +143,7 @@ class Command:
     on_done: Optional[Callable[[bool], None]] = None
     emergency: bool = False
     offset: Optional[int] = None   # a source's line: where the source stood after it (its file position)
+    replies: Optional[list] = None  # a list: collect the firmware's answer to this line (see PrinterLink.request)
 
 
 @dataclass
@@ -485,9 +496,10 @@ class PrinterLink:
 
     # --- sending -------------------------------------------------------------------------------------------------
 
-    def send(self, lines, src: str = "user", on_done: Callable | None = None) -> tuple:
+    def send(self, lines, src: str = "user", on_done: Callable | None = None, collect: list | None = None) -> tuple:
         """Queue lines (parsed now, sent in order ahead of a job's lines).  Returns (accepted, suppressed commands).
-        ``on_done`` runs when the last accepted line is acknowledged (at once with True if none was accepted)."""
+        ``on_done`` runs when the last accepted line is acknowledged (at once with True if none was accepted).
+        With a ``collect`` list, each queued Command is appended to it and gathers its answer (``replies``)."""
         if isinstance(lines, str):
             lines = lines.splitlines()
         accepted, suppressed, commands = 0, [], []
@@ -505,6 +517,9 @@ class PrinterLink:
                     if self._last_suppressed:
                         suppressed.append(strip_line(raw))
                     continue
+                if collect is not None:
+                    command.replies = []
+                    collect.append(command)
                 if command.emergency:
                     self._queue.appendleft(command)
                 else:
@@ -518,6 +533,41 @@ class PrinterLink:
         if not commands and on_done is not None:
             on_done(True)
         return accepted, suppressed
+
+    def request(self, lines, src: str = "user", timeout: float = 600.0) -> dict:
+        """Send lines and wait for the firmware's answer to each: {"accepted", "suppressed", "answers": [{"line",
+        "replies" (the lines it sent back before its ok, the ok's own text included), "refused" (an error or an
+        unknown command among them)}], "complete" (False when the answers did not all come within timeout)}."""
+        waiter = _Waiter()
+        commands: list = []
+        accepted, suppressed = self.send(lines, src, on_done=waiter, collect=commands)
+        complete = waiter.event.wait(timeout) and waiter.ok
+        answers = []
+        with self._lock:
+            for command in commands:
+                replies = list(command.replies or ())
+                refused = any(is_refusal(line) for line in replies)
+                answers.append({"line": command.line, "replies": replies, "refused": refused})
+        return {"accepted": accepted, "suppressed": suppressed, "answers": answers, "complete": bool(complete)}
+
+    def _collect_answer(self, reply, line: str):
+        """A reply line that answers the oldest line in flight, kept when that line collects its answer."""
+        if self._ack_no >= self._write_no:
+            return
+        entry = self._history.get(self._ack_no)
+        command = entry[1] if entry is not None else None
+        if command is None or command.replies is None:
+            return
+        kind = reply.kind
+        if kind in ("resend", "skip", "busy", "wait") or (kind == "error" and reply.error_kind == "resend"):
+            return  # the link's own business, not an answer
+        if kind == "ok" and not reply.message:
+            return
+        if kind == "temperature" and not reply.ok and command.line[:4].upper() != "M105":
+            return  # an auto-report that happened to arrive meanwhile
+        if self._rejection_oks and reply.ok:
+            return
+        command.replies.append(line)
 
     def send_and_wait(self, line: str, src: str = "user", timeout: float | None = None):
         """Send one line and wait for its ``ok``; returns the (accepted, suppressed) of send, or None on timeout."""
@@ -844,6 +894,7 @@ class PrinterLink:
                     name, size = line.strip(), ""
                 self._file_list.append({"name": name, "size": int(size) if size else None})
             return
+        self._collect_answer(reply, line)
         if reply.temperatures:
             self._on_temperatures(reply.temperatures)
         if reply.position:

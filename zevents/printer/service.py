@@ -14,6 +14,7 @@ import os
 import queue
 import re
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -206,6 +207,21 @@ class PrinterService:
         try:
             if command == "STATUS":
                 server.reply(reply_to, args, True, **self.jobs.status())
+            elif command == "GCODE" and args.get("wait"):
+                # The answers may take minutes (M109): a thread of its own waits, the loop and the jobs worker
+                # (pause, cancel) stay free.
+                lines, src = self._gcode_lines(args)
+                future = concurrent.futures.Future()
+                future.add_done_callback(self._wake)
+
+                def wait_for_answers():
+                    try:
+                        future.set_result(self.link.request(lines, src, timeout=float(args.get("timeout") or 600)))
+                    except Exception as exc:  # LinkError and the like: the reply says it
+                        future.set_exception(exc)
+
+                threading.Thread(target=wait_for_answers, name="gcode-request", daemon=True).start()
+                self._pending.append((future, reply_to, args))
             elif command == "GCODE":
                 server.reply(reply_to, args, True, **self._gcode(args))
             elif command in self._JOB_COMMANDS:
@@ -218,6 +234,12 @@ class PrinterService:
             server.reply(reply_to, args, False, error=str(exc))
 
     def _gcode(self, args: dict) -> dict:
+        lines, src = self._gcode_lines(args)
+        accepted, suppressed = self.link.send(lines, src=src)
+        return {"accepted": accepted, "suppressed": suppressed}
+
+    def _gcode_lines(self, args: dict) -> tuple:
+        """The lines and src of a GCODE request, checked (ValueError/LinkError say what is wrong)."""
         lines = args.get("lines")
         if isinstance(lines, str):
             lines = lines.splitlines()
@@ -233,8 +255,7 @@ class PrinterService:
                                 "not move the printer unless printer.allow_bus_commands is true")
         if not self.link.connected:
             raise LinkError(f"the printer is not connected (state: {self.link.status()['state_string']})")
-        accepted, suppressed = self.link.send(lines, src=src)
-        return {"accepted": accepted, "suppressed": suppressed}
+        return lines, src
 
     def _reply_finished(self):
         if not self._pending:
@@ -395,20 +416,57 @@ def run_control(config, command: str, user: str | None = None) -> int:
     return 0
 
 
-def run_send(config, lines: list, src: str = "user") -> int:
-    """`zevents send GCODE...`: each argument is one line (or several, separated by newlines)."""
-    import sys
+_COMMAND_WORD = re.compile(r"^[GM]\d+(?:\.\d+)?$", re.IGNORECASE)
 
-    flat = [line for arg in lines for line in str(arg).splitlines() if line.strip()]
-    if not flat:
-        print("zevents: nothing to send", file=sys.stderr)
+
+def send_lines(arguments: list, stdin=None) -> list:
+    """The G-code lines of `zevents send`'s arguments: an argument with a blank in it (quoted) or with newlines is
+    whole lines; a bare G/M word starts a line and the words after it are its parameters (``M109 S0`` is one
+    line); ``-`` reads lines from stdin."""
+    lines: list = []
+    joining = False
+    for argument in arguments:
+        argument = str(argument)
+        if argument == "-":
+            lines.extend((stdin or sys.stdin).read().splitlines())
+            joining = False
+        elif argument.strip() != argument or " " in argument or "\n" in argument or "\t" in argument:
+            lines.extend(argument.splitlines())
+            joining = False
+        elif joining and not _COMMAND_WORD.match(argument):
+            lines[-1] += " " + argument
+        else:
+            lines.append(argument)
+            joining = True
+    return [line for line in lines if line.strip()]
+
+
+def run_send(config, arguments: list, src: str = "user", stdin=None) -> int:
+    """`zevents send GCODE...`: sends the lines (see ``send_lines``), waits for the firmware's answer to each and
+    prints it; 1 when the firmware refused a line (an error, an unknown command)."""
+    lines = send_lines(arguments, stdin)
+    if not lines:
+        print("zevents send: nothing to send", file=sys.stderr)
         return 2
-    reply = _client_request(config, "GCODE", {"lines": flat, "src": src})
+    reply = _client_request(config, "GCODE", {"lines": lines, "src": src, "wait": True, "timeout": 600},
+                            timeout=660.0)
     if reply is None:
         return 1
+    refused = []
+    for answer in reply.get("answers") or []:
+        for line in answer.get("replies") or []:
+            print(line)
+        if answer.get("refused"):
+            refused.append(answer.get("line"))
     suppressed = reply.get("suppressed") or []
     print(f"sent {reply.get('accepted', 0)} line(s)" +
           (f", suppressed: {', '.join(suppressed)}" if suppressed else ""), file=sys.stderr)
+    if not reply.get("complete", True):
+        print("zevents send: not every answer came in time", file=sys.stderr)
+        return 1
+    if refused:
+        print(f"zevents send: the printer refused: {', '.join(refused)}", file=sys.stderr)
+        return 1
     return 0
 
 
