@@ -320,3 +320,16 @@ def test_send_arguments_make_lines(arguments, lines):
     from zevents.printer.service import send_lines
 
     assert send_lines(arguments, io.StringIO("G28\n\nG1 X5\n")) == lines
+
+
+def test_demo_refuses_any_printer_but_the_built_in_virtual_one(short_tmp, bus_config):
+    """`zevents run --demo` prints a Prusa MK3S cube: never on whatever is attached to a real port."""
+    config = write_config(short_tmp, bus_config)
+    result = subprocess.run(ZEVENTS + ["run", "--demo", "--port", "/dev/ttyUSB7", "-c", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--demo prints a sample cube and only ever on the built-in virtual printer, but the printer port is " \
+           "/dev/ttyUSB7" in result.stderr
+    real = write_config(short_tmp, bus_config, port="/dev/ttyACM3")
+    result = subprocess.run(ZEVENTS + ["run", "--demo", "-c", str(real)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "port is /dev/ttyACM3 (from --port or printer.port)" in result.stderr

@@ -93,7 +93,10 @@ def run(config: Optional[str] = ConfigOption,
     if demo:
         from zevents import demo as demo_mod
 
-        demo_mod.prepare(cfg)
+        try:
+            demo_mod.prepare(cfg)
+        except demo_mod.DemoError as exc:
+            raise fail(str(exc))
     raise typer.Exit(node.run(cfg, demo=demo, show=not quiet))
 
 
