@@ -333,3 +333,27 @@ def test_demo_refuses_any_printer_but_the_built_in_virtual_one(short_tmp, bus_co
     real = write_config(short_tmp, bus_config, port="/dev/ttyACM3")
     result = subprocess.run(ZEVENTS + ["run", "--demo", "-c", str(real)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "port is /dev/ttyACM3 (from --port or printer.port)" in result.stderr
+
+
+def test_connect_and_disconnect_through_the_cli(printer_service):
+    process, subscriber, config = printer_service
+    result = cli("connect", config=config)
+    assert result.returncode == 1 and "already connected to /dev/" in result.stderr
+    result = cli("disconnect", config=config)
+    assert result.returncode == 0, result.stderr
+    next_event(subscriber, lambda e: e.name == "Disconnecting")
+    next_event(subscriber, lambda e: e.name == "Disconnected")
+    client = channel.CommandClient(channel.endpoint(_load(config)))
+    try:
+        assert client.request("STATUS")["state_id"] == "CLOSED"
+        result = cli("disconnect", config=config)
+        assert result.returncode == 1 and "not connected" in result.stderr
+        port = client.request("STATUS")["port"]
+        result = cli("connect", "--port", "/dev/zevents-no-such-port", config=config)
+        assert result.returncode == 1 and "cannot open /dev/zevents-no-such-port" in result.stderr
+        result = cli("connect", "--port", port, "--baud", "115200", config=config)
+        assert result.returncode == 0 and f"connected to {port} at 115200 baud" in result.stderr, result.stderr
+        next_event(subscriber, lambda e: e.name == "Connected")
+        assert client.request("STATUS")["state_id"] == "OPERATIONAL"
+    finally:
+        client.close()

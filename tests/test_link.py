@@ -5,6 +5,7 @@ vanishing port, garbage, M112, temperatures, invalid tools, auto-detection and t
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -445,3 +446,78 @@ def test_the_link_speaks_every_dialect_of_the_virtual_printer(firmware, recorder
     finally:
         the_link.disconnect(timeout=1.0)
         vp.stop()
+
+
+# --- reconnecting ------------------------------------------------------------------------------------------------
+
+def test_the_link_reconnects_once_a_vanished_port_is_back(tmp_path, recorder):
+    """USB unplugged and plugged in again (a new pty behind the same symlink a second later): Connecting and
+    Connected again, with nothing tried while the port is absent."""
+    from zevents.printer.reconnect import Reconnector
+
+    device = tmp_path / "ttyV"
+    vp = VirtualPrinter(firmware="marlin", speed=0, sd_dir=tmp_path / "sd", boot_delay=0.05, link=device)
+    vp.start()
+    the_link = make_link(str(device), recorder)
+    reconnector = Reconnector(the_link, the_link.connect, min_delay=0.2, max_delay=1.0, poll=0.05)
+    try:
+        assert the_link.connect(), the_link.error
+        reconnector.start()
+        vp.inject("disconnect", reopen_after=1.5)
+        recorder.wait(lambda n, p, s: n == "Error" and p["reason"] == "connection", what="the lost port")
+        recorder.wait(lambda n, p, s: n == "PrinterStateChanged" and p["state_id"] == "CLOSED_WITH_ERROR")
+        wait_until(lambda: the_link.connected, timeout=30, what="connected again")
+        assert vp.stats["disconnects"] == 1 and the_link.port == str(device)
+        names = recorder.names()
+        assert names.count("Connected") == 2 and names.count("Connecting") == 1 + reconnector.attempts
+        # While the device was absent nothing was tried: one Error for the loss, one per failed attempt (an attempt
+        # may come before the new port answers), not one per poll.
+        assert names.count("Error") == reconnector.attempts
+        the_link.send(["G1 X7"])
+        vp.wait_received("G1 X7")
+    finally:
+        reconnector.stop()
+        the_link.disconnect(timeout=1.0)
+        vp.stop()
+
+
+def test_a_port_that_appears_later_is_connected_and_an_unanswering_one_backs_off(tmp_path, recorder):
+    from zevents.printer.reconnect import Reconnector
+
+    device = tmp_path / "ttyLate"
+    the_link = make_link(str(device), recorder, timeout=0.5, retries=1)
+    assert not the_link.connect()
+    assert recorder.named("Error")[-1][1]["reason"] == "connection" and the_link.state == "CLOSED_WITH_ERROR"
+    reconnector = Reconnector(the_link, the_link.connect, min_delay=0.2, max_delay=0.4, poll=0.05).start()
+    vp = None
+    master, slave = os.openpty()  # a port that is there but where nothing answers: attempts fail, back off
+    try:
+        os.symlink(os.ttyname(slave), device)
+        wait_until(lambda: reconnector.attempts >= 2, timeout=30, what="two failed attempts")
+        assert not the_link.connected and recorder.names().count("Connecting") >= 3
+        vp = VirtualPrinter(firmware="marlin", speed=0, sd_dir=tmp_path / "sd", boot_delay=0.05, link=device)
+        vp.start()  # the printer behind the same name
+        wait_until(lambda: the_link.connected, timeout=30, what="connected")
+        assert recorder.names().count("Connected") == 1
+    finally:
+        reconnector.stop()
+        the_link.disconnect(timeout=1.0)
+        if vp is not None:
+            vp.stop()
+        os.close(master)
+        os.close(slave)
+
+
+def test_no_reconnect_after_an_emergency_or_a_requested_disconnect(link, recorder, printer):
+    from zevents.printer.reconnect import Reconnector
+
+    reconnector = Reconnector(link, link.connect, min_delay=0.05, max_delay=0.1, poll=0.02)
+    assert not reconnector._should_try()
+    link.disconnect()
+    assert not reconnector._should_try()  # CLOSED, not an error
+    link.connect()
+    printer.inject("firmware_error")
+    recorder.wait(lambda n, p, s: n == "Error" and p["consequence"] == "emergency")
+    recorder.wait("Disconnected")
+    wait_until(lambda: link.state == "CLOSED_WITH_ERROR", what="closed")
+    assert not reconnector._should_try()

@@ -170,6 +170,25 @@ def print_file(file: str = typer.Argument(..., help="Local G-code file to print.
 
 
 @app.command()
+def connect(port: Optional[str] = typer.Option(None, "--port", help="Serial device, pyserial URL or AUTO "
+                                                                    "(default: the link's port)."),
+            baud: Optional[int] = typer.Option(None, "--baud", help="Baud rate; 0 detects it."),
+            config: Optional[str] = ConfigOption):
+    """Connect the running printer link to the printer."""
+    from zevents.printer import service
+
+    raise typer.Exit(service.run_connect(load_config(config), port=port, baud=baud))
+
+
+@app.command()
+def disconnect(config: Optional[str] = ConfigOption):
+    """Disconnect the running printer link (no automatic reconnect until `zevents connect`)."""
+    from zevents.printer import service
+
+    raise typer.Exit(service.run_disconnect(load_config(config)))
+
+
+@app.command()
 def pause(config: Optional[str] = ConfigOption):
     """Pause the running print (prints the head position)."""
     from zevents.printer import service

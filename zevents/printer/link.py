@@ -234,6 +234,7 @@ class PrinterLink:
 
         self.state = "OFFLINE"
         self.error: str | None = None
+        self.error_consequence: str | None = None   # of the last error ("emergency": the firmware halted)
         self.firmware: dict = {}
         self.capabilities: dict = {}
         self.position: dict | None = None
@@ -311,7 +312,7 @@ class PrinterLink:
         with self._lock:
             if self._running:
                 raise LinkError(f"already connected to {self.port}")
-            self.error = None
+            self.error = self.error_consequence = None
             self._closing = False
         self.emit("Connecting", {})
         auto_port = str(self.port).upper() == AUTO
@@ -456,7 +457,7 @@ class PrinterLink:
             pending = [self._history[n][1] for n in range(self._ack_no, self._next_line) if n in self._history]
             pending = [command for command in pending if command is not None] + list(self._queue)
         if error is not None:
-            self.error = error
+            self.error, self.error_consequence = error, consequence
             log.error("link: %s", error)
             self.emit("Error", {"error": error, "reason": reason, "consequence": consequence,
                                 "logs": list(self.comm_log)})

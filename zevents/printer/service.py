@@ -25,6 +25,7 @@ from zevents import bus as zbus
 from zevents.printer import channel
 from zevents.printer.job import JobError, Jobs
 from zevents.printer.link import MAX_LINE, LinkError, PrinterLink
+from zevents.printer.reconnect import Reconnector
 from zevents.service import freeze_startup_heap
 
 log = logging.getLogger("zevents.printer.service")
@@ -75,6 +76,7 @@ class PrinterService:
         self.server = None
         self.virtual_printer = None
         self.link: PrinterLink | None = None
+        self.reconnector: Reconnector | None = None
         self.jobs: Jobs | None = None
         self._pending: list = []
         self._stop = threading.Event()
@@ -103,6 +105,10 @@ class PrinterService:
             window=int(self.section.get("window") or 4), timeout=float(self.section.get("timeout") or 10.0),
             retries=int(self.section.get("retries", 3)), max_line=int(self.section.get("max_line", MAX_LINE)))
         self.jobs = Jobs(self.link, scripts=self.section.get("scripts") or {})
+        if self.section.get("reconnect", True):
+            self.reconnector = Reconnector(self.link, self._reconnect_attempt)
+            self.reconnector.want(self.autoconnect)
+            self.reconnector.start()
         if self.autoconnect:
             future = self.jobs.submit(self._connect)
             future.add_done_callback(self._wake)
@@ -122,6 +128,14 @@ class PrinterService:
         self.virtual_printer.start()
         log.info("printer: virtual %s printer on %s", settings.get("firmware", "marlin"), self.virtual_printer.port)
         return self.virtual_printer.port
+
+    def _reconnect_attempt(self) -> bool:
+        """One attempt of the reconnect loop, on the jobs worker like every other connect."""
+        try:
+            self.jobs.submit(self._connect).result()
+        except (JobError, LinkError):
+            return False
+        return True
 
     def _connect(self) -> dict:
         if self.link.connected:
@@ -163,6 +177,8 @@ class PrinterService:
 
     def close(self):
         """Disconnect politely, publish what is left, release everything."""
+        if self.reconnector is not None:
+            self.reconnector.stop()
         if self.link is not None and self.link.connected:
             try:
                 self.link.disconnect(timeout=2.0)
@@ -294,13 +310,19 @@ class PrinterService:
 
     # Blocking requests, run on the jobs worker: (service, args) -> reply dict.
     def _cmd_connect(self, args):
+        if self.link.connected:
+            raise JobError(f"already connected to {self.link.port}")
         if args.get("port"):
             self.link.port = str(args["port"])
         if args.get("baudrate") is not None:
             self.link.baudrate = int(args["baudrate"])
+        if self.reconnector is not None:
+            self.reconnector.want(True)
         return self._connect()
 
     def _cmd_disconnect(self, args):
+        if self.reconnector is not None:
+            self.reconnector.want(False)  # also stops a reconnect loop waiting for an absent port
         if not self.link.connected:
             raise JobError("the printer is not connected")
         self.link.disconnect()
@@ -398,6 +420,24 @@ def run_print(config, file: str, user: str | None = None) -> int:
     if reply is None:
         return 1
     print(f"printing {reply.get('name')} ({reply.get('size')} bytes)", file=sys.stderr)
+    return 0
+
+
+def run_connect(config, port: str | None = None, baud: int | None = None) -> int:
+    """`zevents connect [--port DEV] [--baud N]`: connect the running link (to another port or rate if given)."""
+    args = {key: value for key, value in (("port", port), ("baudrate", baud)) if value is not None}
+    reply = _client_request(config, "CONNECT", args, timeout=120.0)
+    if reply is None:
+        return 1
+    print(f"connected to {reply.get('port')} at {reply.get('baudrate')} baud", file=sys.stderr)
+    return 0
+
+
+def run_disconnect(config) -> int:
+    """`zevents disconnect`: close the port (a running print fails); no reconnecting until `zevents connect`."""
+    if _client_request(config, "DISCONNECT", {}, timeout=30.0) is None:
+        return 1
+    print("disconnected", file=sys.stderr)
     return 0
 
 

@@ -9,6 +9,7 @@ PRINTER_SCHEMA = {
     "scripts": dict,
     # link11: the longest command sent (the firmware's input buffer less room for line number and checksum)
     "max_line": Key(int, min=16, max=1 << 20),
+    "reconnect": bool,
 }
 PARSER_SCHEMA = {"blocked_commands": list, "ignored_commands": list}
 
