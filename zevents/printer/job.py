@@ -27,7 +27,7 @@ from pathlib import Path
 from zevents import events as zevents_events
 from zevents.parser import NotGcodeError, check_gcode_file, describe_file_error
 from zevents.printer.link import LinkError, LinkListener, PrinterLink, strip_line
-from zevents.printer.scan import scan_file
+from zevents.printer.scan import MarkerLayers, scan_file
 
 log = logging.getLogger("zevents.printer.job")
 
@@ -91,6 +91,10 @@ class LocalSource:
         self.percent = -1
         self.checked = 0
         self.error: str | None = None
+        self.layers = None   # MarkerLayers when the file has layer markers (set by the job at its start)
+
+    def gcode_events(self, raw: str, found, parser):
+        return self.layers.events(raw, found, parser) if self.layers is not None else found
 
     def _changed(self, at_end: bool) -> str | None:
         try:
@@ -300,6 +304,9 @@ class Jobs(LinkListener):
                 scan = scan_file(ref.path, self.link.max_line)
             except OSError as exc:
                 raise self._start_failed(f"cannot open the selected file {ref.path}: {exc.strerror or exc}")
+            if scan.marker_form is not None:
+                # The slicer's own layers, not the parser's guess from heights (see MarkerLayers).
+                source.layers = MarkerLayers(scan.marker_form, scan.layers)
             if scan.too_long is not None:
                 source.close()
                 number, length, start = scan.too_long

@@ -647,13 +647,17 @@ class PrinterLink:
         self.stats["suppressed"] += 1
         return None
 
-    def _prepare(self, raw: str, src: str, parse: bool = True) -> Command | None:
+    def _prepare(self, raw: str, src: str, parse: bool = True, source=None) -> Command | None:
         """Parse one line (publishing its gcode events) and turn it into a Command; None if there is nothing to
-        send (comment, blank, suppressed).  Called with the lock held, in send order."""
+        send (comment, blank, suppressed).  Called with the lock held, in send order.  A source with a
+        ``gcode_events(raw, found, parser)`` method decides which of its lines' events are published."""
         self._last_suppressed = False
         tool_change = None
         if parse and self.parser is not None:
             found = self.parser.sent(raw)
+            rewrite = getattr(source, "gcode_events", None)
+            if rewrite is not None:
+                found = rewrite(raw, found, self.parser)
             if found:
                 for event in found:
                     name = event.name
@@ -745,7 +749,7 @@ class PrinterLink:
                     self._source = None
                     self._deferred.append(lambda: self.listener.on_source_exhausted(source))
                     return None
-                command = self._prepare(raw, src, parse)
+                command = self._prepare(raw, src, parse, source)
                 if command is not None:
                     command.offset = getattr(source, "position", None)
                     data = self._number(command)
