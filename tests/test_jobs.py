@@ -553,3 +553,27 @@ def test_pause_and_cancel_report_the_position_of_the_last_acknowledged_line(benc
     if how == "pause":
         b.jobs.resume()
         b.wait("PrintDone", timeout=60)
+
+
+@pytest.mark.parametrize("how", ["pause", "cancel"])
+def test_resend_requests_while_pausing_or_cancelling_lose_and_duplicate_nothing(bench, how):
+    """Line errors on the lines still in flight when a pause or a cancel comes: they are resent, the job's
+    position is still the last acknowledged line, and a resumed print runs every command exactly once."""
+    b = bench(speed=20.0, scripts={"afterPrintCancelled": ""})
+    b.printer.inject("keep_buffer", count=10_000)
+    b.jobs.start(str(CUBE))
+    b.wait_progress(30)
+    for _ in range(3):
+        b.printer.inject("corrupt_checksum")
+    if how == "pause":
+        b.jobs.pause()
+        b.wait("PrintPaused")
+        b.jobs.resume()
+        b.wait("PrintDone", timeout=60)
+        assert [c for c in executed(b.printer) if not c.startswith("M117")] == file_commands(CUBE)
+    else:
+        b.jobs.cancel()
+        b.wait("PrintCancelled")
+        ran = [c for c in executed(b.printer) if not c.startswith("M117")]
+        assert ran == file_commands(CUBE)[:len(ran)]
+    assert b.printer.stats["resends_requested"] >= 1 and not b.recorder.named("Error")
