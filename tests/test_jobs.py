@@ -4,6 +4,8 @@ actions, SD upload and SD print.
 """
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,8 @@ import pytest
 from test_link import Recorder, make_link, wait_until
 from zevents import analysis
 from zevents.parser import Parser
-from zevents.printer.job import JobError, Jobs
-from zevents.printer.link import strip_line
+from zevents.printer.job import JobError, Jobs, LocalSource
+from zevents.printer.link import LinkError, strip_line
 from zevents.printer.virtual import VirtualPrinter
 
 DATA = Path(__file__).parent / "data" / "printer"
@@ -126,10 +128,14 @@ def test_a_real_sliced_file_prints_with_the_exact_event_sequence(bench):
     assert b.recorder.wait("PrintStarted")[1]["user"] == "alice"
     assert [e[1]["type"] for e in b.recorder.named("ChartMarked")] == ["print", "done"]
 
-    # Every gcode event of the file, with src job, exactly as a fresh parser sees the file.
+    # Every gcode event of the file, with src job, exactly as a fresh parser sees the file; but the layers are
+    # the slicer's markers (one per ";LAYER_CHANGE", z from its ";Z:", the total known), not the parser's guess.
     gcode_names = gcode_event_names()
     published = [(e[0], e[1]) for e in b.recorder.events if e[0] in gcode_names and e[2] == "job"]
-    assert published == expected_gcode_events(CUBE)
+    assert [e for e in published if e[0] != "LayerChanged"] == [
+        e for e in expected_gcode_events(CUBE) if e[0] != "LayerChanged"]
+    layers = [(p["layer"], p["z"], p["old_z"], p["total"]) for n, p in published if n == "LayerChanged"]
+    assert layers == [(1, 0.2, None, 5), (2, 0.4, 0.2, 5), (3, 0.6, 0.4, 5), (4, 0.8, 0.6, 5), (5, 1.0, 0.8, 5)]
     counts = {name: sum(1 for n, _ in published if n == name) for name in ("Home", "ZChange", "LayerChanged")}
     assert counts["Home"] == 1 and counts["LayerChanged"] == 5 and counts["ZChange"] > 5
     # ... and the counts are those of the parser's analysis of the same file.
@@ -289,16 +295,27 @@ def test_a_non_fatal_firmware_error_mid_print_cancels_it(bench):
     wait_until(lambda: b.link.state == "OPERATIONAL", what="operational after the cancel")
 
 
+# Files that must never reach a printer: (name, content, what the refusal says).
+BINARIES = [("cube.bgcode", b"GCDE\x01\x00\x00\x00" + bytes(range(256)), "binary G-code"),
+            ("tool.gcode", b"\x7fELF\x02\x01\x01" + bytes(200), r"executable \(ELF\)"),
+            ("image.gcode", b"G28\nG1 X1\n\x89PNG\x00\x00IHDR", r"binary file \(a NUL byte at offset 14\)")]
+
+
 def test_selection_refuses_what_cannot_be_printed(bench, tmp_path):
     b = bench()
-    with pytest.raises(JobError, match="no such file"):
+    with pytest.raises(JobError, match="No such file"):
         b.jobs.select(str(tmp_path / "missing.gcode"))
-    with pytest.raises(JobError, match="not a file"):
+    with pytest.raises(JobError, match="is a directory, not a G-code file"):
         b.jobs.select(str(tmp_path))
-    binary = tmp_path / "cube.bgcode"
-    binary.write_bytes(b"GCDE\x01\x00\x00\x00")
-    with pytest.raises(JobError, match="binary"):
-        b.jobs.select(str(binary))
+    fifo = tmp_path / "pipe.gcode"
+    os.mkfifo(fifo)
+    with pytest.raises(JobError, match=r"is a named pipe \(FIFO\), not a G-code file"):
+        b.jobs.select(str(fifo))
+    for name, content, why in BINARIES:
+        binary = tmp_path / name
+        binary.write_bytes(content)
+        with pytest.raises(JobError, match=why):
+            b.jobs.select(str(binary))
     with pytest.raises(JobError, match="no file selected"):
         b.jobs.start()
     b.jobs.select(str(CUBE))
@@ -378,3 +395,185 @@ def test_a_selected_file_that_vanished_cannot_start(bench, tmp_path):
     error = b.wait("Error")[1]
     assert error["reason"] == "start_print" and "doomed.gcode" in error["error"]
     assert not b.recorder.named("PrintStarted") and b.link.state == "OPERATIONAL"
+
+
+# --- lines the firmware cannot take, files that change -----------------------------------------------------------
+
+def test_a_2kb_m117_in_a_file_is_shortened_and_the_print_finishes(bench, tmp_path):
+    b = bench()
+    path = tmp_path / "message.gcode"
+    path.write_text("G28\nM117 " + "x" * 2048 + "\nG1 X10 Y10\n")
+    b.jobs.start(str(path))
+    b.wait("PrintDone", timeout=30)
+    shortened = b.wait("CommandSuppressed")[1]
+    assert shortened["severity"] == "info" and "shortened from 2053 to 80" in shortened["message"]
+    sent = [c for c in executed(b.printer) if c.startswith("M117")]
+    assert sent == ["M117 " + "x" * 75]
+    assert executed(b.printer)[-1] == "G1 X10 Y10" and not b.recorder.named("Error")
+
+
+def test_a_10mb_line_refuses_the_print_at_its_start_naming_the_line(bench, tmp_path):
+    b = bench()
+    path = tmp_path / "huge.gcode"
+    with open(path, "wb") as handle:
+        handle.write(b"G28\nG1 X1\n; a comment as long as it likes " + b"c" * 1000 + b"\nG1 X2 " + b"9" * (10 << 20)
+                     + b"\nG1 X3\n")
+    before = len(executed(b.printer))
+    with pytest.raises(JobError, match=r"huge.gcode: line 4 \(G1 X2 9+\.\.\.\) is 10485766 characters long, "
+                                       r"the printer takes at most 80 \(printer.max_line\)"):
+        b.jobs.start(str(path))
+    assert b.wait("Error")[1]["reason"] == "start_print"
+    assert not b.recorder.named("PrintStarted") and b.link.state == "OPERATIONAL"
+    assert len(executed(b.printer)) == before
+
+
+def test_an_over_long_line_that_reaches_the_firmware_ends_in_a_defined_state(bench, tmp_path):
+    """No line limit on our side (max_line 0) and a firmware that drops lines over its buffer without a word:
+    every probe is answered with a request for the same line, and the retries must still run out."""
+    b = bench(timeout=0.5, retries=2, max_line=0)
+    path = tmp_path / "long.gcode"
+    path.write_text("G28\nG1 X1 " + "0" * 2000 + "\nG1 X2\n")
+    b.jobs.start(str(path))
+    error = b.wait("Error", timeout=30)[1]
+    assert error["reason"] == "timeout" and error["consequence"] == "disconnect"
+    assert b.wait("PrintFailed", timeout=30)[1]["reason"] == "error"
+    b.wait("Disconnected", timeout=30)
+    assert b.link.state == "CLOSED_WITH_ERROR"
+
+
+def test_send_refuses_an_over_long_line_and_shortens_a_message(bench):
+    b = bench()
+    with pytest.raises(LinkError, match=r"line 2 not sent \(nothing was\): G1 X1 0+\.\.\. is 206 characters long"):
+        b.link.send(["G1 X5", "G1 X1 " + "0" * 200])
+    accepted, suppressed = b.link.send(["M118 E1 " + "y" * 300, "G1 X6"])
+    assert accepted == 2 and not suppressed
+    assert b.link.wait_idle(10)
+    assert [c for c in executed(b.printer) if c.startswith(("G1", "M118"))] == ["M118 E1 " + "y" * 72, "G1 X6"]
+
+
+@pytest.mark.parametrize("change", ["truncate", "append", "rewrite"])
+def test_a_file_changed_under_the_job_stops_it_saying_why(bench, tmp_path, monkeypatch, change):
+    monkeypatch.setattr(LocalSource, "CHECK_EVERY", 1024)
+    b = bench(speed=20.0, scripts=SCRIPTS)
+    path = tmp_path / "cube.gcode"
+    original = CUBE.read_bytes()
+    path.write_bytes(original)
+    b.jobs.start(str(path))
+    b.wait_progress(10)
+    if change == "truncate":
+        with open(path, "r+b") as handle:
+            handle.truncate(len(original) // 5)
+    elif change == "append":
+        with open(path, "ab") as handle:
+            handle.write(original * 8)
+    else:
+        with open(path, "r+b") as handle:
+            handle.write(original[::-1][:len(original)])
+    error = b.wait("Error", timeout=30)[1]
+    assert "changed while it was printing" in error["error"] and error["consequence"] == "cancel"
+    assert b.wait("PrintCancelling")[1]["firmwareError"] == error["error"]
+    assert b.wait("PrintFailed", timeout=30)[1]["reason"] == "cancelled"
+    assert not b.recorder.named("PrintDone")
+    assert all(0 <= p <= 100 for p in progress_values(b.recorder))
+    assert all(e[1]["size"] == len(original) for e in b.recorder.named("PrintStarted", "PrintCancelled"))
+    b.printer.wait_received("M117 cancelled")
+    wait_until(lambda: b.link.state == "OPERATIONAL", what="operational again")
+
+
+def test_a_file_replaced_by_a_new_one_prints_as_started(bench, tmp_path):
+    """The usual atomic save (write a new file, rename it over the old) is no change: the job prints the file it
+    opened."""
+    b = bench(speed=20.0)
+    path = tmp_path / "cube.gcode"
+    path.write_bytes(CUBE.read_bytes())
+    b.jobs.start(str(path))
+    b.wait_progress(10)
+    replacement = tmp_path / "new.gcode"
+    replacement.write_text("G28\n")
+    os.replace(replacement, path)
+    b.wait("PrintDone", timeout=60)
+    assert not b.recorder.named("Error")
+    assert [c for c in executed(b.printer) if not c.startswith("M117")][-len(file_commands(CUBE)):] == \
+        file_commands(CUBE)
+
+
+def test_cancel_turns_the_heaters_fan_and_motors_off_by_default(bench):
+    """OctoPrint's default afterPrintCancelled: a cancelled print does not leave a 215 °C nozzle behind."""
+    b = bench(speed=20.0, tools=2)
+    b.jobs.start(str(CUBE))
+    b.wait_progress(25)
+    assert b.printer.temperatures["tools"][0][1] == 215 and b.printer.temperatures["bed"][1] == 60
+    b.jobs.cancel()
+    b.wait("GcodeScriptAfterPrintCancelledFinished", timeout=30)
+    b.wait("PrintCancelled")
+    temperatures = b.printer.temperatures
+    assert [target for _, target in temperatures["tools"]] == [0, 0] and temperatures["bed"][1] == 0
+    assert executed(b.printer)[-5:] == ["M84", "M104 T0 S0", "M104 T1 S0", "M140 S0", "M106 S0"]
+
+
+def test_a_configured_script_replaces_the_default_and_an_empty_one_turns_it_off(bench):
+    b = bench(scripts={"afterPrintCancelled": ""})
+    assert b.jobs.run_script("afterPrintCancelled") is False
+    b = bench(scripts={"afterPrintCancelled": "M104 S0 ; only the nozzle"})
+    assert b.jobs.run_script("afterPrintCancelled") is True
+    b.printer.wait_received("M104 S0")
+    assert "M84" not in executed(b.printer)
+
+
+def end_offsets(path: Path) -> list:
+    """The file offset after each line that carries a command (what a printer executes), in order."""
+    offsets, position = [], 0
+    for raw in path.read_bytes().splitlines(keepends=True):
+        position += len(raw)
+        if strip_line(raw.decode()):
+            offsets.append(position)
+    return offsets
+
+
+@pytest.mark.parametrize("how", ["pause", "cancel"])
+def test_pause_and_cancel_report_the_position_of_the_last_acknowledged_line(bench, how):
+    b = bench(speed=20.0, scripts={"afterPrintCancelled": ""})
+    b.jobs.start(str(CUBE))
+    b.wait_progress(30)
+    # A few lines past the last percent published: the pause comes between two PrintProgress events.
+    count = len(b.printer.received)
+    wait_until(lambda: len(b.printer.received) >= count + 5, what="five more lines")
+    if how == "pause":
+        b.jobs.pause()
+        event = b.wait("PrintPaused")[1]
+    else:
+        b.jobs.cancel()
+        event = b.wait("PrintCancelled")[1]
+    # What the printer ran of the file (it acknowledges a line once it has run it): the job's position is the end
+    # of the last of those lines, not of the last line read or of the last percent published.
+    ran = [c for c in b.printer.received if c != "M115" and not c.startswith(("M110", "M155", "M105", "M114"))]
+    offset = end_offsets(CUBE)[len(ran) - 1]
+    assert event["fileposition"] == offset
+    assert event["progress"] == round(offset * 100.0 / CUBE.stat().st_size, 2)
+    if how == "pause":
+        b.jobs.resume()
+        b.wait("PrintDone", timeout=60)
+
+
+@pytest.mark.parametrize("how", ["pause", "cancel"])
+def test_resend_requests_while_pausing_or_cancelling_lose_and_duplicate_nothing(bench, how):
+    """Line errors on the lines still in flight when a pause or a cancel comes: they are resent, the job's
+    position is still the last acknowledged line, and a resumed print runs every command exactly once."""
+    b = bench(speed=20.0, scripts={"afterPrintCancelled": ""})
+    b.printer.inject("keep_buffer", count=10_000)
+    b.jobs.start(str(CUBE))
+    b.wait_progress(30)
+    for _ in range(3):
+        b.printer.inject("corrupt_checksum")
+    if how == "pause":
+        b.jobs.pause()
+        b.wait("PrintPaused")
+        b.jobs.resume()
+        b.wait("PrintDone", timeout=60)
+        assert [c for c in executed(b.printer) if not c.startswith("M117")] == file_commands(CUBE)
+    else:
+        b.jobs.cancel()
+        b.wait("PrintCancelled")
+        ran = [c for c in executed(b.printer) if not c.startswith("M117")]
+        assert ran == file_commands(CUBE)[:len(ran)]
+    assert b.printer.stats["resends_requested"] >= 1 and not b.recorder.named("Error")

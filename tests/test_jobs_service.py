@@ -97,6 +97,18 @@ def test_print_send_and_refusals_through_the_cli(printer_service):
 
     result = cli("send", "M0", config=config)
     assert result.returncode == 0 and "suppressed: M0" in result.stderr
+
+    # One line with its parameters; the firmware's answers on stdout; a refused command exits 1.
+    result = cli("send", "M104", "S0", config=config)
+    assert result.returncode == 0 and "sent 1 line(s)" in result.stderr, result.stderr
+    result = cli("send", "G92", "X12.5", "Y3", "M114", config=config)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("X:12.50 Y:3.00 "), result.stdout
+    result = cli("send", "M115", config=config)
+    assert "FIRMWARE_NAME:Marlin" in result.stdout and "Cap:AUTOREPORT_TEMP:1" in result.stdout
+    result = cli("send", "M9999", config=config)
+    assert result.returncode == 1 and 'Unknown command: "M9999"' in result.stdout
+    assert "the printer refused: M9999" in result.stderr
     assert next_event(subscriber, lambda e: e.name == "CommandSuppressed").src == "user"
 
     result = cli("pause", config=config)
@@ -104,7 +116,7 @@ def test_print_send_and_refusals_through_the_cli(printer_service):
     assert result.stderr.strip().count("\n") == 0 and "cannot pause: not printing" in result.stderr
 
     result = cli("print", "/no/such/file.gcode", config=config)
-    assert result.returncode == 2 and "no such file" in result.stderr
+    assert result.returncode == 2 and "No such file" in result.stderr
 
     client = channel.CommandClient(channel.endpoint(_load(config)))
     try:
@@ -267,3 +279,81 @@ def test_which_lines_move_the_printer(line, moves):
     from zevents.printer.service import moves_the_printer
 
     assert moves_the_printer(line) is moves
+
+
+def test_print_refuses_what_parse_refuses_with_the_same_message(short_tmp, bus_config):
+    """Binary G-code, an executable, a file with NUL bytes, a FIFO, a directory: `zevents print` refuses each
+    before anything is sent (no printer needed to see it), with the line `zevents parse` prints."""
+    import os
+
+    config = write_config(short_tmp, bus_config)
+    bad = {"cube.bgcode": b"GCDE\x01\x00\x00\x00" + bytes(64), "tool.gcode": b"\x7fELF\x02\x01" + bytes(64),
+           "nul.gcode": b"G28\n\x00\x01\x02"}
+    paths = []
+    for name, content in bad.items():
+        (short_tmp / name).write_bytes(content)
+        paths.append(short_tmp / name)
+    os.mkfifo(short_tmp / "pipe.gcode")
+    paths += [short_tmp / "pipe.gcode", short_tmp]
+    for path in paths:
+        printed = cli("print", str(path), config=config)
+        parsed = subprocess.run(ZEVENTS + ["parse", str(path)], capture_output=True, text=True, timeout=60)
+        assert printed.returncode == 2 and parsed.returncode == 1
+        message = printed.stderr.strip().removeprefix("zevents print: ")
+        assert printed.stderr.strip() != message and parsed.stderr.strip() == f"zevents parse: {message}"
+        assert str(path) in message and ("binary" in message or "not a G-code file" in message)
+
+
+@pytest.mark.parametrize("arguments, lines", [
+    (["M109", "S0"], ["M109 S0"]),
+    (["G28", "G1", "X10", "F600"], ["G28", "G1 X10 F600"]),
+    (["M104", "T1", "S0"], ["M104 T1 S0"]),
+    (["G28", "G1 X10 F600"], ["G28", "G1 X10 F600"]),
+    (["G1 X1", "S0"], ["G1 X1", "S0"]),
+    (["START_PRINT", "BED=60", "M117", "hi"], ["START_PRINT BED=60", "M117 hi"]),
+    (["G28\nM105"], ["G28", "M105"]),
+    (["-", "M400"], ["G28", "G1 X5", "M400"]),
+])
+def test_send_arguments_make_lines(arguments, lines):
+    import io
+
+    from zevents.printer.service import send_lines
+
+    assert send_lines(arguments, io.StringIO("G28\n\nG1 X5\n")) == lines
+
+
+def test_demo_refuses_any_printer_but_the_built_in_virtual_one(short_tmp, bus_config):
+    """`zevents run --demo` prints a Prusa MK3S cube: never on whatever is attached to a real port."""
+    config = write_config(short_tmp, bus_config)
+    result = subprocess.run(ZEVENTS + ["run", "--demo", "--port", "/dev/ttyUSB7", "-c", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--demo prints a sample cube and only ever on the built-in virtual printer, but the printer port is " \
+           "/dev/ttyUSB7" in result.stderr
+    real = write_config(short_tmp, bus_config, port="/dev/ttyACM3")
+    result = subprocess.run(ZEVENTS + ["run", "--demo", "-c", str(real)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "port is /dev/ttyACM3 (from --port or printer.port)" in result.stderr
+
+
+def test_connect_and_disconnect_through_the_cli(printer_service):
+    process, subscriber, config = printer_service
+    result = cli("connect", config=config)
+    assert result.returncode == 1 and "already connected to /dev/" in result.stderr
+    result = cli("disconnect", config=config)
+    assert result.returncode == 0, result.stderr
+    next_event(subscriber, lambda e: e.name == "Disconnecting")
+    next_event(subscriber, lambda e: e.name == "Disconnected")
+    client = channel.CommandClient(channel.endpoint(_load(config)))
+    try:
+        assert client.request("STATUS")["state_id"] == "CLOSED"
+        result = cli("disconnect", config=config)
+        assert result.returncode == 1 and "not connected" in result.stderr
+        port = client.request("STATUS")["port"]
+        result = cli("connect", "--port", "/dev/zevents-no-such-port", config=config)
+        assert result.returncode == 1 and "cannot open /dev/zevents-no-such-port" in result.stderr
+        result = cli("connect", "--port", port, "--baud", "115200", config=config)
+        assert result.returncode == 0 and f"connected to {port} at 115200 baud" in result.stderr, result.stderr
+        next_event(subscriber, lambda e: e.name == "Connected")
+        assert client.request("STATUS")["state_id"] == "OPERATIONAL"
+    finally:
+        client.close()

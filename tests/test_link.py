@@ -5,6 +5,7 @@ vanishing port, garbage, M112, temperatures, invalid tools, auto-detection and t
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -260,6 +261,33 @@ def test_a_resend_storm_loses_and_duplicates_nothing(link, printer):
     assert link.stats["resend_requests"] >= 10
 
 
+@pytest.mark.parametrize("window", [4, 16])
+def test_a_firmware_that_refuses_every_line_in_flight_and_asks_twice_loses_and_duplicates_nothing(
+        printer, recorder, window):
+    """OctoPrint's simulator and Repetier keep their receive buffer after a line error: each line still in flight
+    is refused in turn ("expected line X got Y" + Resend + ok), some firmwares ask twice for one error.  Taking
+    each echo as a new request sent the requested line again and again: "expected 101 got 100" for ever."""
+    the_link = make_link(printer.port, recorder, window=window)
+    assert the_link.connect(), the_link.error
+    try:
+        printer.inject("keep_buffer", count=10_000)
+        lines = stream(400)
+        for at in range(40, 400, 45):
+            printer.inject("corrupt_checksum", at=at)
+        for at in (100, 300):
+            printer.inject("resend_twice", at=at)
+            printer.inject("corrupt_checksum", at=at)
+        the_link.send(lines)
+        assert the_link.wait_idle(60)
+        assert commands(printer)[-400:] == lines
+        assert the_link.stats["resend_echoes_ignored"] >= 1 and the_link.stats["resend_duplicates"] >= 1
+        # One rewind per real error, not one per echo.
+        assert the_link.stats["lines_resent"] <= 12 * window
+        assert not recorder.named("Error") and the_link.connected
+    finally:
+        the_link.disconnect(timeout=1.0)
+
+
 def test_a_printer_that_keeps_asking_for_the_same_line_is_a_resend_loop(link, recorder, printer):
     printer.inject("corrupt_checksum", count=500)
     link.send(stream(5))
@@ -418,3 +446,78 @@ def test_the_link_speaks_every_dialect_of_the_virtual_printer(firmware, recorder
     finally:
         the_link.disconnect(timeout=1.0)
         vp.stop()
+
+
+# --- reconnecting ------------------------------------------------------------------------------------------------
+
+def test_the_link_reconnects_once_a_vanished_port_is_back(tmp_path, recorder):
+    """USB unplugged and plugged in again (a new pty behind the same symlink a second later): Connecting and
+    Connected again, with nothing tried while the port is absent."""
+    from zevents.printer.reconnect import Reconnector
+
+    device = tmp_path / "ttyV"
+    vp = VirtualPrinter(firmware="marlin", speed=0, sd_dir=tmp_path / "sd", boot_delay=0.05, link=device)
+    vp.start()
+    the_link = make_link(str(device), recorder)
+    reconnector = Reconnector(the_link, the_link.connect, min_delay=0.2, max_delay=1.0, poll=0.05)
+    try:
+        assert the_link.connect(), the_link.error
+        reconnector.start()
+        vp.inject("disconnect", reopen_after=1.5)
+        recorder.wait(lambda n, p, s: n == "Error" and p["reason"] == "connection", what="the lost port")
+        recorder.wait(lambda n, p, s: n == "PrinterStateChanged" and p["state_id"] == "CLOSED_WITH_ERROR")
+        wait_until(lambda: the_link.connected, timeout=30, what="connected again")
+        assert vp.stats["disconnects"] == 1 and the_link.port == str(device)
+        names = recorder.names()
+        assert names.count("Connected") == 2 and names.count("Connecting") == 1 + reconnector.attempts
+        # While the device was absent nothing was tried: one Error for the loss, one per failed attempt (an attempt
+        # may come before the new port answers), not one per poll.
+        assert names.count("Error") == reconnector.attempts
+        the_link.send(["G1 X7"])
+        vp.wait_received("G1 X7")
+    finally:
+        reconnector.stop()
+        the_link.disconnect(timeout=1.0)
+        vp.stop()
+
+
+def test_a_port_that_appears_later_is_connected_and_an_unanswering_one_backs_off(tmp_path, recorder):
+    from zevents.printer.reconnect import Reconnector
+
+    device = tmp_path / "ttyLate"
+    the_link = make_link(str(device), recorder, timeout=0.5, retries=1)
+    assert not the_link.connect()
+    assert recorder.named("Error")[-1][1]["reason"] == "connection" and the_link.state == "CLOSED_WITH_ERROR"
+    reconnector = Reconnector(the_link, the_link.connect, min_delay=0.2, max_delay=0.4, poll=0.05).start()
+    vp = None
+    master, slave = os.openpty()  # a port that is there but where nothing answers: attempts fail, back off
+    try:
+        os.symlink(os.ttyname(slave), device)
+        wait_until(lambda: reconnector.attempts >= 2, timeout=30, what="two failed attempts")
+        assert not the_link.connected and recorder.names().count("Connecting") >= 3
+        vp = VirtualPrinter(firmware="marlin", speed=0, sd_dir=tmp_path / "sd", boot_delay=0.05, link=device)
+        vp.start()  # the printer behind the same name
+        wait_until(lambda: the_link.connected, timeout=30, what="connected")
+        assert recorder.names().count("Connected") == 1
+    finally:
+        reconnector.stop()
+        the_link.disconnect(timeout=1.0)
+        if vp is not None:
+            vp.stop()
+        os.close(master)
+        os.close(slave)
+
+
+def test_no_reconnect_after_an_emergency_or_a_requested_disconnect(link, recorder, printer):
+    from zevents.printer.reconnect import Reconnector
+
+    reconnector = Reconnector(link, link.connect, min_delay=0.05, max_delay=0.1, poll=0.02)
+    assert not reconnector._should_try()
+    link.disconnect()
+    assert not reconnector._should_try()  # CLOSED, not an error
+    link.connect()
+    printer.inject("firmware_error")
+    recorder.wait(lambda n, p, s: n == "Error" and p["consequence"] == "emergency")
+    recorder.wait("Disconnected")
+    wait_until(lambda: link.state == "CLOSED_WITH_ERROR", what="closed")
+    assert not reconnector._should_try()

@@ -65,3 +65,33 @@ def test_octoprints_virtual_printer_gets_every_line_once_through_its_line_errors
         assert recorder.wait("Temperature")[1]["tools"]["T0"][0] == pytest.approx(21.3)
     finally:
         link.disconnect(timeout=2.0)
+
+
+@pytest.mark.parametrize("window", [4, 16])
+def test_a_print_through_octoprints_default_simulated_errors_completes(octoprint_printer, tmp_path, window):
+    """The simulator's default errors (lines 100-115) with a job streaming a file: every line is executed once,
+    in order (the firmware refuses any other order), except line 105, which its "resend_with_timeout" error
+    swallows on purpose; PrintDone, and no Error."""
+    from zevents.printer.job import Jobs
+
+    moves = 400
+    path = tmp_path / "moves.gcode"
+    path.write_text("G91\n" + "G1 X1 F60000\n" * moves + "M400\n")
+    recorder = Recorder()
+    link = make_link(octoprint_printer, recorder, timeout=5.0, retries=3, window=window)
+    jobs = Jobs(link)
+    try:
+        assert link.connect(), link.error
+        jobs.start(str(path))
+        recorder.wait(lambda n, p, s: n in ("PrintDone", "PrintFailed"), timeout=120, what="the print's end")
+        assert recorder.named("PrintDone") and not recorder.named("PrintFailed")
+        assert link.send_and_wait("M114", timeout=30) is not None
+        update = recorder.wait(lambda n, p, s: n == "PositionUpdate" and p["x"] >= moves - 1, timeout=30)[1]
+        assert update["x"] == moves - 1
+        assert link.stats["resend_requests"] >= 4
+        # No rewind per echo of a line in flight: a handful of rewinds of at most a window each.
+        assert link.stats["lines_resent"] <= 6 * window
+        assert not recorder.named("Error") and link.connected
+    finally:
+        jobs.close()
+        link.disconnect(timeout=2.0)

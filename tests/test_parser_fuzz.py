@@ -113,7 +113,17 @@ invalid_tool_line = st.tuples(st.sampled_from([b"", b"echo:", b" echo: ", b"ECHO
                               st.sampled_from([b"", b"T1 ", b"t3  ", b"T9999999 ", b"T2\t", b"T"]),
                               st.sampled_from([b"Invalid extruder", b"invalid EXTRUDER", b"Invalid extruder number !",
                                                b"Invalid extruder "])).map(b"".join)
-reply_line = st.one_of(position_line, m114_line, invalid_tool_line, st.binary(max_size=80))
+# Numbers of hundreds of digits, with or without E (OctoPrint's number pattern took time growing with the 4th
+# power of the digits when a report had no E: a 494-byte line stalled the link for 20 s).
+long_number = st.from_regex(rb"\A[+-]?[0-9]{100,600}(\.[0-9]{0,400})?\Z")
+long_position_line = st.tuples(
+    st.sampled_from([b"", b"ok ", b"C: ", b"X:1 "]),
+    st.tuples(st.just(b"X:"), long_number, space, st.just(b"Y:"), long_number, space, st.just(b"Z:"), long_number)
+    .map(b"".join),
+    st.sampled_from([b"", b" E:", b" E0:", b" Count X:", b" E"]),
+    st.one_of(st.just(b""), long_number),
+).map(b"".join)
+reply_line = st.one_of(position_line, m114_line, long_position_line, invalid_tool_line, st.binary(max_size=80))
 
 
 def stream_of(lines: list, terminators: list) -> bytes:
@@ -327,3 +337,31 @@ def test_memory_stays_flat_streaming_a_large_file(rss):
     parser.flush()
     assert rss() - before < 16 << 20
     assert parser.sent_bytes > 256 << 20
+
+
+@pytest.mark.parametrize("tail", [b"", b" E:" + b"4" * 500, b" E0:1", b" Count X:" + b"5" * 500])
+def test_a_500_digit_position_reply_is_classified_at_once_by_both_implementations(tail):
+    """Every reply is classified in time linear in its length: many 500-digit reports within a generous deadline
+    (the old pattern took hours for one)."""
+    import threading
+
+    from zevents.parser import classify_reply
+
+    line = b"X:" + b"1" * 500 + b" Y:" + b"2" * 500 + b".5 Z:" + b"3" * 500 + tail
+    results = {}
+
+    def classify():
+        results["reply"] = [classify_reply(line) for _ in range(100)][-1]
+        for name, parser_class in (("pure", PyParser), ("compiled", CParser)):
+            results[name] = [parser_class(None).received(line) for _ in range(100)][-1]
+
+    worker = threading.Thread(target=classify, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "classifying 500-digit position replies did not finish within 60 s"
+    reply = results["reply"]
+    assert reply.kind == "position" and reply.position["x"] == float("1" * 500)
+    assert reply.position["y"] == float("2" * 500 + ".5")
+    events = [(e.name, e.payload) for e in results["pure"]]
+    assert events == [(e.name, e.payload) for e in results["compiled"]]
+    assert events[0][0] == "PositionUpdate" and events[0][1]["z"] == float("3" * 500)

@@ -10,7 +10,6 @@ Lines output, a rich progress bar on stderr for files that take more than a seco
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sys
@@ -18,8 +17,8 @@ import time
 from collections import Counter
 from typing import Callable, Iterator
 
-from zevents.parser import IMPLEMENTATION, BinaryGcodeError, Event, Parser
-from zevents._parser._rules import BGCODE_MAGIC
+from zevents.parser import IMPLEMENTATION, Event, NotGcodeError, Parser, open_gcode
+from zevents.parser import describe_file_error as describe_error
 
 CHUNK_SIZE = 1 << 20
 PROGRESS_AFTER = 1.0  # seconds: quicker files get no progress bar
@@ -29,26 +28,12 @@ ProgressCallback = Callable[[int, int], None]
 
 
 def _open(path: str):
-    """The file, open for reading; OSError (FileNotFoundError, IsADirectoryError…) or BinaryGcodeError."""
-    if os.path.isdir(path):
-        raise IsADirectoryError(errno.EISDIR, "is a directory, not a G-code file", path)
-    handle = open(path, "rb")
-    if handle.read(len(BGCODE_MAGIC)) == BGCODE_MAGIC:
-        handle.close()
-        raise BinaryGcodeError(path)
-    handle.seek(0)
-    return handle
-
-
-def describe_error(path: str, exc: Exception) -> str:
-    """One line for a file that cannot be analysed."""
-    if isinstance(exc, OSError):
-        return f"{path}: {exc.strerror or exc}"
-    return str(exc)
+    """The file, open for reading; OSError (FileNotFoundError…) or NotGcodeError (binary, directory, FIFO…)."""
+    return open_gcode(path)
 
 
 def iter_chunks(path: str, chunk_size: int = CHUNK_SIZE, progress: ProgressCallback | None = None) -> Iterator[bytes]:
-    """The file's bytes in chunks; OSError for a missing file or a directory, BinaryGcodeError for .bgcode."""
+    """The file's bytes in chunks; OSError for a missing file or a directory, NotGcodeError for a binary file."""
     with _open(path) as handle:
         total = os.fstat(handle.fileno()).st_size
         done = 0
@@ -245,7 +230,7 @@ def run_parse(files: list, as_json: bool, summary: bool, out=None, err=None,
             for event in iter_events(path, progress=progress):
                 out.write(render(path, event) + "\n")
 
-    return _run_files("parse", files, write_one, (OSError, BinaryGcodeError), out, err, progress_after,
+    return _run_files("parse", files, write_one, (OSError, NotGcodeError), out, err, progress_after,
                       progress_console)
 
 

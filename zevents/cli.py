@@ -116,7 +116,10 @@ def run(config: Optional[str] = ConfigOption,
     if demo:
         from zevents import demo as demo_mod
 
-        demo_mod.prepare(cfg)
+        try:
+            demo_mod.prepare(cfg)
+        except demo_mod.DemoError as exc:
+            raise fail(str(exc))
     raise typer.Exit(node.run(cfg, demo=demo, show=not quiet))
 
 
@@ -207,6 +210,25 @@ def print_file(file: str = typer.Argument(..., help="Local G-code file to print.
 
 
 @app.command()
+def connect(port: Optional[str] = typer.Option(None, "--port", help="Serial device, pyserial URL or AUTO "
+                                                                    "(default: the link's port)."),
+            baud: Optional[int] = typer.Option(None, "--baud", help="Baud rate; 0 detects it."),
+            config: Optional[str] = ConfigOption):
+    """Connect the running printer link to the printer."""
+    from zevents.printer import service
+
+    raise typer.Exit(service.run_connect(load_config(config), port=port, baud=baud))
+
+
+@app.command()
+def disconnect(config: Optional[str] = ConfigOption):
+    """Disconnect the running printer link (no automatic reconnect until `zevents connect`)."""
+    from zevents.printer import service
+
+    raise typer.Exit(service.run_disconnect(load_config(config)))
+
+
+@app.command()
 def pause(config: Optional[str] = ConfigOption):
     """Pause the running print (prints the head position)."""
     from zevents.printer import service
@@ -231,9 +253,10 @@ def cancel(config: Optional[str] = ConfigOption):
 
 
 @app.command()
-def send(lines: List[str] = typer.Argument(..., help="G-code lines, one per argument."),
+def send(lines: List[str] = typer.Argument(..., help="G-code: `M109 S0` is one line; several lines are several "
+                                                  "quoted arguments ('G28' 'G1 X10'), or - to read them from stdin."),
          config: Optional[str] = ConfigOption):
-    """Send G-code to the printer through the running link."""
+    """Send G-code through the running link; prints the firmware's answers, exits 1 if it refused a line."""
     from zevents.printer import service
 
     raise typer.Exit(service.run_send(load_config(config), lines))

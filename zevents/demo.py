@@ -24,11 +24,20 @@ DEMO_HOOKS = [
 ]
 
 
+class DemoError(ValueError):
+    """The demo cannot run with these settings (the message says why)."""
+
+
 def prepare(config):
-    """Demo settings on top of the user's: an instant virtual printer and one visible hook."""
+    """Demo settings on top of the user's: an instant virtual printer and one visible hook.  DemoError when the
+    printer is not the built-in virtual one: the demo would print a Prusa MK3S cube on whatever is attached."""
     printer = config.data.setdefault("printer", {})
-    if str(printer.get("port") or "").upper() == "VIRTUAL":
-        printer.setdefault("virtual", {})["speed"] = 0
+    port = str(printer.get("port") or "VIRTUAL")
+    if port.upper() != "VIRTUAL":
+        raise DemoError(f"--demo prints a sample cube and only ever on the built-in virtual printer, but the printer "
+                        f"port is {port} (from --port or printer.port); drop --demo to run with that printer, or "
+                        "drop --port / set printer.port: VIRTUAL for the demo")
+    printer.setdefault("virtual", {})["speed"] = 0
     events = config.data.setdefault("events", {})
     events["enabled"] = True
     events["subscriptions"] = list(events.get("subscriptions") or []) + DEMO_HOOKS

@@ -110,7 +110,7 @@ _TABLE = [
 
 # Events zevents adds.  They are not in OctoPrint's catalogue, so they are listed apart.
 _EXTENSIONS = [
-    ("gcode", "LayerChanged", ("layer", "z", "old_z")),
+    ("gcode", "LayerChanged", ("layer", "z", "old_z", "total")),
     ("print", "PrintProgress", ("name", "path", "origin", "progress", "fileposition", "time")),
     ("comm", "Temperature", ("tools", "bed", "chamber")),
     ("timelapse", "MovieRenderProgress", ("movie", "progress")),

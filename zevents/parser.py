@@ -50,15 +50,66 @@ kind                      fields
 """
 from __future__ import annotations
 
+import errno
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 
 from zevents._parser import C_LOAD_ERROR, CParser, FORCED_PURE, IMPLEMENTATION, Parser, PyParser
 from zevents._parser import _rules
-from zevents._parser._rules import BinaryGcodeError, Event, ParserState
+from zevents._parser._rules import BGCODE_MAGIC, BinaryGcodeError, Event, NotGcodeError, ParserState
 
 __all__ = ["Parser", "Event", "Reply", "classify_reply", "IMPLEMENTATION", "BinaryGcodeError", "ParserState",
+           "NotGcodeError", "open_gcode", "check_gcode_file", "describe_file_error",
            "PyParser", "CParser", "FORCED_PURE", "C_LOAD_ERROR", "REPLY_KINDS"]
+
+#: How much of a file's start is looked at for binary content (a text G-code file has no NUL byte there).
+SNIFF_BYTES = 64 * 1024
+_ELF_MAGIC = b"\x7fELF"
+_FILE_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def open_gcode(path: str):
+    """``path`` opened for binary reading at offset 0, once it is known to be a text G-code file: the one check
+    ``zevents parse`` and ``zevents print`` share.  OSError (FileNotFoundError, IsADirectoryError, PermissionError)
+    for a path that cannot be read as a file, NotGcodeError (BinaryGcodeError for .bgcode) saying what the path is instead."""
+    kind = os.stat(path).st_mode
+    if stat.S_ISDIR(kind):
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a G-code file", str(path))
+    for test, what in _FILE_KINDS:
+        if test(kind):
+            raise NotGcodeError(f"{path}: is {what}, not a G-code file")
+    handle = open(path, "rb")
+    try:
+        head = handle.read(SNIFF_BYTES)
+        if head.startswith(BGCODE_MAGIC):
+            raise BinaryGcodeError(str(path))
+        if head.startswith(_ELF_MAGIC):
+            raise NotGcodeError(f"{path}: is an executable (ELF), not a G-code file")
+        nul = head.find(b"\0")
+        if nul >= 0:
+            raise NotGcodeError(f"{path}: is a binary file (a NUL byte at offset {nul}), not a text G-code file")
+        handle.seek(0)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def describe_file_error(path: str, exc: Exception) -> str:
+    """One line for a file ``open_gcode`` refused (the text ``zevents parse`` and ``zevents print`` print)."""
+    if isinstance(exc, OSError):
+        return f"{path}: {exc.strerror or exc}"
+    return str(exc)
+
+
+def check_gcode_file(path: str) -> int:
+    """The size of ``path`` if it is a text G-code file; else OSError / NotGcodeError as ``open_gcode``."""
+    with open_gcode(path) as handle:
+        return os.fstat(handle.fileno()).st_size
+
 
 REPLY_KINDS = ("ok", "temperature", "position", "resend", "skip", "error", "busy", "wait", "start", "firmware",
                "capability", "action", "sd", "echo", "invalid_tool", "probe", "unknown")

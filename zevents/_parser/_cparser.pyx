@@ -572,6 +572,21 @@ cdef extern from *:
         if (z > m->bbox[5]) m->bbox[5] = z;
     }
 
+    /* a new layer at z (ZEV_LAYER) unless the current layer is within tolerance; also when there is none (NaN).
+       Extruding lower than the current layer is no new layer: it is where the current one really is (a purge
+       line at Z 0.4, 0.3, then 0.2 before the first layer), or the next object of a sequential print. */
+    ZEV_INLINE int zev_next_layer(zev_machine* m, double z, double tolerance, zev_move_events* events) {
+        if (fabs(z - m->layer_z) <= tolerance) return 0;
+        if (z < m->layer_z) {
+            m->layer_z = z;
+            return 0;
+        }
+        m->layer += 1;
+        events->old_layer_z = m->layer_z;
+        m->layer_z = z;
+        return ZEV_LAYER;
+    }
+
     /* A G0-G3 with its parameters in [p, end): the twin's Parser._move, events as ZEV_* bits, -1 on error. */
     ZEV_INLINE int zev_apply_move(zev_machine* m, int valued, const double* v, double tolerance,
                                   zev_move_events* events) {
@@ -611,10 +626,7 @@ cdef extern from *:
                 m->bbox_holds_position = 1;
             }
             if (!isnan(nz) && (isnan(m->layer_z) || fabs(nz - m->layer_z) > tolerance)) {
-                m->layer += 1;
-                events->old_layer_z = m->layer_z;
-                m->layer_z = nz;
-                fired |= ZEV_LAYER;
+                fired |= zev_next_layer(m, nz, tolerance, events);
             }
         }
         m->filament += de;
@@ -638,15 +650,6 @@ cdef extern from *:
     ZEV_INLINE int zev_simple_state(const zev_machine* m) {
         return !m->relative && !m->inches && m->have_bbox && !isnan(m->x) && !isnan(m->y) && !isnan(m->z)
                && m->feedrate > 0.0;
-    }
-
-    /* a new layer at z (ZEV_LAYER) unless the current layer is within tolerance; also when there is none (NaN) */
-    ZEV_INLINE int zev_next_layer(zev_machine* m, double z, double tolerance, zev_move_events* events) {
-        if (fabs(z - m->layer_z) <= tolerance) return 0;
-        m->layer += 1;
-        events->old_layer_z = m->layer_z;
-        m->layer_z = z;
-        return ZEV_LAYER;
     }
 
     /* the print time of a move whose squared distance is given, at a known positive feedrate */

@@ -430,9 +430,15 @@ class Parser:
                 if ox is not None and oy is not None and oz is not None:
                     self._extend_bbox(ox, oy, oz)
             if nz is not None and (self._layer_z is None or abs(nz - self._layer_z) > _TOLERANCE):
-                self._layer += 1
-                self._emit("LayerChanged", {"layer": self._layer, "z": nz, "old_z": self._layer_z}, offset, lineno)
-                self._layer_z = nz
+                if self._layer_z is not None and nz < self._layer_z:
+                    # Lower than the current layer: where it really is (a purge line at Z 0.4, 0.3, then 0.2
+                    # before the first layer) or the next object of a sequential print, not a new layer.
+                    self._layer_z = nz
+                else:
+                    self._layer += 1
+                    self._emit("LayerChanged", {"layer": self._layer, "z": nz, "old_z": self._layer_z}, offset,
+                               lineno)
+                    self._layer_z = nz
         self._filament += de
         feedrate = self._feedrate
         if feedrate is not None and feedrate > 0.0:

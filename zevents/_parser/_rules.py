@@ -79,7 +79,11 @@ SEVERITY = {BLOCKED: "warn", IGNORED: "info", INVALID_TOOL: "warn"}
 LINE_SPACE = b" \t\x0b\x0c\x00"
 
 
-class BinaryGcodeError(ValueError):
+class NotGcodeError(ValueError):
+    """What was given to print or parse is not a text G-code file (binary, a directory, a FIFO, a device)."""
+
+
+class BinaryGcodeError(NotGcodeError):
     """Binary G-code (.bgcode, magic ``GCDE``) was given where text G-code is expected."""
 
     def __init__(self, where: str = "stream"):
@@ -239,7 +243,11 @@ def isfinite(value: float) -> bool:
 # Klipper before one is configured) and Smoothie's "C:" prefix, but only at the head of the line so that a
 # probe report ("Bed X: 110.00 Y: 110.00 Z: 0.08") is not mistaken for a position.
 
-_FLOAT = rb"[-+]?[0-9]*\.?[0-9]+"
+# OctoPrint writes the number as [-+]?[0-9]*\.?[0-9]+: the same strings, but the digits before a missing dot can be
+# split between its two runs in as many ways as there are digits, and a report without E (phase A fails, after
+# trying every split of X, Y and Z) took time growing with the 4th power of their length: 20 s for one 494-byte
+# line.  Written without that choice, a failing match costs time linear in the line.
+_FLOAT = rb"[-+]?(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)"
 _POSITION_A = re.compile(
     rb"X:\s*(?P<x>%(f)s)\s*Y:\s*(?P<y>%(f)s)\s*Z:\s*(?P<z>%(f)s)\s*"
     rb"(?:(?:E:\s*(?P<e>%(f)s))|(?P<es>(?:E\d+:%(f)s\s*)+))" % {b"f": _FLOAT})

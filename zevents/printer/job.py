@@ -25,14 +25,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zevents import events as zevents_events
-from zevents.printer.link import LinkError, LinkListener, PrinterLink
+from zevents.parser import NotGcodeError, check_gcode_file, describe_file_error
+from zevents.printer.link import LinkError, LinkListener, PrinterLink, strip_line
+from zevents.printer.scan import MarkerLayers, scan_file
 
 log = logging.getLogger("zevents.printer.job")
 
-BGCODE_MAGIC = b"GCDE"
 PRINTING_STATES = ("PRINTING", "PAUSING", "PAUSED", "RESUMING", "CANCELLING", "FINISHING", "STARTING")
 _FILE_OPENED = re.compile(r"File opened:\s*(\S+)\s+Size:\s*(\d+)", re.IGNORECASE)
 _SD_PROGRESS = re.compile(r"SD printing byte\s+(\d+)\s*/\s*(\d+)", re.IGNORECASE)
+
+
+#: OctoPrint's default GCODE scripts.  afterPrintCancelled: motors off, every hotend and the bed off, fan off
+#: (``{hotends}`` is one ``M104 T<n> S0`` per extruder the firmware reports); the others empty.  Each is replaced
+#: by ``printer.scripts.<name>`` (an empty string turns it off).
+DEFAULT_SCRIPTS = {
+    "beforePrintStarted": "",
+    "afterPrintDone": "",
+    "afterPrintCancelled": "; disable motors\nM84\n; disable all heaters\n{hotends}\nM140 S0\n; disable fan\nM106 S0",
+}
 
 
 class JobError(RuntimeError):
@@ -69,36 +80,75 @@ def sd_name_problem(name: str) -> str | None:
 
 
 class LocalSource:
-    """Lines of a local file for the link, with progress (at most one PrintProgress per percent)."""
+    """Lines of a local file for the link, with progress (at most one PrintProgress per percent).
+
+    The file must stay what it was when the job started: its size and modification time are checked every
+    ``CHECK_EVERY`` bytes and at its end, and a file that changed (truncated, appended to, rewritten in place)
+    ends the stream with ``error`` saying so.  A file replaced by a new one (the usual atomic save) is no change:
+    the open descriptor keeps reading the file that was started."""
 
     src = "job"
     parse = True
     reports_progress = True
+    CHECK_EVERY = 64 * 1024
 
     def __init__(self, jobs: "Jobs", ref: FileRef):
         self.jobs = jobs
         self.ref = ref
         self.file = open(ref.path, "rb")
-        self.size = ref.size or 0
+        started = os.fstat(self.file.fileno())
+        self.identity = (started.st_size, started.st_mtime_ns)
+        self.size = started.st_size
         self.position = 0
         self.percent = -1
+        self.checked = 0
+        self.error: str | None = None
+        self.layers = None   # MarkerLayers when the file has layer markers (set by the job at its start)
+
+    def gcode_events(self, raw: str, found, parser):
+        return self.layers.events(raw, found, parser) if self.layers is not None else found
+
+    def _changed(self, at_end: bool) -> str | None:
+        try:
+            now = os.fstat(self.file.fileno())
+        except (OSError, ValueError) as exc:
+            return f"{self.ref.name} cannot be read any more: {exc}"
+        if (now.st_size, now.st_mtime_ns) != self.identity or (at_end and self.position != self.size):
+            return (f"{self.ref.name} changed while it was printing ({self.size} bytes at the start, "
+                    f"{now.st_size} now, {self.position} sent): stopping rather than send what is not the file "
+                    "that was started")
+        return None
+
+    def _stop(self, error: str):
+        self.error = error
+        self.close()
+        return None
 
     def next_line(self):
+        if self.error is not None:
+            return None
         raw = self.file.readline()
+        after = self.position + len(raw)
+        if not raw or after > self.size or after - self.checked >= self.CHECK_EVERY:
+            self.checked = self.position
+            changed = self._changed(at_end=not raw)
+            if changed:
+                return self._stop(changed)
         if not raw:
             self.close()
             return None
         self.position += len(raw)
+        line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+        link = self.jobs.link
+        too_long = link.too_long(strip_line(line)) if len(line) > link.max_line > 0 else None
+        if too_long:
+            return self._stop(f"{self.ref.name}: {too_long}")
         if self.size and self.reports_progress:
-            percent = self.position * 100 // self.size
+            percent = min(100, self.position * 100 // self.size)
             if percent > self.percent:
                 self.percent = percent
                 self.jobs.progress(percent, self.position)
-        return raw.rstrip(b"\r\n").decode("utf-8", "replace")
-
-    @property
-    def progress(self) -> float:
-        return round(self.position * 100.0 / self.size, 2) if self.size else 0.0
+        return line
 
     def close(self):
         try:
@@ -122,7 +172,8 @@ class Jobs(LinkListener):
                  wait_timeout: float | None = None):
         self.link = link
         link.listener = self
-        self.scripts = {k: v for k, v in (scripts or {}).items() if isinstance(v, str)}
+        self.scripts = dict(DEFAULT_SCRIPTS)
+        self.scripts.update({k: v for k, v in (scripts or {}).items() if isinstance(v, str)})
         self.sd_poll_interval = sd_poll_interval
         self.wait_timeout = wait_timeout or max(30.0, link.timeout * (link.retries + 1))
         self.selected: FileRef | None = None
@@ -210,7 +261,9 @@ class Jobs(LinkListener):
         """Send the configured script ``name`` (``printer.scripts``) with GcodeScript<Name>Running/Finished; the
         Finished event comes once its last line is acknowledged.  False when no such script is configured."""
         text = self.scripts.get(name)
-        lines = [line for line in (text or "").splitlines() if line.strip()]
+        if text and text is DEFAULT_SCRIPTS.get(name) and "{hotends}" in text:
+            text = text.replace("{hotends}", "\n".join(f"M104 T{tool} S0" for tool in range(self._extruders())))
+        lines = [line for line in (text or "").splitlines() if strip_line(line)]
         if not lines:
             return False
         payload = self._job_payload(time=self._elapsed())
@@ -227,6 +280,12 @@ class Jobs(LinkListener):
             log.warning("jobs: script %s not acknowledged within %g s", name, self.wait_timeout)
         return True
 
+    def _extruders(self) -> int:
+        try:
+            return max(1, min(16, int(self.link.firmware.get("EXTRUDER_COUNT", 1))))
+        except (TypeError, ValueError):
+            return 1
+
     # --- selection -----------------------------------------------------------------------------------------------
 
     def select(self, path: str) -> dict:
@@ -234,17 +293,11 @@ class Jobs(LinkListener):
             if self.active is not None:
                 raise JobError("cannot select a file while a job is running")
             target = Path(os.path.expanduser(str(path)))
-            if not target.exists():
-                raise JobError(f"no such file: {path}")
-            if not target.is_file():
-                raise JobError(f"not a file: {path}")
             try:
-                with open(target, "rb") as handle:
-                    head = handle.read(4)
-            except OSError as exc:
-                raise JobError(f"cannot read {path}: {exc}") from None
-            if head == BGCODE_MAGIC:
-                raise JobError(f"{path} is binary G-code (.bgcode); only plain G-code can be printed")
+                # The check `zevents parse` makes: nothing that is not text G-code reaches the printer.
+                check_gcode_file(str(target))
+            except (OSError, NotGcodeError) as exc:
+                raise JobError(describe_file_error(str(path), exc)) from None
             target = target.resolve()
             self.selected = FileRef(target.name, str(target), "local", target.stat().st_size)
             self.emit("FileSelected", {"name": target.name, "path": str(target), "origin": "local"})
@@ -273,8 +326,19 @@ class Jobs(LinkListener):
                 return self._start_sd(ref, user)
             try:
                 source = LocalSource(self, ref)
+                scan = scan_file(ref.path, self.link.max_line)
             except OSError as exc:
                 raise self._start_failed(f"cannot open the selected file {ref.path}: {exc.strerror or exc}")
+            if scan.marker_form is not None:
+                # The slicer's own layers, not the parser's guess from heights (see MarkerLayers).
+                source.layers = MarkerLayers(scan.marker_form, scan.layers)
+            if scan.too_long is not None:
+                source.close()
+                number, length, start = scan.too_long
+                raise self._start_failed(
+                    f"{ref.name}: line {number} ({start}...) is {length} characters long, the printer takes at "
+                    f"most {self.link.max_line} (printer.max_line); the print was not started")
+            ref.size = source.size  # the file's size now: what the progress and the job's payloads are about
             self.active, self.user = ref, user
             self.started = time.monotonic()
             self.progress_percent, self.fileposition = 0.0, 0
@@ -315,8 +379,16 @@ class Jobs(LinkListener):
     def on_source_exhausted(self, source):
         if isinstance(source, UploadSource):
             self.submit(self._finish_upload, source)
+        elif source is self.source and source.error is not None:
+            self._stop_for(source.error)
         elif source is self.source:
             self.submit(self._finish, source)
+
+    def _stop_for(self, error: str, reason: str | None = None):
+        """The job cannot go on (its file changed, a firmware error): Error, then a cancel that says why."""
+        self.emit("Error", {"error": error, "reason": reason, "consequence": "cancel",
+                            "logs": list(self.link.comm_log)}, src="firmware")
+        self.submit(self._cancel_quietly, None, error)
 
     def _finish(self, source):
         """The file is all sent: FINISHING until its last line is acknowledged, then done.  The wait happens on
@@ -391,14 +463,15 @@ class Jobs(LinkListener):
         with self._lock:
             if self.active is None:
                 raise JobError("the job ended while pausing")
+            progress = self._progress()
             self.emit("PrintPaused", self._job_payload(user=user, position=position, fileposition=self.fileposition,
-                                                       progress=self._progress()))
+                                                       progress=progress))
             self._chart("pause", "Pause")
         self.run_script("afterPrintPaused")
         with self._lock:
             if self.active is not None:
                 self._state("PAUSED")
-        return {"position": position, "fileposition": self.fileposition, "progress": self._progress()}
+        return {"position": position, "fileposition": self.fileposition, "progress": progress}
 
     def resume(self, user: str | None = None, firmware: bool = False) -> dict:
         with self._lock:
@@ -450,9 +523,12 @@ class Jobs(LinkListener):
         return {"position": position, "progress": progress}
 
     def _progress(self) -> float | None:
+        """Where the job stands, by the last line the printer acknowledged (not the last one read or sent); sets
+        ``fileposition`` to it."""
         if self.source is not None and self.active is not None and self.active.origin == "local":
-            self.fileposition = self.source.position
-            return self.source.progress
+            size = self.source.size
+            self.fileposition = min(self.link.acknowledged_offset, size)
+            return round(self.fileposition * 100.0 / size, 2) if size else 0.0
         return self.progress_percent
 
     # --- link callbacks ------------------------------------------------------------------------------------------
@@ -479,9 +555,7 @@ class Jobs(LinkListener):
         with self._lock:
             if self.active is None or self.link.state not in PRINTING_STATES or self.link.state == "CANCELLING":
                 return None
-        self.emit("Error", {"error": message, "reason": "firmware", "consequence": "cancel",
-                            "logs": list(self.link.comm_log)}, src="firmware")
-        self.submit(self._cancel_quietly, None, message)
+        self._stop_for(message, "firmware")
         return "cancel"
 
     def _cancel_quietly(self, user, firmware_error=None):

@@ -74,9 +74,16 @@ RESEND_LOOP_LIMIT = 10       # the same line requested this many times in a row:
 MAX_BATCH = 32               # lines written with one system call at most
 MAX_REPLY = 4096             # longer replies are cut (a garbage line must not eat memory)
 LOG_LINES = 40               # lines of communication kept for Error {logs}
+#: The longest command sent (without line number and checksum) by default: Marlin's and Prusa's input buffer
+#: holds 96 bytes (MAX_CMD_SIZE), the rest is room for "N<line> " and "*<checksum>".
+MAX_LINE = 80
+#: Commands whose text may be shortened to fit (a display message loses its tail; nothing moves differently).
+MESSAGE_COMMANDS = ("M117", "M118")
 _NUMBER_PREFIX = re.compile(r"^\s*N\d+\s+")
 _WAITS = frozenset(("M109", "M190", "M191", "M116", "M303", "G4", "M400"))  # commands that may run for minutes
 _M110 = re.compile(r"^M110(?:\s+N(-?\d+))?\s*$", re.IGNORECASE)
+# "expected line X got Y" (OctoPrint's simulator, Repetier): the error names the line that was rejected.
+_EXPECTED_GOT = re.compile(r"expected\s+line\s*:?\s*(\d+)\s*,?\s*got\s*:?\s*(\d+)", re.IGNORECASE)
 
 
 class LinkError(RuntimeError):
@@ -95,6 +102,22 @@ def numbered(line: str, number: int) -> bytes:
     """``N<number> <line>*<checksum>`` plus newline, as bytes ready for the wire."""
     body = f"N{number} {line}".encode("ascii", "replace")
     return body + b"*%d\n" % checksum(body)
+
+
+def is_message(line: str) -> bool:
+    """An M117/M118 command (display or host message), whose text may be shortened."""
+    word = line[:4].upper()
+    return word in MESSAGE_COMMANDS and (len(line) == 4 or not line[4].isdigit())
+
+
+def is_refusal(reply_line: str) -> bool:
+    """A firmware answer saying a command was not done: an error (not a line error) or an unknown command."""
+    from zevents import parser as zparser
+
+    reply = zparser.classify_reply(reply_line)
+    if reply.kind == "error":
+        return reply.error_kind != "resend"
+    return "unknown command" in reply_line.lower()
 
 
 def strip_line(raw: str) -> str:
@@ -119,6 +142,8 @@ class Command:
     src: str = "user"
     on_done: Optional[Callable[[bool], None]] = None
     emergency: bool = False
+    offset: Optional[int] = None   # a source's line: where the source stood after it (its file position)
+    replies: Optional[list] = None  # a list: collect the firmware's answer to this line (see PrinterLink.request)
 
 
 @dataclass
@@ -192,7 +217,8 @@ class PrinterLink:
     def __init__(self, port: str, baudrate: int = 115200, *, emit: Callable | None = None, parser=True,
                  parser_config: dict | None = None, window: int = 4, timeout: float = 10.0, retries: int = 3,
                  hello_timeout: float | None = None, temperature_interval: float = 0.5,
-                 autoreport_interval: int = 2, poll_interval: float = 2.0, candidates=None, read_timeout=0.05):
+                 autoreport_interval: int = 2, poll_interval: float = 2.0, candidates=None, read_timeout=0.05,
+                 max_line: int = MAX_LINE):
         from zevents import parser as zparser
 
         self.port = port
@@ -211,10 +237,14 @@ class PrinterLink:
         self.poll_interval = poll_interval
         self.candidates = candidates
         self.read_timeout = read_timeout
+        self.max_line = int(max_line) if max_line else 0
         self.listener: LinkListener = LinkListener()
+        #: The source's position after the last of its lines the printer acknowledged (a job's file position).
+        self.acknowledged_offset = 0
 
         self.state = "OFFLINE"
         self.error: str | None = None
+        self.error_consequence: str | None = None   # of the last error ("emergency": the firmware halted)
         self.firmware: dict = {}
         self.capabilities: dict = {}
         self.position: dict | None = None
@@ -245,6 +275,9 @@ class PrinterLink:
         self._recovering = False
         self._resend_repeats = 0
         self._rejection_oks = 0
+        # The line error that came before the next resend request: None (no error line yet), or the line number
+        # the error says was rejected (0 when it does not say).
+        self._line_error: int | None = None
         self._last_rx = time.monotonic()
         self._timeouts = 0
         self._m112_sent = False
@@ -289,7 +322,7 @@ class PrinterLink:
         with self._lock:
             if self._running:
                 raise LinkError(f"already connected to {self.port}")
-            self.error = None
+            self.error = self.error_consequence = None
             self._closing = False
         self.emit("Connecting", {})
         auto_port = str(self.port).upper() == AUTO
@@ -346,6 +379,7 @@ class PrinterLink:
         self._recovering = False
         self._resend_repeats = 0
         self._rejection_oks = 0
+        self._line_error = None
         self._timeouts = 0
         self._m112_sent = False
         self._idle_callbacks = []
@@ -432,7 +466,7 @@ class PrinterLink:
             pending = [self._history[n][1] for n in range(self._ack_no, self._next_line) if n in self._history]
             pending = [command for command in pending if command is not None] + list(self._queue)
         if error is not None:
-            self.error = error
+            self.error, self.error_consequence = error, consequence
             log.error("link: %s", error)
             self.emit("Error", {"error": error, "reason": reason, "consequence": consequence,
                                 "logs": list(self.comm_log)})
@@ -472,21 +506,30 @@ class PrinterLink:
 
     # --- sending -------------------------------------------------------------------------------------------------
 
-    def send(self, lines, src: str = "user", on_done: Callable | None = None) -> tuple:
+    def send(self, lines, src: str = "user", on_done: Callable | None = None, collect: list | None = None) -> tuple:
         """Queue lines (parsed now, sent in order ahead of a job's lines).  Returns (accepted, suppressed commands).
-        ``on_done`` runs when the last accepted line is acknowledged (at once with True if none was accepted)."""
+        ``on_done`` runs when the last accepted line is acknowledged (at once with True if none was accepted).
+        With a ``collect`` list, each queued Command is appended to it and gathers its answer (``replies``)."""
         if isinstance(lines, str):
             lines = lines.splitlines()
         accepted, suppressed, commands = 0, [], []
         with self._lock:
             if not self._running or self._closing:
                 raise LinkError(f"the printer is not connected (state: {STATE_STRINGS.get(self.state, self.state)})")
+            lines = list(lines)
+            for number, raw in enumerate(lines, 1):
+                too_long = self.too_long(strip_line(raw))
+                if too_long:
+                    raise LinkError(f"line {number} not sent (nothing was): {too_long}")
             for raw in lines:
                 command = self._prepare(raw, src)
                 if command is None:
                     if self._last_suppressed:
                         suppressed.append(strip_line(raw))
                     continue
+                if collect is not None:
+                    command.replies = []
+                    collect.append(command)
                 if command.emergency:
                     self._queue.appendleft(command)
                 else:
@@ -500,6 +543,41 @@ class PrinterLink:
         if not commands and on_done is not None:
             on_done(True)
         return accepted, suppressed
+
+    def request(self, lines, src: str = "user", timeout: float = 600.0) -> dict:
+        """Send lines and wait for the firmware's answer to each: {"accepted", "suppressed", "answers": [{"line",
+        "replies" (the lines it sent back before its ok, the ok's own text included), "refused" (an error or an
+        unknown command among them)}], "complete" (False when the answers did not all come within timeout)}."""
+        waiter = _Waiter()
+        commands: list = []
+        accepted, suppressed = self.send(lines, src, on_done=waiter, collect=commands)
+        complete = waiter.event.wait(timeout) and waiter.ok
+        answers = []
+        with self._lock:
+            for command in commands:
+                replies = list(command.replies or ())
+                refused = any(is_refusal(line) for line in replies)
+                answers.append({"line": command.line, "replies": replies, "refused": refused})
+        return {"accepted": accepted, "suppressed": suppressed, "answers": answers, "complete": bool(complete)}
+
+    def _collect_answer(self, reply, line: str):
+        """A reply line that answers the oldest line in flight, kept when that line collects its answer."""
+        if self._ack_no >= self._write_no:
+            return
+        entry = self._history.get(self._ack_no)
+        command = entry[1] if entry is not None else None
+        if command is None or command.replies is None:
+            return
+        kind = reply.kind
+        if kind in ("resend", "skip", "busy", "wait") or (kind == "error" and reply.error_kind == "resend"):
+            return  # the link's own business, not an answer
+        if kind == "ok" and not reply.message:
+            return
+        if kind == "temperature" and not reply.ok and command.line[:4].upper() != "M105":
+            return  # an auto-report that happened to arrive meanwhile
+        if self._rejection_oks and reply.ok:
+            return
+        command.replies.append(line)
 
     def send_and_wait(self, line: str, src: str = "user", timeout: float | None = None):
         """Send one line and wait for its ``ok``; returns the (accepted, suppressed) of send, or None on timeout."""
@@ -537,6 +615,7 @@ class PrinterLink:
                 raise LinkError("the printer is not connected")
             self._source = source
             self._source_paused = paused
+            self.acknowledged_offset = 0
             self._cond.notify_all()
 
     def pause_source(self, paused: bool):
@@ -549,13 +628,45 @@ class PrinterLink:
             if source is None or self._source is source:
                 self._source = None
 
-    def _prepare(self, raw: str, src: str, parse: bool = True) -> Command | None:
+    def too_long(self, line: str) -> str | None:
+        """Why the command ``line`` cannot be sent (longer than ``max_line`` and not a message that can be
+        shortened), or None."""
+        if not self.max_line or len(line) <= self.max_line or is_message(line):
+            return None
+        return (f"{line[:24]}... is {len(line)} characters long, the printer takes at most {self.max_line} "
+                "(printer.max_line)")
+
+    def _fit(self, line: str, src: str) -> str | None:
+        """The command as it can be sent: an over-long M117/M118 shortened (CommandSuppressed says so), another
+        over-long line suppressed (senders check ``too_long`` first: only a source changing under us gets here)."""
+        if not self.max_line or len(line) <= self.max_line:
+            return line
+        word = line.split(None, 1)[0]
+        if is_message(line):
+            short = line[:self.max_line].rstrip()
+            self.emit("CommandSuppressed", {
+                "command": short, "severity": "info",
+                "message": f"{word} text shortened from {len(line)} to {len(short)} characters to fit the "
+                           f"printer's line length (printer.max_line: {self.max_line})"}, src)
+            self.stats["shortened"] += 1
+            return short
+        self.emit("CommandSuppressed", {"command": line[:self.max_line], "severity": "warn",
+                                        "message": f"Not sending a {len(line)}-character line: {self.too_long(line)}"},
+                  src)
+        self.stats["suppressed"] += 1
+        return None
+
+    def _prepare(self, raw: str, src: str, parse: bool = True, source=None) -> Command | None:
         """Parse one line (publishing its gcode events) and turn it into a Command; None if there is nothing to
-        send (comment, blank, suppressed).  Called with the lock held, in send order."""
+        send (comment, blank, suppressed).  Called with the lock held, in send order.  A source with a
+        ``gcode_events(raw, found, parser)`` method decides which of its lines' events are published."""
         self._last_suppressed = False
         tool_change = None
         if parse and self.parser is not None:
             found = self.parser.sent(raw)
+            rewrite = getattr(source, "gcode_events", None)
+            if rewrite is not None:
+                found = rewrite(raw, found, self.parser)
             if found:
                 for event in found:
                     name = event.name
@@ -569,6 +680,10 @@ class PrinterLink:
                     return None
         line = strip_line(raw)
         if not line:
+            return None
+        line = self._fit(line, src)
+        if line is None:
+            self._last_suppressed = True
             return None
         command = Command(line, src)
         if line[:4].upper() == "M112" and (len(line) == 4 or not line[4].isdigit()):
@@ -643,8 +758,9 @@ class PrinterLink:
                     self._source = None
                     self._deferred.append(lambda: self.listener.on_source_exhausted(source))
                     return None
-                command = self._prepare(raw, src, parse)
+                command = self._prepare(raw, src, parse, source)
                 if command is not None:
+                    command.offset = getattr(source, "position", None)
                     data = self._number(command)
                     self._after_queued()
                     return data
@@ -772,11 +888,15 @@ class PrinterLink:
                 self.emit(event.name, event.payload, "firmware")
         reply = self._classify(line)
         kind = reply.kind
-        if kind not in ("temperature", "unknown") or self._heating():
+        heating = kind == "temperature" and self._heating()
+        if kind not in ("temperature", "unknown") or heating:
             # Progress (or a keep-alive); temperature auto-reports and noise are not, except during a heat-up
-            # wait of a firmware without the busy protocol.
+            # wait of a firmware without the busy protocol.  The timeout count is reset by an acknowledged line or
+            # a keep-alive only: a resend request answering every probe must not keep a line that never gets
+            # through alive for ever.
             self._last_rx = time.monotonic()
-            self._timeouts = 0
+            if kind == "busy" or heating:
+                self._timeouts = 0
         if self._file_list is not None:
             if "End file list" in line:
                 self.sd_files, self._file_list = self._file_list, None
@@ -788,6 +908,7 @@ class PrinterLink:
                     name, size = line.strip(), ""
                 self._file_list.append({"name": name, "size": int(size) if size else None})
             return
+        self._collect_answer(reply, line)
         if reply.temperatures:
             self._on_temperatures(reply.temperatures)
         if reply.position:
@@ -843,6 +964,7 @@ class PrinterLink:
             return
         # Also when a rewind put writing back before it: some copy of the line got through after all, and
         # writing skips ahead instead of sending a duplicate.
+        self._timeouts = 0
         self._acknowledge(self._ack_no)
 
     def _acknowledge(self, number: int):
@@ -856,6 +978,8 @@ class PrinterLink:
         self._cond.notify_all()
         entry = self._history.get(number)
         command = entry[1] if entry is not None else None
+        if command is not None and command.offset is not None:
+            self.acknowledged_offset = command.offset
         if command is not None and command.on_done is not None:
             self._deferred.append(lambda: command.on_done(True))
         if self._idle_callbacks and self._is_idle():
@@ -876,6 +1000,21 @@ class PrinterLink:
         copy only makes the firmware see a duplicate, which it answers with a request for the line it really
         wants; so rewinding is always safe."""
         self.stats["resend_requests"] += 1
+        rejected, self._line_error = self._line_error, None
+        if self._recovering and number == self._resend_target:
+            if rejected is None:
+                # A second request for one error (some firmwares repeat "Resend:"): it shares the error's ok.
+                self.stats["resend_duplicates"] += 1
+                return
+            if rejected and rejected != number:
+                # "expected line N got M" while already resending from N: the echo of a line written before the
+                # rewind (or a stale copy), not of the copy of N on its way.  Rewinding again would send N twice
+                # and make the firmware reject the second copy in turn: OctoPrint's "ignore resend requests for
+                # already-resent lines".  Its ok is the rejection's.
+                self.stats["resend_echoes_ignored"] += 1
+                if followed_by_ok:
+                    self._rejection_oks += 1
+                return
         if followed_by_ok:
             self._rejection_oks += 1
         if number == self._resend_target and self._recovering:
@@ -912,6 +1051,8 @@ class PrinterLink:
         message = (reply.message or line).strip()
         if kind == "resend":
             self.stats["line_errors"] += 1
+            got = _EXPECTED_GOT.search(message)
+            self._line_error = int(got.group(2)) if got else 0
             return
         if kind == "command":
             log.info("link: the firmware refused a command: %s", message)

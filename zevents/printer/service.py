@@ -14,6 +14,7 @@ import os
 import queue
 import re
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +24,8 @@ import zmq
 from zevents import bus as zbus
 from zevents.printer import channel
 from zevents.printer.job import JobError, Jobs, sd_name_problem
-from zevents.printer.link import LinkError, PrinterLink
+from zevents.printer.link import MAX_LINE, LinkError, PrinterLink
+from zevents.printer.reconnect import Reconnector
 from zevents.service import freeze_startup_heap
 
 log = logging.getLogger("zevents.printer.service")
@@ -74,6 +76,7 @@ class PrinterService:
         self.server = None
         self.virtual_printer = None
         self.link: PrinterLink | None = None
+        self.reconnector: Reconnector | None = None
         self.jobs: Jobs | None = None
         self._pending: list = []
         self._stop = threading.Event()
@@ -100,8 +103,12 @@ class PrinterService:
         self.link = PrinterLink(
             self.port, self.baud, emit=self._enqueue_event, parser_config=self.config.get("parser"),
             window=int(self.section.get("window") or 4), timeout=float(self.section.get("timeout") or 10.0),
-            retries=int(self.section.get("retries", 3)))
+            retries=int(self.section.get("retries", 3)), max_line=int(self.section.get("max_line", MAX_LINE)))
         self.jobs = Jobs(self.link, scripts=self.section.get("scripts") or {})
+        if self.section.get("reconnect", True):
+            self.reconnector = Reconnector(self.link, self._reconnect_attempt)
+            self.reconnector.want(self.autoconnect)
+            self.reconnector.start()
         if self.autoconnect:
             future = self.jobs.submit(self._connect)
             future.add_done_callback(self._wake)
@@ -121,6 +128,14 @@ class PrinterService:
         self.virtual_printer.start()
         log.info("printer: virtual %s printer on %s", settings.get("firmware", "marlin"), self.virtual_printer.port)
         return self.virtual_printer.port
+
+    def _reconnect_attempt(self) -> bool:
+        """One attempt of the reconnect loop, on the jobs worker like every other connect."""
+        try:
+            self.jobs.submit(self._connect).result()
+        except (JobError, LinkError):
+            return False
+        return True
 
     def _connect(self) -> dict:
         if self.link.connected:
@@ -162,6 +177,8 @@ class PrinterService:
 
     def close(self):
         """Disconnect politely, publish what is left, release everything."""
+        if self.reconnector is not None:
+            self.reconnector.stop()
         if self.link is not None and self.link.connected:
             try:
                 self.link.disconnect(timeout=2.0)
@@ -206,6 +223,21 @@ class PrinterService:
         try:
             if command == "STATUS":
                 server.reply(reply_to, args, True, **self.jobs.status())
+            elif command == "GCODE" and args.get("wait"):
+                # The answers may take minutes (M109): a thread of its own waits, the loop and the jobs worker
+                # (pause, cancel) stay free.
+                lines, src = self._gcode_lines(args)
+                future = concurrent.futures.Future()
+                future.add_done_callback(self._wake)
+
+                def wait_for_answers():
+                    try:
+                        future.set_result(self.link.request(lines, src, timeout=float(args.get("timeout") or 600)))
+                    except Exception as exc:  # LinkError and the like: the reply says it
+                        future.set_exception(exc)
+
+                threading.Thread(target=wait_for_answers, name="gcode-request", daemon=True).start()
+                self._pending.append((future, reply_to, args))
             elif command == "GCODE":
                 server.reply(reply_to, args, True, **self._gcode(args))
             elif command in self._JOB_COMMANDS:
@@ -218,6 +250,12 @@ class PrinterService:
             server.reply(reply_to, args, False, error=str(exc))
 
     def _gcode(self, args: dict) -> dict:
+        lines, src = self._gcode_lines(args)
+        accepted, suppressed = self.link.send(lines, src=src)
+        return {"accepted": accepted, "suppressed": suppressed}
+
+    def _gcode_lines(self, args: dict) -> tuple:
+        """The lines and src of a GCODE request, checked (ValueError/LinkError say what is wrong)."""
         lines = args.get("lines")
         if isinstance(lines, str):
             lines = lines.splitlines()
@@ -233,8 +271,7 @@ class PrinterService:
                                 "not move the printer unless printer.allow_bus_commands is true")
         if not self.link.connected:
             raise LinkError(f"the printer is not connected (state: {self.link.status()['state_string']})")
-        accepted, suppressed = self.link.send(lines, src=src)
-        return {"accepted": accepted, "suppressed": suppressed}
+        return lines, src
 
     def _reply_finished(self):
         if not self._pending:
@@ -273,13 +310,19 @@ class PrinterService:
 
     # Blocking requests, run on the jobs worker: (service, args) -> reply dict.
     def _cmd_connect(self, args):
+        if self.link.connected:
+            raise JobError(f"already connected to {self.link.port}")
         if args.get("port"):
             self.link.port = str(args["port"])
         if args.get("baudrate") is not None:
             self.link.baudrate = int(args["baudrate"])
+        if self.reconnector is not None:
+            self.reconnector.want(True)
         return self._connect()
 
     def _cmd_disconnect(self, args):
+        if self.reconnector is not None:
+            self.reconnector.want(False)  # also stops a reconnect loop waiting for an absent port
         if not self.link.connected:
             raise JobError("the printer is not connected")
         self.link.disconnect()
@@ -366,13 +409,35 @@ def run_print(config, file: str, user: str | None = None) -> int:
     import os
     import sys
 
-    if not os.path.isfile(file):
-        print(f"zevents: no such file: {file}", file=sys.stderr)
+    from zevents.parser import NotGcodeError, check_gcode_file, describe_file_error
+
+    try:
+        check_gcode_file(file)  # the check `zevents parse` makes, before anything reaches the printer
+    except (OSError, NotGcodeError) as exc:
+        print(f"zevents print: {describe_file_error(file, exc)}", file=sys.stderr)
         return 2
     reply = _client_request(config, "PRINT", {"path": os.path.abspath(file), "user": user})
     if reply is None:
         return 1
     print(f"printing {reply.get('name')} ({reply.get('size')} bytes)", file=sys.stderr)
+    return 0
+
+
+def run_connect(config, port: str | None = None, baud: int | None = None) -> int:
+    """`zevents connect [--port DEV] [--baud N]`: connect the running link (to another port or rate if given)."""
+    args = {key: value for key, value in (("port", port), ("baudrate", baud)) if value is not None}
+    reply = _client_request(config, "CONNECT", args, timeout=120.0)
+    if reply is None:
+        return 1
+    print(f"connected to {reply.get('port')} at {reply.get('baudrate')} baud", file=sys.stderr)
+    return 0
+
+
+def run_disconnect(config) -> int:
+    """`zevents disconnect`: close the port (a running print fails); no reconnecting until `zevents connect`."""
+    if _client_request(config, "DISCONNECT", {}, timeout=30.0) is None:
+        return 1
+    print("disconnected", file=sys.stderr)
     return 0
 
 
@@ -391,20 +456,57 @@ def run_control(config, command: str, user: str | None = None) -> int:
     return 0
 
 
-def run_send(config, lines: list, src: str = "user") -> int:
-    """`zevents send GCODE...`: each argument is one line (or several, separated by newlines)."""
-    import sys
+_COMMAND_WORD = re.compile(r"^[GM]\d+(?:\.\d+)?$", re.IGNORECASE)
 
-    flat = [line for arg in lines for line in str(arg).splitlines() if line.strip()]
-    if not flat:
-        print("zevents: nothing to send", file=sys.stderr)
+
+def send_lines(arguments: list, stdin=None) -> list:
+    """The G-code lines of `zevents send`'s arguments: an argument with a blank in it (quoted) or with newlines is
+    whole lines; a bare G/M word starts a line and the words after it are its parameters (``M109 S0`` is one
+    line); ``-`` reads lines from stdin."""
+    lines: list = []
+    joining = False
+    for argument in arguments:
+        argument = str(argument)
+        if argument == "-":
+            lines.extend((stdin or sys.stdin).read().splitlines())
+            joining = False
+        elif argument.strip() != argument or " " in argument or "\n" in argument or "\t" in argument:
+            lines.extend(argument.splitlines())
+            joining = False
+        elif joining and not _COMMAND_WORD.match(argument):
+            lines[-1] += " " + argument
+        else:
+            lines.append(argument)
+            joining = True
+    return [line for line in lines if line.strip()]
+
+
+def run_send(config, arguments: list, src: str = "user", stdin=None) -> int:
+    """`zevents send GCODE...`: sends the lines (see ``send_lines``), waits for the firmware's answer to each and
+    prints it; 1 when the firmware refused a line (an error, an unknown command)."""
+    lines = send_lines(arguments, stdin)
+    if not lines:
+        print("zevents send: nothing to send", file=sys.stderr)
         return 2
-    reply = _client_request(config, "GCODE", {"lines": flat, "src": src})
+    reply = _client_request(config, "GCODE", {"lines": lines, "src": src, "wait": True, "timeout": 600},
+                            timeout=660.0)
     if reply is None:
         return 1
+    refused = []
+    for answer in reply.get("answers") or []:
+        for line in answer.get("replies") or []:
+            print(line)
+        if answer.get("refused"):
+            refused.append(answer.get("line"))
     suppressed = reply.get("suppressed") or []
     print(f"sent {reply.get('accepted', 0)} line(s)" +
           (f", suppressed: {', '.join(suppressed)}" if suppressed else ""), file=sys.stderr)
+    if not reply.get("complete", True):
+        print("zevents send: not every answer came in time", file=sys.stderr)
+        return 1
+    if refused:
+        print(f"zevents send: the printer refused: {', '.join(refused)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -72,6 +72,9 @@ PRINTER_SCHEMA = {
     },
     "scripts": Key(dict, check=_check_scripts),
     "profile": zconfig.TEXT,                         # a printer profile id (zevents profile ls)
+    # the longest command sent (the firmware's input buffer less room for line number and checksum)
+    "max_line": Key(int, min=16, max=1 << 20),
+    "reconnect": bool,
 }
 PARSER_SCHEMA = {
     "blocked_commands": Key(list, check=_command_names),

@@ -320,6 +320,11 @@ FAULT_KINDS = {
     # kind: {param: default}
     "drop_line": {"count": 1},
     "corrupt_checksum": {"count": 1},
+    # OctoPrint's simulator and others: a line error does not empty the receive buffer, every line still in it is
+    # refused in turn ("expected line X got Y"), for the next ``count`` line errors.
+    "keep_buffer": {"count": 50},
+    # Some firmwares ask twice for one error ("Resend: N" twice, one ok), for the next ``count`` line errors.
+    "resend_twice": {"count": 1},
     "silent": {"seconds": None},
     "disconnect": {"reopen_after": None},
     "garbage": {"kind": "mixed", "size": 10240},

@@ -178,6 +178,8 @@ class VirtualPrinter(FirmwareMachine):
         self._faults: List[Fault] = []
         self._drop_next = 0
         self._corrupt_next = 0
+        self._keep_buffer = 0
+        self._resend_twice = 0
         self._received: Deque[str] = deque(maxlen=keep_received)
         self._received_total = 0
         self._stats: Dict[str, int] = {k: 0 for k in (
@@ -478,6 +480,9 @@ class VirtualPrinter(FirmwareMachine):
         elif kind == "corrupt_checksum":
             with self._lock:
                 self._corrupt_next += params["count"]
+        elif kind in ("keep_buffer", "resend_twice"):
+            with self._lock:
+                setattr(self, "_" + kind, getattr(self, "_" + kind) + params["count"])
         elif kind == "silent":
             seconds = params["seconds"]
             with self._lock:
@@ -984,11 +989,23 @@ class VirtualPrinter(FirmwareMachine):
             self._emit(self.profile.line_error(kind, self._last_n, got))
             return None
         log.info("virtual printer: %s error (last line %d, got %s): resend requested", kind, self._last_n, got)
-        # Marlin empties its receive buffer after a line error: everything already sent must come again.
-        self._pending.clear()
         with self._lock:
             self._stats["resends_requested"] += 1
-        self._emit(self.profile.line_error(kind, self._last_n, got))
+            keep = self._keep_buffer > 0
+            self._keep_buffer -= keep
+            twice = self._resend_twice > 0
+            self._resend_twice -= twice
+        answer = self.profile.line_error(kind, self._last_n, got)
+        if keep:
+            # Lines still in the buffer are each refused in turn, naming the line number they carry.
+            if got is not None and kind in (fw.LINE_NUMBER, fw.DUPLICATE):
+                answer = [f"Error:expected line {self._last_n + 1} got {got}"] + answer[1:]
+        else:
+            # Marlin empties its receive buffer after a line error: everything already sent must come again.
+            self._pending.clear()
+        if twice:
+            answer = [line for line in answer for _ in range(2 if line.lower().startswith(("resend", "rs ")) else 1)]
+        self._emit(answer)
         return None
 
 # ---------------------------------------------------------------------- command line
