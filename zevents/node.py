@@ -86,7 +86,7 @@ def plan_services(config) -> list:
         wanted.append("printer")
     if config.get("events", "enabled") and "hooks" in have:
         wanted.append("hooks")
-    for extra in ("timelapse", "files"):
+    for extra in ("timelapse", "files", "mqtt"):
         if extra in have and config.get(extra, "enabled"):
             wanted.append(extra)
     return wanted

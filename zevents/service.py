@@ -14,6 +14,7 @@ SERVICES = {
     "broker": "zevents.broker",
     "printer": "zevents.printer.service",
     "hooks": "zevents.hooks.service",
+    "mqtt": "zevents.bridges.service",
 }
 
 # The modules that register config sections (zevents.config.register_section) when imported: every service's
@@ -21,6 +22,7 @@ SERVICES = {
 SECTION_OWNERS = (
     "zevents.printer.settings",
     "zevents.hooks.subscriptions",
+    "zevents.bridges.settings",
 )
 
 
