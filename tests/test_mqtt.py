@@ -313,8 +313,12 @@ def test_the_schema_check_refuses_bad_configs():
 
 # --- nothing lost ---------------------------------------------------------------------------------------------
 
-def test_mosquitto_restarted_mid_print_loses_nothing(short_tmp, bus_config, running_broker, mosquitto, services):
-    config = node_config(short_tmp, bus_config, mosquitto.url, speed=20)
+@pytest.mark.parametrize("max_pending", [100_000, 100])
+def test_mosquitto_restarted_mid_print_loses_nothing(short_tmp, bus_config, running_broker, mosquitto, services,
+                                                     max_pending, caplog):
+    """With the default bound the outbox holds everything; with a bound of 100 messages the bridge stops reading
+    the bus at the bound (and says so) and takes the rest from it after the restart."""
+    config = node_config(short_tmp, bus_config, mosquitto.url, speed=20, max_pending=max_pending)
     groups = ["comm", "print", "file", "gcode"]
     subscriber = bus.Subscriber(bus_config, groups=groups)
     # A persistent session: Mosquitto keeps the subscription and queues for it across its own restart.
@@ -329,6 +333,10 @@ def test_mosquitto_restarted_mid_print_loses_nothing(short_tmp, bus_config, runn
         mosquitto.stop()
         wait_for_event(subscriber, lambda e: e.name == "PrintProgress" and e.payload["progress"] >= 45, seen=seen)
         assert not bridge.connected and len(bridge.outbox) > 0  # held while the broker is away
+        if max_pending == 100:
+            wait_for(lambda: bridge.holding, 30, message="the bridge at its bound")
+            assert len(bridge.outbox) <= 100 + 32  # at most one event's messages over the bound
+            assert "reading no more events" in caplog.text
         mosquitto.start()
         expected, got = finish_print(subscriber, recorder, seen)
     finally:
