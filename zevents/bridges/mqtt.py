@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -52,6 +53,10 @@ log = logging.getLogger("zevents.mqtt")
 PRINTER_GROUPS = frozenset({"comm", "file", "print", "gcode", "timelapse"})
 NODE_WIDE = "_node"
 TELEMETRY = frozenset({"Temperature"})
+# The events that change a printer's state beyond its last event (PrinterState.apply).
+STATE_EVENTS = frozenset({"PrinterStateChanged", "Disconnected", "FileSelected", "FileDeselected", "PrintStarted",
+                          "PrintProgress", "LayerChanged", "PrintDone", "PrintFailed", "PrintCancelled",
+                          "PrintPaused", "PrintResumed", "Temperature"})
 # Events with a topic of their own in the octoprint layout (progress/printing, temperature/<tool>): OctoPrint
 # fires no such event, so they are not repeated under event/.
 OCTOPRINT_NOT_EVENTS = frozenset({"Temperature", "PrintProgress", "Heartbeat"})
@@ -113,6 +118,9 @@ class PrinterState:
 
     def apply(self, name: str, payload: dict, ts: int) -> set:
         """Update from one event; returns the fields that changed (FIELDS, ``temperature/<tool>``, ``last_event``)."""
+        if name not in STATE_EVENTS:
+            self.last_event, self.last_event_ts = name, ts
+            return {"last_event"}
         before = self.fields()
         temps_before = dict(self.temperatures)
         if name == "PrinterStateChanged":
@@ -207,6 +215,14 @@ class PrinterState:
                 "last_event_ts": self.last_event_ts}
 
 
+def _render_field(state: PrinterState, field: str) -> bytes:
+    return to_json(state.fields()[field])
+
+
+def _render_temperature(state: PrinterState, tool: str) -> bytes:
+    return to_json(state.temperatures.get(tool))
+
+
 # --- Home Assistant discovery -----------------------------------------------------------------------------------
 
 def _ha_id(*parts) -> str:
@@ -266,6 +282,7 @@ class Handed:
 
 
 class Message:
+    """One MQTT message; a conflatable one (``key``) may carry a function that renders its payload when sent."""
     __slots__ = ("topic", "payload", "qos", "retain", "record", "key")
 
     def __init__(self, topic, payload, qos, retain, record=None, key=None):
@@ -307,8 +324,11 @@ class Outbox:
 
     def pop(self) -> Message:
         message = self.queue.popleft()
-        if message.key is not None and self.waiting.get(message.key) is message:
-            del self.waiting[message.key]
+        if message.key is not None:
+            if self.waiting.get(message.key) is message:
+                del self.waiting[message.key]
+            if callable(message.payload):
+                message.payload = message.payload()  # state is rendered when it leaves, not per event
         return message
 
     def push_back(self, message: Message):
@@ -614,6 +634,11 @@ class MqttBridge:
     # --- the loop ----------------------------------------------------------------------------------------------
 
     def serve(self):
+        self._wake_poller = zmq.Poller()
+        self._wake_poller.register(self.waker.read_fd, zmq.POLLIN)
+        self._bus_poller = zmq.Poller()
+        self._bus_poller.register(self.waker.read_fd, zmq.POLLIN)
+        self._bus_poller.register(self.subscriber.sock, zmq.POLLIN)
         while not self._stop.is_set():
             self._step(wait=LOOP_TICK)
 
@@ -627,10 +652,7 @@ class MqttBridge:
             self.cursor.save()
         if read_bus and self.subscriber.pending and not self.holding:
             return
-        poller = zmq.Poller()
-        poller.register(self.waker.read_fd, zmq.POLLIN)
-        if read_bus and not self.holding:
-            poller.register(self.subscriber.sock, zmq.POLLIN)
+        poller = self._bus_poller if read_bus and not self.holding else self._wake_poller
         if poller.poll(wait * 1000):
             self.waker.drain()
 
@@ -777,17 +799,17 @@ class MqttBridge:
         if not self.zevents:
             return []
         root = self.root(state.node, state.printer)
-        messages = [Message(root + "state", to_json(state.as_dict()), self.qos, self.retain, key=root + "state")]
-        fields = state.fields()
+        messages = [Message(root + "state", lambda: to_json(state.as_dict()), self.qos, self.retain,
+                            key=root + "state")]
         for field in changed:
-            if field in fields:
-                value = fields[field]
+            if field in PrinterState.FIELDS:
+                render = functools.partial(_render_field, state, field)
             elif field.startswith("temperature/"):
-                value = state.temperatures.get(field[len("temperature/"):])
+                render = functools.partial(_render_temperature, state, field[len("temperature/"):])
             else:
                 continue
             topic = f"{root}state/{field}"
-            messages.append(Message(topic, to_json(value), self.qos, self.retain, key=topic))
+            messages.append(Message(topic, render, self.qos, self.retain, key=topic))
         return messages
 
     def _octoprint_state(self, state: PrinterState, timestamp: int) -> list:
