@@ -561,3 +561,35 @@ def test_the_node_plans_the_bridge_only_when_enabled(short_tmp, bus_config):
 
     assert "mqtt" not in node.plan_services(zconfig.from_bus(bus_config))
     assert "mqtt" in node.plan_services(zconfig.from_bus(bus_config, mqtt={"enabled": True}))
+
+
+def test_zevents_run_supervises_the_bridge(mosquitto):
+    """`zevents run` with mqtt.enabled starts the bridge as one of its services; the node's printer shows up in
+    the retained state, and the bridge's offline status is published when the node stops."""
+    import shutil
+    import tempfile
+
+    from test_node import Node, wait_started
+
+    home = Path(tempfile.mkdtemp(prefix="zevh-"))
+    try:
+        path = home / "node.yaml"
+        path.write_text(yaml.safe_dump({"bus": {"node": "runnode"}, "data_dir": str(home / "data"),
+                                        "printer": {"virtual": {"speed": 0}},
+                                        "mqtt": {"enabled": True, "url": mosquitto.url}}))
+        node = Node(home, "-c", str(path)).start()
+        recorder = Recorder(mosquitto.url, ["zevents/runnode/status", "zevents/runnode/+/state"])
+        try:
+            status = wait_started(node)
+            assert "mqtt" in [s["name"] for s in status["services"]]
+            recorder.wait(lambda m: any(t == "zevents/runnode/printer/state" and
+                                        json.loads(p)["state"] == "OPERATIONAL" for t, p, _ in m),
+                          message="the printer's state")
+            assert node.stop() == 0
+            recorder.wait(lambda m: any(t == "zevents/runnode/status" and p == b"offline" for t, p, _ in m),
+                          message="offline")
+        finally:
+            recorder.close()
+            node.stop()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
