@@ -134,6 +134,17 @@ def bus_events(envelopes) -> list:
     return [(e.group, e.seq, e.name) for e in envelopes if e.name != "Temperature"]
 
 
+def assert_in_order_by_seq(got: list, groups) -> None:
+    """Each group's events in seq order once the repeats a consumer drops by seq (seq <= the last seen) are
+    dropped: nothing comes late, after a later event."""
+    for group in groups:
+        kept = []
+        for g, seq, _ in got:
+            if g == group and (not kept or seq > kept[-1]):
+                kept.append(seq)
+        assert kept == sorted({s for g, s, _ in got if g == group}), f"{group} out of order"
+
+
 def finish_print(subscriber, recorder, seen: list) -> tuple:
     """Wait for PrintDone on the bus, then on MQTT: (the bus's events, the zevents layout's events)."""
     wait_for_event(subscriber, lambda e: e.name == "PrintDone", timeout=120, seen=seen)
@@ -315,17 +326,21 @@ def test_the_schema_check_refuses_bad_configs():
 
 # --- nothing lost ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("max_pending", [100_000, 100])
+@pytest.mark.parametrize("qos, max_pending", [(1, 100_000), (1, 100), (2, 100_000)])
 def test_mosquitto_restarted_mid_print_loses_nothing(short_tmp, bus_config, running_broker, mosquitto, services,
-                                                     max_pending, caplog):
+                                                     qos, max_pending, caplog):
     """With the default bound the outbox holds everything; with a bound of 100 messages the bridge stops reading
-    the bus at the bound (and says so) and takes the rest from it after the restart."""
-    config = node_config(short_tmp, bus_config, mosquitto.url, speed=20, max_pending=max_pending)
+    the bus at the bound (and says so) and takes the rest from it after the restart.  Across a restart delivery is
+    at-least-once, at QoS 1 and 2 alike (the bridge's session is clean): a message Mosquitto took but had not
+    acknowledged when it stopped may come again, and seq tells it; nothing is lost or comes out of order."""
+    config = node_config(short_tmp, bus_config, mosquitto.url, speed=20, max_pending=max_pending, qos=qos)
     groups = ["comm", "print", "file", "gcode"]
     subscriber = bus.Subscriber(bus_config, groups=groups)
-    # A persistent session: Mosquitto keeps the subscription and queues for it across its own restart.
+    # A persistent session: Mosquitto keeps the subscription and queues for it across its own restart.  At QoS 1:
+    # Mosquitto 2.0.11 was seen to drop QoS 2 messages it had queued for a persistent subscriber across its
+    # restart (the subscriber's leg, not the bridge's), so the bridge's QoS 2 is checked through a QoS 1 leg.
     recorder = Recorder(mosquitto.url, [f"zevents/{NODE}/+/{g}/+" for g in groups], client_id="lossless",
-                        clean=False)
+                        clean=False, qos=1)
     seen = []
     try:
         start_printer(services, config, subscriber)
@@ -344,12 +359,11 @@ def test_mosquitto_restarted_mid_print_loses_nothing(short_tmp, bus_config, runn
     finally:
         recorder.close()
         subscriber.close()
-    assert len(got) == len(set(got)), "an event arrived twice"
-    for group in groups:
-        mine = [e for e in got if e[0] == group]
-        assert [s for _, s, _ in mine] == sorted(s for _, s, _ in mine), f"{group} out of order"
     missing = [e for e in expected if e not in set(got)]
     assert not missing, f"{len(missing)} of {len(expected)} events lost, e.g. {missing[:5]}"
+    repeats = len(got) - len(set(got))
+    assert repeats <= 100, repeats  # at most what was in flight (mqtt.inflight) when Mosquitto stopped
+    assert_in_order_by_seq(got, groups)
 
 
 def test_bridge_killed_and_restarted_mid_print_loses_nothing(short_tmp, bus_config, running_broker, mosquitto,
@@ -391,12 +405,7 @@ def test_bridge_killed_and_restarted_mid_print_loses_nothing(short_tmp, bus_conf
         subscriber.close()
     missing = [e for e in expected if e not in set(got)]
     assert not missing, f"{len(missing)} of {len(expected)} events lost, e.g. {missing[:5]}"
-    for group in groups:  # repeats (of what was in flight at the kill) are allowed; seq tells them apart
-        mine = []
-        for e in got:
-            if e[0] == group and (not mine or e[1] > mine[-1]):
-                mine.append(e[1])
-        assert mine == sorted(set(s for g, s, _ in got if g == group))
+    assert_in_order_by_seq(got, groups)  # repeats (what was in flight at the kill) allowed; seq tells them
 
 
 # --- commands -------------------------------------------------------------------------------------------------

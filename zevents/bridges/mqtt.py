@@ -479,6 +479,7 @@ class MqttBridge:
         self.connection_changes: queue.SimpleQueue = queue.SimpleQueue()
         self.connected = False
         self.holding = False
+        self.resending = False
         self.stats = collections.Counter()
         self.subscriber = None
         self.client = None
@@ -519,6 +520,9 @@ class MqttBridge:
             self._resume()
         client_id = self.section.get("client_id") or f"zevents-{self.node}"
         will = (self.status_topic, b"offline") if self.zevents else (self.octo_base + "mqtt", b"disconnected")
+        # A clean session: paho resends what was in flight on every reconnection, so nothing depends on the broker
+        # having kept our session (it may have restarted without persistence).  The price: a message the broker
+        # took but had not acknowledged when it went away comes again (QoS 1, and QoS 2 across a broker restart).
         self.client, url = make_client(self.section, client_id, will)
         self.client.max_inflight_messages_set(self.window)
         self.client.max_queued_messages_set(0)
@@ -666,6 +670,9 @@ class MqttBridge:
                 log.info("mqtt: connected to %s", self.section["url"])
                 self.stats["connects"] += 1
                 self.outbox.add_first(self._announcements())
+                # paho resends what was in flight itself, after telling us it is connected: anything we publish
+                # before those are acknowledged could overtake them.
+                self.resending = bool(self.inflight)
             elif not up and self.connected:
                 log.warning("mqtt: lost the broker; holding events (at most mqtt.max_pending = %d messages)",
                             self.max_pending)
@@ -692,11 +699,11 @@ class MqttBridge:
     def _read_bus(self):
         if len(self.outbox) >= self.max_pending:
             if not self.holding:
-                self.holding = True
                 self.stats["held"] += 1
                 log.warning("mqtt: %d messages wait for the MQTT broker (mqtt.max_pending): reading no more events "
                             "for now; they wait in the bus's replay ring (%d events)", len(self.outbox),
                             self.subscriber.bus.replay_ring)
+                self.holding = True
             return
         if self.holding:
             self.holding = False
@@ -713,6 +720,10 @@ class MqttBridge:
     def _feed(self):
         if not self.connected:
             return
+        if self.resending:
+            if self.inflight:
+                return
+            self.resending = False
         publish = self.client.publish
         outbox, inflight = self.outbox, self.inflight
         while outbox and len(inflight) < self.window:
