@@ -13,8 +13,6 @@ import sys
 import time
 import uuid
 
-import paho.mqtt.client as paho
-
 from zevents.bridges.settings import parse_url
 
 

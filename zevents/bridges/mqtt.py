@@ -892,8 +892,6 @@ class Commands:
         self.thread.join(70)
 
     def _work(self):
-        from zevents.printer import channel
-
         publisher = zbus.Publisher(self.bridge.config, src="mqtt", context=self.bridge.context)
         clients: dict = {}
         try:
