@@ -602,3 +602,41 @@ def test_zevents_run_supervises_the_bridge(mosquitto):
             node.stop()
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_topics_and_state_are_keyed_by_the_printer_in_each_header(short_tmp, bus_config):
+    """Events of two printers of one node (the header's printer): their own zevents topics and state, the default
+    printer on OctoPrint-MQTT's plain topics and the other under octoPrint/<printer>/; node-wide events apart."""
+    from zevents.bridges.mqtt import MqttBridge
+    from zevents.wire import Envelope
+
+    config = zconfig.from_bus(bus_config, data_dir=str(short_tmp / "data"), printer={"name": "left"},
+                              mqtt={"enabled": True})
+    bridge = MqttBridge(config)
+    try:
+        def event(group, name, printer, seq, payload):
+            bridge.handle(Envelope(f"{group}/{name}", group, name, NODE, printer, 7, seq, 1_700_000_000_000_000,
+                                   "job", payload))
+
+        job = {"path": "a.gcode", "origin": "local", "size": 1, "owner": None, "user": None}
+        event("print", "PrintStarted", "left", 1, dict(job, name="a.gcode"))
+        event("print", "PrintStarted", "right", 2, dict(job, name="b.gcode", path="b.gcode"))
+        event("print", "PrintProgress", "right", 3, {"name": "b.gcode", "path": "b.gcode", "origin": "local",
+                                                     "progress": 40, "fileposition": 5, "time": 60.0})
+        event("server", "Startup", None, 1, {})
+        topics = [message.topic for message in bridge.outbox.queue]
+        assert f"zevents/{NODE}/left/print/PrintStarted" in topics
+        assert f"zevents/{NODE}/right/print/PrintStarted" in topics
+        assert f"zevents/{NODE}/_node/server/Startup" in topics
+        assert "octoPrint/event/PrintStarted" in topics and "octoPrint/right/event/PrintStarted" in topics
+        assert "octoPrint/right/progress/printing" in topics and "octoPrint/event/Startup" in topics
+        left, right = bridge.states[(NODE, "left")], bridge.states[(NODE, "right")]
+        assert (left.file, left.progress) == ("a.gcode", 0)
+        assert (right.file, right.progress, right.time_left, right.time_left_origin) == ("b.gcode", 40, 90, "linear")
+        assert (NODE, "_node") not in bridge.states
+        message = bridge.outbox.pop()
+        while message.topic != f"zevents/{NODE}/right/state":
+            message = bridge.outbox.pop()
+        assert json.loads(message.payload)["progress"] == 40  # rendered when it leaves the outbox
+    finally:
+        bridge.close(timeout=0)
