@@ -2,6 +2,7 @@
 directory of the test's), and a recording paho subscriber.  Tests skip when /usr/sbin/mosquitto is missing."""
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -24,7 +25,8 @@ def free_port() -> int:
 class Mosquitto:
     """One Mosquitto process; ``restart()`` keeps its port and its persistence file (sessions, retained)."""
 
-    def __init__(self, directory: Path, port: int | None = None, persistence: bool = True):
+    def __init__(self, directory: Path, port: int | None = None, persistence: bool = True, tls: bool = False):
+        """``tls``: a second listener with a self-signed certificate for 127.0.0.1 (``tls_url``, ``cafile``)."""
         if MOSQUITTO is None:
             pytest.skip("mosquitto is not installed (Debian package `mosquitto`)")
         self.directory = Path(directory)
@@ -32,8 +34,19 @@ class Mosquitto:
         self.port = port or free_port()
         self.url = f"mqtt://127.0.0.1:{self.port}"
         self.config = self.directory / "mosquitto.conf"
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "max_queued_messages 0",
+        # `user`: run as whoever runs the tests (as root, Mosquitto would switch to the `mosquitto` user, which
+        # cannot write its persistence file here).
+        lines = [f"user {getpass.getuser()}", f"listener {self.port} 127.0.0.1", "allow_anonymous true",
+                 "max_queued_messages 0",
                  "max_inflight_messages 0", "log_dest stderr", "log_type error", "log_type warning"]
+        if tls:
+            self.cafile, keyfile = self.directory / "cert.pem", self.directory / "key.pem"
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+                            "-addext", "subjectAltName=IP:127.0.0.1", "-days", "1", "-keyout", str(keyfile),
+                            "-out", str(self.cafile)], check=True, capture_output=True, timeout=60)
+            self.tls_port = free_port()
+            self.tls_url = f"mqtts://127.0.0.1:{self.tls_port}"
+            lines += [f"listener {self.tls_port} 127.0.0.1", f"certfile {self.cafile}", f"keyfile {keyfile}"]
         if persistence:
             lines += ["persistence true", f"persistence_location {self.directory}/", "autosave_interval 0"]
         self.config.write_text("\n".join(lines) + "\n")

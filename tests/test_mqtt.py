@@ -5,6 +5,7 @@ view."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -336,11 +337,9 @@ def test_mosquitto_restarted_mid_print_loses_nothing(short_tmp, bus_config, runn
     config = node_config(short_tmp, bus_config, mosquitto.url, speed=20, max_pending=max_pending, qos=qos)
     groups = ["comm", "print", "file", "gcode"]
     subscriber = bus.Subscriber(bus_config, groups=groups)
-    # A persistent session: Mosquitto keeps the subscription and queues for it across its own restart.  At QoS 1:
-    # Mosquitto 2.0.11 was seen to drop QoS 2 messages it had queued for a persistent subscriber across its
-    # restart (the subscriber's leg, not the bridge's), so the bridge's QoS 2 is checked through a QoS 1 leg.
+    # A persistent session: Mosquitto keeps the subscription and queues for it across its own restart.
     recorder = Recorder(mosquitto.url, [f"zevents/{NODE}/+/{g}/+" for g in groups], client_id="lossless",
-                        clean=False, qos=1)
+                        clean=False, qos=qos)
     seen = []
     try:
         start_printer(services, config, subscriber)
@@ -640,3 +639,28 @@ def test_topics_and_state_are_keyed_by_the_printer_in_each_header(short_tmp, bus
         assert json.loads(message.payload)["progress"] == 40  # rendered when it leaves the outbox
     finally:
         bridge.close(timeout=0)
+
+
+def test_the_bridge_over_tls(short_tmp, bus_config, running_broker, services):
+    """mqtts:// with the broker's CA from mqtt.tls.ca_certs; a plain listener of the same Mosquitto shows what
+    came through."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    mosquitto = Mosquitto(short_tmp / "mq", tls=True).start()
+    try:
+        recorder = Recorder(mosquitto.url, f"zevents/{NODE}/#")
+        try:
+            config = zconfig.from_bus(bus_config, data_dir=str(short_tmp / "data"), mqtt={
+                "enabled": True, "url": mosquitto.tls_url, "tls": {"ca_certs": str(mosquitto.cafile)}})
+            start_bridge(services, config)
+            publisher = bus.Publisher(bus_config, src="user")
+            try:
+                publisher.publish_confirmed("Home", {})
+            finally:
+                publisher.close(linger=0)
+            recorder.wait(lambda m: any(t == f"zevents/{NODE}/{PRINTER}/gcode/Home" for t, _, _ in m),
+                          message="an event over TLS")
+        finally:
+            recorder.close()
+    finally:
+        mosquitto.stop()
