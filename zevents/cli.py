@@ -691,6 +691,24 @@ def appkey_deny(token: str = typer.Argument(..., help="The request's token."),
     from zevents.gateway import commands
 
     raise typer.Exit(commands.run_appkey_decide(load_config(config), token, user, False))
+@app.command()
+def mqtt(config: Optional[str] = ConfigOption):
+    """Run the MQTT bridge: events, retained state and Home Assistant discovery on the mqtt.url broker."""
+    from zevents.bridges import service as mqtt_service
+
+    raise typer.Exit(mqtt_service.run(load_config(config)))
+
+
+@app.command()
+def farm(mqtt_url: Optional[str] = typer.Option(None, "--mqtt", help="Broker URL (default: mqtt.url)."),
+         as_json: bool = typer.Option(False, "--json", help="Print the farm once as JSON and exit."),
+         once: bool = typer.Option(False, "--once", help="Print the table once and exit."),
+         timeout: float = typer.Option(10.0, "--timeout", help="Seconds to wait for the broker."),
+         config: Optional[str] = ConfigOption):
+    """Every printer of every node on the MQTT broker (from the bridges' retained state): a live table."""
+    from zevents.bridges import farm as farm_mod
+
+    raise typer.Exit(farm_mod.run(load_config(config), mqtt_url, as_json, once, timeout))
 
 
 @config_app.command("check")

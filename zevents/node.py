@@ -96,7 +96,7 @@ def plan_services(config) -> list:
     if "camera" in have and str(config.get("printer", "port") or "").upper() == "VIRTUAL" and \
             config.get("timelapse", "enabled"):
         wanted.append("camera")
-    for extra in ("timelapse", "files", "slicing", "gateway"):
+    for extra in ("timelapse", "files", "slicing", "gateway", "mqtt"):
         if extra in have and config.get(extra, "enabled"):
             wanted.append(extra)
     return wanted

@@ -19,6 +19,7 @@ SERVICES = {
     "files": "zevents.files.service",
     "slicing": "zevents.slicing.service",
     "gateway": "zevents.gateway.service",
+    "mqtt": "zevents.bridges.service",
 }
 
 # The modules that register config sections (zevents.config.register_section) when imported: every service's
@@ -30,6 +31,7 @@ SECTION_OWNERS = (
     "zevents.files.settings",
     "zevents.slicing.settings",
     "zevents.gateway.settings",
+    "zevents.bridges.settings",
 )
 
 

@@ -1,0 +1,1 @@
+"""Bridges from the bus to other systems (MQTT: :mod:`zevents.bridges.mqtt`)."""
