@@ -5,7 +5,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from zevents import config as zconfig
-from zevents.config import Key, NUMBER, OPT_STR
+from zevents.config import NUMBER, OPT_STR, PATH, TEXT, Key
 
 SCHEMES = {"mqtt": (1883, False, "tcp"), "mqtts": (8883, True, "tcp"), "ws": (80, False, "websockets"),
            "wss": (443, True, "websockets")}
@@ -50,21 +50,40 @@ def _commands_problem(value) -> str | None:
     return None
 
 
+def _client_id(value) -> str | None:
+    # MQTT 3.1.1 servers must accept 1-23 characters of [0-9a-zA-Z]; Mosquitto and others take more, not controls
+    if isinstance(value, str) and (not value or len(value.encode()) > 65535 or any(ord(c) < 32 for c in value)):
+        return f"must be 1 to 65535 bytes without control characters, not {value!r}"
+    return None
+
+
+def _password(value) -> str | None:
+    if isinstance(value, str) and len(value.encode()) > 65535:
+        return "must be at most 65535 bytes (MQTT's limit)"
+    return None
+
+
+def _event_names(value) -> str | None:
+    if isinstance(value, list) and not all(isinstance(item, str) and item and "/" not in item for item in value):
+        return "must be a list of event names (e.g. [ZChange, FirmwareData])"
+    return None
+
+
 MQTT_SCHEMA = {
     "enabled": bool,
     "url": Key(str, check=_url_problem),
-    "client_id": OPT_STR,
-    "username": OPT_STR,
-    "password": OPT_STR,
-    "tls": {"ca_certs": OPT_STR, "certfile": OPT_STR, "keyfile": OPT_STR, "insecure": bool},
+    "client_id": Key(OPT_STR, check=_client_id),
+    "username": TEXT,
+    "password": Key(OPT_STR, check=_password),
+    "tls": {"ca_certs": PATH, "certfile": PATH, "keyfile": PATH, "insecure": bool},
     "qos": Key(int, min=0, max=2),
     "keepalive": Key(int, min=5, max=3600),
     "base_topic": Key(str, check=_topic_level_problem),
     "layouts": {"octoprint": bool, "zevents": bool},
     "octoprint": {
         "base_topic": Key(str, check=_topic_level_problem),
-        "default_printer": OPT_STR,
-        "retain_events": list,
+        "default_printer": TEXT,
+        "retain_events": Key(list, check=_event_names),
         "temperature_threshold": Key(NUMBER, min=0, max=100),
     },
     "retain": bool,
