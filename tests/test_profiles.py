@@ -148,3 +148,48 @@ def test_cli_without_a_broker_keeps_the_change_and_warns(node_config, zevents_cm
     assert result.returncode == 0
     assert "PrinterProfileAdded not published" in result.stderr
     assert (tmp_path / "data" / "printerProfiles" / "solo.profile").is_file()
+
+
+def test_outside_volume_names_the_sides_a_print_crosses():
+    from zevents.printer.profiles import merge as merged, outside_volume
+
+    area = {"minX": 10.0, "maxX": 190.0, "minY": -3.0, "maxY": 150.0, "minZ": 0.2, "maxZ": 210.0}
+    assert outside_volume(DEFAULT_PROFILE, area) == ["y_min", "z_max"]       # a purge line at Y-3, too tall
+    assert outside_volume(DEFAULT_PROFILE, dict(area, minY=0.0, maxZ=200.0)) == []
+    centred = merged(DEFAULT_PROFILE, {"volume": {"origin": "center"}})
+    assert outside_volume(centred, {"minX": -50.0, "maxX": 50.0, "minY": -50.0, "maxY": 50.0, "minZ": 0.0,
+                                    "maxZ": 10.0}) == []
+    round_bed = merged(DEFAULT_PROFILE, {"volume": {"formFactor": "circular", "origin": "center"}})
+    corner = {"minX": -95.0, "maxX": 95.0, "minY": -95.0, "maxY": 95.0, "minZ": 0.0, "maxZ": 1.0}
+    assert outside_volume(round_bed, corner) == ["radius"]                  # inside the square, not the circle
+    assert outside_volume(DEFAULT_PROFILE, {}) == []
+
+
+def test_the_virtual_printer_gets_the_profiles_extruders(short_tmp, bus_config, running_broker, zevents_cmd):
+    from zevents import bus
+
+    data = short_tmp / "data"
+    ProfileStore(data / "printerProfiles").save({"id": "twohead", "extruder": {"count": 2,
+                                                                               "offsets": [[0, 0], [20, 0]]}})
+    config = short_tmp / "p.yaml"
+    config.write_text(json.dumps({
+        "bus": {"node": bus_config.node, "publish": bus_config.publish, "ingest": bus_config.ingest,
+                "replay": bus_config.replay, "heartbeat": bus_config.heartbeat},
+        "printer": {"commands": f"ipc://{short_tmp}/printer.sock", "profile": "twohead",
+                    "virtual": {"speed": 0}},
+        "data_dir": str(data)}))
+    with bus.Subscriber(bus_config, groups=["comm"]) as subscriber:
+        process = subprocess.Popen(zevents_cmd + ["printer", "--virtual", "-c", str(config)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            def two_tools():
+                envelope = subscriber.recv(1.0)
+                return envelope is not None and envelope.name == "Temperature" and \
+                    set(envelope.payload["tools"]) == {"T0", "T1"}
+            from tests.conftest import wait_for
+
+            wait_for(two_tools, 60, 0, "a Temperature report of two extruders")
+        finally:
+            process.terminate()
+            process.wait(20)
+            process.stderr.close()

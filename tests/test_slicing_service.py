@@ -236,3 +236,5 @@ def test_the_sliced_gcode_is_analysed_by_the_files_service(short_tmp, bus_config
     result_ = payload["result"]
     assert result_["estimatedPrintTime"] > 0
     assert result_["filament"]["tool0"]["length"] > 0
+    # the G-code was sliced for the printer's profile, so it fits it
+    assert result_["printerProfile"] == "_default" and result_["outsideVolume"] is False

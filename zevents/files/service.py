@@ -308,10 +308,23 @@ class FilesService:
         entry.pop("analysisError", None)
         self.storage.set_entry(job.path, entry)
         shown = dict(result)
+        shown.update(self._volume_check(result))
         shown["history"] = entry.get("history") or []
         shown["statistics"] = entry.get("statistics") or st.statistics_of([])
         return [("MetadataAnalysisFinished", {"name": name, "path": job.path, "origin": st.STORAGE,
                                               "result": shown})]
+
+    def _volume_check(self, result: dict) -> dict:
+        """Whether the file's extrusions fit the printer profile the node prints with (``printer.profile``)."""
+        from zevents.printer.profiles import ProfileError, ProfileStore, outside_volume
+
+        try:
+            profile = ProfileStore.for_config(self.config).get(self.config.get("printer", "profile") or None)
+        except ProfileError as exc:
+            log.warning("files: no printer profile to check the analysis against: %s", exc)
+            return {}
+        crossed = outside_volume(profile, result.get("printingArea") or {})
+        return {"printerProfile": profile["id"], "outsideVolume": bool(crossed), "outsideVolumeSides": crossed}
 
     # --- requests ------------------------------------------------------------------------------------------------
 

@@ -294,6 +294,39 @@ def nested(path: list, value) -> dict:
     return result
 
 
+def build_box(profile: dict) -> dict:
+    """The printable box of a profile in G-code coordinates: its ``custom_box``, else the volume placed by its
+    origin (lower left corner or bed centre)."""
+    volume = profile["volume"]
+    box = volume.get("custom_box")
+    if isinstance(box, dict):
+        return dict(box)
+    width, depth, height = volume["width"], volume["depth"], volume["height"]
+    if volume["origin"] == "center":
+        return {"x_min": -width / 2, "x_max": width / 2, "y_min": -depth / 2, "y_max": depth / 2,
+                "z_min": 0.0, "z_max": height}
+    return {"x_min": 0.0, "x_max": width, "y_min": 0.0, "y_max": depth, "z_min": 0.0, "z_max": height}
+
+
+def outside_volume(profile: dict, area: dict, tolerance: float = 0.01) -> list:
+    """The sides of the build volume that a file's ``printingArea`` (minX..maxZ, as the analysis gives it) crosses:
+    [] when every extrusion lies inside.  A circular bed is checked against its circle, not its square."""
+    if not area or any(area.get(key) is None for key in ("minX", "maxX", "minY", "maxY", "minZ", "maxZ")):
+        return []
+    box = build_box(profile)
+    crossed = [side for side, over in (
+        ("x_min", area["minX"] < box["x_min"] - tolerance), ("x_max", area["maxX"] > box["x_max"] + tolerance),
+        ("y_min", area["minY"] < box["y_min"] - tolerance), ("y_max", area["maxY"] > box["y_max"] + tolerance),
+        ("z_min", area["minZ"] < box["z_min"] - tolerance), ("z_max", area["maxZ"] > box["z_max"] + tolerance)) if over]
+    if profile["volume"]["formFactor"] == "circular" and not crossed:
+        cx, cy = (box["x_min"] + box["x_max"]) / 2, (box["y_min"] + box["y_max"]) / 2
+        radius = min(box["x_max"] - box["x_min"], box["y_max"] - box["y_min"]) / 2
+        corners = [(x, y) for x in (area["minX"], area["maxX"]) for y in (area["minY"], area["maxY"])]
+        if any(math.hypot(x - cx, y - cy) > radius + tolerance for x, y in corners):
+            crossed.append("radius")
+    return crossed
+
+
 def selected(config) -> dict:
     """The profile this node's printer uses: ``printer.profile`` if set, else the store's default."""
     store = ProfileStore.for_config(config)

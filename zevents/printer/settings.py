@@ -68,7 +68,7 @@ PRINTER_SCHEMA = {
     "virtual": {
         "firmware": Key(str, check=_check_firmware),
         "speed": Key(NUMBER, min=0, max=1_000_000),     # 0: instant
-        "tools": Key(int, min=1, max=8),
+        "tools": Key((int, type(None)), min=1, max=8),   # null: the printer profile's extruders
     },
     "scripts": Key(dict, check=_check_scripts),
     "profile": zconfig.TEXT,                         # a printer profile id (zevents profile ls)
