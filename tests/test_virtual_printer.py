@@ -900,3 +900,23 @@ def test_cli_bad_options_exit_with_a_reason(tmp_path, zevents_cmd):
         result = subprocess.run([*zevents_cmd, "virtual-printer", *args], capture_output=True, text=True, timeout=30)
         assert result.returncode == code and why in result.stderr, result.stderr
         assert result.stdout == ""
+
+
+def test_a_bed_clamps_moves_as_software_endstops_do(tmp_path):
+    box = {"x_min": 0.0, "x_max": 200.0, "y_min": 0.0, "y_max": 180.0, "z_min": 0.0, "z_max": 150.0}
+    with make_printer(tmp_path, bed=box) as vp:
+        ser = open_port(vp)
+        command(ser, "G28")
+        command(ser, "G1 X500 Y-20 Z300 F6000")
+        position = " ".join(command(ser, "M114"))
+        ser.close()
+    assert "X:200.00 Y:0.00 Z:150.00" in position, position
+
+
+def test_without_a_bed_moves_are_not_clamped(tmp_path):
+    with make_printer(tmp_path) as vp:
+        ser = open_port(vp)
+        command(ser, "G1 X500 F6000")
+        position = " ".join(command(ser, "M114"))
+        ser.close()
+    assert "X:500.00" in position, position

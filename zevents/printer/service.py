@@ -122,18 +122,21 @@ class PrinterService:
         settings = self.section.get("virtual") or {}
         sd_dir = Path(self.config.data_dir) / "virtual-sd"
         sd_dir.mkdir(parents=True, exist_ok=True)
-        tools = settings.get("tools")
-        if tools is None:  # the printer profile's extruders (printer.profile, else the default profile)
-            from zevents.printer.profiles import ProfileError, selected
+        # the printer profile (printer.profile, else the default) gives the virtual printer its bed and extruders
+        from zevents.printer.profiles import ProfileError, build_box, selected
 
-            try:
-                tools = min(8, int(selected(self.config)["extruder"]["count"]))
-            except ProfileError as exc:
-                log.warning("printer: %s; the virtual printer gets one extruder", exc)
-                tools = 1
+        try:
+            profile = selected(self.config)
+        except ProfileError as exc:
+            log.warning("printer: %s; the virtual printer gets one extruder and no bed limits", exc)
+            profile = None
+        tools = settings.get("tools")
+        if tools is None:
+            tools = min(8, int(profile["extruder"]["count"])) if profile else 1
         self.virtual_printer = VirtualPrinter(firmware=settings.get("firmware", "marlin"),
                                               speed=float(settings.get("speed", 100.0)),
-                                              tools=int(tools), sd_dir=str(sd_dir))
+                                              tools=int(tools), sd_dir=str(sd_dir),
+                                              bed=build_box(profile) if profile else None)
         self.virtual_printer.start()
         log.info("printer: virtual %s printer on %s", settings.get("firmware", "marlin"), self.virtual_printer.port)
         return self.virtual_printer.port

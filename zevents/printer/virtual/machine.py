@@ -316,6 +316,9 @@ class FirmwareMachine:
         return target
 
     def _move_to(self, target: List[float], path_length: Optional[float], generation: int) -> None:
+        if self.bed is not None:  # software endstops, as Marlin's min/max_software_endstops
+            for index, axis in enumerate("xyz"):
+                target[index] = min(max(target[index], self.bed[f"{axis}_min"]), self.bed[f"{axis}_max"])
         deltas = [t - c for t, c in zip(target, self._logical)]
         dx, dy, dz, de = (abs(d) for d in deltas)
         length = math.sqrt(dx * dx + dy * dy + dz * dz) if path_length is None else path_length

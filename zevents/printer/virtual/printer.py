@@ -125,7 +125,7 @@ class VirtualPrinter(FirmwareMachine):
                  reset_on_connect: bool = True, boot_delay: float = 0.3,
                  temp_report_interval: float = 1.0, busy_interval: float = 2.0,
                  keep_received: int = 100_000, seed: Optional[int] = None,
-                 on_port: Optional[Callable[[str], None]] = None):
+                 on_port: Optional[Callable[[str], None]] = None, bed: Optional[dict] = None):
         self.profile = fw.profile(firmware)
         self.clock = SimClock(speed)
         if not isinstance(tools, int) or isinstance(tools, bool) or not 1 <= tools <= 8:
@@ -141,6 +141,8 @@ class VirtualPrinter(FirmwareMachine):
         if temp_report_interval == 0:
             raise ValueError("temp_report_interval must be > 0")
         self.tools = tools
+        # Marlin's software endstops: moves are clamped to the build volume ({x_min, x_max, ...}); None: no limits
+        self.bed = dict(bed) if bed else None
         self._planner_size = planner_size
         self.line_ending = (("\r\n" if crlf else "\n") if crlf is not None else self.profile.line_ending).encode()
         self.buffer_size = buffer_size
