@@ -28,8 +28,9 @@ def test_print_started_and_progress_carry_the_estimate(bench):
     # mid-print the time left is that of the rest of the file, not a share of the total
     middle = progress[50]
     assert 0 < middle["printTimeLeft"] < expected["estimatedPrintTime"]
-    # a file with layer markers: the parser's LayerChanged is left as it is
-    assert all("total" not in e[1] or e[1]["total"] is None for e in b.recorder.named("LayerChanged"))
+    # a file with layer markers: LayerChanged follows the markers, and its total is theirs, not the analysis's
+    layers = [e[1] for e in b.recorder.named("LayerChanged")]
+    assert layers and {layer["total"] for layer in layers} == {len(layers)}
 
 
 def test_layer_total_from_the_analysis_when_the_file_has_no_markers(bench, tmp_path):
