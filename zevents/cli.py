@@ -46,6 +46,21 @@ def load_config(path: Optional[str]):
         raise fail(f"config error: {exc}")
 
 
+PrinterOption = typer.Option(None, "--printer", help="Which printer of the node (its name; required when the "
+                                                     "config lists several).")
+
+
+def load_printer_config(path: Optional[str], printer: Optional[str]):
+    """The config as the named printer sees it (its section as printer:); a clear error when the name is wrong, or
+    missing among several printers."""
+    from zevents.printer.settings import PrinterChoiceError, printer_config
+
+    try:
+        return printer_config(load_config(path), printer)
+    except PrinterChoiceError as exc:
+        raise fail(str(exc))
+
+
 @app.command()
 def events(as_json: bool = typer.Option(False, "--json", help="One JSON document instead of a table.")):
     """List the event catalogue: name, group, payload keys."""
@@ -199,44 +214,44 @@ def printer(port: Optional[str] = typer.Option(None, "--port", help="Serial devi
 
 @app.command("print")
 def print_file(file: str = typer.Argument(..., help="Local G-code file to print."),
-               config: Optional[str] = ConfigOption):
+               config: Optional[str] = ConfigOption, printer: Optional[str] = PrinterOption):
     """Select a local file and print it on the running link."""
     from zevents.printer import service
 
-    raise typer.Exit(service.run_print(load_config(config), file))
+    raise typer.Exit(service.run_print(load_printer_config(config, printer), file))
 
 
 @app.command()
-def pause(config: Optional[str] = ConfigOption):
+def pause(config: Optional[str] = ConfigOption, printer: Optional[str] = PrinterOption):
     """Pause the running print (prints the head position)."""
     from zevents.printer import service
 
-    raise typer.Exit(service.run_control(load_config(config), "pause"))
+    raise typer.Exit(service.run_control(load_printer_config(config, printer), "pause"))
 
 
 @app.command()
-def resume(config: Optional[str] = ConfigOption):
+def resume(config: Optional[str] = ConfigOption, printer: Optional[str] = PrinterOption):
     """Resume the paused print."""
     from zevents.printer import service
 
-    raise typer.Exit(service.run_control(load_config(config), "resume"))
+    raise typer.Exit(service.run_control(load_printer_config(config, printer), "resume"))
 
 
 @app.command()
-def cancel(config: Optional[str] = ConfigOption):
+def cancel(config: Optional[str] = ConfigOption, printer: Optional[str] = PrinterOption):
     """Cancel the running print."""
     from zevents.printer import service
 
-    raise typer.Exit(service.run_control(load_config(config), "cancel"))
+    raise typer.Exit(service.run_control(load_printer_config(config, printer), "cancel"))
 
 
 @app.command()
 def send(lines: List[str] = typer.Argument(..., help="G-code lines, one per argument."),
-         config: Optional[str] = ConfigOption):
+         config: Optional[str] = ConfigOption, printer: Optional[str] = PrinterOption):
     """Send G-code to the printer through the running link."""
     from zevents.printer import service
 
-    raise typer.Exit(service.run_send(load_config(config), lines))
+    raise typer.Exit(service.run_send(load_printer_config(config, printer), lines))
 
 
 @app.command()
@@ -244,13 +259,14 @@ def sd(action: str = typer.Argument(..., help="ls, upload or print."),
        name: Optional[str] = typer.Argument(None, help="upload: the local file; print: the SD file name."),
        remote: Optional[str] = typer.Option(None, "--as", help="upload: the name on the SD card (8.3)."),
        no_wait: bool = typer.Option(False, "--no-wait", help="upload: return once the transfer has started."),
-       config: Optional[str] = ConfigOption):
+       config: Optional[str] = ConfigOption, printer: Optional[str] = PrinterOption):
     """The printer's SD card: list it, upload a local file to it, print a file from it."""
     from zevents.printer import service
 
+    cfg = load_printer_config(config, printer)
     if action == "print":
-        raise typer.Exit(service.run_sd(load_config(config), "print", remote=name))
-    raise typer.Exit(service.run_sd(load_config(config), action, file=name, remote=remote, wait=not no_wait))
+        raise typer.Exit(service.run_sd(cfg, "print", remote=name))
+    raise typer.Exit(service.run_sd(cfg, action, file=name, remote=remote, wait=not no_wait))
 
 
 @app.command("virtual-printer")
