@@ -123,7 +123,11 @@ def test_printer_commands_need_printer_among_several_and_refuse_an_unknown_one(h
 
 @pytest.mark.timeout(600)
 def test_three_virtual_printers_print_at_once_with_their_events_kept_apart(home):
-    path = three_printers(home)
+    # A hook on PrintDone checks that {__printer} and ZEVENTS_PRINTER both name the printer that finished.
+    check = "import os, sys; sys.exit(os.environ['ZEVENTS_PRINTER'] != sys.argv[1])"
+    path = three_printers(home, events={"enabled": True, "subscriptions": [{
+        "event": "PrintDone", "type": "system", "name": "which-printer",
+        "command": f'{sys.executable} -c "{check}" "{{__printer}}"'}]})
     node = Node(home, "-c", str(path)).start()
     try:
         status = wait_started(node, timeout=120)
@@ -141,6 +145,9 @@ def test_three_virtual_printers_print_at_once_with_their_events_kept_apart(home)
             wait_for(lambda: len(_events(control, "print", "PrintDone")) >= 3, 180, 0.5,
                      message="three PrintDone")
             events = _events(control, "print")
+            hooks = wait_for(lambda: len(runs := [e for e in _events(control, "hook")
+                                                  if e.name in ("HookFinished", "HookFailed")]) >= 3 and runs,
+                             60, 0.5, message="three hook runs")
         finally:
             control.close()
         by_printer = {}
@@ -156,6 +163,8 @@ def test_three_virtual_printers_print_at_once_with_their_events_kept_apart(home)
             assert progress and progress == sorted(progress) and progress[-1] == 100, (name, progress)
             done = next(e for e in own if e.name == "PrintDone")
             assert done.payload["name"] == SAMPLE.name
+        assert sorted(e.payload["argv"][-1] for e in hooks) == sorted(NAMES)
+        assert all(e.name == "HookFinished" and e.payload["returncode"] == 0 for e in hooks), hooks
         # `zevents status` shows every printer, each from its own link; the live view names each event's printer
         result = zevents(home, "status", "--json", "-c", str(path))
         shown = json.loads(result.stdout)["printers"]
