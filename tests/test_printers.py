@@ -106,7 +106,9 @@ def test_the_single_printer_section_is_a_one_printer_list_as_before(tmp_path, mo
 # --- CLI ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", [["pause"], ["resume"], ["cancel"], ["send", "M105"], ["sd", "ls"],
-                                     ["print", str(SAMPLE)]])
+                                     ["print", str(SAMPLE)], ["files", "upload", str(SAMPLE), "--select"],
+                                     ["files", "upload", str(SAMPLE), "--print"], ["files", "ls", "--storage",
+                                                                                   "sdcard"]])
 def test_printer_commands_need_printer_among_several_and_refuse_an_unknown_one(home, command):
     path = three_printers(home)
     result = zevents(home, *command, "-c", str(path))
@@ -114,9 +116,10 @@ def test_printer_commands_need_printer_among_several_and_refuse_an_unknown_one(h
     assert "3 printers: say which with --printer NAME (mk3s, voron, ender 3)" in result.stderr
     result = zevents(home, *command, "-c", str(path), "--printer", "prusa")
     assert result.returncode == 2 and "no printer named 'prusa'" in result.stderr
-    # a known one is asked (no node runs: its own socket is named)
+    # a known one is asked (no node runs: the socket asked is named)
     result = zevents(home, *command, "-c", str(path), "--printer", "voron")
-    assert result.returncode == 1 and "printer-voron.sock" in result.stderr
+    assert result.returncode == 1, result.stderr
+    assert ("files.sock" if command[0] == "files" else "printer-voron.sock") in result.stderr
 
 
 # --- a node with three printers --------------------------------------------------------------------------------
@@ -125,7 +128,7 @@ def test_printer_commands_need_printer_among_several_and_refuse_an_unknown_one(h
 def test_three_virtual_printers_print_at_once_with_their_events_kept_apart(home):
     # A hook on PrintDone checks that {__printer} and ZEVENTS_PRINTER both name the printer that finished.
     check = "import os, sys; sys.exit(os.environ['ZEVENTS_PRINTER'] != sys.argv[1])"
-    path = three_printers(home, events={"enabled": True, "subscriptions": [{
+    path = three_printers(home, files={"enabled": True}, events={"enabled": True, "subscriptions": [{
         "event": "PrintDone", "type": "system", "name": "which-printer",
         "command": f'{sys.executable} -c "{check}" "{{__printer}}"'}]})
     node = Node(home, "-c", str(path)).start()
@@ -136,9 +139,12 @@ def test_three_virtual_printers_print_at_once_with_their_events_kept_apart(home)
         for name in NAMES:
             wait_for(lambda: zevents(home, "send", "M105", "-c", str(path), "--printer", name).returncode == 0,
                      60, 0.5, message=f"{name} connected")
-        for name in NAMES:
+        for name in NAMES[:-1]:
             result = zevents(home, "print", str(SAMPLE), "-c", str(path), "--printer", name)
             assert result.returncode == 0, result.stderr
+        # the last one through the files service: stored, then printed on the printer named
+        result = zevents(home, "files", "upload", str(SAMPLE), "--print", "-c", str(path), "--printer", NAMES[-1])
+        assert result.returncode == 0 and "printing" in result.stderr, result.stderr
         config = node.config()
         control = bus.Control(config)
         try:
@@ -162,7 +168,7 @@ def test_three_virtual_printers_print_at_once_with_their_events_kept_apart(home)
             progress = [e.payload["progress"] for e in own if e.name == "PrintProgress"]
             assert progress and progress == sorted(progress) and progress[-1] == 100, (name, progress)
             done = next(e for e in own if e.name == "PrintDone")
-            assert done.payload["name"] == SAMPLE.name
+            assert done.payload["name"] == SAMPLE.name and done.payload["origin"] == "local"
         assert sorted(e.payload["argv"][-1] for e in hooks) == sorted(NAMES)
         assert all(e.name == "HookFinished" and e.payload["returncode"] == 0 for e in hooks), hooks
         # `zevents status` shows every printer, each from its own link; the live view names each event's printer

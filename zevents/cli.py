@@ -420,9 +420,12 @@ def files_serve(config: Optional[str] = ConfigOption):
 def files_ls(path: str = typer.Argument("", help="A folder (default: the root)."),
              recursive: bool = typer.Option(False, "--recursive", "-r", help="Include subfolders."),
              as_json: bool = typer.Option(False, "--json", help="One JSON list."),
-             storage: str = StorageOption, config: Optional[str] = ConfigOption):
+             storage: str = StorageOption, config: Optional[str] = ConfigOption,
+             printer: Optional[str] = PrinterOption):
     """List stored files and folders."""
-    _files_exit("run_ls", config, path, recursive, as_json, storage)
+    if storage == "sdcard" or printer:  # whose SD card: named among several printers
+        printer = load_printer_config(config, printer).get("printer", "name")
+    _files_exit("run_ls", config, path, recursive, as_json, storage, printer)
 
 
 @files_app.command("upload")
@@ -431,9 +434,12 @@ def files_upload(file: str = typer.Argument(..., help="The local file to store."
                                                                            "(sdcard: its name there)."),
                  select: bool = typer.Option(False, "--select", help="Select it for printing."),
                  start: bool = typer.Option(False, "--print", help="Start printing it."),
-                 storage: str = StorageOption, config: Optional[str] = ConfigOption):
+                 storage: str = StorageOption, config: Optional[str] = ConfigOption,
+                 printer: Optional[str] = PrinterOption):
     """Store a file (fires FileAdded, UpdatedFiles and Upload, like OctoPrint's upload API)."""
-    _files_exit("run_upload", config, file, folder, select, start, storage)
+    if select or start or storage == "sdcard" or printer:  # the printer it goes to: named among several
+        printer = load_printer_config(config, printer).get("printer", "name")
+    _files_exit("run_upload", config, file, folder, select, start, storage, printer)
 
 
 @files_app.command("rm")

@@ -341,7 +341,7 @@ class FilesService:
             return self._uploaded(result, upload, args, False, False)
         disk = str(self.storage.disk(path))
         self._submit_printer(reply_to, args, self._select_and_print, disk, select, start, args.get("user"),
-                             then=lambda outcome: self._uploaded(result, upload, args, *outcome))
+                             args.get("printer"), then=lambda outcome: self._uploaded(result, upload, args, *outcome))
         return None
 
     def _uploaded(self, result: dict, upload: dict, args: dict, selected: bool, printing: bool) -> dict:
@@ -434,14 +434,22 @@ class FilesService:
                 self.server.reply(reply_to, args, False, error=f"internal error: {exc}")
         self._pending = still
 
-    def _printer_client(self):
-        return printer_channel.CommandClient(printer_channel.endpoint(self.config), self.context)
+    def _printer_client(self, printer: str | None):
+        """The command channel of the node's printer called ``printer`` (None: the only one)."""
+        from zevents.printer.settings import PrinterChoiceError, printer_section
 
-    def _select_and_print(self, disk: str, select: bool, start: bool, user) -> tuple:
+        try:
+            endpoint = printer_section(self.config, printer)["commands"]
+        except PrinterChoiceError as exc:
+            raise printer_channel.ChannelError(str(exc)) from None
+        return printer_channel.CommandClient(endpoint, self.context)
+
+    def _select_and_print(self, disk: str, select: bool, start: bool, user, printer: str | None) -> tuple:
         """(effective_select, effective_print): a refusal of the printer is logged, the upload stays done."""
-        client = self._printer_client()
+        client = None
         selected = printing = False
         try:
+            client = self._printer_client(printer)
             if start:
                 client.request("PRINT", {"path": disk, "user": user}, timeout=30.0)
                 selected = printing = True
@@ -452,12 +460,13 @@ class FilesService:
             log.warning("files: upload %s: the printer did not %s it: %s", os.path.basename(disk),
                         "print" if start else "select", exc)
         finally:
-            client.close()
+            if client is not None:
+                client.close()
         return selected, printing
 
     def _sd_request(self, command: str, args: dict):
         """SD card storage through the printer link: list, upload (M28/M29), remove (M30)."""
-        client = self._printer_client()
+        client = self._printer_client(args.get("printer"))
         try:
             if command == "LIST":
                 files = client.request("SD_LIST", {}, timeout=60.0).get("files") or []
