@@ -196,3 +196,38 @@ def test_three_virtual_printers_print_at_once_with_their_events_kept_apart(home)
         assert all(s["restarts"] == 0 for s in others)
     finally:
         assert node.stop() == 0
+
+
+@pytest.mark.timeout(600)
+def test_two_virtual_printers_get_a_timelapse_each(home):
+    """The timelapse keeps frames per printer name: each printer's job has one frame per layer of its own print."""
+    names = NAMES[:2]
+    path = write_config(home, json.dumps(dict(
+        QUIET_NODE, printer={"virtual": {"speed": 0}}, printers=[{"name": name, "port": "VIRTUAL"} for name in names],
+        timelapse={"enabled": True, "modes": ["layer"]}, webcam={"timelapse": {"renderAfterPrint": "off"}})))
+    node = Node(home, "-c", str(path)).start()
+    try:
+        wait_started(node, timeout=120)
+        for name in names:
+            wait_for(lambda: zevents(home, "send", "M105", "-c", str(path), "--printer", name).returncode == 0,
+                     60, 0.5, message=f"{name} connected")
+            result = zevents(home, "print", str(SAMPLE), "-c", str(path), "--printer", name)
+            assert result.returncode == 0, result.stderr
+        control = bus.Control(node.config())
+        try:
+            wait_for(lambda: len(_events(control, "print", "PrintDone")) >= 2, 180, 0.5, message="two PrintDone")
+            layers = {name: sum(1 for e in _events(control, "gcode", "LayerChanged") if e.printer == name)
+                      for name in names}
+        finally:
+            control.close()
+        assert all(layers.values()), layers
+
+        def captured():
+            listing = json.loads(zevents(home, "timelapse", "ls", "--json", "-c", str(path)).stdout)
+            jobs = {job["printer"]: job for job in listing["unrendered"] if job["state"] != "capturing"}
+            return jobs if set(jobs) == set(names) else None
+
+        jobs = wait_for(captured, 120, 0.5, message="a timelapse job per printer")
+        assert {name: jobs[name]["count"] for name in names} == layers
+    finally:
+        assert node.stop() == 0
