@@ -506,7 +506,7 @@ def slice_model(model: str = typer.Argument(..., help="An STL, 3MF or OBJ file (
                 select: bool = typer.Option(False, "--select", help="Select the G-code for printing when done."),
                 start: bool = typer.Option(False, "--print", help="Print the G-code when done."),
                 timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop waiting after this long."),
-                config: Optional[str] = ConfigOption):
+                config: Optional[str] = ConfigOption, printer: Optional[str] = PrinterOption):
     """Slice a model into storage (SlicingStarted/Progress/Done), analysed and ready to print."""
     from zevents.slicing import commands
 
@@ -514,8 +514,10 @@ def slice_model(model: str = typer.Argument(..., help="An STL, 3MF or OBJ file (
         raise typer.Exit(commands.run_cancel(load_config(config), cancel_dest))
     if cancel_dest:
         raise fail(f"unexpected argument {cancel_dest!r} (did you mean `zevents slice cancel DEST`?)")
+    if select or start or printer:  # the printer it goes to (and whose profile): named among several
+        printer = load_printer_config(config, printer).get("printer", "name")
     raise typer.Exit(commands.run_slice(load_config(config), model, slicer, profile, printer_profile, dest, select,
-                                        start, timeout))
+                                        start, timeout, printer))
 
 
 slicing_app = typer.Typer(no_args_is_help=True, help="The slicing service and its profiles.")
