@@ -109,7 +109,7 @@ def test_the_single_printer_section_is_a_one_printer_list_as_before(tmp_path, mo
                                      ["print", str(SAMPLE)], ["files", "upload", str(SAMPLE), "--select"],
                                      ["files", "upload", str(SAMPLE), "--print"], ["files", "ls", "--storage",
                                                                                    "sdcard"],
-                                     ["slice", "MODEL", "--print"]])
+                                     ["slice", "MODEL", "--print"], ["printer"]])
 def test_printer_commands_need_printer_among_several_and_refuse_an_unknown_one(home, command):
     path = three_printers(home)
     if "MODEL" in command:  # a model to slice: one facet is enough to get past the model check
@@ -122,8 +122,8 @@ def test_printer_commands_need_printer_among_several_and_refuse_an_unknown_one(h
     assert "3 printers: say which with --printer NAME (mk3s, voron, ender 3)" in result.stderr
     result = zevents(home, *command, "-c", str(path), "--printer", "prusa")
     assert result.returncode == 2 and "no printer named 'prusa'" in result.stderr
-    if command[0] == "slice":
-        return  # a known printer: the slice itself would wait for a node (the three-printer test runs one)
+    if command[0] in ("slice", "printer"):
+        return  # a known printer: the slice would wait for a node, the link would run (the node tests run them)
     # a known one is asked (no node runs: the socket asked is named)
     result = zevents(home, *command, "-c", str(path), "--printer", "voron")
     assert result.returncode == 1 and "--printer" not in result.stderr, result.stderr
@@ -237,5 +237,27 @@ def test_two_virtual_printers_get_a_timelapse_each(home):
 
         jobs = wait_for(captured, 120, 0.5, message="a timelapse job per printer")
         assert {name: jobs[name]["count"] for name in names} == layers
+    finally:
+        assert node.stop() == 0
+
+
+@pytest.mark.timeout(300)
+def test_a_printers_list_of_one_runs_that_printer_under_its_name(home):
+    path = write_config(home, json.dumps(dict(QUIET_NODE, printers=[{"name": "solo", "port": "VIRTUAL",
+                                                                      "virtual": {"speed": 0}}])))
+    node = Node(home, "-c", str(path)).start()
+    try:
+        status = wait_started(node, timeout=120)
+        assert "printer" in [s["name"] for s in status["services"]]
+        # one printer: --printer may be left out, and its channel is printer.sock as always
+        wait_for(lambda: zevents(home, "send", "M105", "-c", str(path)).returncode == 0, 60, 0.5,
+                 message="solo connected")
+        assert zevents(home, "print", str(SAMPLE), "-c", str(path), "--printer", "solo").returncode == 0
+        control = bus.Control(node.config())
+        try:
+            (done,) = wait_for(lambda: _events(control, "print", "PrintDone"), 120, 0.5, message="PrintDone")
+        finally:
+            control.close()
+        assert done.printer == "solo"
     finally:
         assert node.stop() == 0

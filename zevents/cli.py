@@ -201,15 +201,20 @@ def printer(port: Optional[str] = typer.Option(None, "--port", help="Serial devi
                                                                    "(default: printer.port)."),
             virtual: bool = typer.Option(False, "--virtual", help="Run the built-in virtual printer and use it."),
             baud: Optional[int] = typer.Option(None, "--baud", help="Baud rate; 0 detects it."),
-            config: Optional[str] = ConfigOption):
+            config: Optional[str] = ConfigOption, printer: Optional[str] = PrinterOption):
     """Run the printer link: serial protocol, print jobs, command channel, printer events."""
     from zevents.printer import service
+    from zevents.printer.settings import service_name
     from zevents.service import run_exclusive
 
     if port and virtual:
         raise fail("give --port or --virtual, not both")
-    raise typer.Exit(run_exclusive(load_config(config), "printer", service.run, port=port, baud=baud,
-                                   virtual=virtual))
+    cfg, name = load_config(config), "printer"
+    view = load_printer_config(config, printer)  # refuses an unknown name, or none among several
+    if cfg.get("printers"):  # one of a list: run as the node would (printer:NAME, its own channel and header)
+        cfg, name = view, service_name(cfg, view.get("printer"))
+    raise typer.Exit(run_exclusive(cfg, name, service.run, port=port, baud=baud, virtual=virtual,
+                                   service_name=name))
 
 
 @app.command("print")

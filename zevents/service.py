@@ -120,11 +120,12 @@ def main(argv: list) -> int:
     module = importlib.import_module(SERVICES[kind])
     if kind == "broker":  # the broker locks its own endpoints
         return module.run(config)
-    if printer:  # one of several printers: its service sees that printer's section as printer:
+    if kind == "printer" and (printer or config.get("printers")):
+        # one of a `printers:` list (printer:NAME among several): its service sees its own section as printer:
         from zevents.printer.settings import PrinterChoiceError, printer_config
 
         try:
-            config = printer_config(config, printer)
+            config = printer_config(config, printer or None)
         except PrinterChoiceError as exc:
             print(f"zevents: {exc}", file=sys.stderr)
             return 2
