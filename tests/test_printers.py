@@ -138,7 +138,9 @@ def test_three_virtual_printers_print_at_once_with_their_events_kept_apart(home)
     check = "import os, sys; sys.exit(os.environ['ZEVENTS_PRINTER'] != sys.argv[1])"
     path = three_printers(home, files={"enabled": True}, events={"enabled": True, "subscriptions": [{
         "event": "PrintDone", "type": "system", "name": "which-printer",
-        "command": f'{sys.executable} -c "{check}" "{{__printer}}"'}]})
+        "command": f'{sys.executable} -c "{check}" "{{__printer}}"'},
+        # and a G-code hook goes to the printer whose event triggered it: each beeps (Alert) once
+        {"event": "PrintDone", "type": "gcode", "name": "beep", "command": "M300 S440 P10"}]})
     node = Node(home, "-c", str(path)).start()
     try:
         status = wait_started(node, timeout=120)
@@ -160,8 +162,10 @@ def test_three_virtual_printers_print_at_once_with_their_events_kept_apart(home)
                      message="three PrintDone")
             events = _events(control, "print")
             hooks = wait_for(lambda: len(runs := [e for e in _events(control, "hook")
-                                                  if e.name in ("HookFinished", "HookFailed")]) >= 3 and runs,
-                             60, 0.5, message="three hook runs")
+                                                  if e.name in ("HookFinished", "HookFailed")]) >= 6 and runs,
+                             60, 0.5, message="six hook runs")
+            alerts = wait_for(lambda: len(found := _events(control, "gcode", "Alert")) >= 3 and found, 60, 0.5,
+                              message="three Alerts")
         finally:
             control.close()
         by_printer = {}
@@ -177,8 +181,11 @@ def test_three_virtual_printers_print_at_once_with_their_events_kept_apart(home)
             assert progress and progress == sorted(progress) and progress[-1] == 100, (name, progress)
             done = next(e for e in own if e.name == "PrintDone")
             assert done.payload["name"] == SAMPLE.name and done.payload["origin"] == "local"
-        assert sorted(e.payload["argv"][-1] for e in hooks) == sorted(NAMES)
-        assert all(e.name == "HookFinished" and e.payload["returncode"] == 0 for e in hooks), hooks
+        assert all(e.name == "HookFinished" for e in hooks), [(e.name, e.payload) for e in hooks]
+        which = [e for e in hooks if e.payload["subscription"] == "which-printer"]
+        assert sorted(e.payload["argv"][-1] for e in which) == sorted(NAMES)
+        assert all(e.payload["returncode"] == 0 for e in which), which
+        assert sorted(e.printer for e in alerts) == sorted(NAMES)
         # `zevents status` shows every printer, each from its own link; the live view names each event's printer
         result = zevents(home, "status", "--json", "-c", str(path))
         shown = json.loads(result.stdout)["printers"]
