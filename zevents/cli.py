@@ -46,6 +46,21 @@ def load_config(path: Optional[str]):
         raise fail(f"config error: {exc}")
 
 
+PrinterOption = typer.Option(None, "--printer", help="Which printer of the node (its name; required when the "
+                                                     "config lists several).")
+
+
+def load_printer_config(path: Optional[str], printer: Optional[str]):
+    """The config as the named printer sees it (its section as printer:); a clear error when the name is wrong, or
+    missing among several printers."""
+    from zevents.printer.settings import PrinterChoiceError, printer_config
+
+    try:
+        return printer_config(load_config(path), printer)
+    except PrinterChoiceError as exc:
+        raise fail(str(exc))
+
+
 @app.command()
 def events(as_json: bool = typer.Option(False, "--json", help="One JSON document instead of a table.")):
     """List the event catalogue: name, group, payload keys."""
@@ -189,77 +204,82 @@ def printer(port: Optional[str] = typer.Option(None, "--port", help="Serial devi
                                                                    "(default: printer.port)."),
             virtual: bool = typer.Option(False, "--virtual", help="Run the built-in virtual printer and use it."),
             baud: Optional[int] = typer.Option(None, "--baud", help="Baud rate; 0 detects it."),
-            config: Optional[str] = ConfigOption):
+            config: Optional[str] = ConfigOption, printer: Optional[str] = PrinterOption):
     """Run the printer link: serial protocol, print jobs, command channel, printer events."""
     from zevents.printer import service
+    from zevents.printer.settings import service_name
     from zevents.service import run_exclusive
 
     if port and virtual:
         raise fail("give --port or --virtual, not both")
-    raise typer.Exit(run_exclusive(load_config(config), "printer", service.run, port=port, baud=baud,
-                                   virtual=virtual))
+    cfg, name = load_config(config), "printer"
+    view = load_printer_config(config, printer)  # refuses an unknown name, or none among several
+    if cfg.get("printers"):  # one of a list: run as the node would (printer:NAME, its own channel and header)
+        cfg, name = view, service_name(cfg, view.get("printer"))
+    raise typer.Exit(run_exclusive(cfg, name, service.run, port=port, baud=baud, virtual=virtual,
+                                   service_name=name))
 
 
 @app.command("print")
 def print_file(file: str = typer.Argument(..., help="Local G-code file to print."),
-               config: Optional[str] = ConfigOption):
+               config: Optional[str] = ConfigOption, printer: Optional[str] = PrinterOption):
     """Select a local file and print it on the running link."""
     from zevents.printer import service
 
-    raise typer.Exit(service.run_print(load_config(config), file))
+    raise typer.Exit(service.run_print(load_printer_config(config, printer), file))
 
 
 @app.command()
 def connect(port: Optional[str] = typer.Option(None, "--port", help="Serial device, pyserial URL or AUTO "
                                                                     "(default: the link's port)."),
             baud: Optional[int] = typer.Option(None, "--baud", help="Baud rate; 0 detects it."),
-            config: Optional[str] = ConfigOption):
+            config: Optional[str] = ConfigOption, printer: Optional[str] = PrinterOption):
     """Connect the running printer link to the printer."""
     from zevents.printer import service
 
-    raise typer.Exit(service.run_connect(load_config(config), port=port, baud=baud))
+    raise typer.Exit(service.run_connect(load_printer_config(config, printer), port=port, baud=baud))
 
 
 @app.command()
-def disconnect(config: Optional[str] = ConfigOption):
+def disconnect(config: Optional[str] = ConfigOption, printer: Optional[str] = PrinterOption):
     """Disconnect the running printer link (no automatic reconnect until `zevents connect`)."""
     from zevents.printer import service
 
-    raise typer.Exit(service.run_disconnect(load_config(config)))
+    raise typer.Exit(service.run_disconnect(load_printer_config(config, printer)))
 
 
 @app.command()
-def pause(config: Optional[str] = ConfigOption):
+def pause(config: Optional[str] = ConfigOption, printer: Optional[str] = PrinterOption):
     """Pause the running print (prints the head position)."""
     from zevents.printer import service
 
-    raise typer.Exit(service.run_control(load_config(config), "pause"))
+    raise typer.Exit(service.run_control(load_printer_config(config, printer), "pause"))
 
 
 @app.command()
-def resume(config: Optional[str] = ConfigOption):
+def resume(config: Optional[str] = ConfigOption, printer: Optional[str] = PrinterOption):
     """Resume the paused print."""
     from zevents.printer import service
 
-    raise typer.Exit(service.run_control(load_config(config), "resume"))
+    raise typer.Exit(service.run_control(load_printer_config(config, printer), "resume"))
 
 
 @app.command()
-def cancel(config: Optional[str] = ConfigOption):
+def cancel(config: Optional[str] = ConfigOption, printer: Optional[str] = PrinterOption):
     """Cancel the running print."""
     from zevents.printer import service
 
-    raise typer.Exit(service.run_control(load_config(config), "cancel"))
+    raise typer.Exit(service.run_control(load_printer_config(config, printer), "cancel"))
 
 
 @app.command()
 def send(lines: List[str] = typer.Argument(..., help="G-code: `M109 S0` is one line; several lines are several "
                                                   "quoted arguments ('G28' 'G1 X10'), or - to read them from stdin."),
-         config: Optional[str] = ConfigOption):
+         config: Optional[str] = ConfigOption, printer: Optional[str] = PrinterOption):
     """Send G-code through the running link; prints the firmware's answers, exits 1 if it refused a line."""
     from zevents.printer import service
 
-    raise typer.Exit(service.run_send(load_config(config), lines))
+    raise typer.Exit(service.run_send(load_printer_config(config, printer), lines))
 
 
 @app.command()
@@ -267,13 +287,14 @@ def sd(action: str = typer.Argument(..., help="ls, upload or print."),
        name: Optional[str] = typer.Argument(None, help="upload: the local file; print: the SD file name."),
        remote: Optional[str] = typer.Option(None, "--as", help="upload: the name on the SD card (8.3)."),
        no_wait: bool = typer.Option(False, "--no-wait", help="upload: return once the transfer has started."),
-       config: Optional[str] = ConfigOption):
+       config: Optional[str] = ConfigOption, printer: Optional[str] = PrinterOption):
     """The printer's SD card: list it, upload a local file to it, print a file from it."""
     from zevents.printer import service
 
+    cfg = load_printer_config(config, printer)
     if action == "print":
-        raise typer.Exit(service.run_sd(load_config(config), "print", remote=name))
-    raise typer.Exit(service.run_sd(load_config(config), action, file=name, remote=remote, wait=not no_wait))
+        raise typer.Exit(service.run_sd(cfg, "print", remote=name))
+    raise typer.Exit(service.run_sd(cfg, action, file=name, remote=remote, wait=not no_wait))
 
 
 @app.command("virtual-printer")
@@ -427,9 +448,12 @@ def files_serve(config: Optional[str] = ConfigOption):
 def files_ls(path: str = typer.Argument("", help="A folder (default: the root)."),
              recursive: bool = typer.Option(False, "--recursive", "-r", help="Include subfolders."),
              as_json: bool = typer.Option(False, "--json", help="One JSON list."),
-             storage: str = StorageOption, config: Optional[str] = ConfigOption):
+             storage: str = StorageOption, config: Optional[str] = ConfigOption,
+             printer: Optional[str] = PrinterOption):
     """List stored files and folders."""
-    _files_exit("run_ls", config, path, recursive, as_json, storage)
+    if storage == "sdcard" or printer:  # whose SD card: named among several printers
+        printer = load_printer_config(config, printer).get("printer", "name")
+    _files_exit("run_ls", config, path, recursive, as_json, storage, printer)
 
 
 @files_app.command("upload")
@@ -438,9 +462,12 @@ def files_upload(file: str = typer.Argument(..., help="The local file to store."
                                                                            "(sdcard: its name there)."),
                  select: bool = typer.Option(False, "--select", help="Select it for printing."),
                  start: bool = typer.Option(False, "--print", help="Start printing it."),
-                 storage: str = StorageOption, config: Optional[str] = ConfigOption):
+                 storage: str = StorageOption, config: Optional[str] = ConfigOption,
+                 printer: Optional[str] = PrinterOption):
     """Store a file (fires FileAdded, UpdatedFiles and Upload, like OctoPrint's upload API)."""
-    _files_exit("run_upload", config, file, folder, select, start, storage)
+    if select or start or storage == "sdcard" or printer:  # the printer it goes to: named among several
+        printer = load_printer_config(config, printer).get("printer", "name")
+    _files_exit("run_upload", config, file, folder, select, start, storage, printer)
 
 
 @files_app.command("rm")
@@ -507,7 +534,7 @@ def slice_model(model: str = typer.Argument(..., help="An STL, 3MF or OBJ file (
                 select: bool = typer.Option(False, "--select", help="Select the G-code for printing when done."),
                 start: bool = typer.Option(False, "--print", help="Print the G-code when done."),
                 timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop waiting after this long."),
-                config: Optional[str] = ConfigOption):
+                config: Optional[str] = ConfigOption, printer: Optional[str] = PrinterOption):
     """Slice a model into storage (SlicingStarted/Progress/Done), analysed and ready to print."""
     from zevents.slicing import commands
 
@@ -515,8 +542,10 @@ def slice_model(model: str = typer.Argument(..., help="An STL, 3MF or OBJ file (
         raise typer.Exit(commands.run_cancel(load_config(config), cancel_dest))
     if cancel_dest:
         raise fail(f"unexpected argument {cancel_dest!r} (did you mean `zevents slice cancel DEST`?)")
+    if select or start or printer:  # the printer it goes to (and whose profile): named among several
+        printer = load_printer_config(config, printer).get("printer", "name")
     raise typer.Exit(commands.run_slice(load_config(config), model, slicer, profile, printer_profile, dest, select,
-                                        start, timeout))
+                                        start, timeout, printer))
 
 
 slicing_app = typer.Typer(no_args_is_help=True, help="The slicing service and its profiles.")

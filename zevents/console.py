@@ -164,6 +164,8 @@ class Viewer:
         line.append(f"{envelope.group:>9} ", style=GROUP_STYLES.get(envelope.group, "white"))
         line.append(f"{envelope.name:<22}", style="bold " + GROUP_STYLES.get(envelope.group, "white"))
         line.append(f" #{envelope.seq:<6}", style="dim")
+        if envelope.printer:  # a named printer (several on one node): whose event this is
+            line.append(f"{envelope.printer} ", style="bold cyan")
         line.append(f"[{envelope.src}] ", style="dim")
         line.append(summarise(envelope.payload, name=envelope.name))
         console.print(line, soft_wrap=True)

@@ -92,7 +92,8 @@ def finish():
 
 
 def _print_when_ready(config, timeout: float, supervisor=None):
-    from zevents.printer.channel import ChannelError, CommandClient, endpoint
+    from zevents.printer.channel import ChannelError, CommandClient
+    from zevents.printer.settings import printer_sections
 
     movie_watch = None
     if _wants_movie(config):
@@ -100,7 +101,7 @@ def _print_when_ready(config, timeout: float, supervisor=None):
 
         movie_watch = bus.Subscriber(config.bus, groups=["timelapse"], events=["MovieDone", "MovieFailed"])
     path = sample_file(config.data_dir)
-    client = CommandClient(endpoint(config))
+    client = CommandClient(printer_sections(config)[0]["commands"])  # several printers: the first prints it
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:

@@ -86,14 +86,17 @@ def available_services() -> set:
 
 def plan_services(config) -> list:
     """Which services this node runs, in start order."""
+    from zevents.printer.settings import printer_sections, service_name
+
     have = available_services()
     wanted = ["broker"]
-    if config.get("printer", "port") and "printer" in have:
-        wanted.append("printer")
+    printers = [section for section in printer_sections(config) if section.get("port")]
+    if "printer" in have:  # one process per printer: `printer`, or `printer:NAME` among several
+        wanted.extend(service_name(config, section) for section in printers)
     if config.get("events", "enabled") and "hooks" in have:
         wanted.append("hooks")
     # The virtual printer's camera, for the timelapse to film the virtual print with nothing attached.
-    if "camera" in have and str(config.get("printer", "port") or "").upper() == "VIRTUAL" and \
+    if "camera" in have and any(str(section["port"]).upper() == "VIRTUAL" for section in printers) and \
             config.get("timelapse", "enabled"):
         wanted.append("camera")
     for extra in ("timelapse", "files", "slicing", "gateway", "mqtt"):

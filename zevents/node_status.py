@@ -48,17 +48,23 @@ def collect(config) -> dict:
     finally:
         control.close()
     try:
-        from zevents.printer.channel import ChannelError, CommandClient, endpoint
-
-        client = CommandClient(endpoint(config))
+        from zevents.printer.channel import ChannelError, CommandClient
+        from zevents.printer.settings import printer_sections
+    except ImportError:
+        return result
+    # Every printer of the node, each asked on its own channel; `printer` stays the only one's (as before).
+    result["printers"] = []
+    for section in printer_sections(config):
+        client = CommandClient(section["commands"])
         try:
-            result["printer"] = client.request("STATUS", timeout=1.0)
+            printer = client.request("STATUS", timeout=1.0)
         except ChannelError as exc:
-            result["printer"] = {"error": str(exc)}
+            printer = {"error": str(exc)}
         finally:
             client.close()
-    except ImportError:
-        pass
+        result["printers"].append(dict(printer, name=section["name"]))
+    if len(result["printers"]) == 1:
+        result["printer"] = printer
     return result
 
 
@@ -100,11 +106,12 @@ def run(config, as_json: bool) -> int:
                             ("uptime", f"{bus_status['uptime']:.0f} s")):
             table.add_row(name, str(value))
         console.print(table)
-    printer = status["printer"]
-    if printer is not None:
+    printers = status.get("printers") or []
+    for printer in printers:
+        label = "printer" if status["printer"] is not None else f"printer {printer['name']}"
         if printer.get("error"):  # a reply carries "error": null when all is well
-            console.print(f"printer: {printer['error']}")
+            console.print(f"{label}: {printer['error']}")
         else:
-            console.print("printer: " + ", ".join(f"{k}={v}" for k, v in printer.items()
-                                                  if k not in ("id", "error") and v is not None))
+            console.print(f"{label}: " + ", ".join(f"{k}={v}" for k, v in printer.items()
+                                                   if k not in ("id", "error", "name") and v is not None))
     return 0 if "error" not in bus_status else 1

@@ -23,9 +23,11 @@ import shlex
 import string
 from datetime import datetime
 
-#: The generic placeholders of OctoPrint's documentation, plus its undocumented ``__json``.
+#: The generic placeholders of OctoPrint's documentation, plus its undocumented ``__json`` and zevents' ``__printer``
+#: (which printer of the node the event came from).
 GENERIC = ("__currentZ", "__eventname", "__filename", "__filepath", "__fileorigin", "__progress", "__data",
-           "__now", "__json")
+           "__now", "__json", "__printer")
+DEFAULT_PRINTER = "printer"     # the only printer of a node that names none (its events carry no printer)
 NO_FILE = "NO FILE"
 
 #: Payload keys OctoPrint < 1.4 sent and its documentation's examples still use (``Starting {file}``): filled from
@@ -399,6 +401,8 @@ class Values:
             return to_json(self.payload)
         if name == "__now":
             return iso_time(self.ts_us)
+        if name == "__printer":  # zevents' own: which printer of the node the event came from
+            return state.get("printer") or DEFAULT_PRINTER
         return MISSING
 
     def lookup(self, path: tuple):

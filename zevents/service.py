@@ -48,11 +48,11 @@ def service_lock(config, name: str):
     from zevents import config as zconfig
     from zevents.pidlock import PidLock
 
-    endpoint = config.endpoint("printer", "commands", "printer.sock") if name == "printer" else ""
+    endpoint = config.endpoint("printer", "commands", "printer.sock") if name.startswith("printer") else ""
     if endpoint.startswith("ipc://"):
         path = endpoint[len("ipc://"):] + ".lock"
-    else:
-        path = zconfig.runtime_dir() / config.node / f"{name}.lock"
+    else:  # one of several printers on tcp:// gets a lock of its own
+        path = zconfig.runtime_dir() / config.node / f"{name.replace(':', '-').replace(' ', '_')}.lock"
     return PidLock(path).acquire(f"the {name} service of node {config.node!r}")
 
 
@@ -109,8 +109,10 @@ def run_until_signalled(name: str, config, service, start_errors: tuple, log) ->
 
 
 def main(argv: list) -> int:
-    if len(argv) != 3 or argv[0] not in SERVICES or argv[1] not in ("-c", "--config"):
-        print(f"usage: python -m zevents.service {{{','.join(SERVICES)}}} -c CONFIG", file=sys.stderr)
+    kind, _, printer = argv[0].partition(":") if argv else ("", "", "")
+    if len(argv) != 3 or kind not in SERVICES or printer and kind != "printer" or argv[1] not in ("-c", "--config"):
+        print(f"usage: python -m zevents.service {{{','.join(SERVICES)}}} -c CONFIG (printer:NAME: one of the "
+              "node's printers)", file=sys.stderr)
         return 2
     from zevents.config import ConfigError, load
 
@@ -119,9 +121,19 @@ def main(argv: list) -> int:
     except ConfigError as exc:
         print(f"zevents: config error: {exc}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SERVICES[argv[0]])
-    if argv[0] == "broker":  # the broker locks its own endpoints
+    module = importlib.import_module(SERVICES[kind])
+    if kind == "broker":  # the broker locks its own endpoints
         return module.run(config)
+    if kind == "printer" and (printer or config.get("printers")):
+        # one of a `printers:` list (printer:NAME among several): its service sees its own section as printer:
+        from zevents.printer.settings import PrinterChoiceError, printer_config
+
+        try:
+            config = printer_config(config, printer or None)
+        except PrinterChoiceError as exc:
+            print(f"zevents: {exc}", file=sys.stderr)
+            return 2
+        return run_exclusive(config, argv[0], module.run, service_name=argv[0])
     return run_exclusive(config, argv[0], module.run)
 
 

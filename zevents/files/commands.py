@@ -51,8 +51,9 @@ def _print_tree(entries: list, indent: str = ""):
             print(f"{indent}{entry['name']}\t{_size(entry.get('size'))}{extra}")
 
 
-def run_ls(config, path: str, recursive: bool, as_json: bool, storage: str) -> int:
-    reply = _request(config, "LIST", {"path": path or "", "recursive": recursive, "storage": storage},
+def run_ls(config, path: str, recursive: bool, as_json: bool, storage: str, printer: str | None = None) -> int:
+    reply = _request(config, "LIST", {"path": path or "", "recursive": recursive, "storage": storage,
+                                      "printer": printer},
                      timeout=60.0)
     if reply is None:
         return 1
@@ -64,7 +65,8 @@ def run_ls(config, path: str, recursive: bool, as_json: bool, storage: str) -> i
     return 0
 
 
-def run_upload(config, file: str, folder: str | None, select: bool, start: bool, storage: str) -> int:
+def run_upload(config, file: str, folder: str | None, select: bool, start: bool, storage: str,
+               printer: str | None = None) -> int:
     if not os.path.isfile(file):
         print(f"zevents: no such file: {file}", file=sys.stderr)
         return 2
@@ -74,7 +76,8 @@ def run_upload(config, file: str, folder: str | None, select: bool, start: bool,
     else:
         target = f"{folder.strip('/')}/{name}" if folder and folder.strip("/") else name
     reply = _request(config, "UPLOAD", {"source": os.path.abspath(file), "path": target, "select": select,
-                                        "print": start, "user": os.environ.get("USER"), "storage": storage},
+                                        "print": start, "user": os.environ.get("USER"), "storage": storage,
+                                        "printer": printer},
                      timeout=24 * 3600.0 if storage == "sdcard" else 120.0)
     if reply is None:
         return 1

@@ -281,7 +281,7 @@ class FilesService:
         if path == self.selected:
             # OctoPrint re-selects a selected file that the watched folder replaced: the printer gets the new bytes
             disk = str(self.storage.disk(path))
-            self._submit_printer(None, {}, self._select_and_print, disk, True, False, None)
+            self._submit_printer(None, {}, self._select_and_print, disk, True, False, None, None)
         return events + [UPDATED]
 
     def _enqueue_analysis(self, path: str, high: bool) -> bool:
@@ -402,7 +402,7 @@ class FilesService:
             return None
 
         self._submit_printer(reply_to, args, self._select_and_print, disk, select, start, args.get("user"),
-                             then=after_printer)
+                             args.get("printer"), then=after_printer)
         return None
 
     def _await_event(self, name: str, disk: str, since: float, action):
@@ -540,9 +540,15 @@ class FilesService:
                     self.server.reply(reply_to, args, False, error=f"internal error: {exc}")
         self._pending = still
 
-    def _printer_client(self):
-        """A client of the printer link's channel; ChannelError at once when no link is running (no socket)."""
-        endpoint = printer_channel.endpoint(self.config)
+    def _printer_client(self, printer: str | None = None):
+        """A client of the channel of the node's printer called ``printer`` (None: the only one); ChannelError at
+        once when no link is running (no socket)."""
+        from zevents.printer.settings import PrinterChoiceError, printer_section
+
+        try:
+            endpoint = printer_section(self.config, printer)["commands"]
+        except PrinterChoiceError as exc:
+            raise printer_channel.ChannelError(str(exc)) from None
         if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
             raise printer_channel.ChannelError("the printer link is not running")
         return printer_channel.CommandClient(endpoint, self.context)
@@ -584,12 +590,12 @@ class FilesService:
         finally:
             client.close()
 
-    def _select_and_print(self, disk: str, select: bool, start: bool, user) -> tuple:
+    def _select_and_print(self, disk: str, select: bool, start: bool, user, printer: str | None) -> tuple:
         """(effective_select, effective_print): a refusal of the printer is logged, the upload stays done."""
         selected = printing = False
         client = None
         try:
-            client = self._printer_client()
+            client = self._printer_client(printer)
             if start:
                 client.request("PRINT", {"path": disk, "user": user}, timeout=30.0)
                 selected = printing = True
@@ -606,7 +612,7 @@ class FilesService:
 
     def _sd_request(self, command: str, args: dict):
         """SD card storage through the printer link: list, upload (M28/M29), remove (M30)."""
-        client = self._printer_client()
+        client = self._printer_client(args.get("printer"))
         asked = time.monotonic()
         try:
             if command == "LIST":

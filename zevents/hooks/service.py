@@ -117,10 +117,12 @@ _STATE_RULES = {
 
 
 class PrinterState:
-    """What the generic placeholders report, as learnt from the bus."""
+    """What the generic placeholders report, as learnt from the bus: one printer's (its name from the header;
+    None for the only printer of a node that names none)."""
 
-    def __init__(self):
-        self.values = {"currentZ": None, "filename": None, "filepath": None, "fileorigin": None, "progress": None}
+    def __init__(self, printer: str | None = None):
+        self.values = {"currentZ": None, "filename": None, "filepath": None, "fileorigin": None, "progress": None,
+                       "printer": printer}
 
     def apply(self, name: str, payload: dict):
         rule = _STATE_RULES.get(name)
@@ -131,6 +133,21 @@ class PrinterState:
         """Start-up: the broker's last event per topic, applied oldest first."""
         for envelope in sorted(envelopes, key=lambda e: (e.ts, e.seq)):
             self.apply(envelope.name, envelope.payload)
+
+
+class PrinterStates(dict):
+    """The state of every printer of the node, by the header's printer: a hook on one printer's event sees that
+    printer's file, Z and progress, never another's."""
+
+    def of(self, printer: str | None) -> PrinterState:
+        state = self.get(printer)
+        if state is None:
+            state = self[printer] = PrinterState(printer)
+        return state
+
+    def load(self, envelopes):
+        for envelope in sorted(envelopes, key=lambda e: (e.ts, e.seq)):
+            self.of(envelope.printer).apply(envelope.name, envelope.payload)
 
 
 # --- one run ---------------------------------------------------------------------------------------------------
@@ -219,7 +236,14 @@ class HookRunner:
         self.reconfigure(config)
 
     def reconfigure(self, config):
+        from zevents.printer.settings import printer_sections
+
         self.command_endpoint = channel.endpoint(config)
+        # A G-code hook goes to the printer whose event triggered it (several printers: each its own channel).
+        self.printer_endpoints = {section["name"]: section["commands"] for section in printer_sections(config)}
+
+    def endpoint_for(self, job: Job) -> str:
+        return self.printer_endpoints.get(job.state.get("printer")) or self.command_endpoint
 
     def values(self, job: Job) -> placeholders.Values:
         subscription = job.subscription
@@ -254,7 +278,7 @@ class HookRunner:
         env = dict(self.base_env)
         env["ZEVENTS_EVENT"] = job.name
         env["ZEVENTS_SUBSCRIPTION"] = job.subscription.name
-        for name in ("__currentZ", "__filename", "__filepath", "__fileorigin", "__progress", "__now"):
+        for name in ("__currentZ", "__filename", "__filepath", "__fileorigin", "__progress", "__now", "__printer"):
             env["ZEVENTS_" + name[2:].upper()] = _env_value(values.generic(name))
         if len(payload_json) <= ENV_VALUE_LIMIT:
             env["ZEVENTS_PAYLOAD"] = payload_json
@@ -319,20 +343,20 @@ class HookRunner:
                 break
         return self.outcome(job, results)
 
-    def _request_gcode(self, lines: list, timeout: float) -> dict:
+    def _request_gcode(self, endpoint: str, lines: list, timeout: float) -> dict:
         # One client, one request at a time: the lines go to one printer, in order, whichever hook sends them.
         with self._gcode_lock:
             client = self._gcode_client
-            if client is None or client.endpoint != self.command_endpoint:
+            if client is None or client.endpoint != endpoint:
                 if client is not None:
                     client.close()
-                client = self._gcode_client = channel.CommandClient(self.command_endpoint)
+                client = self._gcode_client = channel.CommandClient(endpoint)
             return client.gcode(lines, src="hook", timeout=timeout)
 
     def _send_gcode(self, job: Job, values) -> tuple[str, dict]:
         lines = self.plan(job, values)
         fields = {"argv": lines, "returncode": None, "stderr": "", "stdout": "", "started": time.time_ns() // 1000}
-        endpoint = self.command_endpoint
+        endpoint = self.endpoint_for(job)
         if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
             fields["stderr"] = (f"the printer link is not running: no command channel at {endpoint} "
                                 "(start the printer link, or set printer.commands)")
@@ -340,7 +364,7 @@ class HookRunner:
         if job.subscription.debug:
             log.info("hook %r on %s: sending %s", job.subscription.name, job.name, json.dumps(lines))
         try:
-            reply = self._request_gcode(lines, min(job.subscription.timeout, GCODE_REPLY_TIMEOUT))
+            reply = self._request_gcode(endpoint, lines, min(job.subscription.timeout, GCODE_REPLY_TIMEOUT))
         except channel.ChannelError as exc:
             fields.update(returncode=1, stderr=str(exc))
             return FAILED, fields
@@ -378,7 +402,7 @@ class HooksService:
         self.config = config
         self.context = context
         self.runner = HookRunner(config, on_started)
-        self.state = PrinterState()
+        self.states = PrinterStates()
         self.stats: collections.Counter = collections.Counter()
         self.subscriptions: list = []
         self.table: dict = {}
@@ -499,7 +523,8 @@ class HooksService:
         """Match one event; queue the runs it admits.  Returns how many."""
         name = envelope.name
         payload = envelope.payload
-        self.state.apply(name, payload)
+        printer_state = self.states.of(envelope.printer)
+        printer_state.apply(name, payload)
         subscriptions = self.table.get(name)
         if not subscriptions:
             return 0
@@ -514,7 +539,7 @@ class HooksService:
         if envelope.group == "hook":
             depth = payload.get("depth")
             depth = depth if isinstance(depth, int) and not isinstance(depth, bool) and depth > 0 else 1
-        state = dict(self.state.values)
+        state = dict(printer_state.values)
         queued = 0
         for subscription in subscriptions:
             if self.admit(subscription, envelope.group, name, payload, depth):
@@ -609,7 +634,7 @@ class HooksService:
         poller.register(subscriber.sock, zmq.POLLIN)
         try:
             try:
-                self.state.load(subscriber.snapshot(STATE_GROUPS))
+                self.states.load(subscriber.snapshot(STATE_GROUPS))
             except bus.BusError as exc:
                 log.warning("no snapshot from the broker (%s): printer state unknown until events arrive", exc)
             self.ready.set()

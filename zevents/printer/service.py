@@ -121,6 +121,8 @@ class PrinterService:
             raise ServiceError(f"the virtual printer is not available: {exc}") from None
         settings = self.section.get("virtual") or {}
         sd_dir = Path(self.config.data_dir) / "virtual-sd"
+        if self.config.get("printers"):  # one of a `printers:` list: an SD card of its own
+            sd_dir = sd_dir / self.section["name"]
         sd_dir.mkdir(parents=True, exist_ok=True)
         # the printer profile (printer.profile, else the default) gives the virtual printer its bed and extruders
         from zevents.printer.profiles import ProfileError, build_box, selected
@@ -365,8 +367,10 @@ def _required(args: dict, key: str) -> str:
     return value
 
 
-def run(config, port: str | None = None, baud: int | None = None, virtual: bool = False) -> int:
-    """`zevents printer`: run the link until SIGINT/SIGTERM; 1 if it cannot start."""
+def run(config, port: str | None = None, baud: int | None = None, virtual: bool = False,
+        service_name: str = "printer") -> int:
+    """`zevents printer`: run the link until SIGINT/SIGTERM; 1 if it cannot start.  ``service_name`` is the one
+    the node knows it by (``printer:NAME`` when it runs several printers)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     service = PrinterService(config, port=port, baud=baud, virtual=virtual)
     try:
@@ -384,7 +388,7 @@ def run(config, port: str | None = None, baud: int | None = None, virtual: bool 
     started = time.monotonic()
     from zevents.bus import announce_started
 
-    announce_started(config, "printer")  # the command channel answers from here on
+    announce_started(config, service_name)  # the command channel answers from here on
     freeze_startup_heap()
     try:
         service.serve()

@@ -124,7 +124,7 @@ def _store_model(config, model: str) -> str:
 
 
 def run_slice(config, model: str, slicer: str | None, profile: str | None, printer_profile: str | None,
-              dest: str | None, select: bool, start: bool, timeout: float | None) -> int:
+              dest: str | None, select: bool, start: bool, timeout: float | None, printer: str | None = None) -> int:
     from zevents import bus
     from zevents.files.channel import ChannelError
     from zevents.slicing.models import ModelError
@@ -139,7 +139,7 @@ def run_slice(config, model: str, slicer: str | None, profile: str | None, print
         try:
             reply = client.request("SLICE", {"model": stl, "slicer": slicer, "profile": profile,
                                              "printer_profile": printer_profile, "dest": dest, "select": select,
-                                             "print": start}, timeout=30.0)
+                                             "print": start, "printer": printer}, timeout=30.0)
         except ChannelError as exc:
             return _fail(str(exc))
         finally:

@@ -74,6 +74,7 @@ class Job:
     run: SliceRun
     select: bool = False
     print: bool = False
+    printer: str | None = None      # which of the node's printers selects/prints it (None: the only one)
     progress: int = -1
     cancelled: bool = False
     thread: threading.Thread | None = None
@@ -229,14 +230,25 @@ class SlicingService:
         uploads = (self.config.get("files") or {}).get("uploads") or Path(self.config.data_dir) / "uploads"
         return str(Path(os.path.expanduser(str(uploads))) / entry["path"])
 
+    def _printer_profile(self, args: dict) -> str | None:
+        """The profile of the printer the G-code is for (``printer``: one of the node's; None: the only one, or
+        printer.profile when the node has several)."""
+        from zevents.printer.settings import PrinterChoiceError, printer_section
+
+        try:
+            return printer_section(self.config, args.get("printer")).get("profile") or None
+        except PrinterChoiceError as exc:
+            if args.get("printer"):
+                raise ValueError(str(exc)) from None
+            return self.config.get("printer", "profile") or None
+
     def _slice(self, args: dict) -> dict:
         stl = args.get("model")
         if not isinstance(stl, str) or not stl:
             raise ValueError("missing 'model' (a model's path in storage)")
         slicer = self._slicer(args.get("slicer"))
         profile_path = self.profiles.resolve(slicer.id, args.get("profile"))
-        printer_profile = self.printer_profiles.get(args.get("printer_profile")
-                                                    or self.config.get("printer", "profile") or None)
+        printer_profile = self.printer_profiles.get(args.get("printer_profile") or self._printer_profile(args))
         gcode = args.get("dest") or default_destination(stl)
         if not isinstance(gcode, str) or PurePosixPath(gcode).suffix.lower() not in (".gcode", ".gco", ".g"):
             raise ValueError(f"the destination must be a .gcode path, not {gcode!r}")
@@ -246,7 +258,7 @@ class SlicingService:
         job = Job(number, slicer, stl, gcode, model_path,
                   SliceRun(slicer, model_path, str(profile_path) if profile_path else None, printer_profile, output,
                            timeout=self.timeout, nice=self.nice, overrides=dict(args.get("overrides") or {})),
-                  select=bool(args.get("select")), print=bool(args.get("print")))
+                  select=bool(args.get("select")), print=bool(args.get("print")), printer=args.get("printer"))
         job.run.on_progress = lambda fraction, job=job: self._report(("progress", job, fraction))
         self.publisher.publish("SlicingStarted", job.payload(progressAvailable=slicer.progress_available))
         previous = self.jobs.get(gcode)
@@ -303,7 +315,7 @@ class SlicingService:
         try:
             reply = client.request("UPLOAD", {"source": final, "path": job.gcode, "overwrite": True,
                                               "remove_source": True, "select": job.select, "print": job.print,
-                                              "fire_upload": False}, timeout=120.0)
+                                              "printer": job.printer, "fire_upload": False}, timeout=120.0)
             _wait_for_storage_events(watcher, reply.get("path") or job.gcode)
         except ChannelError as exc:
             return Outcome("failed", reason=f"the files service did not store the G-code: {exc}",

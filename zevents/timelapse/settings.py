@@ -283,8 +283,11 @@ def _implicit_camera(config, webcam: dict, section: dict) -> Camera | None:
     url = classic.get("snapshot") or webcam.get("snapshot")
     timeout = classic.get("snapshotTimeout") if classic.get("snapshot") else webcam.get("snapshotTimeout")
     verify = classic.get("snapshotSslValidation") if classic.get("snapshot") else webcam.get("snapshotSslValidation")
-    if not url and str(config.get("printer", "port") or "").upper() == "VIRTUAL":
-        url = VIRTUAL
+    if not url:
+        from zevents.printer.settings import printer_sections  # several printers: any virtual one films
+
+        if any(str(printer.get("port") or "").upper() == "VIRTUAL" for printer in printer_sections(config)):
+            url = VIRTUAL
     if not url:
         return None
     return Camera(name="classic", snapshot=url, timeout=float(timeout or section.get("timeout") or 5.0),
