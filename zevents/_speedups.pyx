@@ -441,31 +441,96 @@ cdef inline uint64_t _now_us() noexcept nogil:
     return <uint64_t>now.tv_sec * 1000000 + <uint64_t>(now.tv_nsec // 1000)
 
 
+cdef extern from "zlib.h" nogil:
+    unsigned long crc32(unsigned long crc, const unsigned char *buf, unsigned int len)
+
+
+cdef bytes _event_record(bytes topic, bytes header, bytes payload, bytes publisher, uint64_t number):
+    """``journal.event_record``: u32 body length, u32 crc32 seeded with the kind (0), u8 kind, then the body
+    u16 topic length, u16 header length, publisher id, u64 number, topic, header, payload."""
+    cdef Py_ssize_t nt = PyBytes_GET_SIZE(topic), nh = PyBytes_GET_SIZE(header), np = PyBytes_GET_SIZE(payload)
+    cdef Py_ssize_t body = 20 + nt + nh + np
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 9 + body)
+    cdef uint8_t *o = <uint8_t *>PyBytes_AS_STRING(out)
+    cdef uint8_t *b = o + 9
+    cdef uint32_t crc
+    b[0] = <uint8_t>(nt >> 8)
+    b[1] = <uint8_t>nt
+    b[2] = <uint8_t>(nh >> 8)
+    b[3] = <uint8_t>nh
+    memcpy(b + 4, PyBytes_AS_STRING(publisher), 8)
+    _put64(b + 12, number)
+    memcpy(b + 20, PyBytes_AS_STRING(topic), nt)
+    memcpy(b + 20 + nt, PyBytes_AS_STRING(header), nh)
+    memcpy(b + 20 + nt + nh, PyBytes_AS_STRING(payload), np)
+    crc = <uint32_t>crc32(0, b, <unsigned int>body)
+    o[0] = <uint8_t>(body >> 24)
+    o[1] = <uint8_t>(body >> 16)
+    o[2] = <uint8_t>(body >> 8)
+    o[3] = <uint8_t>body
+    o[4] = <uint8_t>(crc >> 24)
+    o[5] = <uint8_t>(crc >> 16)
+    o[6] = <uint8_t>(crc >> 8)
+    o[7] = <uint8_t>crc
+    o[8] = 0
+    return out
+
+
+def event_record(bytes topic not None, bytes header not None, bytes payload not None, bytes publisher not None,
+                 uint64_t number):
+    """``journal.event_record`` compiled, for the tests that hold the two side by side."""
+    if PyBytes_GET_SIZE(publisher) != 8:
+        raise ValueError("a publisher id is 8 bytes")
+    return _event_record(topic, header, payload, publisher, number)
+
+
 def drain_ingest(broker, int batch):
-    """``Broker._drain_ingest`` compiled: up to ``batch`` ingest frames validated, stamped, published, remembered.
-    Bad frames take the Python path (``_learn_head``, ``_payload_ok``, ``_reject``), which counts and logs them."""
+    """``Broker._drain_ingest`` (with ``Broker._commit``) compiled: up to ``batch`` ingest frames validated,
+    stamped, journaled, then published and remembered.  Bad frames and numbered frames that are not next from their
+    publisher take the Python path (``_numbered``, ``_learn_head``, ``_payload_ok``, ``_reject``)."""
     recv = broker.pull.recv
     send = broker._xsend
     cdef int nb = zmq.NOBLOCK, more = zmq.SNDMORE
     cdef dict heads = broker._heads
     cdef dict seqs = broker.seqs
     cdef dict last_values = broker.last_values
+    cdef dict publishers = broker.publishers
     remember = broker.ring.append
+    journal = broker.journal
     cdef Py_ssize_t max_payload = broker.bus.max_payload
     again = zmq.Again
-    cdef bytes frame, payload, header
+    cdef bytes frame, payload, header, publisher
     cdef const uint8_t *p
     cdef Py_ssize_t n, end
-    cdef tuple known, entry
-    cdef object group, seq
+    cdef tuple known, entry, numbered
+    cdef object group, seq, last
+    cdef uint64_t number
     cdef int k
+    cdef list entries = [], records = []
     for k in range(batch):
         try:
             frame = recv(nb)
         except again:
-            return
+            break
         p = <const uint8_t *>PyBytes_AS_STRING(frame)
         n = PyBytes_GET_SIZE(frame)
+        publisher = NO_PUBLISHER
+        number = 0
+        if n > 0 and p[0] == 0:
+            if n > 17:
+                publisher = frame[1:9]
+                number = _be64(p + 9)
+                last = publishers.get(publisher)
+            if n > 17 and last is not None and number == <uint64_t>last + 1:
+                publishers[publisher] = number
+                frame = frame[17:]
+            else:
+                numbered = broker._numbered(frame)
+                if numbered is None:
+                    continue
+                publisher, number, frame = numbered
+            p = <const uint8_t *>PyBytes_AS_STRING(frame)
+            n = PyBytes_GET_SIZE(frame)
         if n == 0 or p[0] + 1 >= n:
             broker._reject("frame", f"ingest frame of {n} bytes is too short for its lengths")
             continue
@@ -486,12 +551,22 @@ def drain_ingest(broker, int batch):
         seq = seqs.get(group, 0) + 1
         seqs[group] = seq
         header = _stamp(known[2], seq, _now_us())
-        send(known[1], more)
-        send(header, more)
-        send(payload)
-        entry = (group, seq, known[1], header, payload)
+        entries.append((group, seq, known[1], header, payload))
+        if journal is not None:
+            records.append(_event_record(known[1], header, payload, publisher, number))
+    if not entries:
+        return
+    # Journaled before any of it is published: what subscribers saw, a restarted broker still has.
+    if journal is not None:
+        journal.append(records, len(entries))
+    for entry in entries:
+        send(entry[2], more)
+        send(entry[3], more)
+        send(entry[4])
         remember(entry)
-        last_values[known[1]] = entry
+        last_values[entry[2]] = entry
+    if journal is not None and journal.full():
+        journal.start(broker.epoch, seqs, publishers)
 
 
 cdef extern from "Python.h":
@@ -630,6 +705,6 @@ def accept(subscriber, bytes topic not None, bytes header not None, bytes payloa
 
 
 # wire imports this module only after defining these.
-from zevents.wire import HEARTBEAT_TOPIC, Envelope, WireError  # noqa: E402
+from zevents.wire import HEARTBEAT_TOPIC, NO_PUBLISHER, Envelope, WireError  # noqa: E402
 
 _set_up_envelope()

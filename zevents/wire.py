@@ -36,7 +36,8 @@ CMD_SNAPSHOT = b"SNAPSHOT"
 CMD_PUBLISH = b"PUBLISH"
 CMD_STATUS = b"STATUS"
 CMD_PING = b"PING"
-COMMANDS = (CMD_REPLAY, CMD_SNAPSHOT, CMD_PUBLISH, CMD_STATUS, CMD_PING)
+CMD_ACK = b"ACK"            # a numbering publisher asks how far the broker has sequenced its events
+COMMANDS = (CMD_REPLAY, CMD_SNAPSHOT, CMD_PUBLISH, CMD_STATUS, CMD_PING, CMD_ACK)
 REPLY_OK = b"OK"
 REPLY_ERR = b"ERR"
 
@@ -118,6 +119,26 @@ def ingest_head(topic: bytes, meta: bytes) -> bytes:
 
 def ingest_frame(topic: bytes, meta: bytes, payload: bytes) -> bytes:
     return ingest_head(topic, meta) + payload
+
+
+# A numbered ingest frame: 0x00 (no v1 frame starts with it: a topic is 1..255 bytes), the publisher's random
+# 8-byte id, its 8-byte big-endian event number (1, 2, 3, ...), then a v1 ingest frame.  The broker sequences a
+# publisher's numbers strictly in order, once each, and says with ACK how far it got: the publisher keeps what is
+# not acknowledged and sends it again after a broker restart.
+NUMBERED = 0x00
+NUMBERED_HEAD = 17
+NO_PUBLISHER = bytes(8)
+
+
+def numbered_frame(publisher: bytes, number: int, frame: bytes) -> bytes:
+    return b"\x00" + publisher + number.to_bytes(8, "big") + frame
+
+
+def split_numbered(frame: bytes) -> tuple[bytes, int, bytes]:
+    """(publisher id, number, v1 frame) of a numbered frame; WireError when it is too short."""
+    if len(frame) <= NUMBERED_HEAD or frame[0] != NUMBERED:
+        raise WireError(f"numbered ingest frame of {len(frame)} bytes is too short")
+    return frame[1:9], int.from_bytes(frame[9:17], "big"), frame[17:]
 
 
 def split_ingest(frame: bytes) -> tuple[bytes, bytes, bytes]:
