@@ -688,7 +688,7 @@ def accept(subscriber, bytes topic not None, bytes header not None, bytes payloa
         fields = decoder._fields(topic, header, payload, False)
     except WireError as exc:
         return subscriber._undecodable(topic, exc)
-    if fields[5] != subscriber.epoch or topic == HEARTBEAT_TOPIC or subscriber.pending:
+    if fields[5] != subscriber.epoch or fields[1] == SYS_GROUP or subscriber.pending:
         return subscriber._track(topic, _envelope(fields))
     cdef dict last_seq = subscriber.last_seq
     group, seq = fields[1], fields[6]
@@ -705,6 +705,6 @@ def accept(subscriber, bytes topic not None, bytes header not None, bytes payloa
 
 
 # wire imports this module only after defining these.
-from zevents.wire import HEARTBEAT_TOPIC, NO_PUBLISHER, Envelope, WireError  # noqa: E402
+from zevents.wire import NO_PUBLISHER, SYS_GROUP, Envelope, WireError  # noqa: E402
 
 _set_up_envelope()

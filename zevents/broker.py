@@ -30,6 +30,7 @@ import zmq
 
 from zevents import journal as journal_mod
 from zevents import wire
+from zevents import bus as bus_mod
 from zevents.bus import fast_send
 from zevents.config import BusConfig
 from zevents.service import freeze_startup_heap
@@ -116,6 +117,8 @@ class Broker:
         self.publishers: dict[bytes, int] = {}     # numbering publisher -> its last number sequenced
         self.gapped: set = set()                    # publishers whose frames arrived out of order since their ACK
         self.journal: journal_mod.Journal | None = None
+        # sys/ events are the broker's and the node's: on ingest, only with the node's token (its children have it).
+        self.node_token = bus_mod.node_token()
         self._topic_groups: dict[bytes, str] = {}
         self._heads: dict[bytes, tuple] = {}
         self._lock = _NodeLock(bus.publish)
@@ -397,11 +400,22 @@ class Broker:
         except wire.WireError as exc:
             self._reject("meta", str(exc))
             return None
+        if group == wire.SYS_GROUP and not self._node_signed(meta):
+            self._reject("sys", f"{topic[:60]!r}: sys/ events are the broker's and the node's")
+            return None
         head = wire.ingest_head(topic, meta)
         if len(self._heads) >= 10000:
             self._heads.clear()
         entry = self._heads[head] = (group, topic, prefix, head)
         return entry
+
+    def _node_signed(self, meta: bytes) -> bool:
+        if self.node_token is None:
+            return False
+        try:
+            return wire.unpack_map(meta, "ingest meta").get("token") == self.node_token
+        except wire.WireError:
+            return False
 
     def _payload_ok(self, payload: bytes) -> bool:
         if len(payload) > self.bus.max_payload:

@@ -25,6 +25,8 @@ from zevents import wire
 from zevents.config import BusConfig
 
 log = logging.getLogger("zevents.bus")
+# Taken out of the environment as soon as a service starts, so that what it runs (hook programs) never inherits it.
+_NODE_TOKEN = os.environ.pop(wire.NODE_TOKEN_ENV, None)
 
 SNDMORE = zmq.SNDMORE
 NOBLOCK = zmq.NOBLOCK
@@ -110,7 +112,10 @@ class Publisher:
         head = self._heads.get(key)
         if head is None:
             topic = name_or_topic.encode() if "/" in name_or_topic else wire.topic_bytes(name_or_topic)
-            head = self._heads[key] = wire.ingest_head(topic, wire.ingest_meta(src or self.src, self.printer))
+            # Only the node's children hold its token, and only sys/ events need it.
+            token = node_token() if topic.startswith(b"sys/") else None
+            head = self._heads[key] = wire.ingest_head(topic, wire.ingest_meta(src or self.src, self.printer,
+                                                                                token))
         return head
 
     def publish(self, name: str, payload: dict | None = None, src: str | None = None) -> bool:
@@ -445,6 +450,11 @@ class Subscriber:
             return self._undecodable(topic, exc)
         return self._track(topic, envelope)
 
+    def _bad_sys(self, problem: str):
+        if self.stats.bad_frames <= 10 or self.stats.bad_frames % 1000 == 0:
+            log.warning("subscriber: ignored a malformed sys event (%d bad so far): %s", self.stats.bad_frames,
+                        problem)
+
     def _undecodable(self, topic: bytes, exc: Exception):
         self.stats.bad_frames += 1
         log.warning("subscriber: undecodable event on %r: %s", topic[:60], exc)
@@ -457,9 +467,18 @@ class Subscriber:
                 return None
             self._new_epoch(envelope.epoch)
         group = envelope.group
+        if group == wire.SYS_GROUP:
+            problem = wire.sys_problem(envelope.name, envelope.payload)
+            if problem is not None:
+                # Forged or broken: keep the stream's count, never act on it nor deliver it.
+                self.stats.bad_frames += 1
+                self._bad_sys(problem)
+                if envelope.seq > self.last_seq.get(group, 0):
+                    self.last_seq[group] = envelope.seq
+                return None
         if topic == wire.HEARTBEAT_TOPIC:
             self.last_heartbeat = time.monotonic()
-            self._check_tail(envelope.payload.get("streams") or {})
+            self._check_tail(envelope.payload["streams"])
             if not self._tracked("sys"):
                 return None
         # A group missing from last_seq had no event when we started (or since the epoch began): from seq 0.
@@ -558,6 +577,20 @@ class Subscriber:
         self.close()
 
 
+def make_node_token() -> str:
+    """The node's token (created once, inherited by the broker and every service it starts): what lets them, and
+    only them, publish sys/ events."""
+    global _NODE_TOKEN
+    if not _NODE_TOKEN:
+        _NODE_TOKEN = os.urandom(16).hex()
+    os.environ[wire.NODE_TOKEN_ENV] = _NODE_TOKEN
+    return _NODE_TOKEN
+
+
+def node_token() -> str | None:
+    return _NODE_TOKEN
+
+
 def announce_started(bus_config, service: str):
     """Tell the node supervisor (and anyone listening) that a service is up: sys/ServiceStarted.  Never blocks a
     service that runs without a broker for more than a moment."""
@@ -602,7 +635,7 @@ def run_fire(config, event: str, payload_json: str | None, src: str, timeout: fl
 
 def format_line(envelope: wire.Envelope) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(envelope.ts / 1e6)) + f".{envelope.ts % 1_000_000 // 1000:03d}"
-    payload = json.dumps(envelope.payload, default=repr, ensure_ascii=False)
+    payload = json.dumps(wire.jsonable(envelope.payload), ensure_ascii=False)
     return f"{stamp} {envelope.topic} #{envelope.seq} [{envelope.src}] {payload}"
 
 
@@ -647,7 +680,7 @@ def run_tail(config, prefixes: list, as_json: bool, count: int | None, timeout: 
             if wanted and not any(envelope.topic.startswith(p) for p in wanted) and \
                     envelope.group not in {p for p in prefixes if "/" not in p}:
                 continue
-            out.write(json.dumps(envelope.to_dict(), default=repr, ensure_ascii=False) if as_json
+            out.write(json.dumps(envelope.to_dict(), ensure_ascii=False) if as_json
                       else format_line(envelope))
             out.write("\n")
             out.flush()
