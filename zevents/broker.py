@@ -28,6 +28,7 @@ from pathlib import Path
 
 import zmq
 
+from zevents import curve as curve_mod
 from zevents import journal as journal_mod
 from zevents import wire
 from zevents import bus as bus_mod
@@ -103,7 +104,10 @@ class Broker:
         self.compiled = wire.use_compiled(compiled, "ingest loop")
         if self.compiled:
             self._drain_ingest = functools.partial(wire.speedups.drain_ingest, self, INGEST_BATCH)
-        self.context = context or zmq.Context.instance()
+        # A ZAP handler serves a whole context: with CURVE the broker has one of its own (two brokers in one
+        # process, as in tests, must not share it).
+        self._own_context = context is None and bool(bus.curve)
+        self.context = context or (zmq.Context() if self._own_context else zmq.Context.instance())
         self.epoch = wire.now_us()
         self.run = self.epoch    # this run of the broker: the epoch survives a restart (journal), the run does not
         self.started = time.monotonic()
@@ -125,6 +129,7 @@ class Broker:
         self._stop = threading.Event()
         self._wake_endpoint = f"inproc://zevents-broker-wake-{id(self)}"
         self._sockets: list = []
+        self._auth = None
         self._ipc_files: list = []
         self._bound = False
 
@@ -136,6 +141,7 @@ class Broker:
             self._check_not_served()
             self._open_journal()
             ctx = self.context
+            self._secure()
             # The ingest never pushes back: a publisher closing while its messages wait behind a full receive
             # queue loses them (libzmq's linger drains the pipe, not the connection).  Publishers bound their
             # own queues with their send high-water mark.
@@ -147,6 +153,9 @@ class Broker:
             self.router = self._socket(zmq.ROUTER)
             self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
             self.wake = self._socket(zmq.PAIR)
+            if self.bus.curve:
+                for sock in (self.pull, self.xpub, self.router):
+                    curve_mod.server(sock, self.bus.curve)
             for sock, endpoint in ((self.pull, self.bus.ingest), (self.xpub, self.bus.publish),
                                    (self.router, self.bus.replay), (self.wake, self._wake_endpoint)):
                 path = _ipc_path(endpoint)
@@ -165,6 +174,20 @@ class Broker:
         self._bound = True
         log.info("broker %s epoch %d: ingest %s, publish %s, control %s (%s ingest loop)", self.bus.node, self.epoch,
                  self.bus.ingest, self.bus.publish, self.bus.replay, "compiled" if self.compiled else "Python")
+
+    def _secure(self):
+        """CURVE + ZAP when bus.curve is set; otherwise a warning for every endpoint the network can reach."""
+        endpoints = (self.bus.ingest, self.bus.publish, self.bus.replay)
+        if self.bus.curve:
+            try:
+                curve_mod._key(self.bus.curve, "server_secret")
+            except curve_mod.CurveError as exc:
+                raise BrokerError(str(exc)) from None
+            self._auth = curve_mod.start_authenticator(self.context, self.bus.curve)
+            return
+        for endpoint in curve_mod.exposed_endpoints(endpoints):
+            log.warning("bus endpoint %s is reachable beyond this machine without bus.curve: anyone on the network "
+                        "may publish, subscribe and fire events that run hooks (see README, Bus security)", endpoint)
 
     def _open_journal(self):
         """Recover the ring, the epoch and the sequence from the journal, or start one."""
@@ -204,6 +227,7 @@ class Broker:
             return
         probe = self.context.socket(zmq.DEALER)
         probe.setsockopt(zmq.LINGER, 0)
+        bus_mod._curve_client(probe, self.bus)
         try:
             probe.connect(self.bus.replay)
             probe.send_multipart(wire.request(wire.CMD_PING))
@@ -234,6 +258,11 @@ class Broker:
         if self.journal is not None:
             self.journal.close()
             self.journal = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._own_context and not self.context.closed:
+            self.context.term()
         self._lock.release()
         self._bound = False
 

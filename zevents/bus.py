@@ -303,6 +303,7 @@ class Control:
         if self.sock is None:
             self.sock = self.context.socket(zmq.DEALER)
             self.sock.setsockopt(zmq.LINGER, 0)
+            _curve_client(self.sock, self.bus)
             self.sock.connect(self.bus.replay)
         return self.sock
 
@@ -384,6 +385,7 @@ class Subscriber:
         self.sock = self.context.socket(zmq.SUB)
         self.sock.rcvhwm = rcvhwm if rcvhwm is not None else self.bus.hwm
         self.sock.setsockopt(zmq.LINGER, 0)
+        _curve_client(self.sock, self.bus)
         self.sock.connect(self.bus.publish)
         self._recv = self.sock.recv
         if self.groups is None:
