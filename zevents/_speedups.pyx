@@ -501,9 +501,10 @@ def drain_ingest(broker, int batch):
     again = zmq.Again
     cdef bytes frame, payload, header, publisher
     cdef const uint8_t *p
-    cdef Py_ssize_t n, end
+    cdef Py_ssize_t n, end, off
     cdef tuple known, entry, numbered
     cdef object group, seq, last
+    cdef bytes recent = None
     cdef uint64_t number
     cdef int k
     cdef list entries = [], records = []
@@ -516,28 +517,34 @@ def drain_ingest(broker, int batch):
         n = PyBytes_GET_SIZE(frame)
         publisher = NO_PUBLISHER
         number = 0
+        off = 0                                 # where the v1 frame starts: 17 in a numbered one
         if n > 0 and p[0] == 0:
+            last = None
             if n > 17:
-                publisher = frame[1:9]
+                # The same publisher sends event after event: its id object is reused, not sliced each time.
+                if recent is None or memcmp(PyBytes_AS_STRING(recent), p + 1, 8) != 0:
+                    recent = frame[1:9]
+                publisher = recent
                 number = _be64(p + 9)
                 last = publishers.get(publisher)
-            if n > 17 and last is not None and number == <uint64_t>last + 1:
+            if last is not None and number == <uint64_t>last + 1:
                 publishers[publisher] = number
-                frame = frame[17:]
+                off = 17
             else:
                 numbered = broker._numbered(frame)
                 if numbered is None:
                     continue
                 publisher, number, frame = numbered
-            p = <const uint8_t *>PyBytes_AS_STRING(frame)
-            n = PyBytes_GET_SIZE(frame)
-        if n == 0 or p[0] + 1 >= n:
-            broker._reject("frame", f"ingest frame of {n} bytes is too short for its lengths")
+                p = <const uint8_t *>PyBytes_AS_STRING(frame)
+                n = PyBytes_GET_SIZE(frame)
+        if n - off == 0 or off + p[off] + 1 >= n:
+            broker._reject("frame", f"ingest frame of {n - off} bytes is too short for its lengths")
             continue
-        end = min(p[0] + 2 + p[p[0] + 1], n)   # past the end: no cached head matches, _learn_head rejects it
-        known = heads.get(frame[:end])
+        # past the end: no cached head matches, and _learn_head rejects it
+        end = min(off + p[off] + 2 + p[off + p[off] + 1], n)
+        known = heads.get(frame[off:end])
         if known is None:
-            known = broker._learn_head(frame)
+            known = broker._learn_head(frame[off:] if off else frame)
             if known is None:
                 continue
         payload = frame[end:]

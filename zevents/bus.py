@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import os
+import struct
 import sys
 import time
 import types
@@ -121,10 +122,15 @@ class Publisher:
     def publish(self, name: str, payload: dict | None = None, src: str | None = None) -> bool:
         """Publish a catalogue or custom event by name (``Dwelling`` is sent as ``Dwell``), or by topic.
         False when it was refused (counted in ``dropped``): the broker acknowledged nothing for too long."""
-        return self.send_frame(self.head(name, src) + wire.pack(payload if payload is not None else {}))
+        head = self._heads.get((name, src)) or self.head(name, src)
+        return self._submit(head, wire.pack(payload if payload is not None else {}))
 
-    def send_frame(self, frame: bytes, _clock=time.monotonic) -> bool:
+    def send_frame(self, frame: bytes) -> bool:
         """Number an ingest frame, keep it until acknowledged, send it."""
+        return self._submit(b"", frame)
+
+    def _submit(self, head: bytes, body: bytes, _clock=time.monotonic, _number=struct.Struct(">Q").pack) -> bool:
+        # The hot path of every publisher: one join builds the numbered frame.
         outbox = self._outbox
         if len(outbox) >= self._capacity and not self._room():
             self.dropped += 1
@@ -133,7 +139,7 @@ class Publisher:
                             "dropped an event (%d dropped so far)", self.send_timeout, len(outbox), self.dropped)
             return False
         number = self.number = self.number + 1
-        numbered = self._prefix + number.to_bytes(8, "big") + frame
+        numbered = b"".join((self._prefix, _number(number), head, body))
         outbox.append(numbered)
         if self._sent == number - 1:
             try:
