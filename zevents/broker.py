@@ -288,11 +288,10 @@ class Broker:
         interval = self.bus.heartbeat
         next_beat = time.monotonic() + interval
         pull, router, xpub = self.pull, self.router, self.xpub
-        journal = self.journal
+        if self.journal is not None:
+            self.journal.start_flushing()
         while not self._stop.is_set():
             timeout = max(0.0, next_beat - time.monotonic())
-            if journal is not None and journal.flush > 0:
-                timeout = min(timeout, journal.flush)
             ready = dict(poller.poll(timeout * 1000))
             if pull in ready:
                 self._drain_ingest()
@@ -305,8 +304,6 @@ class Broker:
             if time.monotonic() >= next_beat:
                 self.heartbeat()
                 next_beat = time.monotonic() + interval
-            if journal is not None:
-                journal.sync_if_due()
 
     # --- the hot path -----------------------------------------------------------------------------------------
 

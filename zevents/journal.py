@@ -22,7 +22,7 @@ import fcntl
 import logging
 import os
 import struct
-import time
+import threading
 import zlib
 from pathlib import Path
 
@@ -98,8 +98,12 @@ class Journal:
         self.segment = 0
         self.count = 0          # events in the current segment
         self.written = 0        # bytes written since the start
-        self._next_sync = time.monotonic() + flush
         self._lock_fd = None
+        # The flush interval runs on a thread of its own: fdatasync of a second's worth of events can take tens
+        # of milliseconds on a busy disk, which the sequencer must not wait for.
+        self._fd_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._flusher = None
 
     def _path(self, n: int) -> Path:
         return self.directory / f"journal.{n:08d}"
@@ -199,10 +203,11 @@ class Journal:
         """A new segment, opened by a STATE record: after a rotation, or when the journal was empty."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         old = self._segments()
-        if self.fd is not None:
-            os.close(self.fd)
-        self.segment = (old[-1] + 1) if old else 1
-        self.fd = os.open(self._path(self.segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with self._fd_lock:
+            if self.fd is not None:
+                os.close(self.fd)
+            self.segment = (old[-1] + 1) if old else 1
+            self.fd = os.open(self._path(self.segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self.count = 0
         self._write(self._state(epoch, seqs, publishers))
         # Keep this segment and the one before it: together they hold at least the ring.
@@ -215,9 +220,10 @@ class Journal:
 
     def discard(self):
         """Forget every segment (a new epoch after a power cut)."""
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        with self._fd_lock:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
         for n in self._segments():
             self._path(n).unlink()
 
@@ -245,13 +251,32 @@ class Journal:
     def full(self) -> bool:
         return self.count >= self.capacity
 
-    def sync_if_due(self):
-        """The flush interval: bound what a power cut can take."""
-        if self.fd is not None and self.flush > 0 and time.monotonic() >= self._next_sync:
-            os.fdatasync(self.fd)
-            self._next_sync = time.monotonic() + self.flush
+    def start_flushing(self):
+        """Flush to disk every ``flush`` seconds (a thread): what bounds the loss of a power cut."""
+        if self.flush > 0 and self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_loop, name="zevents-journal-flush", daemon=True)
+            self._flusher.start()
+
+    def _flush_loop(self):
+        while not self._stop.wait(self.flush):
+            with self._fd_lock:
+                try:
+                    fd = os.dup(self.fd) if self.fd is not None else None
+                except OSError:
+                    fd = None
+            if fd is not None:
+                try:
+                    os.fdatasync(fd)
+                except OSError as exc:
+                    log.warning("journal %s: flush failed: %s", self.directory, exc)
+                finally:
+                    os.close(fd)
 
     def close(self):
+        self._stop.set()
+        if self._flusher is not None:
+            self._flusher.join(10)
+            self._flusher = None
         if self.fd is not None:
             self._write(record(KIND_CLOSED, b""))
             os.fsync(self.fd)
