@@ -484,7 +484,7 @@ def event_record(bytes topic not None, bytes header not None, bytes payload not 
     return _event_record(topic, header, payload, publisher, number)
 
 
-def drain_ingest(broker, int batch):
+def drain_ingest(broker, int batch, int commit_batch=256):
     """``Broker._drain_ingest`` (with ``Broker._commit``) compiled: up to ``batch`` ingest frames validated,
     stamped, journaled, then published and remembered.  Bad frames and numbered frames that are not next from their
     publisher take the Python path (``_numbered``, ``_learn_head``, ``_payload_ok``, ``_reject``)."""
@@ -561,9 +561,19 @@ def drain_ingest(broker, int batch):
         entries.append((group, seq, known[1], header, payload))
         if journal is not None:
             records.append(_event_record(known[1], header, payload, publisher, number))
-    if not entries:
-        return
-    # Journaled before any of it is published: what subscribers saw, a restarted broker still has.
+        if len(entries) >= commit_batch:
+            _commit(broker, journal, entries, records, send, remember, last_values)
+            entries = []
+            records = []
+    if entries:
+        _commit(broker, journal, entries, records, send, remember, last_values)
+
+
+cdef _commit(broker, journal, list entries, list records, send, remember, dict last_values):
+    """``Broker._commit``: journaled before any of it is published, so what subscribers saw, a restarted broker
+    still has."""
+    cdef int more = zmq.SNDMORE
+    cdef tuple entry
     if journal is not None:
         journal.append(records, len(entries))
     for entry in entries:
@@ -573,7 +583,7 @@ def drain_ingest(broker, int batch):
         remember(entry)
         last_values[entry[2]] = entry
     if journal is not None and journal.full():
-        journal.start(broker.epoch, seqs, publishers)
+        journal.start(broker.epoch, broker.seqs, broker.publishers)
 
 
 cdef extern from "Python.h":

@@ -39,6 +39,8 @@ from zevents.service import freeze_startup_heap
 log = logging.getLogger("zevents.broker")
 
 INGEST_BATCH = 2000          # messages drained per poll wake-up, so control requests are never starved
+COMMIT_BATCH = 256           # events journaled (one write) then published together: few system calls, and the
+                             # subscribers get the first events while later ones are still being read
 REPLAY_LIMIT_MAX = 20000
 MAX_PUBLISHERS = 65536       # numbering publishers remembered (the oldest is forgotten first)
 
@@ -103,7 +105,7 @@ class Broker:
         self.bus = bus
         self.compiled = wire.use_compiled(compiled, "ingest loop")
         if self.compiled:
-            self._drain_ingest = functools.partial(wire.speedups.drain_ingest, self, INGEST_BATCH)
+            self._drain_ingest = functools.partial(wire.speedups.drain_ingest, self, INGEST_BATCH, COMMIT_BATCH)
         # A ZAP handler serves a whole context: with CURVE the broker has one of its own (two brokers in one
         # process, as in tests, must not share it).
         self._own_context = context is None and bool(bus.curve)
@@ -354,6 +356,10 @@ class Broker:
             seq = seqs.get(group, 0) + 1
             seqs[group] = seq
             add(((group, seq, known[1], known[2] + stamp(seq, clock() // 1000), payload), publisher, number))
+            if len(batch) >= COMMIT_BATCH:
+                self._commit(batch)
+                batch = []
+                add = batch.append
         if batch:
             self._commit(batch)
 
