@@ -66,6 +66,27 @@ def test_a_publisher_closing_while_the_broker_is_down_delivers_when_it_returns(s
         broker.stop()
 
 
+def test_a_quiet_publisher_delivers_when_the_broker_returns(short_tmp):
+    """Events published while the broker is down, then nothing more (no publish, flush or close): they arrive
+    once it is back."""
+    config_path, config = kill_harness.write_config(short_tmp)
+    broker = kill_harness.BrokerProcess(config_path, config)
+    publisher = bus.Publisher(config, src="test")
+    control = bus.Control(config)
+    try:
+        for i in range(100):
+            assert publisher.publish("ZChange", {"i": i})
+        broker.start()
+        wait_for(lambda: control.status()["streams"].get("gcode") == 100, 60, message="the 100 quiet events")
+        assert publisher.acked == 100 or wait_for(lambda: publisher.acked == 100, 10, message="the acks")
+        _, events = _replay_all(config)
+        assert [e.payload["i"] for e in events] == list(range(100))
+    finally:
+        control.close()
+        publisher.close(linger=0)
+        broker.stop()
+
+
 def test_a_publisher_closing_with_no_broker_says_how_many_it_lost(short_tmp, caplog):
     config = BusConfig.for_dir(short_tmp, node="n")
     publisher = bus.Publisher(config, src="test")

@@ -16,8 +16,10 @@ import logging
 import os
 import struct
 import sys
+import threading
 import time
 import types
+import weakref
 
 import zmq
 
@@ -60,9 +62,9 @@ class Publisher:
 
     Every event is numbered and kept in an outbox until the broker acknowledges that it sequenced (and journaled)
     it: after a broker crash and restart the unacknowledged ones are sent again, and the broker takes each number
-    once, in order.  Acknowledgements are asked for as events are published (every ``ACK_INTERVAL`` seconds) and
-    by :meth:`flush` / :meth:`close`; a publisher that stays idle while the broker dies sends its last events again
-    at its next publish, flush or close.
+    once, in order.  Acknowledgements are asked for as events are published (every ``ACK_INTERVAL`` seconds), by
+    :meth:`flush` / :meth:`close`, and by a small watcher thread while events wait and the publisher is quiet.
+    A Publisher may be shared by threads (a lock serialises its sockets).
 
     A publisher never blocks its caller for long: when the outbox (``hwm`` events) is full and the broker does
     not acknowledge any of it within ``send_timeout`` seconds, the event is refused, counted in ``dropped`` and
@@ -106,6 +108,12 @@ class Publisher:
         self._run = None
         self._next_ask = 0.0
         self._ask_ids = itertools.count(1)
+        # The caller's thread and the watcher below share the sockets: one at a time.
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._watcher = threading.Thread(target=_watch_publisher, args=(weakref.ref(self), self._closing),
+                                         name="zevents-publisher-acks", daemon=True)
+        self._watcher.start()
 
     def head(self, name_or_topic: str, src: str | None = None) -> bytes:
         """The cached ingest head (topic and meta) of an event name, or of a ``group/Name`` topic."""
@@ -123,11 +131,14 @@ class Publisher:
         """Publish a catalogue or custom event by name (``Dwelling`` is sent as ``Dwell``), or by topic.
         False when it was refused (counted in ``dropped``): the broker acknowledged nothing for too long."""
         head = self._heads.get((name, src)) or self.head(name, src)
-        return self._submit(head, wire.pack(payload if payload is not None else {}))
+        body = wire.pack(payload if payload is not None else {})
+        with self._lock:
+            return self._submit(head, body)
 
     def send_frame(self, frame: bytes) -> bool:
         """Number an ingest frame, keep it until acknowledged, send it."""
-        return self._submit(b"", frame)
+        with self._lock:
+            return self._submit(b"", frame)
 
     def _submit(self, head: bytes, body: bytes, _clock=time.monotonic, _number=struct.Struct(">Q").pack) -> bool:
         # The hot path of every publisher: one join builds the numbered frame.
@@ -258,8 +269,9 @@ class Publisher:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            self._next_ask = 0.0
-            self._pump(wait=min(0.05, remaining))
+            with self._lock:
+                self._next_ask = 0.0
+                self._pump(wait=min(0.05, remaining))
         return self.number - self.acked
 
     def publish_confirmed(self, name: str, payload: dict | None = None, src: str | None = None,
@@ -273,6 +285,9 @@ class Publisher:
     def close(self, linger: float | None = None) -> int:
         """Deliver what is queued within ``linger`` seconds (default: the publisher's ``linger``); returns how
         many events could not be delivered, which are also added to ``dropped`` and logged."""
+        self._closing.set()
+        if self._watcher.is_alive() and self._watcher is not threading.current_thread():
+            self._watcher.join(5)
         undelivered = self.flush(self.linger if linger is None else linger) if self.number > self.acked else 0
         if undelivered:
             self.dropped += undelivered
@@ -293,6 +308,20 @@ class Publisher:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _watch_publisher(ref, closing: threading.Event, interval: float = 0.2):
+    """A publisher that goes quiet still has its last events acknowledged, and sent again if the broker died and
+    came back meanwhile.  Holds the publisher only weakly: a publisher nobody closes still goes away."""
+    while not closing.wait(interval):
+        publisher = ref()
+        if publisher is None:
+            return
+        if publisher.number > publisher.acked and time.monotonic() >= publisher._next_ask:
+            with publisher._lock:
+                if not closing.is_set():
+                    publisher._pump()
+        del publisher
 
 
 class Control:
