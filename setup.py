@@ -20,7 +20,8 @@ extensions = [
         extra_compile_args=["-O2"] + ([] if sys.platform == "win32" else ["-ffp-contract=off"]),
     ),
     # The bus's hot paths (payload validation, the broker's ingest loop); twins of wire.py and broker.py.
-    Extension("zevents._speedups", ["zevents/_speedups.pyx"], extra_compile_args=["-O2"]),
+    # zlib: the journal's crc32 (the library Python's own zlib module links; zlib1g-dev to build).
+    Extension("zevents._speedups", ["zevents/_speedups.pyx"], extra_compile_args=["-O2"], libraries=["z"]),
 ]
 
 setup(

@@ -141,6 +141,10 @@ def test_tail_loss_is_repaired_from_the_heartbeat(short_tmp, subscribe):
     control = bus.Control(config)
     try:
         with bus.Publisher(config) as pub:
+            # Heard from the broker once, a publisher sends a whole burst at once (before that, only `hwm`
+            # events): the burst is what overflows the tiny queues.
+            pub.publish("Home")
+            assert pub.flush(10) == 0
             for i in range(500):
                 pub.publish("PrintProgress", {"progress": i})
         wait_for(lambda: control.status()["streams"].get("print") == 500, 10,

@@ -228,8 +228,12 @@ def client_argv(prefix: list[str], bus: BusConfig, *topics: str, count: int, tim
 
 
 @pytest.fixture
-def brokers():
-    """Starts real brokers on threads (a second start on the same endpoints is a restart); stops them all."""
+def brokers(monkeypatch):
+    """Starts real brokers on threads (a second start on the same endpoints is a restart), holding the node token
+    as under `zevents run`; stops them all."""
+    from zevents import bus as bus_module
+
+    monkeypatch.setattr(bus_module, "_NODE_TOKEN", NODE_TOKEN)
     running = []
 
     def start(bus: BusConfig):
@@ -261,10 +265,14 @@ def zmq_context():
     context.term()
 
 
+NODE_TOKEN = "interop-node-token"
+
+
 def ingest_frame(topic: str, payload: dict, src: str = "user", printer: str | None = None) -> bytes:
     """One ingest frame built by hand as PROTOCOL.md section 3 describes it (not with zevents.wire)."""
     topic_bytes = topic.encode()
-    meta = msgpack.packb({"src": src, "printer": printer})
+    # sys/ events are the node's: a broker takes them only with its token (the node gives it to its children).
+    meta = msgpack.packb({"src": src, "printer": printer, **({"token": NODE_TOKEN} if topic.startswith("sys/") else {})})
     return (bytes([len(topic_bytes)]) + topic_bytes + bytes([len(meta)]) + meta
             + msgpack.packb(payload, use_bin_type=True))
 

@@ -441,38 +441,110 @@ cdef inline uint64_t _now_us() noexcept nogil:
     return <uint64_t>now.tv_sec * 1000000 + <uint64_t>(now.tv_nsec // 1000)
 
 
-def drain_ingest(broker, int batch):
-    """``Broker._drain_ingest`` compiled: up to ``batch`` ingest frames validated, stamped, published, remembered.
-    Bad frames take the Python path (``_learn_head``, ``_payload_ok``, ``_reject``), which counts and logs them."""
+cdef extern from "zlib.h" nogil:
+    unsigned long crc32(unsigned long crc, const unsigned char *buf, unsigned int len)
+
+
+cdef bytes _event_record(bytes topic, bytes header, bytes payload, bytes publisher, uint64_t number):
+    """``journal.event_record``: u32 body length, u32 crc32 seeded with the kind (0), u8 kind, then the body
+    u16 topic length, u16 header length, publisher id, u64 number, topic, header, payload."""
+    cdef Py_ssize_t nt = PyBytes_GET_SIZE(topic), nh = PyBytes_GET_SIZE(header), np = PyBytes_GET_SIZE(payload)
+    cdef Py_ssize_t body = 20 + nt + nh + np
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 9 + body)
+    cdef uint8_t *o = <uint8_t *>PyBytes_AS_STRING(out)
+    cdef uint8_t *b = o + 9
+    cdef uint32_t crc
+    b[0] = <uint8_t>(nt >> 8)
+    b[1] = <uint8_t>nt
+    b[2] = <uint8_t>(nh >> 8)
+    b[3] = <uint8_t>nh
+    memcpy(b + 4, PyBytes_AS_STRING(publisher), 8)
+    _put64(b + 12, number)
+    memcpy(b + 20, PyBytes_AS_STRING(topic), nt)
+    memcpy(b + 20 + nt, PyBytes_AS_STRING(header), nh)
+    memcpy(b + 20 + nt + nh, PyBytes_AS_STRING(payload), np)
+    crc = <uint32_t>crc32(0, b, <unsigned int>body)
+    o[0] = <uint8_t>(body >> 24)
+    o[1] = <uint8_t>(body >> 16)
+    o[2] = <uint8_t>(body >> 8)
+    o[3] = <uint8_t>body
+    o[4] = <uint8_t>(crc >> 24)
+    o[5] = <uint8_t>(crc >> 16)
+    o[6] = <uint8_t>(crc >> 8)
+    o[7] = <uint8_t>crc
+    o[8] = 0
+    return out
+
+
+def event_record(bytes topic not None, bytes header not None, bytes payload not None, bytes publisher not None,
+                 uint64_t number):
+    """``journal.event_record`` compiled, for the tests that hold the two side by side."""
+    if PyBytes_GET_SIZE(publisher) != 8:
+        raise ValueError("a publisher id is 8 bytes")
+    return _event_record(topic, header, payload, publisher, number)
+
+
+def drain_ingest(broker, int batch, int commit_batch=256):
+    """``Broker._drain_ingest`` (with ``Broker._commit``) compiled: up to ``batch`` ingest frames validated,
+    stamped, journaled, then published and remembered.  Bad frames and numbered frames that are not next from their
+    publisher take the Python path (``_numbered``, ``_learn_head``, ``_payload_ok``, ``_reject``)."""
     recv = broker.pull.recv
     send = broker._xsend
     cdef int nb = zmq.NOBLOCK, more = zmq.SNDMORE
     cdef dict heads = broker._heads
     cdef dict seqs = broker.seqs
     cdef dict last_values = broker.last_values
+    cdef dict publishers = broker.publishers
     remember = broker.ring.append
+    journal = broker.journal
     cdef Py_ssize_t max_payload = broker.bus.max_payload
     again = zmq.Again
-    cdef bytes frame, payload, header
+    cdef bytes frame, payload, header, publisher
     cdef const uint8_t *p
-    cdef Py_ssize_t n, end
-    cdef tuple known, entry
-    cdef object group, seq
+    cdef Py_ssize_t n, end, off
+    cdef tuple known, entry, numbered
+    cdef object group, seq, last
+    cdef bytes recent = None
+    cdef uint64_t number
     cdef int k
+    cdef list entries = [], records = []
     for k in range(batch):
         try:
             frame = recv(nb)
         except again:
-            return
+            break
         p = <const uint8_t *>PyBytes_AS_STRING(frame)
         n = PyBytes_GET_SIZE(frame)
-        if n == 0 or p[0] + 1 >= n:
-            broker._reject("frame", f"ingest frame of {n} bytes is too short for its lengths")
+        publisher = NO_PUBLISHER
+        number = 0
+        off = 0                                 # where the v1 frame starts: 17 in a numbered one
+        if n > 0 and p[0] == 0:
+            last = None
+            if n > 17:
+                # The same publisher sends event after event: its id object is reused, not sliced each time.
+                if recent is None or memcmp(PyBytes_AS_STRING(recent), p + 1, 8) != 0:
+                    recent = frame[1:9]
+                publisher = recent
+                number = _be64(p + 9)
+                last = publishers.get(publisher)
+            if last is not None and number == <uint64_t>last + 1:
+                publishers[publisher] = number
+                off = 17
+            else:
+                numbered = broker._numbered(frame)
+                if numbered is None:
+                    continue
+                publisher, number, frame = numbered
+                p = <const uint8_t *>PyBytes_AS_STRING(frame)
+                n = PyBytes_GET_SIZE(frame)
+        if n - off == 0 or off + p[off] + 1 >= n:
+            broker._reject("frame", f"ingest frame of {n - off} bytes is too short for its lengths")
             continue
-        end = min(p[0] + 2 + p[p[0] + 1], n)   # past the end: no cached head matches, _learn_head rejects it
-        known = heads.get(frame[:end])
+        # past the end: no cached head matches, and _learn_head rejects it
+        end = min(off + p[off] + 2 + p[off + p[off] + 1], n)
+        known = heads.get(frame[off:end])
         if known is None:
-            known = broker._learn_head(frame)
+            known = broker._learn_head(frame[off:] if off else frame)
             if known is None:
                 continue
         payload = frame[end:]
@@ -486,12 +558,32 @@ def drain_ingest(broker, int batch):
         seq = seqs.get(group, 0) + 1
         seqs[group] = seq
         header = _stamp(known[2], seq, _now_us())
-        send(known[1], more)
-        send(header, more)
-        send(payload)
-        entry = (group, seq, known[1], header, payload)
+        entries.append((group, seq, known[1], header, payload))
+        if journal is not None:
+            records.append(_event_record(known[1], header, payload, publisher, number))
+        if len(entries) >= commit_batch:
+            _commit(broker, journal, entries, records, send, remember, last_values)
+            entries = []
+            records = []
+    if entries:
+        _commit(broker, journal, entries, records, send, remember, last_values)
+
+
+cdef _commit(broker, journal, list entries, list records, send, remember, dict last_values):
+    """``Broker._commit``: journaled before any of it is published, so what subscribers saw, a restarted broker
+    still has."""
+    cdef int more = zmq.SNDMORE
+    cdef tuple entry
+    if journal is not None:
+        journal.append(records, len(entries))
+    for entry in entries:
+        send(entry[2], more)
+        send(entry[3], more)
+        send(entry[4])
         remember(entry)
-        last_values[known[1]] = entry
+        last_values[entry[2]] = entry
+    if journal is not None and journal.full():
+        journal.start(broker.epoch, broker.seqs, broker.publishers)
 
 
 cdef extern from "Python.h":
@@ -613,7 +705,7 @@ def accept(subscriber, bytes topic not None, bytes header not None, bytes payloa
         fields = decoder._fields(topic, header, payload, False)
     except WireError as exc:
         return subscriber._undecodable(topic, exc)
-    if fields[5] != subscriber.epoch or topic == HEARTBEAT_TOPIC or subscriber.pending:
+    if fields[5] != subscriber.epoch or fields[1] == SYS_GROUP or subscriber.pending:
         return subscriber._track(topic, _envelope(fields))
     cdef dict last_seq = subscriber.last_seq
     group, seq = fields[1], fields[6]
@@ -630,6 +722,6 @@ def accept(subscriber, bytes topic not None, bytes header not None, bytes payloa
 
 
 # wire imports this module only after defining these.
-from zevents.wire import HEARTBEAT_TOPIC, Envelope, WireError  # noqa: E402
+from zevents.wire import NO_PUBLISHER, SYS_GROUP, Envelope, WireError  # noqa: E402
 
 _set_up_envelope()

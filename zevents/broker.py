@@ -6,6 +6,12 @@ A ROUTER answers control requests (REPLAY, SNAPSHOT, PUBLISH with an ack, STATUS
 every ``heartbeat`` seconds carries the latest seq of every stream so subscribers see tail loss and a dead broker.
 
 Garbage on the ingest never stops the broker: each bad frame is counted by reason and logged (rate-limited).
+
+No silent loss across a broker crash: the ring is backed by an on-disk journal (``zevents.journal``), written
+before a batch is published or acknowledged, so a broker started again after ``kill -9`` continues the same epoch
+and sequence and still replays what it had.  Publishers number their events (``wire.numbered_frame``); the broker
+sequences each publisher's numbers strictly in order, once each, and answers ACK with the last one it journaled,
+so a publisher sends again exactly what a dead broker never sequenced.
 """
 from __future__ import annotations
 
@@ -22,7 +28,10 @@ from pathlib import Path
 
 import zmq
 
+from zevents import curve as curve_mod
+from zevents import journal as journal_mod
 from zevents import wire
+from zevents import bus as bus_mod
 from zevents.bus import fast_send
 from zevents.config import BusConfig
 from zevents.service import freeze_startup_heap
@@ -30,7 +39,10 @@ from zevents.service import freeze_startup_heap
 log = logging.getLogger("zevents.broker")
 
 INGEST_BATCH = 2000          # messages drained per poll wake-up, so control requests are never starved
+COMMIT_BATCH = 256           # events journaled (one write) then published together: few system calls, and the
+                             # subscribers get the first events while later ones are still being read
 REPLAY_LIMIT_MAX = 20000
+MAX_PUBLISHERS = 65536       # numbering publishers remembered (the oldest is forgotten first)
 
 
 class BrokerError(RuntimeError):
@@ -93,9 +105,13 @@ class Broker:
         self.bus = bus
         self.compiled = wire.use_compiled(compiled, "ingest loop")
         if self.compiled:
-            self._drain_ingest = functools.partial(wire.speedups.drain_ingest, self, INGEST_BATCH)
-        self.context = context or zmq.Context.instance()
+            self._drain_ingest = functools.partial(wire.speedups.drain_ingest, self, INGEST_BATCH, COMMIT_BATCH)
+        # A ZAP handler serves a whole context: with CURVE the broker has one of its own (two brokers in one
+        # process, as in tests, must not share it).
+        self._own_context = context is None and bool(bus.curve)
+        self.context = context or (zmq.Context() if self._own_context else zmq.Context.instance())
         self.epoch = wire.now_us()
+        self.run = self.epoch    # this run of the broker: the epoch survives a restart (journal), the run does not
         self.started = time.monotonic()
         self.stamper = wire.HeaderStamper(bus.node, self.epoch)
         self.seqs: dict[str, int] = {}
@@ -104,12 +120,18 @@ class Broker:
         self.counters = collections.Counter()
         self.bad = _RateLimitedLog()
         self.subscriptions: collections.Counter = collections.Counter()
+        self.publishers: dict[bytes, int] = {}     # numbering publisher -> its last number sequenced
+        self.gapped: set = set()                    # publishers whose frames arrived out of order since their ACK
+        self.journal: journal_mod.Journal | None = None
+        # sys/ events are the broker's and the node's: on ingest, only with the node's token (its children have it).
+        self.node_token = bus_mod.node_token()
         self._topic_groups: dict[bytes, str] = {}
         self._heads: dict[bytes, tuple] = {}
         self._lock = _NodeLock(bus.publish)
         self._stop = threading.Event()
         self._wake_endpoint = f"inproc://zevents-broker-wake-{id(self)}"
         self._sockets: list = []
+        self._auth = None
         self._ipc_files: list = []
         self._bound = False
 
@@ -119,7 +141,9 @@ class Broker:
         self._lock.acquire()
         try:
             self._check_not_served()
+            self._open_journal()
             ctx = self.context
+            self._secure()
             # The ingest never pushes back: a publisher closing while its messages wait behind a full receive
             # queue loses them (libzmq's linger drains the pipe, not the connection).  Publishers bound their
             # own queues with their send high-water mark.
@@ -131,6 +155,9 @@ class Broker:
             self.router = self._socket(zmq.ROUTER)
             self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
             self.wake = self._socket(zmq.PAIR)
+            if self.bus.curve:
+                for sock in (self.pull, self.xpub, self.router):
+                    curve_mod.server(sock, self.bus.curve)
             for sock, endpoint in ((self.pull, self.bus.ingest), (self.xpub, self.bus.publish),
                                    (self.router, self.bus.replay), (self.wake, self._wake_endpoint)):
                 path = _ipc_path(endpoint)
@@ -150,12 +177,59 @@ class Broker:
         log.info("broker %s epoch %d: ingest %s, publish %s, control %s (%s ingest loop)", self.bus.node, self.epoch,
                  self.bus.ingest, self.bus.publish, self.bus.replay, "compiled" if self.compiled else "Python")
 
+    def _secure(self):
+        """CURVE + ZAP when bus.curve is set; otherwise a warning for every endpoint the network can reach."""
+        endpoints = (self.bus.ingest, self.bus.publish, self.bus.replay)
+        if self.bus.curve:
+            try:
+                curve_mod._key(self.bus.curve, "server_secret")
+            except curve_mod.CurveError as exc:
+                raise BrokerError(str(exc)) from None
+            self._auth = curve_mod.start_authenticator(self.context, self.bus.curve)
+            return
+        for endpoint in curve_mod.exposed_endpoints(endpoints):
+            log.warning("bus endpoint %s is reachable beyond this machine without bus.curve: anyone on the network "
+                        "may publish, subscribe and fire events that run hooks (see README, Bus security)", endpoint)
+
+    def _open_journal(self):
+        """Recover the ring, the epoch and the sequence from the journal, or start one."""
+        if not self.bus.journal:
+            return
+        self.journal = journal_mod.Journal(self.bus.journal, self.bus.replay_ring, self.bus.journal_flush)
+        try:
+            found = self.journal.recover()
+        except journal_mod.JournalError as exc:
+            self.journal = None
+            raise BrokerError(str(exc)) from None
+        if found.epoch is None:
+            self.journal.start(self.epoch, {}, {})
+            return
+        self.publishers = found.publishers
+        if not found.clean and found.boot_id and found.boot_id != journal_mod.boot_id():
+            # The machine restarted without a clean stop: the unflushed tail of the journal may be gone, and with
+            # it seqs that subscribers saw.  Reusing them would hide events: a new epoch makes everyone resync.
+            log.warning("journal %s: the machine restarted since the broker last wrote it (power cut?): the last "
+                        "events may be lost; starting a new epoch", self.bus.journal)
+            self.journal.discard()
+            self.journal.start(self.epoch, {}, self.publishers)
+            return
+        self.epoch = found.epoch
+        self.stamper = wire.HeaderStamper(self.bus.node, self.epoch)
+        self.seqs = found.seqs
+        self.ring.extend(found.entries)
+        for entry in self.ring:
+            self.last_values[entry[2]] = entry
+        self.journal.mark(self.epoch, self.seqs, self.publishers)
+        log.info("journal %s: continuing epoch %d with %d events in the ring (%s)", self.bus.journal, self.epoch,
+                 len(self.ring), "clean stop" if found.clean else "after a crash")
+
     def _check_not_served(self):
         """For TCP the bind fails by itself; ipc sockets would be silently taken over, so ask whoever is there."""
         if _ipc_path(self.bus.replay) is None or not _ipc_path(self.bus.replay).exists():
             return
         probe = self.context.socket(zmq.DEALER)
         probe.setsockopt(zmq.LINGER, 0)
+        bus_mod._curve_client(probe, self.bus)
         try:
             probe.connect(self.bus.replay)
             probe.send_multipart(wire.request(wire.CMD_PING))
@@ -183,6 +257,14 @@ class Broker:
             except OSError:
                 pass
         self._ipc_files.clear()
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._own_context and not self.context.closed:
+            self.context.term()
         self._lock.release()
         self._bound = False
 
@@ -208,6 +290,8 @@ class Broker:
         interval = self.bus.heartbeat
         next_beat = time.monotonic() + interval
         pull, router, xpub = self.pull, self.router, self.xpub
+        if self.journal is not None:
+            self.journal.start_flushing()
         while not self._stop.is_set():
             timeout = max(0.0, next_beat - time.monotonic())
             ready = dict(poller.poll(timeout * 1000))
@@ -228,24 +312,29 @@ class Broker:
     def _drain_ingest(self):
         # The hot path, inlined on purpose: each method call here costs more than the work it would name.
         # _speedups.drain_ingest is its compiled twin (used unless ZEVENTS_PUREPYTHON=1): change both together.
+        # A batch is journaled before any of it is published: what subscribers saw, a restart still has.
         recv = self.pull.recv
         nb = zmq.NOBLOCK
-        more = zmq.SNDMORE
         heads = self._heads
         seqs = self.seqs
-        send = self._xsend
-        remember = self.ring.append
-        last_values = self.last_values
         stamp = wire.seq_ts_tail
         validate = wire.unpack
         clock = time.time_ns
         max_payload = self.bus.max_payload
+        batch = []
+        add = batch.append
         for _ in range(INGEST_BATCH):
             try:
                 frame = recv(nb)
             except zmq.Again:
-                return
+                break
+            publisher, number = wire.NO_PUBLISHER, 0
             try:
+                if frame[0] == wire.NUMBERED:
+                    numbered = self._numbered(frame)
+                    if numbered is None:
+                        continue
+                    publisher, number, frame = numbered
                 end = frame[0] + 2 + frame[frame[0] + 1]
             except IndexError:
                 self._reject("frame", f"ingest frame of {len(frame)} bytes is too short for its lengths")
@@ -263,16 +352,59 @@ class Broker:
             except Exception:
                 self._payload_ok(payload)
                 continue
-            group, topic, prefix = known[0], known[1], known[2]
+            group = known[0]
             seq = seqs.get(group, 0) + 1
             seqs[group] = seq
-            header = prefix + stamp(seq, clock() // 1000)
-            send(topic, more)
-            send(header, more)
-            send(payload)
-            entry = (group, seq, topic, header, payload)
+            add(((group, seq, known[1], known[2] + stamp(seq, clock() // 1000), payload), publisher, number))
+            if len(batch) >= COMMIT_BATCH:
+                self._commit(batch)
+                batch = []
+                add = batch.append
+        if batch:
+            self._commit(batch)
+
+    def _numbered(self, frame: bytes):
+        """(publisher, number, v1 frame) of a numbered frame that is next from its publisher; None (counted) for a
+        duplicate, a frame ahead of a missing one (the publisher sends again from its last ACK), or a torn one."""
+        try:
+            publisher, number, rest = wire.split_numbered(frame)
+        except wire.WireError as exc:
+            self._reject("frame", str(exc))
+            return None
+        last = self.publishers.get(publisher)
+        if last is None:
+            if len(self.publishers) >= MAX_PUBLISHERS:
+                del self.publishers[next(iter(self.publishers))]
+        elif number != last + 1:
+            if number <= last:
+                self.counters["ingest_duplicate"] += 1
+            else:
+                self.counters["ingest_out_of_order"] += 1
+                self.gapped.add(publisher)
+            return None
+        # The number is used up even if the frame turns out bad: a bad frame must not block its successors.
+        self.publishers[publisher] = number
+        return publisher, number, rest
+
+    def _commit(self, batch: list):
+        """Journal a batch of ((group, seq, topic, header, payload), publisher, number), then publish and remember
+        it.  ``_speedups.drain_ingest`` does the same inline: change both together."""
+        if self.journal is not None:
+            record = journal_mod.event_record
+            self.journal.append([record(e[2], e[3], e[4], publisher, number) for e, publisher, number in batch],
+                                len(batch))
+        send = self._xsend
+        more = zmq.SNDMORE
+        remember = self.ring.append
+        last_values = self.last_values
+        for entry, _, _ in batch:
+            send(entry[2], more)
+            send(entry[3], more)
+            send(entry[4])
             remember(entry)
-            last_values[topic] = entry
+            last_values[entry[2]] = entry
+        if self.journal is not None and self.journal.full():
+            self.journal.start(self.epoch, self.seqs, self.publishers)
 
     def ingest(self, frame: bytes) -> int | None:
         """Validate, stamp, publish, remember one ingest frame.  Returns the seq, or None when it was bad."""
@@ -300,11 +432,22 @@ class Broker:
         except wire.WireError as exc:
             self._reject("meta", str(exc))
             return None
+        if group == wire.SYS_GROUP and not self._node_signed(meta):
+            self._reject("sys", f"{topic[:60]!r}: sys/ events are the broker's and the node's")
+            return None
         head = wire.ingest_head(topic, meta)
         if len(self._heads) >= 10000:
             self._heads.clear()
         entry = self._heads[head] = (group, topic, prefix, head)
         return entry
+
+    def _node_signed(self, meta: bytes) -> bool:
+        if self.node_token is None:
+            return False
+        try:
+            return wire.unpack_map(meta, "ingest meta").get("token") == self.node_token
+        except wire.WireError:
+            return False
 
     def _payload_ok(self, payload: bytes) -> bool:
         if len(payload) > self.bus.max_payload:
@@ -323,14 +466,8 @@ class Broker:
     def _publish(self, group: str, topic: bytes, prefix: bytes, payload: bytes) -> int:
         seq = self.seqs.get(group, 0) + 1
         self.seqs[group] = seq
-        header = prefix + wire.seq_ts_tail(seq, wire.now_us())
-        send = self._xsend
-        send(topic, zmq.SNDMORE)
-        send(header, zmq.SNDMORE)
-        send(payload)
-        entry = (group, seq, topic, header, payload)
-        self.ring.append(entry)
-        self.last_values[topic] = entry
+        self._commit([((group, seq, topic, prefix + wire.seq_ts_tail(seq, wire.now_us()), payload),
+                       wire.NO_PUBLISHER, 0)])
         return seq
 
     def _learn_topic(self, topic: bytes) -> str | None:
@@ -395,8 +532,10 @@ class Broker:
         if not isinstance(args, dict):
             raise wire.WireError("control arguments are not a map")
         request_id = args.get("id")
+        if command == wire.CMD_ACK:
+            return self._ack(args, request_id)
         if command == wire.CMD_PING:
-            return wire.reply(True, {"id": request_id, "node": self.bus.node, "epoch": self.epoch})
+            return wire.reply(True, {"id": request_id, "node": self.bus.node, "epoch": self.epoch, "run": self.run})
         if command == wire.CMD_STATUS:
             return wire.reply(True, dict(self.status(), id=request_id))
         if command == wire.CMD_REPLAY:
@@ -412,6 +551,17 @@ class Broker:
             topic, _, _ = wire.split_ingest(frames[2])
             return wire.reply(True, {"id": request_id, "epoch": self.epoch, "seq": seq, "topic": topic.decode()})
         raise wire.WireError(f"unknown command {command[:20]!r}")
+
+    def _ack(self, args: dict, request_id):
+        """How far a numbering publisher's events are sequenced (and journaled), and whether some arrived out of
+        order since it last asked; ``run`` tells it the broker restarted (send again what is not acknowledged)."""
+        publisher = args.get("publisher")
+        if not isinstance(publisher, bytes) or len(publisher) != 8:
+            raise wire.WireError("ACK needs the publisher's 8-byte id")
+        gap = publisher in self.gapped
+        self.gapped.discard(publisher)
+        return wire.reply(True, {"id": request_id, "epoch": self.epoch, "run": self.run,
+                                 "last": self.publishers.get(publisher, 0), "gap": gap})
 
     def _replay(self, args: dict, request_id):
         group = args.get("group")
@@ -452,13 +602,17 @@ class Broker:
 
     def status(self) -> dict:
         return {
-            "node": self.bus.node, "epoch": self.epoch, "pid": os.getpid(),
+            "node": self.bus.node, "epoch": self.epoch, "run": self.run, "pid": os.getpid(),
             "uptime": round(time.monotonic() - self.started, 3),
             "streams": dict(self.seqs), "counters": dict(self.counters),
             "ring": {"size": len(self.ring), "capacity": self.ring.maxlen},
             "heartbeat": self.bus.heartbeat, "max_payload": self.bus.max_payload,
             "subscriptions": sum(self.subscriptions.values()), "topics": len(self.last_values),
             "endpoints": {"publish": self.bus.publish, "ingest": self.bus.ingest, "control": self.bus.replay},
+            "journal": None if self.journal is None else {
+                "directory": str(self.journal.directory), "flush": self.journal.flush, "segment": self.journal.segment,
+                "events": self.journal.count, "written": self.journal.written},
+            "publishers": len(self.publishers),
             "gc": {"frozen": gc.get_freeze_count(), "collections": [g["collections"] for g in gc.get_stats()]},
         }
 

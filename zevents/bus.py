@@ -13,9 +13,13 @@ import functools
 import itertools
 import json
 import logging
+import os
+import struct
 import sys
+import threading
 import time
 import types
+import weakref
 
 import zmq
 
@@ -24,6 +28,8 @@ from zevents import wire
 from zevents.config import BusConfig
 
 log = logging.getLogger("zevents.bus")
+# Taken out of the environment as soon as a service starts, so that what it runs (hook programs) never inherits it.
+_NODE_TOKEN = os.environ.pop(wire.NODE_TOKEN_ENV, None)
 
 SNDMORE = zmq.SNDMORE
 NOBLOCK = zmq.NOBLOCK
@@ -39,6 +45,14 @@ class BusError(RuntimeError):
     """The broker did not answer, or refused a request."""
 
 
+def _curve_client(sock: zmq.Socket, bus: BusConfig):
+    """CURVE client keys on a socket when the bus is encrypted (zevents.curve)."""
+    if bus.curve:
+        from zevents import curve
+
+        curve.client(sock, bus.curve)
+
+
 def _bus(bus) -> BusConfig:
     return bus.bus if hasattr(bus, "bus") and not isinstance(bus, BusConfig) else bus
 
@@ -46,27 +60,60 @@ def _bus(bus) -> BusConfig:
 class Publisher:
     """Sends events to the broker's ingest.  Cheap to call on a hot path: topics and meta frames are cached.
 
-    A publisher never blocks its caller for long: if the broker is gone and the queue (``hwm`` messages) is
-    full, ``publish`` waits ``send_timeout`` seconds, then counts the event in ``dropped`` and logs it.
+    Every event is numbered and kept in an outbox until the broker acknowledges that it sequenced (and journaled)
+    it: after a broker crash and restart the unacknowledged ones are sent again, and the broker takes each number
+    once, in order.  Acknowledgements are asked for as events are published (every ``ACK_INTERVAL`` seconds), by
+    :meth:`flush` / :meth:`close`, and by a small watcher thread while events wait and the publisher is quiet.
+    A Publisher may be shared by threads (a lock serialises its sockets).
+
+    A publisher never blocks its caller for long: when the outbox (``hwm`` events) is full and the broker does
+    not acknowledge any of it within ``send_timeout`` seconds, the event is refused, counted in ``dropped`` and
+    logged.  :meth:`close` delivers what is queued within its linger, or counts and logs what it could not.
     """
 
+    ACK_INTERVAL = 0.05      # seconds between acknowledgement requests while publishing
+    ACK_TIMEOUT = 1.0        # an unanswered request is given up (the broker is away) and asked again
+    STALL = 1.0              # sent events unacknowledged this long while the broker answers: sent again
+
     def __init__(self, bus, src: str = "user", printer: str | None = None, context: zmq.Context | None = None,
-                 send_timeout: float = 1.0):
+                 send_timeout: float = 1.0, linger: float = 10.0):
         self.bus = _bus(bus)
         self.context = context or zmq.Context.instance()
         self.src = src
         self.printer = printer
         self.dropped = 0
+        self.send_timeout = send_timeout
+        self.linger = linger
         self.sock = self.context.socket(zmq.PUSH)
         self.sock.sndhwm = self.bus.hwm
         self.sock.setsockopt(zmq.SNDTIMEO, int(send_timeout * 1000))
-        # On close, queued events still go out for this long; past it they are discarded (ZeroMQ cannot say how
-        # many), so it is generous.
-        self.sock.setsockopt(zmq.LINGER, 10_000)
+        self.sock.setsockopt(zmq.LINGER, 0)   # what is not acknowledged is in the outbox, not in ZeroMQ's hands
+        _curve_client(self.sock, self.bus)
         self.sock.connect(self.bus.ingest)
         self._send = fast_send(self.sock)
         self._heads: dict = {}
         self._control: Control | None = None
+        self.id = os.urandom(8)
+        self._prefix = b"\x00" + self.id
+        self._outbox: collections.deque = collections.deque()   # frames numbered acked+1 .. number
+        self._capacity = max(1, self.bus.hwm)
+        self._burst_capacity = max(self._capacity, min(16 * self._capacity, 200_000))
+        self._answered = None    # when the broker last answered an ACK
+        self.number = 0          # the last number given to an event
+        self.acked = 0           # the broker sequenced every event up to this number
+        self._sent = 0           # the last number handed to ZeroMQ
+        self._acks: zmq.Socket | None = None
+        self._asked = None       # (request id, when, number sent by then) of the request in flight
+        self._progress = time.monotonic()   # when the broker last acknowledged something new
+        self._run = None
+        self._next_ask = 0.0
+        self._ask_ids = itertools.count(1)
+        # The caller's thread and the watcher below share the sockets: one at a time.
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._watcher = threading.Thread(target=_watch_publisher, args=(weakref.ref(self), self._closing),
+                                         name="zevents-publisher-acks", daemon=True)
+        self._watcher.start()
 
     def head(self, name_or_topic: str, src: str | None = None) -> bytes:
         """The cached ingest head (topic and meta) of an event name, or of a ``group/Name`` topic."""
@@ -74,20 +121,158 @@ class Publisher:
         head = self._heads.get(key)
         if head is None:
             topic = name_or_topic.encode() if "/" in name_or_topic else wire.topic_bytes(name_or_topic)
-            head = self._heads[key] = wire.ingest_head(topic, wire.ingest_meta(src or self.src, self.printer))
+            # Only the node's children hold its token, and only sys/ events need it.
+            token = node_token() if topic.startswith(b"sys/") else None
+            head = self._heads[key] = wire.ingest_head(topic, wire.ingest_meta(src or self.src, self.printer,
+                                                                                token))
         return head
 
-    def publish(self, name: str, payload: dict | None = None, src: str | None = None):
-        """Publish a catalogue or custom event by name (``Dwelling`` is sent as ``Dwell``), or by topic."""
-        self.send_frame(self.head(name, src) + wire.pack(payload if payload is not None else {}))
+    def publish(self, name: str, payload: dict | None = None, src: str | None = None) -> bool:
+        """Publish a catalogue or custom event by name (``Dwelling`` is sent as ``Dwell``), or by topic.
+        False when it was refused (counted in ``dropped``): the broker acknowledged nothing for too long."""
+        head = self._heads.get((name, src)) or self.head(name, src)
+        body = wire.pack(payload if payload is not None else {})
+        with self._lock:
+            return self._submit(head, body)
 
-    def send_frame(self, frame: bytes):
-        try:
-            self._send(frame)
-        except zmq.Again:
+    def send_frame(self, frame: bytes) -> bool:
+        """Number an ingest frame, keep it until acknowledged, send it."""
+        with self._lock:
+            return self._submit(b"", frame)
+
+    def _submit(self, head: bytes, body: bytes, _clock=time.monotonic, _number=struct.Struct(">Q").pack) -> bool:
+        # The hot path of every publisher: one join builds the numbered frame.
+        outbox = self._outbox
+        if len(outbox) >= self._capacity and not self._room():
             self.dropped += 1
             if self.dropped <= 10 or self.dropped % 1000 == 0:
-                log.warning("publisher: broker unreachable, dropped an event (%d dropped so far)", self.dropped)
+                log.warning("publisher: broker unreachable (nothing acknowledged for %g s, %d events wait): "
+                            "dropped an event (%d dropped so far)", self.send_timeout, len(outbox), self.dropped)
+            return False
+        number = self.number = self.number + 1
+        numbered = b"".join((self._prefix, _number(number), head, body))
+        outbox.append(numbered)
+        if self._sent == number - 1:
+            try:
+                # Blocking (up to send_timeout) while the socket's queue is full: ZeroMQ's I/O thread keeps
+                # sending what it holds after publish() returns, which an outbox alone would not.
+                self._send(numbered)
+                self._sent = number
+            except zmq.Again:
+                pass   # the broker is away: the outbox keeps it, _pump sends it when there is room
+        if _clock() >= self._next_ask:
+            self._pump()
+        return True
+
+    def _room(self) -> bool:
+        """Room in the outbox: ``hwm`` events while the broker is away, more (as its own queue used to take)
+        while it answers and merely lags behind a burst; waits up to ``send_timeout`` for acknowledgements."""
+        deadline = time.monotonic() + self.send_timeout
+        while True:
+            answering = self._answered is not None and time.monotonic() - self._answered < self.ACK_TIMEOUT
+            if len(self._outbox) < (self._burst_capacity if answering else self._capacity):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            self._pump(wait=min(0.05, max(0.0, deadline - time.monotonic())))
+
+    def _ack_socket(self) -> zmq.Socket:
+        if self._acks is None:
+            self._acks = self.context.socket(zmq.DEALER)
+            self._acks.setsockopt(zmq.LINGER, 0)
+            _curve_client(self._acks, self.bus)
+            self._acks.connect(self.bus.replay)
+        return self._acks
+
+    def _pump(self, wait: float = 0.0):
+        """Read acknowledgements, send what is unsent, ask again: the outbox's whole life, never blocking longer
+        than ``wait`` seconds."""
+        now = time.monotonic()
+        self._next_ask = now + self.ACK_INTERVAL
+        sock = self._ack_socket()
+        if self._asked is not None and sock.poll(wait * 1000):
+            while True:
+                try:
+                    frames = sock.recv_multipart(NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    ok, meta, _ = wire.parse_reply(frames)
+                except wire.WireError:
+                    continue
+                if ok and self._asked is not None and meta.get("id") == self._asked[0]:
+                    self._acknowledged(meta)
+        self._send_unsent()
+        if self._asked is not None and time.monotonic() - self._asked[1] > self.ACK_TIMEOUT:
+            # The broker is away (or restarting): a fresh socket, so a late reply can't be taken for a new one.
+            self._acks.close(linger=0)
+            self._acks = None
+            self._asked = None
+            sock = self._ack_socket()
+        if self._asked is None and self.number > self.acked:
+            request_id = next(self._ask_ids)
+            try:
+                sock.send_multipart(wire.request(wire.CMD_ACK, {"id": request_id, "publisher": self.id}), NOBLOCK)
+                self._asked = (request_id, time.monotonic(), self._sent)
+            except zmq.Again:
+                pass
+
+    def _acknowledged(self, meta: dict):
+        asked, self._asked = self._asked, None
+        self._answered = time.monotonic()
+        last = meta.get("last")
+        if not isinstance(last, int):
+            return
+        restarted = self._run is not None and meta.get("run") != self._run
+        self._run = meta.get("run")
+        outbox = self._outbox
+        now = time.monotonic()
+        if last > self.acked or last >= asked[2]:
+            self._progress = now
+        if last > self.acked:
+            done = min(last, self.number) - self.acked
+            if done >= len(outbox):
+                outbox.clear()
+            else:
+                for _ in range(done):
+                    outbox.popleft()
+            self.acked = min(last, self.number)
+        # Sent events the broker has not sequenced while it answers and sequences nothing more for a while (a
+        # broker that died with them queued before this publisher ever heard from it), like those it saw out of
+        # order: send them again.  A broker merely behind in a burst makes progress and is left alone.
+        stalled = now - self._progress > self.STALL
+        if restarted or meta.get("gap") or stalled or last < self.acked:
+            if last < self.acked:
+                # The broker forgot this publisher (its journal was lost): everything kept goes again.
+                self.acked = self.number - len(outbox)
+            self._sent = self.acked
+            self._progress = now
+
+    def _send_unsent(self):
+        if self._sent >= self.number:
+            return
+        send = self._send
+        outbox = self._outbox
+        start = self._sent - self.acked
+        for frame in itertools.islice(outbox, start, None):
+            try:
+                send(frame, NOBLOCK)
+            except zmq.Again:
+                return
+            self._sent += 1
+
+    def flush(self, timeout: float = 10.0) -> int:
+        """Wait until the broker acknowledged every event (sending again what a restarted broker lacks), at most
+        ``timeout`` seconds; returns how many are still unacknowledged."""
+        deadline = time.monotonic() + timeout
+        while self.number > self.acked:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            with self._lock:
+                self._next_ask = 0.0
+                self._pump(wait=min(0.05, remaining))
+        return self.number - self.acked
 
     def publish_confirmed(self, name: str, payload: dict | None = None, src: str | None = None,
                           timeout: float = 5.0) -> dict:
@@ -97,18 +282,46 @@ class Publisher:
         return self._control.request(wire.CMD_PUBLISH, {}, timeout,
                                      (self.head(name, src) + wire.pack(payload or {}),))[0]
 
-    def close(self, linger: float | None = None):
+    def close(self, linger: float | None = None) -> int:
+        """Deliver what is queued within ``linger`` seconds (default: the publisher's ``linger``); returns how
+        many events could not be delivered, which are also added to ``dropped`` and logged."""
+        self._closing.set()
+        if self._watcher.is_alive() and self._watcher is not threading.current_thread():
+            self._watcher.join(5)
+        undelivered = self.flush(self.linger if linger is None else linger) if self.number > self.acked else 0
+        if undelivered:
+            self.dropped += undelivered
+            log.warning("publisher: closed with %d events the broker never acknowledged (lost; %d dropped in all)",
+                        undelivered, self.dropped)
+        self._outbox.clear()
+        self.acked = self.number
         if self._control is not None:
             self._control.close()
-        if linger is not None:
-            self.sock.setsockopt(zmq.LINGER, int(linger * 1000))
-        self.sock.close()
+        if self._acks is not None:
+            self._acks.close(linger=0)
+            self._acks = None
+        self.sock.close(linger=0)
+        return undelivered
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _watch_publisher(ref, closing: threading.Event, interval: float = 0.2):
+    """A publisher that goes quiet still has its last events acknowledged, and sent again if the broker died and
+    came back meanwhile.  Holds the publisher only weakly: a publisher nobody closes still goes away."""
+    while not closing.wait(interval):
+        publisher = ref()
+        if publisher is None:
+            return
+        if publisher.number > publisher.acked and time.monotonic() >= publisher._next_ask:
+            with publisher._lock:
+                if not closing.is_set():
+                    publisher._pump()
+        del publisher
 
 
 class Control:
@@ -125,6 +338,7 @@ class Control:
         if self.sock is None:
             self.sock = self.context.socket(zmq.DEALER)
             self.sock.setsockopt(zmq.LINGER, 0)
+            _curve_client(self.sock, self.bus)
             self.sock.connect(self.bus.replay)
         return self.sock
 
@@ -206,6 +420,7 @@ class Subscriber:
         self.sock = self.context.socket(zmq.SUB)
         self.sock.rcvhwm = rcvhwm if rcvhwm is not None else self.bus.hwm
         self.sock.setsockopt(zmq.LINGER, 0)
+        _curve_client(self.sock, self.bus)
         self.sock.connect(self.bus.publish)
         self._recv = self.sock.recv
         if self.groups is None:
@@ -272,6 +487,11 @@ class Subscriber:
             return self._undecodable(topic, exc)
         return self._track(topic, envelope)
 
+    def _bad_sys(self, problem: str):
+        if self.stats.bad_frames <= 10 or self.stats.bad_frames % 1000 == 0:
+            log.warning("subscriber: ignored a malformed sys event (%d bad so far): %s", self.stats.bad_frames,
+                        problem)
+
     def _undecodable(self, topic: bytes, exc: Exception):
         self.stats.bad_frames += 1
         log.warning("subscriber: undecodable event on %r: %s", topic[:60], exc)
@@ -284,9 +504,18 @@ class Subscriber:
                 return None
             self._new_epoch(envelope.epoch)
         group = envelope.group
+        if group == wire.SYS_GROUP:
+            problem = wire.sys_problem(envelope.name, envelope.payload)
+            if problem is not None:
+                # Forged or broken: keep the stream's count, never act on it nor deliver it.
+                self.stats.bad_frames += 1
+                self._bad_sys(problem)
+                if envelope.seq > self.last_seq.get(group, 0):
+                    self.last_seq[group] = envelope.seq
+                return None
         if topic == wire.HEARTBEAT_TOPIC:
             self.last_heartbeat = time.monotonic()
-            self._check_tail(envelope.payload.get("streams") or {})
+            self._check_tail(envelope.payload["streams"])
             if not self._tracked("sys"):
                 return None
         # A group missing from last_seq had no event when we started (or since the epoch began): from seq 0.
@@ -385,6 +614,20 @@ class Subscriber:
         self.close()
 
 
+def make_node_token() -> str:
+    """The node's token (created once, inherited by the broker and every service it starts): what lets them, and
+    only them, publish sys/ events."""
+    global _NODE_TOKEN
+    if not _NODE_TOKEN:
+        _NODE_TOKEN = os.urandom(16).hex()
+    os.environ[wire.NODE_TOKEN_ENV] = _NODE_TOKEN
+    return _NODE_TOKEN
+
+
+def node_token() -> str | None:
+    return _NODE_TOKEN
+
+
 def announce_started(bus_config, service: str):
     """Tell the node supervisor (and anyone listening) that a service is up: sys/ServiceStarted.  Never blocks a
     service that runs without a broker for more than a moment."""
@@ -474,7 +717,7 @@ def run_fire(config, event: str, payload_json: str | None, src: str, timeout: fl
 
 def format_line(envelope: wire.Envelope) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(envelope.ts / 1e6)) + f".{envelope.ts % 1_000_000 // 1000:03d}"
-    payload = json.dumps(envelope.payload, default=repr, ensure_ascii=False)
+    payload = json.dumps(wire.jsonable(envelope.payload), ensure_ascii=False)
     return f"{stamp} {envelope.topic} #{envelope.seq} [{envelope.src}] {payload}"
 
 
@@ -578,7 +821,7 @@ def run_tail(config, prefixes: list, as_json: bool, count: int | None, timeout: 
                 break
             if not selection.shows(envelope):
                 continue
-            out.write(json.dumps(envelope.to_dict(), default=repr, ensure_ascii=False) if as_json
+            out.write(json.dumps(envelope.to_dict(), ensure_ascii=False) if as_json
                       else format_line(envelope))
             out.write("\n")
             out.flush()

@@ -77,6 +77,18 @@ def broker(config: Optional[str] = ConfigOption):
     raise typer.Exit(broker_mod.run(load_config(config)))
 
 
+keys_app = typer.Typer(no_args_is_help=True, help="CURVE keys for bus.curve (encrypted, authenticated bus).")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("new")
+def keys_new():
+    """Print a new CURVE key pair (public and secret) for bus.curve."""
+    from zevents import curve
+
+    typer.echo(curve.keys_new(), nl=False)
+
+
 @app.command()
 def fire(event: str = typer.Argument(..., help="Event name, e.g. PrintStarted or a custom name."),
          payload: Optional[str] = typer.Option(None, "--payload", "-p", help="Payload as a JSON object."),

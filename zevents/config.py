@@ -169,9 +169,33 @@ SCHEMA: dict = {
         "heartbeat": Key(NUMBER, min=0.01, max=3600),
         "max_payload": Key(int, min=1, max=256 * 1024 * 1024),
         "hwm": Key(int, min=0, max=100_000_000),     # 0: no limit (ZeroMQ's meaning)
+        # the journal: null = <data_dir>/bus/, false = the ring in memory only, or a directory
+        "journal": Key((str, bool, type(None)), check=lambda value: _check_path(value) if isinstance(value, str)
+                       else None if value in (None, False) else "must be null, false or a directory"),
+        "journal_flush": Key(NUMBER, min=0, max=3600),
+        "curve": Key((dict, type(None)), check=lambda value: _curve_problem(value)),
     },
     "data_dir": PATH,
 }
+
+CURVE_KEYS = {"server_public": str, "server_secret": str, "client_public": str, "client_secret": str,
+              "allowed_clients": list}
+
+
+def _curve_problem(value: dict) -> str | None:
+    """`bus.curve`: Z85 keys (40 characters) by name; allowed_clients a list of public keys."""
+    for key, item in value.items():
+        if key not in CURVE_KEYS:
+            return f"unknown key {key!r} (keys: {', '.join(CURVE_KEYS)})"
+        if item is None:
+            continue
+        if not isinstance(item, CURVE_KEYS[key]):
+            return f"{key} must be {'a list of keys' if key == 'allowed_clients' else 'a Z85 key'}"
+        for one in (item if isinstance(item, list) else [item]):
+            if not isinstance(one, str) or len(one) != 40:
+                return f"{key}: a CURVE key is 40 Z85 characters (zevents keys new makes a pair)"
+    return None
+
 
 # Extra validators per top-level section: fn(config, section_value) -> list[ConfigError], run once the schema
 # holds (the hooks service validates events.subscriptions here) so that `config check` runs them all.
@@ -238,6 +262,9 @@ class BusConfig:
     heartbeat: float = 1.0
     max_payload: int = 1 << 20
     hwm: int = 100_000
+    journal: str | None = None       # the broker's journal directory; None: the ring lives in memory only
+    journal_flush: float = 1.0       # seconds between flushes of the journal to disk (0: every batch)
+    curve: dict | None = None        # CURVE keys of the bus sockets (zevents.curve), None: no encryption
 
     @classmethod
     def for_dir(cls, directory, node: str = "test", **overrides) -> "BusConfig":
@@ -293,7 +320,23 @@ class Config:
         return BusConfig(node=node, publish=endpoint("publish", "pub.sock"), ingest=endpoint("ingest", "ingest.sock"),
                          replay=endpoint("replay", "control.sock"), replay_ring=section["replay_ring"],
                          heartbeat=float(section["heartbeat"]), max_payload=section["max_payload"],
-                         hwm=section["hwm"])
+                         hwm=section["hwm"], journal=self._journal_dir(section.get("journal")),
+                         journal_flush=float(section.get("journal_flush", 1.0)), curve=section.get("curve") or None)
+
+    def _journal_dir(self, value) -> str | None:
+        """`bus.journal`: null or true: <data_dir>/bus; false: none (the ring only in memory); or a directory.
+        A broker on configured endpoints journals in a subfolder named after its publish endpoint: two brokers
+        that share a data dir (tests, several nodes per host) never share a journal."""
+        if value is False:
+            return None
+        if value is None or value is True:
+            publish = self.data["bus"].get("publish")
+            if not publish:
+                return str(self.data_dir / "bus")
+            import hashlib
+
+            return str(self.data_dir / "bus" / hashlib.sha1(publish.encode()).hexdigest()[:16])
+        return os.path.expanduser(value)
 
     def endpoint(self, section: str, key: str, filename: str) -> str:
         """A service endpoint from the config, or an ipc socket in the node's runtime directory."""
@@ -443,7 +486,8 @@ def from_bus(bus: BusConfig, **sections) -> Config:
     config = load(text="")
     data = copy.deepcopy(config.data)
     data["bus"].update(node=bus.node, publish=bus.publish, ingest=bus.ingest, replay=bus.replay,
-                       replay_ring=bus.replay_ring, heartbeat=bus.heartbeat, max_payload=bus.max_payload, hwm=bus.hwm)
+                       replay_ring=bus.replay_ring, heartbeat=bus.heartbeat, max_payload=bus.max_payload, hwm=bus.hwm,
+                       journal=bus.journal if bus.journal else False, journal_flush=bus.journal_flush, curve=bus.curve)
     for key, value in sections.items():
         data[key] = _merge(data.get(key) or {}, value) if isinstance(value, dict) else value
     config = Config(data)

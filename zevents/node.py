@@ -119,6 +119,7 @@ def service_argv(name: str, config_file) -> list:
 class Supervisor:
     def __init__(self, config, demo: bool = False, show: bool = True):
         self.config = config
+        bus.make_node_token()   # the broker and the services inherit it: only they may publish sys/ events
         self.demo = demo
         self.show = show
         self.node = config.node

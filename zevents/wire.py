@@ -36,7 +36,8 @@ CMD_SNAPSHOT = b"SNAPSHOT"
 CMD_PUBLISH = b"PUBLISH"
 CMD_STATUS = b"STATUS"
 CMD_PING = b"PING"
-COMMANDS = (CMD_REPLAY, CMD_SNAPSHOT, CMD_PUBLISH, CMD_STATUS, CMD_PING)
+CMD_ACK = b"ACK"            # a numbering publisher asks how far the broker has sequenced its events
+COMMANDS = (CMD_REPLAY, CMD_SNAPSHOT, CMD_PUBLISH, CMD_STATUS, CMD_PING, CMD_ACK)
 REPLY_OK = b"OK"
 REPLY_ERR = b"ERR"
 
@@ -104,9 +105,54 @@ def split_topic(topic: bytes | str) -> tuple[str, str]:
     return group, name
 
 
-def ingest_meta(src: str, printer: str | None) -> bytes:
-    """The meta part of the ingest form: who caused the event and for which printer."""
-    return pack({"src": src, "printer": printer})
+SYS_GROUP = "sys"
+NODE_TOKEN_ENV = "ZEVENTS_NODE_TOKEN"   # the node's secret for its children: only they may publish sys/ events
+
+
+def ingest_meta(src: str, printer: str | None, token: str | None = None) -> bytes:
+    """The meta part of the ingest form: who caused the event and for which printer; ``token`` (the node's, for
+    ``sys/`` events only) proves the event comes from the node or one of its services."""
+    return pack({"src": src, "printer": printer} if token is None else {"src": src, "printer": printer,
+                                                                         "token": token})
+
+
+def _valid_streams(value) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and type(v) is int and 0 <= v < 1 << 64 for k, v in value.items())
+
+
+def _is_int(value) -> bool:
+    return type(value) is int
+
+
+def _is_number(value) -> bool:
+    return type(value) in (int, float)
+
+
+# What a subscriber may rely on in each sys/ event (the broker's and the node's own); anything else in them is
+# counted as a bad frame and not acted upon, whoever managed to publish it.
+SYS_PAYLOADS = {
+    "Heartbeat": {"streams": _valid_streams, "epoch": _is_int, "uptime": _is_number, "interval": _is_number},
+    "ServiceStarted": {"service": lambda v: isinstance(v, str), "pid": _is_int},
+    "ServiceRestarted": {"service": lambda v: isinstance(v, str), "pid": lambda v: v is None or _is_int(v),
+                         "restarts": _is_int, "returncode": lambda v: v is None or _is_int(v),
+                         "backoff": _is_number},
+    "ServiceFailed": {"service": lambda v: isinstance(v, str), "returncode": lambda v: v is None or _is_int(v),
+                      "restarts": _is_int},
+}
+
+
+def sys_problem(name: str, payload: dict) -> str | None:
+    """Why a sys/ event's payload cannot be trusted, or None."""
+    rules = SYS_PAYLOADS.get(name)
+    if rules is None:
+        return f"sys/{name[:40]} is not a sys event"
+    for key, ok in rules.items():
+        if key in payload and not ok(payload[key]):
+            return f"sys/{name}: {key} is malformed"
+    if name == "Heartbeat" and "streams" not in payload:
+        return "sys/Heartbeat without streams"
+    return None
 
 
 def ingest_head(topic: bytes, meta: bytes) -> bytes:
@@ -118,6 +164,26 @@ def ingest_head(topic: bytes, meta: bytes) -> bytes:
 
 def ingest_frame(topic: bytes, meta: bytes, payload: bytes) -> bytes:
     return ingest_head(topic, meta) + payload
+
+
+# A numbered ingest frame: 0x00 (no v1 frame starts with it: a topic is 1..255 bytes), the publisher's random
+# 8-byte id, its 8-byte big-endian event number (1, 2, 3, ...), then a v1 ingest frame.  The broker sequences a
+# publisher's numbers strictly in order, once each, and says with ACK how far it got: the publisher keeps what is
+# not acknowledged and sends it again after a broker restart.
+NUMBERED = 0x00
+NUMBERED_HEAD = 17
+NO_PUBLISHER = bytes(8)
+
+
+def numbered_frame(publisher: bytes, number: int, frame: bytes) -> bytes:
+    return b"\x00" + publisher + number.to_bytes(8, "big") + frame
+
+
+def split_numbered(frame: bytes) -> tuple[bytes, int, bytes]:
+    """(publisher id, number, v1 frame) of a numbered frame; WireError when it is too short."""
+    if len(frame) <= NUMBERED_HEAD or frame[0] != NUMBERED:
+        raise WireError(f"numbered ingest frame of {len(frame)} bytes is too short")
+    return frame[1:9], int.from_bytes(frame[9:17], "big"), frame[17:]
 
 
 def split_ingest(frame: bytes) -> tuple[bytes, bytes, bytes]:
@@ -218,15 +284,31 @@ class Envelope:
         self.replayed = replayed
 
     def to_dict(self) -> dict:
-        """The JSON form used by ``zevents tail --json``."""
+        """The JSON form used by ``zevents tail --json`` (payload made JSON-safe: see :func:`jsonable`)."""
         return {
             "topic": self.topic, "event": self.name, "group": self.group, "node": self.node,
             "printer": self.printer, "seq": self.seq, "epoch": self.epoch, "ts": self.ts, "src": self.src,
-            "payload": self.payload,
+            "payload": jsonable(self.payload),
         }
 
     def __repr__(self):
         return f"<Envelope {self.topic} seq={self.seq} epoch={self.epoch} {self.payload!r}>"
+
+
+def jsonable(value, depth: int = 0):
+    """A payload as JSON can carry it: map keys as strings, bytes and other msgpack values as their repr.  A
+    payload is anyone's, so printing it must never fail."""
+    if isinstance(value, dict):
+        if depth > 100:
+            return "..."
+        return {k if isinstance(k, str) else repr(k): jsonable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        if depth > 100:
+            return "..."
+        return [jsonable(v, depth + 1) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)
 
 
 class PyDecoder:
