@@ -191,62 +191,20 @@ def test_malformed_sys_events_and_hostile_payloads_leave_every_subscriber_runnin
 
 
 def _saw_sentinel(tail) -> bool:
-    # Read what is there without blocking forever: tail flushes a line per event.
-    import select
-
-    while select.select([tail.stdout], [], [], 0)[0]:
-        line = tail.stdout.readline()
-        if not line:
-            return False
-        if "sentinel" in line:
-            return True
-    return False
-
-
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(name=st.sampled_from(sorted(wire.SYS_PAYLOADS)), payload=st.dictionaries(
-    st.sampled_from(["streams", "epoch", "uptime", "interval", "service", "pid", "restarts", "returncode", "x"]),
-    st.recursive(st.none() | st.booleans() | st.integers(-2 ** 63, 2 ** 64 - 1) | st.floats() | st.text(max_size=5),
-                 lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3) | st.integers(-9, 9),
-                                                                              inner, max_size=3), max_leaves=8)))
-def test_no_sys_payload_crashes_either_subscriber(short_tmp, name, payload):
-    """Any sys payload is either accepted as well-formed or counted as bad: never an exception, in both twins."""
-    config = BusConfig.for_dir(short_tmp, node="n", heartbeat=1.0)
-    frames = (f"sys/{name}".encode(), wire.encode_header("n", None, 5, "broker", 1, 7), wire.pack(payload))
-    results = []
-    for compiled in (False, None):
-        with bus.Subscriber(config, control_timeout=0.01, compiled=compiled, since={}, epoch=5) as subscriber:
-            got = subscriber._accept(*frames)
-            results.append((got is not None, subscriber.stats.bad_frames, subscriber.last_seq.get("sys")))
-    assert results[0] == results[1]
-    assert results[0][1] == (wire.sys_problem(name, payload) is not None)
-    json.dumps(wire.jsonable(payload))
-
-
-_SPECS = sorted(events.EVENTS.values(), key=lambda spec: spec.name)
-_ANY = st.recursive(
-    st.none() | st.booleans() | st.integers(-2 ** 63, 2 ** 64 - 1) | st.floats() | st.text(max_size=20)
-    | st.binary(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5) | st.integers(-9, 9), inner,
-                                                                 max_size=4), max_leaves=12)
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(spec=st.sampled_from(_SPECS), data=st.data())
-def test_no_payload_of_any_catalogue_event_crashes_either_subscriber(short_tmp, spec, data):
-    """Random payloads on the catalogue's own keys (and others): both twins deliver the same thing or count the
-    same bad frame, and `zevents tail` can print whatever they deliver."""
-    keys = st.sampled_from(list(spec.payload) + ["x", "__eventname"]) if spec.payload else st.just("x")
-    payload = data.draw(st.dictionaries(keys, _ANY, max_size=6))
-    frames = (spec.topic.encode(), wire.encode_header("n", "p", 5, "fuzz", 1, 7),
-              msgpack.packb(payload, use_bin_type=True))
-    config = BusConfig.for_dir(short_tmp, node="n", heartbeat=1.0)
-    results = []
-    for compiled in (False, None):
-        with bus.Subscriber(config, control_timeout=0.01, compiled=compiled, since={}, epoch=5) as subscriber:
-            got = subscriber._accept(*frames)
-            results.append((None if got is None else got.payload, subscriber.stats.bad_frames))
-            if got is not None:
-                json.dumps(got.to_dict(), ensure_ascii=False)
-                bus.format_line(got)
-    assert repr(results[0]) == repr(results[1])
+    """Whether tail printed the sentinel yet.  Reads the pipe's bytes directly: a readline() on the text wrapper
+    would leave lines in its buffer, where select() on the descriptor no longer sees them."""
+    fd = tail.stdout.fileno()
+    os.set_blocking(fd, False)
+    seen = getattr(tail, "seen_output", b"")
+    try:
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            seen = (seen + chunk)[-4096:]
+            if b"sentinel" in seen:
+                break
+    except BlockingIOError:
+        pass
+    tail.seen_output = seen
+    return b"sentinel" in seen

@@ -50,7 +50,7 @@ def test_every_problem_is_reported_with_file_line_and_key(tmp_path):
     problems = [str(p) for p in config.check(path)]
     assert f"{path}:2: bus.nodee: unknown key (did you mean 'node'?)" in problems
     assert f"{path}:3: bus.heartbeat: must be a number, not 'fast'" in problems
-    assert f"{path}:6: printer.virtual.tools: must be an integer, not 'two'" in problems
+    assert f"{path}:6: printer.virtual.tools: must be an integer or null, not 'two'" in problems
     assert any(p.startswith(f"{path}:7: foo: unknown key") for p in problems)
     with pytest.raises(config.ConfigError) as err:
         config.load(path)
