@@ -556,7 +556,7 @@ def test_config_check_names_bad_mqtt_keys(tmp_path):
     problems = [str(p) for p in zconfig.check(path)]
     text = "\n".join(problems)
     assert "z.yaml:3: mqtt.url: the scheme must be one of" in text
-    assert "z.yaml:4: mqtt.qos: must be at most 2" in text
+    assert "z.yaml:4: mqtt.qos: must be between 0 and 2" in text
     assert "z.yaml:6: mqtt.commands.allowed: unknown command(s) 'home'" in text
     path.write_text("mqtt:\n  enabled: true\n  layouts:\n    zevents: false\n")
     assert "mqtt.homeassistant.discovery: Home Assistant discovery reads" in "\n".join(map(str, zconfig.check(path)))
