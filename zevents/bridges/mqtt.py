@@ -404,10 +404,10 @@ def make_client(section: dict, client_id: str, will: tuple | None):
 
 
 def printer_endpoints(config) -> dict:
-    """The command channel of every printer of this node, by name (one today; `printers:` will add more)."""
-    from zevents.printer import channel
+    """The command channel of every printer of this node, by name (``printer:``, or each of ``printers:``)."""
+    from zevents.printer.settings import printer_sections
 
-    return {default_printer(config): channel.endpoint(config)}
+    return {section["name"]: section["commands"] for section in printer_sections(config)}
 
 
 def default_printer(config) -> str:
