@@ -38,6 +38,13 @@ def frozen_harness_heap():
     gc.unfreeze()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def node_token():
+    """The bench session plays the node: the brokers and services it starts share its token (as under `zevents
+    run`), so services' sys/ events (ServiceStarted) are served."""
+    return bus.make_node_token()
+
+
 @pytest.fixture
 def figures():
     return Figures()

@@ -47,6 +47,16 @@ def collect(subscriber, count: int, timeout: float = 30.0, names=None) -> list:
     return got
 
 
+@pytest.fixture(scope="session", autouse=True)
+def node_token():
+    """The test session plays the node: the brokers it starts and the service processes it spawns share one node
+    token (inherited through the environment, as under `zevents run`), so a service's sys/ events (ServiceStarted)
+    are served; a stranger's are refused (tests/test_bus_hostile.py sets its own)."""
+    from zevents import bus
+
+    return bus.make_node_token()
+
+
 @pytest.fixture
 def short_tmp(tmp_path_factory):
     """A short directory: ipc socket paths must stay under ~100 bytes."""
