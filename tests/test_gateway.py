@@ -546,3 +546,16 @@ def test_timelapse_listing_and_download(node):
     assert download.status == 200 and download.body.startswith(b"\x00\x00\x00\x18ftyp")
     assert client.get("/downloads/timelapse/printer/..%2F..%2Fusers.yaml").status == 404
     assert Client(node["port"]).get(entry["url"]).status == 403
+
+
+def test_urls_honour_a_reverse_proxys_headers(node):
+    """Behind a proxy OctoPrint builds Location and refs from X-Forwarded-* and X-Script-Name; so do we."""
+    client = Client(node["port"], node["keys"]["bob"])
+    headers = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "printers.example", "X-Script-Name": "/octo"}
+    response = client.upload("/api/files/local", [("path", "proxied"), ("file", "p.gcode", GCODE)], headers)
+    assert response.status == 201, response.body
+    assert response.header("Location") == "https://printers.example/octo/api/files/local/proxied/p.gcode"
+    refs = response.json()["files"]["local"]["refs"]
+    assert refs["download"] == "https://printers.example/octo/downloads/files/local/proxied/p.gcode"
+    assert any(cookie.startswith("csrf_token_P") and "_R" in cookie.split("=", 1)[0]
+               for cookie in client.get("/login", headers={"X-Script-Name": "/octo"}).set_cookies)
