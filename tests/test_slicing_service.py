@@ -238,3 +238,26 @@ def test_the_sliced_gcode_is_analysed_by_the_files_service(short_tmp, bus_config
     assert result_["filament"]["tool0"]["length"] > 0
     # the G-code was sliced for the printer's profile, so it fits it
     assert result_["printerProfile"] == "_default" and result_["outsideVolume"] is False
+
+
+def test_a_missing_slicer_or_profile_is_a_slicing_failed_with_its_reason(slicing_node, tmp_path):
+    config, subscriber, uploads = slicing_node
+    model = cube_stl(tmp_path / "cube.stl")
+    unknown = zevents(config, "slice", str(model), "--slicer", "simplify3d")
+    assert unknown.returncode == 2 and "unknown slicer 'simplify3d'" in unknown.stderr
+    failed = [e for e in events_until_final(subscriber, "cube.gcode") if e.name == "SlicingFailed"][0]
+    assert failed.payload["slicer"] == "simplify3d" and "unknown slicer" in failed.payload["reason"]
+    if not slicers_installed("prusaslicer"):
+        return
+    missing = zevents(config, "slice", str(model), "--slicer", "prusaslicer", "--profile", "nope",
+                      "--dest", "other.gcode")
+    assert missing.returncode == 2 and "no prusaslicer profile 'nope'" in missing.stderr
+    failed = [e for e in events_until_final(subscriber, "other.gcode") if e.name == "SlicingFailed"][0]
+    assert "no prusaslicer profile 'nope'" in failed.payload["reason"]
+    assert not (uploads / "other.gcode").exists()
+
+
+def slicers_installed(slicer_id: str) -> bool:
+    from zevents.slicing import slicers
+
+    return slicers.find(slicer_id, with_version=False).available

@@ -246,12 +246,20 @@ class SlicingService:
         stl = args.get("model")
         if not isinstance(stl, str) or not stl:
             raise ValueError("missing 'model' (a model's path in storage)")
-        slicer = self._slicer(args.get("slicer"))
-        profile_path = self.profiles.resolve(slicer.id, args.get("profile"))
-        printer_profile = self.printer_profiles.get(args.get("printer_profile") or self._printer_profile(args))
         gcode = args.get("dest") or default_destination(stl)
         if not isinstance(gcode, str) or PurePosixPath(gcode).suffix.lower() not in (".gcode", ".gco", ".g"):
             raise ValueError(f"the destination must be a .gcode path, not {gcode!r}")
+        try:
+            slicer = self._slicer(args.get("slicer"))
+            profile_path = self.profiles.resolve(slicer.id, args.get("profile"))
+            printer_profile = self.printer_profiles.get(args.get("printer_profile") or self._printer_profile(args))
+        except (SlicingProfileError, ProfileError, ValueError, KeyError) as exc:
+            # a missing slicer or profile is a failed slicing job, on the bus too (the requester gets the reason)
+            reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            self.publisher.publish("SlicingFailed", {"slicer": args.get("slicer") or self.default_slicer, "stl": stl,
+                                                     "stl_location": LOCATION, "gcode": gcode,
+                                                     "gcode_location": LOCATION, "reason": reason})
+            raise
         model_path = self._model_path(stl)
         number = next(self._numbers)
         output = str(self.tmp / f"job{number}-{os.getpid()}.gcode")
