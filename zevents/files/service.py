@@ -98,11 +98,7 @@ class FilesService:
             raise ServiceError(f"another files service is using {self.uploads}") from None
         backlog = self.storage.reconcile(engine())
         endpoint = files_endpoint(self.config)
-        try:
-            self.server = printer_channel.CommandServer(endpoint, self.context)
-        except zmq.ZMQError as exc:
-            raise ServiceError(f"cannot bind the files command channel {endpoint}: {exc} "
-                               "(is another files service running?)") from None
+        self.server = printer_channel.bind(endpoint, self.context, "the files service", ServiceError)
         self.publisher = zbus.Publisher(self.config, src="files", printer=self.config.get("printer", "name"),
                                         context=self.context)
         self.subscriber = zbus.Subscriber(self.config, groups=["print", "comm", "file"], context=self.context)

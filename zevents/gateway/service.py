@@ -561,7 +561,7 @@ class Gateway:
 
     async def _setup(self):
         """Binds everything (the HTTP port, the channel) or raises ServiceError: done before ServiceStarted."""
-        from zevents.printer.channel import CommandServer
+        from zevents.printer.channel import bind
 
         self._stop = asyncio.Event()
         self.publisher = zbus.Publisher(self.config, src="gateway", printer=self.config.get("printer", "name"),
@@ -573,10 +573,10 @@ class Gateway:
         except zbus.BusError as exc:
             log.info("gateway: no snapshot from the broker (%s); the view fills as events come", exc)
         try:
-            channel = CommandServer(endpoint(self.config), self.context)
-        except Exception as exc:
+            channel = bind(endpoint(self.config), self.context, "the gateway", ServiceError)
+        except ServiceError:
             subscriber.close()
-            raise ServiceError(f"cannot bind the gateway command channel: {exc}") from None
+            raise
         self.runner = web.AppRunner(self.make_app(), access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, reuse_address=True)

@@ -84,6 +84,16 @@ class CommandClient:
             self.sock = None
 
 
+def bind(endpoint: str, context, service: str, error=RuntimeError) -> "CommandServer":
+    """The command channel of ``service`` ("the files service"), or ``error`` saying why it cannot be bound: the
+    one place every service's start says so."""
+    try:
+        return CommandServer(endpoint, context)
+    except zmq.ZMQError as exc:
+        raise error(f"cannot bind the command channel of {service} at {endpoint}: {exc} "
+                    f"(is another one running?)") from None
+
+
 class CommandServer:
     """The link's side: a ROUTER that yields (reply_to, command, args) and sends replies."""
 

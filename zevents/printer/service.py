@@ -88,12 +88,7 @@ class PrinterService:
 
     def start(self):
         """Bind the command channel, start the virtual printer if asked, create the link (not yet connected)."""
-        endpoint = channel.endpoint(self.config)
-        try:
-            self.server = channel.CommandServer(endpoint, self.context)
-        except zmq.ZMQError as exc:
-            raise ServiceError(f"cannot bind the command channel {endpoint}: {exc} "
-                               "(is another `zevents printer` running?)") from None
+        self.server = channel.bind(channel.endpoint(self.config), self.context, "the printer link", ServiceError)
         self.publisher = zbus.Publisher(self.config, src="firmware", printer=self.config.get("printer", "name"),
                                         context=self.context)
         if self.virtual:

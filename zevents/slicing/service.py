@@ -132,12 +132,7 @@ class SlicingService:
                 leftover.unlink()
             except OSError:
                 pass
-        address = endpoint(self.config)
-        try:
-            self.server = printer_channel.CommandServer(address, self.context)
-        except zmq.ZMQError as exc:
-            raise ServiceError(f"cannot bind the slicing command channel {address}: {exc} "
-                               "(is another slicing service running?)") from None
+        self.server = printer_channel.bind(endpoint(self.config), self.context, "the slicing service", ServiceError)
         self.publisher = zbus.Publisher(self.config, src="slicing", printer=self.config.get("printer", "name"),
                                         context=self.context)
         threading.Thread(target=self._find_slicers, name="slicer-versions", daemon=True).start()
