@@ -275,9 +275,12 @@ class FilesService:
                                            "reason": reason})]
         self._enqueue_analysis(path, high=True)
         if path == self.selected:
-            # OctoPrint re-selects a selected file that the watched folder replaced: the printer gets the new bytes
+            # OctoPrint re-selects a selected file that the watched folder replaced: the printer gets the new bytes.
+            # FileAdded goes out first: the link's FileSelected must not overtake it on the bus.
+            self._publish(events + [UPDATED])
             disk = str(self.storage.disk(path))
             self._submit_printer(None, {}, self._select_and_print, disk, True, False, None, None)
+            return []
         return events + [UPDATED]
 
     def _enqueue_analysis(self, path: str, high: bool) -> bool:
