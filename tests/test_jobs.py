@@ -72,13 +72,15 @@ def progress_values(recorder: Recorder) -> list:
 class Bench:
     """A virtual printer, a link and its jobs, torn down in order."""
 
-    def __init__(self, tmp_path, speed=0.0, scripts=None, firmware="marlin", tools=1, **link_options):
+    def __init__(self, tmp_path, speed=0.0, scripts=None, firmware="marlin", tools=1, abort_heatup_on_cancel=True,
+                 **link_options):
         self.recorder = Recorder()
         self.printer = VirtualPrinter(firmware=firmware, speed=speed, tools=tools, sd_dir=tmp_path / "sd",
                                       boot_delay=0.05)
         self.printer.start()
         self.link = make_link(self.printer.port, self.recorder, **link_options)
-        self.jobs = Jobs(self.link, scripts=scripts, sd_poll_interval=0.2)
+        self.jobs = Jobs(self.link, scripts=scripts, sd_poll_interval=0.2,
+                         abort_heatup_on_cancel=abort_heatup_on_cancel)
         assert self.link.connect(), self.link.error
 
     def wait(self, *args, **kwargs):
@@ -509,6 +511,26 @@ def test_cancel_turns_the_heaters_fan_and_motors_off_by_default(bench):
     temperatures = b.printer.temperatures
     assert [target for _, target in temperatures["tools"]] == [0, 0] and temperatures["bed"][1] == 0
     assert executed(b.printer)[-5:] == ["M84", "M104 T0 S0", "M104 T1 S0", "M140 S0", "M106 S0"]
+
+
+@pytest.mark.parametrize("abort", [True, False])
+def test_a_cancel_while_heating_ends_the_heat_up_waits_with_m108(bench, abort):
+    """OctoPrint's abortHeatupOnCancel: cancelled during M190 (M109 right behind it), the print does not wait for
+    the bed and then the nozzle to reach temperature; each wait gets its M108 once it runs. Off, the waits run to
+    the end (the cancel script comes after them)."""
+    b = bench(speed=2.0 if abort else 20.0, abort_heatup_on_cancel=abort)
+    b.jobs.start(str(CUBE))
+    assert b.printer.wait_received("M190 S60", timeout=30)
+    wait_until(lambda: b.printer.temperatures["bed"][1] == 60, what="the bed heating")
+    b.jobs.cancel()
+    b.wait("PrintCancelled", timeout=60)
+    bed, nozzle = b.printer.temperatures["bed"][0], b.printer.temperatures["tools"][0][0]
+    if abort:
+        assert bed < 55 and nozzle < 200, (bed, nozzle)
+        assert b.printer.received.count("M108") >= 2, b.printer.received[-12:]   # one per wait, M190 and M109
+    else:
+        assert bed >= 55 and nozzle >= 200 and "M108" not in b.printer.received, (bed, nozzle)
+    assert b.printer.temperatures["bed"][1] == 0 and not b.recorder.named("Error")
 
 
 def test_a_configured_script_replaces_the_default_and_an_empty_one_turns_it_off(bench):

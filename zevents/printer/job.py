@@ -169,8 +169,9 @@ class Jobs(LinkListener):
     """Selection, the running job and its controls, for one link."""
 
     def __init__(self, link: PrinterLink, scripts: dict | None = None, sd_poll_interval: float = 1.0,
-                 wait_timeout: float | None = None):
+                 wait_timeout: float | None = None, abort_heatup_on_cancel: bool = True):
         self.link = link
+        self.abort_heatup_on_cancel = abort_heatup_on_cancel
         link.listener = self
         self.scripts = dict(DEFAULT_SCRIPTS)
         self.scripts.update({k: v for k, v in (scripts or {}).items() if isinstance(v, str)})
@@ -504,6 +505,10 @@ class Jobs(LinkListener):
             if source is not None:
                 self.link.clear_source(source)
             sd = self.active.origin == "sdcard"
+        if self.abort_heatup_on_cancel:
+            # OctoPrint's abortHeatupOnCancel: a print cancelled while heating is not held up by the wait (the
+            # position, the cancel script and the user would wait for it otherwise)
+            self.link.abort_heatups()
         if sd:
             self.link.send(["M25", "M26 S0"], src="job")
         position = self._position()

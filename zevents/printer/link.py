@@ -81,6 +81,11 @@ MAX_LINE = 80
 MESSAGE_COMMANDS = ("M117", "M118")
 _NUMBER_PREFIX = re.compile(r"^\s*N\d+\s+")
 _WAITS = frozenset(("M109", "M190", "M191", "M116", "M303", "G4", "M400"))  # commands that may run for minutes
+_HEATUPS = frozenset(("M109", "M190", "M191", "M116"))   # the waits Marlin's M108 ends (wait_for_heatup)
+# OctoPrint's serial.emergencyCommands: sent ahead of the queue (and of the ok window) when the firmware reports
+# EMERGENCY_PARSER, which acts on them the moment they arrive; M112 always jumps the queue.
+_EMERGENCY_COMMANDS = frozenset(("M108", "M410"))
+HEATUP_ABORT_INTERVAL = 1.0   # seconds before an M108 that did not end a heat-up wait is sent again
 _M110 = re.compile(r"^M110(?:\s+N(-?\d+))?\s*$", re.IGNORECASE)
 # "expected line X got Y" (OctoPrint's simulator, Repetier): the error names the line that was rejected.
 _EXPECTED_GOT = re.compile(r"expected\s+line\s*:?\s*(\d+)\s*,?\s*got\s*:?\s*(\d+)", re.IGNORECASE)
@@ -281,6 +286,8 @@ class PrinterLink:
         self._last_rx = time.monotonic()
         self._timeouts = 0
         self._m112_sent = False
+        self._abort_heatups = False
+        self._heatup_abort_sent: tuple = (None, 0.0)   # (line number of the heat-up wait, when its M108 went)
         self._file_list: list | None = None
         self._temperature_emitted = 0.0
         self._temperature_pending = False
@@ -382,6 +389,7 @@ class PrinterLink:
         self._line_error = None
         self._timeouts = 0
         self._m112_sent = False
+        self._abort_heatups = False
         self._idle_callbacks = []
         self._file_list = None
         self._hello_ok.clear()
@@ -686,7 +694,8 @@ class PrinterLink:
             self._last_suppressed = True
             return None
         command = Command(line, src)
-        if line[:4].upper() == "M112" and (len(line) == 4 or not line[4].isdigit()):
+        code = line.split(None, 1)[0].upper()
+        if code == "M112" or (code in _EMERGENCY_COMMANDS and self.capabilities.get("EMERGENCY_PARSER")):
             command.emergency = True
         self._tool_change = tool_change
         return command
@@ -734,9 +743,12 @@ class PrinterLink:
     def _next_data(self) -> bytes | None:
         """The next bytes to write, or None when the window is full or there is nothing to send."""
         queue = self._queue
-        if queue and queue[0].emergency:
+        # An emergency line jumps the queue and the window; only M112 also jumps lines being resent (the link
+        # closes after it), the others wait for the resend so that line numbers stay in order.
+        if queue and queue[0].emergency and (self._write_no >= self._next_line or queue[0].line[:4].upper() == "M112"):
             command = queue.popleft()
-            self._m112_sent = True
+            if command.line[:4].upper() == "M112":
+                self._m112_sent = True
             return self._number(command)
         if self._write_no - self._ack_no >= (1 if self._recovering else self.window):
             return None
@@ -946,6 +958,39 @@ class PrinterLink:
             self._on_sd(reply.sd, line)
         if reply.ok:
             self._on_ok()
+        if self._abort_heatups:
+            self._abort_heatup()
+
+    def abort_heatups(self) -> bool:
+        """End the firmware's heat-up waits (M109, M190, M191, M116) with M108 until the link is idle, as
+        OctoPrint does on cancel (serial.abortHeatupOnCancel): each wait in flight gets an M108 once it is the line
+        executing, again every HEATUP_ABORT_INTERVAL while it still runs (an M108 that arrives just before the wait
+        began is ignored by Marlin).  Only with the firmware's EMERGENCY_PARSER: without it the M108 would be read
+        after the wait ended, where it does nothing.  False when not possible."""
+        with self._lock:
+            if not self._running or not self.capabilities.get("EMERGENCY_PARSER"):
+                return False
+            self._abort_heatups = True
+            self._abort_heatup()
+            return True
+
+    def _abort_heatup(self):
+        if self._ack_no >= self._write_no:
+            if self._is_idle():
+                self._abort_heatups = False
+            return
+        entry = self._history.get(self._ack_no)
+        command = entry[1] if entry is not None else None
+        if command is None or command.line.split(None, 1)[0].upper() not in _HEATUPS:
+            return
+        now = time.monotonic()
+        number, sent = self._heatup_abort_sent
+        if number == self._ack_no and now - sent < HEATUP_ABORT_INTERVAL:
+            return
+        self._heatup_abort_sent = (self._ack_no, now)
+        log.info("link: ending the heat-up wait %r with M108", command.line)
+        self._queue.appendleft(Command("M108", "job", emergency=True))
+        self._cond.notify_all()
 
     def _heating(self) -> bool:
         for number in range(self._ack_no, min(self._write_no, self._ack_no + self.window)):

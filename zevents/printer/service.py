@@ -99,7 +99,8 @@ class PrinterService:
             self.port, self.baud, emit=self._enqueue_event, parser_config=self.config.get("parser"),
             window=int(self.section.get("window") or 4), timeout=float(self.section.get("timeout") or 10.0),
             retries=int(self.section.get("retries", 3)), max_line=int(self.section.get("max_line", MAX_LINE)))
-        self.jobs = Jobs(self.link, scripts=self.section.get("scripts") or {})
+        self.jobs = Jobs(self.link, scripts=self.section.get("scripts") or {},
+                         abort_heatup_on_cancel=self.section.get("abort_heatup_on_cancel", True) is not False)
         if self.section.get("reconnect", True):
             self.reconnector = Reconnector(self.link, self._reconnect_attempt)
             self.reconnector.want(self.autoconnect)

@@ -75,6 +75,7 @@ PRINTER_SCHEMA = {
     # the longest command sent (the firmware's input buffer less room for line number and checksum)
     "max_line": Key(int, min=16, max=1 << 20),
     "reconnect": bool,
+    "abort_heatup_on_cancel": bool,
 }
 PARSER_SCHEMA = {
     "blocked_commands": Key(list, check=_command_names),
