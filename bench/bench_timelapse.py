@@ -9,13 +9,15 @@ and the virtual camera are processes of their own; the camera of the first two f
 of this process answering a 640×480 JPEG.  Latency is the broker's timestamp of CaptureDone minus that of its
 LayerChanged, one layer at a time (no queueing).  Throughput: layers published as fast as frames come back, at most
 32 ahead, counted from the first LayerChanged to the last CaptureDone, with the capture process's CPU per frame
-beside it (the capture process runs niced 5 above this one: on a loaded machine its rate says more about the
+beside it (the capture process runs niced 19: on a loaded machine its rate says more about the
 scheduler than about its code).  The baselines use the same HTTP client (aiohttp, one session) in a loop.  Render: the service's ``render()`` (ffmpeg niced, ``-progress`` parsed, events,
 temp name + rename, the thumbnail) against the same ffmpeg command run plainly with the same niceness, alternating,
 the fastest of ROUNDS each (medians in extra_info).  Line rate: the bundled demo cube printed on the virtual printer (speed 0: instant) with
 the timelapse service and the virtual camera running (one frame per layer) and without them, alternating; beside
 it the link process's CPU time per line, which says whether capture makes the link do more work (it should not)
-rather than how busy the machine's other cores were.  At speed 0 the link is CPU-bound, the worst case: on a
+rather than how busy the machine's other cores were.  "static": the camera is a process of its own niced 19
+(a webcam's own hardware), so the figure is what capture costs; "on" adds the virtual camera (its toolpath parse
+and drawing, also niced 19).  At speed 0 the link is CPU-bound, the worst case: on a
 machine with spare cores the two rates meet; on a loaded 2-core one, the camera's drawing competes for the CPU.
 """
 from __future__ import annotations
@@ -44,6 +46,19 @@ THROUGHPUT_FRAMES = 300
 AHEAD = 32
 RENDER_FRAMES = 250
 ROUNDS = 5
+
+
+# A webcam on hardware of its own, for the line rate: the tests' camera serving one JPEG, in a process niced 19.
+STATIC_CAMERA = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+from timelapse_helpers import Camera, jpeg
+os.nice(19)
+camera = Camera(frame=jpeg(1, (640, 480)))
+print(camera.url, flush=True)
+sys.stdin.read()
+camera.close()
+"""
 
 
 def service_config(directory: Path, bus_config, **sections) -> Path:
@@ -262,12 +277,15 @@ def test_line_rate_with_capture_on_and_off(benchmark, figures, node):
     base = {"printer": {"port": "VIRTUAL", "virtual": {"speed": 0}, "commands": f"ipc://{directory}/printer.sock"}}
     path = service_config(directory, bus_config, **base)
     config = zconfig.load(path)
-    # a webcam of its own costs the host nothing: a thread of this process answering one JPEG stands for it, so
+    # a webcam of its own costs the host nothing: a process niced 19 answering one JPEG stands for it, so
     # "static" measures what capture itself costs the print, "on" adds the virtual camera's drawing
-    camera = Camera(frame=jpeg(1, (640, 480)))
+    camera = subprocess.Popen([sys.executable, "-c", STATIC_CAMERA, str(Path(__file__).resolve().parent.parent /
+                                                                        "tests")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    camera_url = camera.stdout.readline().strip()
     static_path = directory / "static.yaml"
     static_path.write_text(service_config(directory, bus_config, **base,
-                                          timelapse={"cameras": [{"name": "cam", "snapshot": camera.url}]})
+                                          timelapse={"cameras": [{"name": "cam", "snapshot": camera_url}]})
                            .read_text())
     path = service_config(directory, bus_config, **base)
     printer = start([sys.executable, "-m", "zevents.service", "printer", "-c", str(path)], bus_config, "printer")
@@ -315,7 +333,8 @@ def test_line_rate_with_capture_on_and_off(benchmark, figures, node):
     finally:
         client.close()
         stop(printer)
-        camera.close()
+        camera.stdin.close()
+        camera.wait(30)
     on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
     cpu_on, cpu_off = statistics.median(cpu["on"]), statistics.median(cpu["off"])
     benchmark.extra_info.update({"lines_per_s_capture_on": round(on), "lines_per_s_capture_off": round(off),

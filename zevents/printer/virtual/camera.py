@@ -237,7 +237,7 @@ def run(config) -> int:
     from zevents.timelapse.store import write_json_atomic
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    os.nice(10)   # a stand-in for a camera's own hardware: its drawing must not take the link's CPU
+    os.nice(19)   # a stand-in for a camera's own hardware: its drawing must not take the link's CPU
     settings = config.get("timelapse", "virtual_camera") or {}
     camera = VirtualCamera(int(settings.get("width", 640)), int(settings.get("height", 480)))
     stop = threading.Event()
