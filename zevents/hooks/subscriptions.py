@@ -90,6 +90,13 @@ class Subscription:
         return f"{self.name!r} ({self.type}, on {', '.join(self.events)})"
 
 
+_FLAG_DEFAULTS = (("enabled", True), ("debug", False), ("shell", False), ("detach", False),
+                  ("allow_option_values", False))
+_FLAG_KEYS = frozenset(key for key, _ in _FLAG_DEFAULTS)
+_NO_INTERVAL = 0.0
+_UNCHECKED = object()
+
+
 def _problem(config, message, *keys, skips=True, warning=False) -> HookProblem:
     base = config.error(message, *keys)
     return HookProblem(base.message, base.file, base.line, base.key, skips=skips, warning=warning)
@@ -115,6 +122,20 @@ _SERVICE_PATH = os.environ.get("PATH", os.defpath)
 
 def check_event_name(name) -> tuple[str | None, str | None]:
     """(canonical name, None) for a usable event name, or (None, why not)."""
+    if name.__class__ is str:
+        checked = _event_names_checked.get(name)
+        if checked is None:
+            checked = _check_event_name(name)
+            if len(_event_names_checked) < 10_000:
+                _event_names_checked[name] = checked
+        return checked
+    return _check_event_name(name)
+
+
+_event_names_checked: dict = {}   # a large config names the same few events thousands of times
+
+
+def _check_event_name(name) -> tuple[str | None, str | None]:
     if not isinstance(name, str):
         return None, f"an event name must be a string, not {name!r}"
     if not _EVENT_NAME.match(name):
@@ -179,8 +200,12 @@ def _check_keys(config, templates, known: set | None, event_names, keys_path) ->
     return problems
 
 
-def compile_subscription(config, index: int, raw, default_timeout: float) -> tuple[Subscription | None, list]:
-    """One subscription and its problems; None when it has to be left out."""
+def compile_subscription(config, index: int, raw, default_timeout: float,
+                         default_timeout_problem=_UNCHECKED) -> tuple[Subscription | None, list]:
+    """One subscription and its problems; None when it has to be left out.  ``default_timeout_problem`` is
+    ``TIMEOUT.validate(default_timeout)`` when the caller has it (once for a whole section)."""
+    if default_timeout_problem is _UNCHECKED:
+        default_timeout_problem = TIMEOUT.validate(default_timeout)
     path = ("events", "subscriptions", index)
     problems: list = []
 
@@ -194,7 +219,7 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
         bad(f"a subscription must be a mapping (event:, command:, type:), not {raw!r}")
         return None, problems
     label = raw.get("name") if isinstance(raw.get("name"), str) else None
-    for key in raw:
+    for key in raw if not _KEY_SET.issuperset(raw) else ():
         if key not in _KEY_SET:
             near = difflib.get_close_matches(str(key), KEYS, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else f" (known: {', '.join(KEYS)})"
@@ -228,9 +253,8 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
         kind = None
 
     # flags
-    flags = {}
-    for key, default in (("enabled", True), ("debug", False), ("shell", False), ("detach", False),
-                         ("allow_option_values", False)):
+    flags = dict(_FLAG_DEFAULTS)
+    for key, default in _FLAG_DEFAULTS if not _FLAG_KEYS.isdisjoint(raw) else ():
         value = raw.get(key, default)
         if not isinstance(value, bool):
             bad(f"must be true or false, not {value!r}", key)
@@ -243,12 +267,12 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
     if not name:
         name = f"#{index} {','.join(names) or '?'}"
 
-    # numbers
+    # numbers (the defaults are checked once per section: most subscriptions write neither)
     timeout = raw.get("timeout", default_timeout)
-    if TIMEOUT.validate(timeout):
+    if default_timeout_problem if timeout is default_timeout else TIMEOUT.validate(timeout):
         bad(f"must be a number of seconds {TIMEOUT.range_text()}, not {timeout!r}", "timeout")
-    min_interval = raw.get("min_interval", 0.0)
-    if MIN_INTERVAL.validate(min_interval):
+    min_interval = raw.get("min_interval", _NO_INTERVAL)
+    if min_interval is not _NO_INTERVAL and MIN_INTERVAL.validate(min_interval):
         bad(f"must be a number of seconds {MIN_INTERVAL.range_text()}, not {min_interval!r}", "min_interval")
 
     # cwd, env only make sense for system hooks
@@ -299,6 +323,7 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
                 filters[tuple(key.split("."))] = tuple(accepted)
 
     # command
+    known = _payload_keys(names)
     raw_env_path = env.get("PATH") if isinstance(env, dict) else None
     sources, commands = [], []
     command = raw.get("command")
@@ -344,10 +369,9 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
                         warn(f"{why} (the PATH `config check` sees; the service's may differ): the hook "
                              "fails until it is installed", *keys)
             templates = compiled if kind == "gcode" or flags["shell"] else compiled[0]
-            problems.extend(_check_keys(config, templates, _payload_keys(names), names, path + keys))
+            problems.extend(_check_keys(config, templates, known, names, path + keys))
     if env_templates:
-        problems.extend(_check_keys(config, env_templates.values(), _payload_keys(names), names, path + ("env",)))
-    known = _payload_keys(names)
+        problems.extend(_check_keys(config, env_templates.values(), known, names, path + ("env",)))
     if known is not None:
         for key_path in filters:
             if key_path[0] not in known:
@@ -358,7 +382,7 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
     if label:
         for problem in problems:
             problem.message = f"(subscription {label!r}) {problem.message}"
-    if any(p.skips for p in problems):
+    if problems and any(p.skips for p in problems):
         return None, problems
     return Subscription(index=index, name=name, events=tuple(names), type=kind, sources=tuple(sources),
                         commands=tuple(commands), enabled=flags["enabled"], debug=flags["debug"],
@@ -375,9 +399,11 @@ def compile_section(config) -> tuple[list, list]:
     if not isinstance(raw_list, list):
         return [], []  # the schema check reports it
     _program_checked.clear()  # a reload looks again: a program may have been installed since
+    _event_names_checked.clear()
     subscriptions, problems = [], []
+    default_timeout_problem = TIMEOUT.validate(default_timeout)
     for index, raw in enumerate(raw_list):
-        subscription, found = compile_subscription(config, index, raw, default_timeout)
+        subscription, found = compile_subscription(config, index, raw, default_timeout, default_timeout_problem)
         problems.extend(found)
         if subscription is not None:
             subscriptions.append(subscription)
