@@ -200,10 +200,11 @@ def _check_keys(config, templates, known: set | None, event_names, keys_path) ->
     return problems
 
 
-def compile_subscription(config, index: int, raw, default_timeout: float,
-                         default_timeout_problem=_UNCHECKED) -> tuple[Subscription | None, list]:
-    """One subscription and its problems; None when it has to be left out.  ``default_timeout_problem`` is
-    ``TIMEOUT.validate(default_timeout)`` when the caller has it (once for a whole section)."""
+def compile_subscription(config, index: int, raw, default_timeout: float, default_timeout_problem=_UNCHECKED,
+                         build: bool = True) -> tuple[Subscription | None, list]:
+    """One subscription and its problems; None when it has to be left out (or is not ``build``, for a check).
+    ``default_timeout_problem`` is ``TIMEOUT.validate(default_timeout)`` when the caller has it (once for a whole
+    section)."""
     if default_timeout_problem is _UNCHECKED:
         default_timeout_problem = TIMEOUT.validate(default_timeout)
     path = ("events", "subscriptions", index)
@@ -236,9 +237,8 @@ def compile_subscription(config, index: int, raw, default_timeout: float,
             bad("`event` is an empty list", "event")
         for i, item in enumerate(items):
             name, why = check_event_name(item)
-            keys = ("event", i) if isinstance(event, list) else ("event",)
             if why:
-                bad(why, *keys)
+                bad(why, *(("event", i) if isinstance(event, list) else ("event",)))
             elif name not in names:
                 names.append(name)
 
@@ -264,8 +264,6 @@ def compile_subscription(config, index: int, raw, default_timeout: float,
     if name is not None and not isinstance(name, str):
         bad(f"must be a string, not {name!r}", "name", skips=False)
         name = str(name)
-    if not name:
-        name = f"#{index} {','.join(names) or '?'}"
 
     # numbers (the defaults are checked once per section: most subscriptions write neither)
     timeout = raw.get("timeout", default_timeout)
@@ -341,7 +339,7 @@ def compile_subscription(config, index: int, raw, default_timeout: float,
         argv_warned = False
         for i, item in enumerate(items):
             keys = ("command", i) if isinstance(command, list) else ("command",)
-            if not isinstance(item, str) or not item.strip():
+            if not isinstance(item, str) or not item or item.isspace():
                 bad(f"each command must be a non-empty string, not {item!r}", *keys)
                 continue
             try:
@@ -382,8 +380,10 @@ def compile_subscription(config, index: int, raw, default_timeout: float,
     if label:
         for problem in problems:
             problem.message = f"(subscription {label!r}) {problem.message}"
-    if problems and any(p.skips for p in problems):
+    if not build or problems and any(p.skips for p in problems):
         return None, problems
+    if not name:
+        name = f"#{index} {','.join(names) or '?'}"
     return Subscription(index=index, name=name, events=tuple(names), type=kind, sources=tuple(sources),
                         commands=tuple(commands), enabled=flags["enabled"], debug=flags["debug"],
                         shell=flags["shell"], cwd=cwd, timeout=float(timeout), filter=filters,
@@ -391,8 +391,9 @@ def compile_subscription(config, index: int, raw, default_timeout: float,
                         allow_option_values=flags["allow_option_values"]), problems
 
 
-def compile_section(config) -> tuple[list, list]:
-    """(subscriptions that can run, every problem) of a loaded config's ``events:`` section."""
+def compile_section(config, build: bool = True) -> tuple[list, list]:
+    """(subscriptions that can run, every problem) of a loaded config's ``events:`` section; only the problems
+    when not ``build`` (a check)."""
     section = config.get("events") or {}
     raw_list = section.get("subscriptions") or []
     default_timeout = config.get("hooks", "timeout", default=DEFAULT_TIMEOUT)
@@ -403,7 +404,8 @@ def compile_section(config) -> tuple[list, list]:
     subscriptions, problems = [], []
     default_timeout_problem = TIMEOUT.validate(default_timeout)
     for index, raw in enumerate(raw_list):
-        subscription, found = compile_subscription(config, index, raw, default_timeout, default_timeout_problem)
+        subscription, found = compile_subscription(config, index, raw, default_timeout, default_timeout_problem,
+                                                   build)
         problems.extend(found)
         if subscription is not None:
             subscriptions.append(subscription)
@@ -412,7 +414,7 @@ def compile_section(config) -> tuple[list, list]:
 
 def validate_events(config, section) -> list:
     """The ``SECTION_VALIDATORS["events"]`` entry."""
-    return compile_section(config)[1]
+    return compile_section(config, build=False)[1]
 
 
 # A hook's time limits: a day at most (a longer wait is a hung hook); NaN, infinity, 0 and negative are refused.
