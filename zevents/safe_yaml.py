@@ -222,11 +222,18 @@ def _build(text: str) -> tuple:
                 container = parent.value
                 parent.lines[len(container)] = event.start_mark.line + 1
                 container.append(value)
-            elif parent.has_key and parent.key.__class__ is not _MergeKey:
-                parent.has_key = False
-                parent.value[parent.key] = value
+            elif parent.has_key:
+                if parent.key.__class__ is _MergeKey:
+                    place(parent, value, event.start_mark.line + 1)
+                else:
+                    parent.has_key = False
+                    parent.value[parent.key] = value
+            elif value.__class__ is _MergeKey or value in parent.lines:
+                place(parent, value, event.start_mark.line + 1)  # says why a key is written twice
             else:
-                place(parent, value, event.start_mark.line + 1)
+                parent.lines[value] = event.start_mark.line + 1
+                parent.key = value
+                parent.has_key = True
             continue
         elif cls in starts:
             line = event.start_mark.line + 1
