@@ -88,6 +88,14 @@ class Template:
         self.shell_quoting = shell_quoting
         self.constant = None if self.fields else "".join(self.parts)
 
+    @classmethod
+    def of_constant(cls, source: str, text: str) -> "Template":
+        """Template(source, [text]) for a non-empty text, made directly: a large config makes 100 000s of them."""
+        template = cls.__new__(cls)
+        template.source, template.parts, template.fields = source, (text,), ()
+        template.shell_quoting, template.constant = False, text
+        return template
+
     def render(self, values: "Values", sanitize=None) -> str:
         """The filled template.  ``sanitize`` (str → str) is applied to every value (G-code strips newlines)."""
         if self.constant is not None:
@@ -347,10 +355,12 @@ def _simple_argv(source: str) -> list | None:
         return None
     argv = []
     for word in _BLANKS.split(stripped):
-        template = _CONSTANT_WORDS.get(word) or _FIELD_WORDS.get(word)
+        template = _CONSTANT_WORDS.get(word)
         if template is None:
             if "{" not in word:
                 template = _constant_word(word)
+            elif word in _FIELD_WORDS:
+                template = _FIELD_WORDS[word]
             else:
                 parts = []
                 try:
@@ -374,7 +384,7 @@ def _constant_word(word: str) -> Template:
     """A word without placeholders: an immutable constant that serves every hook that writes it."""
     template = _CONSTANT_WORDS.get(word)
     if template is None:
-        template = Template(word, [os.path.expanduser(word) if word.startswith("~") else word])
+        template = Template.of_constant(word, os.path.expanduser(word) if word.startswith("~") else word)
         if len(_CONSTANT_WORDS) < _WORD_CACHE_SIZE:
             _CONSTANT_WORDS[word] = template
     return template

@@ -181,6 +181,8 @@ def _collect_payload_keys(event_names) -> set | None:
 def _check_keys(config, templates, known: set | None, event_names, keys_path) -> list:
     problems = []
     for template in templates:
+        if template.constant is not None:
+            continue
         for fld in template.fields:
             key = fld.key
             if key.startswith("__"):
