@@ -380,6 +380,13 @@ def _simple_argv(source: str) -> list | None:
     return argv
 
 
+def forget_words() -> None:
+    """Forget the argv words shared so far (kept across loads, up to 100 000 of each kind): what a benchmark of a
+    first load starts from."""
+    _CONSTANT_WORDS.clear()
+    _FIELD_WORDS.clear()
+
+
 def _constant_word(word: str) -> Template:
     """A word without placeholders: an immutable constant that serves every hook that writes it."""
     template = _CONSTANT_WORDS.get(word)
