@@ -159,3 +159,34 @@ def test_both_parsers_refuse_alike():
             finally:
                 safe_yaml._Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
         assert seen[0] == seen[1], text
+
+
+def test_without_libyaml_config_check_falls_back_and_says_the_same(tmp_path):
+    """PyYAML built without libyaml has no CSafeLoader: `zevents config check` then reads through the pure parser
+    and reports the same problems, with the same file, line and key."""
+    import subprocess
+    import sys
+
+    values = tmp_path / "values.yaml"
+    values.write_text("bus:\n  node: a\n  heartbeat: 0\nprinter: {window: 0}\n")
+    hooks = tmp_path / "hooks.yaml"
+    hooks.write_text("events:\n  subscriptions:\n    - {event: PrintDone, type: system, command: 'true'}\n"
+                     "    - {event: PrintDone, type: system, command: 'echo {nokey}', timeout: -1}\n")
+    duplicate = tmp_path / "duplicate.yaml"
+    duplicate.write_text("printer: {window: 0}\nprinter: {}\n")
+    script = ("import sys\n"
+              "if sys.argv[1] == 'pure':\n"
+              "    sys.modules['yaml._yaml'] = None  # as if PyYAML had been built without libyaml\n"
+              "import yaml\n"
+              "from zevents import config, safe_yaml\n"
+              "assert yaml.__with_libyaml__ == (sys.argv[1] != 'pure')\n"
+              "assert (safe_yaml._Loader is yaml.SafeLoader) == (sys.argv[1] == 'pure')\n"
+              "for path in sys.argv[2:]:\n"
+              "    print('\\n'.join(map(str, config.check(path, warnings=True))))\n")
+    pure, default = [subprocess.run([sys.executable, "-c", script, kind, str(values), str(hooks), str(duplicate)],
+                                    capture_output=True, text=True, check=True, timeout=120).stdout
+                     for kind in ("pure", "default")]
+    assert pure == default
+    assert f"{values}:3: bus.heartbeat: must be between" in pure and f"{values}:4: printer.window: " in pure
+    assert f"{hooks}:4: events.subscriptions.1.timeout: " in pure and "has no payload key 'nokey'" in pure
+    assert f"{duplicate}:2: printer: duplicate key 'printer' (first on line 1)" in pure
