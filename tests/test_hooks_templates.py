@@ -307,7 +307,7 @@ def test_plain_commands_split_as_the_general_path_does(source):
 def test_plain_command_words_are_shared_and_expand_home():
     first, second = ph.compile_argv("notify {__filename} ~/log"), ph.compile_argv("notify  {__filename}\t~/log ")
     assert [w.render(values()) for w in first] == ["notify", "NO FILE", os.path.expanduser("~/log")]
-    assert all(a is b for a, b in zip(first, second))
+    assert first[0] is second[0] and first[1] is second[1]
 
 
 def test_a_backslash_before_a_placeholder(tmp_path):
@@ -322,3 +322,11 @@ def test_a_backslash_before_a_placeholder(tmp_path):
     assert problems_of(tmp_path, [sub(command="echo \\{name}")]) == []
     problems = problems_of(tmp_path, [sub(command="echo \\{name}", shell=True)])
     assert len(problems) == 1 and ":3: events.subscriptions.0.command: command " in problems[0], problems
+
+
+def test_home_is_looked_up_at_each_compile(monkeypatch, tmp_path):
+    """Shared argv words do not keep a home directory: `~/x` follows HOME from one load to the next."""
+    for home in ("/home/one", "/home/two"):
+        monkeypatch.setenv("HOME", home)
+        assert [w.render(values()) for w in ph.compile_argv("cp ~/x ~/{__filename}")] == [
+            "cp", f"{home}/x", f"{home}/NO FILE"]

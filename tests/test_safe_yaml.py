@@ -190,3 +190,14 @@ def test_without_libyaml_config_check_falls_back_and_says_the_same(tmp_path):
     assert f"{values}:3: bus.heartbeat: must be between" in pure and f"{values}:4: printer.window: " in pure
     assert f"{hooks}:4: events.subscriptions.1.timeout: " in pure and "has no payload key 'nokey'" in pure
     assert f"{duplicate}:2: printer: duplicate key 'printer' (first on line 1)" in pure
+
+
+def test_a_resolver_added_later_is_heard(loader, monkeypatch):
+    """Plain strings skip the resolver by their first character; the characters are asked at each load."""
+    import re
+
+    assert safe_yaml.load("a: hello")[0] == {"a": "hello"}
+    monkeypatch.setattr(yaml.resolver.Resolver, "yaml_implicit_resolvers",
+                        dict(yaml.resolver.Resolver.yaml_implicit_resolvers))
+    yaml.resolver.Resolver.add_implicit_resolver("tag:yaml.org,2002:null", re.compile("^hello$"), list("h"))
+    assert safe_yaml.load("a: hello")[0] == {"a": None}

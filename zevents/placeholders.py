@@ -372,7 +372,7 @@ def _simple_argv(source: str) -> list | None:
                 except (ValueError, TemplateError):
                     return None
                 template = _field_word(word, parts)
-                if len(_FIELD_WORDS) < _WORD_CACHE_SIZE:
+                if len(_FIELD_WORDS) < _WORD_CACHE_SIZE and not word.startswith("~"):
                     _FIELD_WORDS[word] = template
         argv.append(template)
     if argv[0].constant is None and isinstance(argv[0].parts[0], Field):
@@ -391,8 +391,9 @@ def _constant_word(word: str) -> Template:
     """A word without placeholders: an immutable constant that serves every hook that writes it."""
     template = _CONSTANT_WORDS.get(word)
     if template is None:
-        template = Template.of_constant(word, os.path.expanduser(word) if word.startswith("~") else word)
-        if len(_CONSTANT_WORDS) < _WORD_CACHE_SIZE:
+        home = word.startswith("~")  # not kept: the home directory is looked up at each load
+        template = Template.of_constant(word, os.path.expanduser(word) if home else word)
+        if len(_CONSTANT_WORDS) < _WORD_CACHE_SIZE and not home:
             _CONSTANT_WORDS[word] = template
     return template
 

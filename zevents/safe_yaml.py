@@ -42,10 +42,11 @@ class _AnyCharacter:
         return True
 
 
-# First characters of the plain scalars the resolver may read as something else than a string (bool, int, null...);
-# any character when it has a resolver for every value.
-_IMPLICIT_FIRST = (_AnyCharacter() if None in Resolver.yaml_implicit_resolvers
-                   else frozenset(Resolver.yaml_implicit_resolvers))
+def _implicit_first(resolver: Resolver):
+    """The first characters of the plain scalars the resolver may read as something else than a string (bool, int,
+    null...); any character when it has a resolver for every value.  Asked at each load: resolvers can be added."""
+    resolvers = resolver.yaml_implicit_resolvers
+    return _AnyCharacter() if None in resolvers else frozenset(resolvers)
 
 
 class YamlProblem(ValueError):
@@ -133,7 +134,9 @@ def load(text: str) -> tuple:
 
 
 def _build(text: str) -> tuple:
-    resolve = Resolver().resolve
+    resolver = Resolver()
+    resolve = resolver.resolve
+    implicit_first = _implicit_first(resolver)
     constructor = SafeConstructor()
     tables: dict = {}
     anchors: dict = {}          # anchor -> (value, expanded size, depth below it)
@@ -197,7 +200,7 @@ def _build(text: str) -> tuple:
             if tag is None:
                 if not event.implicit[0]:
                     tag = _STR                  # quoted: a string (what the resolver answers)
-                elif value and value[0] not in _IMPLICIT_FIRST:
+                elif value and value[0] not in implicit_first:
                     tag = _STR                  # no implicit type (bool, int, null...) starts so
                 else:
                     tag = plain_tags.get(value)
