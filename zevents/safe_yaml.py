@@ -212,6 +212,9 @@ def _build(text: str) -> tuple:
                 tag = _STR
             if tag != _STR:
                 value = construct(tag, event, event.start_mark.line + 1)
+                if value is _MERGE_KEY and (not stack or stack[-1].is_list or stack[-1].has_key):
+                    raise YamlProblem("`<<` is a merge key: it can only be a mapping's key (quote it for the text)",
+                                      event.start_mark.line + 1)
             if event.anchor is not None:
                 anchors[event.anchor] = (value, 1, 0)
             if total > MAX_NODES:
