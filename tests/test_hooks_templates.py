@@ -282,8 +282,9 @@ def test_a_timeout_that_never_kills_is_refused_before_anything_runs(tmp_path, ti
 
 def _shape(argv) -> list:
     """What a compiled argv does: each word's literal parts and placeholders (their text, key path, format)."""
-    return [[part if isinstance(part, str) else (part.text, part.path, part.conversion, part.spec, part.context,
-                                                 part.whole_word) for part in word.parts] for word in argv]
+    return [(word.constant, word.shell_quoting, [part if isinstance(part, str) else (
+        part.text, part.path, part.conversion, part.spec, part.context, part.whole_word) for part in word.parts])
+        for word in argv]
 
 
 def _compiled(compile_argv, source):

@@ -90,7 +90,7 @@ class Template:
 
     @classmethod
     def of_constant(cls, source: str, text: str) -> "Template":
-        """Template(source, [text]) for a non-empty text, made directly: a large config makes 100 000s of them."""
+        """Template(source, [text]), made directly: a large config makes 100 000s of them."""
         template = cls.__new__(cls)
         template.source, template.parts, template.fields = source, (text,), ()
         template.shell_quoting, template.constant = False, text
