@@ -276,3 +276,58 @@ def test_a_timeout_that_never_kills_is_refused_before_anything_runs(tmp_path, ti
     assert not (tmp_path / "ran").exists()
     with pytest.raises(zconfig.ConfigError, match="hooks.timeout"):  # embedders get the file's ranges too
         zconfig.from_bus(zconfig.BusConfig.for_dir(tmp_path), hooks={"timeout": timeout})
+
+
+# --- the fast split of plain commands ---------------------------------------------------------------------------
+
+def _shape(argv) -> list:
+    """What a compiled argv does: each word's literal parts and placeholders (their text, key path, format)."""
+    return [(word.constant, word.shell_quoting, [part if isinstance(part, str) else (
+        part.text, part.path, part.conversion, part.spec, part.context, part.whole_word) for part in word.parts])
+        for word in argv]
+
+
+def _compiled(compile_argv, source):
+    try:
+        return _shape(compile_argv(source))
+    except ph.TemplateError as exc:
+        return str(exc)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(["logger", "-t", " ", "  ", "\t", "\n", "{name}", "{__filename}", "{a.b}", "{l[0]}",
+                                 "{v!r}", "{v:>4}", "{v!x}", "{0}", "{}", "{a b}", "{{", "}}", "{", "}", "~", "~/x",
+                                 "x", "'", '"', "\\", "$", "|", "#", "=", "ü", "\x00", "{:d}", "{v:{w}}", "-"]),
+                max_size=10).map("".join))
+def test_plain_commands_split_as_the_general_path_does(source):
+    """compile_argv splits a command without quotes or shell characters at its blanks and shares its words between
+    hooks; the general path (marked placeholders, shlex) must give the same argv and refuse with the same words."""
+    assert _compiled(ph.compile_argv, source) == _compiled(ph._compile_argv, source)
+
+
+def test_plain_command_words_are_shared_and_expand_home():
+    first, second = ph.compile_argv("notify {__filename} ~/log"), ph.compile_argv("notify  {__filename}\t~/log ")
+    assert [w.render(values()) for w in first] == ["notify", "NO FILE", os.path.expanduser("~/log")]
+    assert first[0] is second[0] and first[1] is second[1]
+
+
+def test_a_backslash_before_a_placeholder(tmp_path):
+    """Without a shell the backslash goes, as a shell's split drops it; in a script it would escape the quote that
+    opens the value's quoting (`\\'x; rm ...'`), so it is refused.  Both once crashed `config check`."""
+    assert [w.render(values(v="a b")) for w in ph.compile_argv("echo \\{v} x\\{v}")] == ["echo", "a b", "xa b"]
+    for source in ("echo \\{v}", 'echo "\\{v}"'):
+        with pytest.raises(ph.TemplateError, match="backslash before {v} would escape"):
+            ph.compile_shell(source)
+    assert run_sh(ph.compile_shell("printf '%s\\0' '\\{v}'"), values(v="x'; touch pwned; '"), tmp_path) == [
+        "\\x'; touch pwned; '"]
+    assert problems_of(tmp_path, [sub(command="echo \\{name}")]) == []
+    problems = problems_of(tmp_path, [sub(command="echo \\{name}", shell=True)])
+    assert len(problems) == 1 and ":3: events.subscriptions.0.command: command " in problems[0], problems
+
+
+def test_home_is_looked_up_at_each_compile(monkeypatch, tmp_path):
+    """Shared argv words do not keep a home directory: `~/x` follows HOME from one load to the next."""
+    for home in ("/home/one", "/home/two"):
+        monkeypatch.setenv("HOME", home)
+        assert [w.render(values()) for w in ph.compile_argv("cp ~/x ~/{__filename}")] == [
+            "cp", f"{home}/x", f"{home}/NO FILE"]

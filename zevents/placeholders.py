@@ -88,6 +88,14 @@ class Template:
         self.shell_quoting = shell_quoting
         self.constant = None if self.fields else "".join(self.parts)
 
+    @classmethod
+    def of_constant(cls, source: str, text: str) -> "Template":
+        """Template(source, [text]), made directly: a large config makes 100 000s of them."""
+        template = cls.__new__(cls)
+        template.source, template.parts, template.fields = source, (text,), ()
+        template.shell_quoting, template.constant = False, text
+        return template
+
     def render(self, values: "Values", sanitize=None) -> str:
         """The filled template.  ``sanitize`` (str → str) is applied to every value (G-code strips newlines)."""
         if self.constant is not None:
@@ -206,6 +214,7 @@ class ShellScan:
         self.operators: list[str] = []
         self.expansions: list[str] = []
         self.heredoc_at: int | None = None
+        self.escaped: set[int] = set()     # placeholders right after a backslash (outside single quotes)
         self._scan(text)
 
     def _scan(self, s: str):
@@ -228,6 +237,10 @@ class ShellScan:
                 i += 1
                 continue
             if c == "\\":
+                if s.startswith(_MARK, i + 1):  # the backslash escapes the placeholder's first character
+                    self.escaped.add(int(s[i + 2:s.index(_MARK, i + 2)]))
+                    i += 1
+                    continue
                 i += 2
                 word_start = False
                 continue
@@ -285,6 +298,9 @@ def compile_shell(source: str) -> Template:
         field.context = scan.contexts.get(index, "N")
         if field.context == "BQ":
             raise TemplateError(f"{field.text} inside `...` cannot be quoted safely; write $(...) instead")
+        if index in scan.escaped:
+            raise TemplateError(f"a backslash before {field.text} would escape the quoting of its value: drop the "
+                                "backslash (values are quoted for the shell already)")
         field.whole_word = _whole_word(marked, f"{_MARK}{index}{_MARK}", field.context)
     return Template(source, _parts_of(marked, fields), shell_quoting=True)
 
@@ -311,16 +327,89 @@ def _whole_word(marked: str, marker: str, context: str) -> bool:
 
 
 _CONSTANT_WORDS: dict = {}
+_FIELD_WORDS: dict = {}
+_WORD_CACHE_SIZE = 100_000
+# A command a shell would split at its blanks alone: no quotes, escapes, shell characters or `{{`/`}}`, and no blank
+# inside a placeholder.  Its words are its blank-separated pieces, each compiled on its own (see compile_argv).
+_SIMPLE_ARGV = re.compile("{plain}*(?:\\{{[^{{}} \t\r\n\x00]*\\}}{plain}*)*\\Z".format(
+    plain="[^'\"\\\\`$|&;<>()#{}\x00]"))  # unrolled (a plain run, then placeholder + plain run): linear
 
 
 def compile_argv(source: str) -> list:
     """The argv templates of a command run without a shell: the template is split like a shell would split it
     (quotes, backslashes), then each word is filled on its own.  Shell syntax is refused with a hint."""
+    if source.__class__ is str and _SIMPLE_ARGV.match(source):
+        argv = _simple_argv(source)
+        if argv is not None:
+            return argv
+    return _compile_argv(source)
+
+
+def _simple_argv(source: str) -> list | None:
+    """compile_argv of a command that ``_SIMPLE_ARGV`` matches, or None for one it must refuse (``_compile_argv``
+    then says why, as it would have).  Every word is a shared immutable Template: words recur across the thousands
+    of hooks of a large config (a program, its options, ``{__filename}``), and a config of 50 000 hooks is checked
+    in about a second."""
+    stripped = source.strip(" \t\r\n")
+    if not stripped:
+        return None
+    argv = []
+    for word in _BLANKS.split(stripped):
+        template = _CONSTANT_WORDS.get(word)
+        if template is None:
+            if "{" not in word:
+                template = _constant_word(word)
+            elif word in _FIELD_WORDS:
+                template = _FIELD_WORDS[word]
+            else:
+                parts = []
+                try:
+                    for literal, field_name, spec, conversion in _string.formatter_parser(word):
+                        if literal:
+                            parts.append(literal)
+                        if field_name is not None:
+                            parts.append(_parse_field(field_name, conversion, spec))
+                except (ValueError, TemplateError):
+                    return None
+                template = _field_word(word, parts)
+                if len(_FIELD_WORDS) < _WORD_CACHE_SIZE and not word.startswith("~"):
+                    _FIELD_WORDS[word] = template
+        argv.append(template)
+    if argv[0].constant is None and isinstance(argv[0].parts[0], Field):
+        return None  # the program comes from a placeholder
+    return argv
+
+
+def forget_words() -> None:
+    """Forget the argv words shared so far (kept across loads, up to 100 000 of each kind): what a benchmark of a
+    first load starts from."""
+    _CONSTANT_WORDS.clear()
+    _FIELD_WORDS.clear()
+
+
+def _constant_word(word: str) -> Template:
+    """A word without placeholders: an immutable constant that serves every hook that writes it."""
+    template = _CONSTANT_WORDS.get(word)
+    if template is None:
+        home = word.startswith("~")  # not kept: the home directory is looked up at each load
+        template = Template.of_constant(word, os.path.expanduser(word) if home else word)
+        if len(_CONSTANT_WORDS) < _WORD_CACHE_SIZE and not home:
+            _CONSTANT_WORDS[word] = template
+    return template
+
+
+def _field_word(word: str, parts: list) -> Template:
+    if parts and isinstance(parts[0], str) and parts[0].startswith("~"):
+        parts[0] = os.path.expanduser(parts[0])
+    return Template(word, parts)
+
+
+def _compile_argv(source: str) -> list:
+    """compile_argv for any command: placeholders marked, then split as a shell would (shlex), syntax refused."""
     pieces, fields = _split(source)
     marked = _marked(pieces, fields)
     if _PLAIN_WORDS.match(marked):
-        # Nothing a shell would read specially: split at blanks (what shlex does here, ten times faster; a config
-        # of 50 000 hooks is checked in about a second).
+        # Nothing a shell would read specially: split at blanks (what shlex does here, ten times faster).
         stripped = marked.strip(" \t\r\n")
         words = _BLANKS.split(stripped) if stripped else []
     else:
@@ -335,22 +424,8 @@ def compile_argv(source: str) -> list:
             raise TemplateError(f"cannot split {source!r} into arguments: {exc}") from None
     if not words:
         raise TemplateError("is empty")
-    argv = []
-    for word in words:
-        if _MARK not in word:
-            # A word without placeholders is an immutable constant: the same Template serves every hook that
-            # writes it (program names and options recur across thousands of hooks in a large config).
-            template = _CONSTANT_WORDS.get(word)
-            if template is None:
-                template = Template(word, [os.path.expanduser(word) if word.startswith("~") else word])
-                if len(_CONSTANT_WORDS) < 100_000:
-                    _CONSTANT_WORDS[word] = template
-            argv.append(template)
-            continue
-        parts = _parts_of(word, fields)
-        if parts and isinstance(parts[0], str) and parts[0].startswith("~"):
-            parts[0] = os.path.expanduser(parts[0])
-        argv.append(Template(word, parts))
+    argv = [_constant_word(word) if _MARK not in word else _field_word(word, _parts_of(word, fields))
+            for word in words]
     program = argv[0].parts
     if not program or isinstance(program[0], Field):
         raise TemplateError("the program to run must be written out, not come from a placeholder")

@@ -37,6 +37,18 @@ _SCALAR_TAGS = {tag: fn for tag, fn in SafeConstructor.yaml_constructors.items()
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+class _AnyCharacter:
+    def __contains__(self, character) -> bool:
+        return True
+
+
+def _implicit_first(resolver: Resolver):
+    """The first characters of the plain scalars the resolver may read as something else than a string (bool, int,
+    null...); any character when it has a resolver for every value.  Asked at each load: resolvers can be added."""
+    resolvers = resolver.yaml_implicit_resolvers
+    return _AnyCharacter() if None in resolvers else frozenset(resolvers)
+
+
 class YamlProblem(ValueError):
     """A document that is not a usable config (syntax, duplicate key, unsupported tag); ``line`` is 1-based."""
 
@@ -52,9 +64,13 @@ class YamlLimit(YamlProblem):
 
 
 class _Frame:
-    __slots__ = ("value", "path", "line", "key", "has_key", "lines", "merges", "anchor", "size", "depth", "is_list")
+    """A mapping or list being built.  Its expanded size is the growth of the document's running count while it
+    is open (``base``); its depth below is kept by its collection and alias children only (a scalar child makes it
+    1): scalars, nine events in ten, then cost no bookkeeping."""
 
-    def __init__(self, value, path, line, anchor, lines):
+    __slots__ = ("value", "path", "line", "key", "has_key", "lines", "merges", "anchor", "base", "depth", "is_list")
+
+    def __init__(self, value, path, line, anchor, lines, base):
         self.value = value
         self.path = path
         self.line = line
@@ -63,7 +79,7 @@ class _Frame:
         self.lines = lines       # key or list index -> its line
         self.merges = None
         self.anchor = anchor
-        self.size = 1
+        self.base = base
         self.depth = 0
         self.is_list = value.__class__ is list
 
@@ -118,15 +134,28 @@ def load(text: str) -> tuple:
 
 
 def _build(text: str) -> tuple:
-    resolve = Resolver().resolve
+    resolver = Resolver()
+    resolve = resolver.resolve
+    implicit_first = _implicit_first(resolver)
     constructor = SafeConstructor()
     tables: dict = {}
     anchors: dict = {}          # anchor -> (value, expanded size, depth below it)
-    resolved: dict = {}         # (plain scalar, plain?) -> its implicit tag
+    plain_tags: dict = {}       # plain scalar -> its implicit tag (the same short values recur thousands of times)
     stack: list = []
     total = 0
     root = None
     documents = 0
+
+    def construct(tag, event, line):
+        if tag == _MERGE:
+            return _MERGE_KEY
+        function = _SCALAR_TAGS.get(tag)
+        if function is None:
+            raise YamlProblem(f"the tag {tag!r} is not allowed in a config file", line)
+        try:
+            return function(constructor, yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark))
+        except (yaml.YAMLError, ValueError) as exc:
+            raise YamlProblem(f"not a valid {tag.rsplit(':', 1)[-1]}: {event.value!r} ({exc})", line) from None
 
     def place(parent, value, line):
         """A finished value in its parent mapping (as its key, or as the value of the pending key)."""
@@ -164,35 +193,54 @@ def _build(text: str) -> tuple:
         event = get_event()
         cls = event.__class__
         if cls is ScalarEvent:
-            line = event.start_mark.line + 1
+            # The hot path: a plain string placed in its mapping or list, no call made.
             total += 1
             value = event.value
             tag = event.tag
             if tag is None:
-                # The same short values recur thousands of times in a large config (event names, `system`).
-                cache_key = (value, event.implicit[0])
-                tag = resolved.get(cache_key)
-                if tag is None:
-                    tag = resolve(yaml.ScalarNode, value, event.implicit)
-                    if len(value) <= 64:
-                        resolved[cache_key] = tag
+                if not event.implicit[0]:
+                    tag = _STR                  # quoted: a string (what the resolver answers)
+                elif value and value[0] not in implicit_first:
+                    tag = _STR                  # no implicit type (bool, int, null...) starts so
+                else:
+                    tag = plain_tags.get(value)
+                    if tag is None:
+                        tag = resolve(yaml.ScalarNode, value, event.implicit)
+                        if len(value) <= 64:
+                            plain_tags[value] = tag
             elif tag == "!":
                 tag = _STR
-            if tag == _STR:
-                result = value
-            elif tag == _MERGE:
-                result = _MERGE_KEY
-            else:
-                construct = _SCALAR_TAGS.get(tag)
-                if construct is None:
-                    raise YamlProblem(f"the tag {tag!r} is not allowed in a config file", line)
-                try:
-                    result = construct(constructor, yaml.ScalarNode(tag, value, event.start_mark, event.end_mark))
-                except (yaml.YAMLError, ValueError) as exc:
-                    raise YamlProblem(f"not a valid {tag.rsplit(':', 1)[-1]}: {value!r} ({exc})", line) from None
+            if tag != _STR:
+                value = construct(tag, event, event.start_mark.line + 1)
+                if value is _MERGE_KEY and (not stack or stack[-1].is_list or stack[-1].has_key):
+                    raise YamlProblem("`<<` is a merge key: it can only be a mapping's key (quote it for the text)",
+                                      event.start_mark.line + 1)
             if event.anchor is not None:
-                anchors[event.anchor] = (result, 1, 0)
-            value, size, below = result, 1, 0
+                anchors[event.anchor] = (value, 1, 0)
+            if total > MAX_NODES:
+                raise YamlLimit(f"the document expands to more than {MAX_NODES} values (its aliases repeat "
+                                "anchored content: a 'billion laughs' YAML bomb?)", event.start_mark.line + 1)
+            if not stack:
+                root = value
+                continue
+            parent = stack[-1]
+            if parent.is_list:
+                container = parent.value
+                parent.lines[len(container)] = event.start_mark.line + 1
+                container.append(value)
+            elif parent.has_key:
+                if parent.key.__class__ is _MergeKey:
+                    place(parent, value, event.start_mark.line + 1)
+                else:
+                    parent.has_key = False
+                    parent.value[parent.key] = value
+            elif value.__class__ is _MergeKey or value in parent.lines:
+                place(parent, value, event.start_mark.line + 1)  # says why a key is written twice
+            else:
+                parent.lines[value] = event.start_mark.line + 1
+                parent.key = value
+                parent.has_key = True
+            continue
         elif cls in starts:
             line = event.start_mark.line + 1
             total += 1
@@ -213,7 +261,7 @@ def _build(text: str) -> tuple:
             else:
                 path = ()
             lines = tables[path] = {}
-            stack.append(_Frame({} if is_map else [], path, line, event.anchor, lines))
+            stack.append(_Frame({} if is_map else [], path, line, event.anchor, lines, total - 1))
             continue
         elif cls in ends:
             frame = stack.pop()
@@ -223,7 +271,8 @@ def _build(text: str) -> tuple:
                     for key, item in source.items():
                         if key not in value:
                             value[key] = item
-            size, below, line = frame.size, frame.depth, frame.line
+            size, line = total - frame.base, frame.line
+            below = frame.depth or (1 if value else 0)
             if frame.anchor is not None:
                 anchors[frame.anchor] = (value, size, below)
         elif cls is AliasEvent:
@@ -245,7 +294,7 @@ def _build(text: str) -> tuple:
             break
         else:
             continue
-        # a scalar, a finished collection or an alias: placed in its parent
+        # a finished collection or an alias: placed in its parent
         if total > MAX_NODES:
             raise YamlLimit(f"the document expands to more than {MAX_NODES} values (its aliases repeat anchored "
                             "content: a 'billion laughs' YAML bomb?)", line)
@@ -253,8 +302,7 @@ def _build(text: str) -> tuple:
             root = value
             continue
         parent = stack[-1]
-        parent.size += size
-        if below + 1 > parent.depth:
+        if below >= parent.depth:
             parent.depth = below + 1
         if parent.is_list:
             container = parent.value

@@ -90,6 +90,13 @@ class Subscription:
         return f"{self.name!r} ({self.type}, on {', '.join(self.events)})"
 
 
+_FLAG_DEFAULTS = (("enabled", True), ("debug", False), ("shell", False), ("detach", False),
+                  ("allow_option_values", False))
+_FLAG_KEYS = frozenset(key for key, _ in _FLAG_DEFAULTS)
+_NO_INTERVAL = 0.0
+_UNCHECKED = object()
+
+
 def _problem(config, message, *keys, skips=True, warning=False) -> HookProblem:
     base = config.error(message, *keys)
     return HookProblem(base.message, base.file, base.line, base.key, skips=skips, warning=warning)
@@ -115,6 +122,20 @@ _SERVICE_PATH = os.environ.get("PATH", os.defpath)
 
 def check_event_name(name) -> tuple[str | None, str | None]:
     """(canonical name, None) for a usable event name, or (None, why not)."""
+    if name.__class__ is str:
+        checked = _event_names_checked.get(name)
+        if checked is None:
+            checked = _check_event_name(name)
+            if len(_event_names_checked) < 10_000:
+                _event_names_checked[name] = checked
+        return checked
+    return _check_event_name(name)
+
+
+_event_names_checked: dict = {}   # a large config names the same few events thousands of times
+
+
+def _check_event_name(name) -> tuple[str | None, str | None]:
     if not isinstance(name, str):
         return None, f"an event name must be a string, not {name!r}"
     if not _EVENT_NAME.match(name):
@@ -160,6 +181,8 @@ def _collect_payload_keys(event_names) -> set | None:
 def _check_keys(config, templates, known: set | None, event_names, keys_path) -> list:
     problems = []
     for template in templates:
+        if template.constant is not None:
+            continue
         for fld in template.fields:
             key = fld.key
             if key.startswith("__"):
@@ -179,8 +202,13 @@ def _check_keys(config, templates, known: set | None, event_names, keys_path) ->
     return problems
 
 
-def compile_subscription(config, index: int, raw, default_timeout: float) -> tuple[Subscription | None, list]:
-    """One subscription and its problems; None when it has to be left out."""
+def compile_subscription(config, index: int, raw, default_timeout: float, default_timeout_problem=_UNCHECKED,
+                         build: bool = True) -> tuple[Subscription | None, list]:
+    """One subscription and its problems; None when it has to be left out (or is not ``build``, for a check).
+    ``default_timeout_problem`` is ``TIMEOUT.validate(default_timeout)`` when the caller has it (once for a whole
+    section)."""
+    if default_timeout_problem is _UNCHECKED:
+        default_timeout_problem = TIMEOUT.validate(default_timeout)
     path = ("events", "subscriptions", index)
     problems: list = []
 
@@ -194,7 +222,7 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
         bad(f"a subscription must be a mapping (event:, command:, type:), not {raw!r}")
         return None, problems
     label = raw.get("name") if isinstance(raw.get("name"), str) else None
-    for key in raw:
+    for key in raw if not _KEY_SET.issuperset(raw) else ():
         if key not in _KEY_SET:
             near = difflib.get_close_matches(str(key), KEYS, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else f" (known: {', '.join(KEYS)})"
@@ -211,9 +239,8 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
             bad("`event` is an empty list", "event")
         for i, item in enumerate(items):
             name, why = check_event_name(item)
-            keys = ("event", i) if isinstance(event, list) else ("event",)
             if why:
-                bad(why, *keys)
+                bad(why, *(("event", i) if isinstance(event, list) else ("event",)))
             elif name not in names:
                 names.append(name)
 
@@ -228,9 +255,8 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
         kind = None
 
     # flags
-    flags = {}
-    for key, default in (("enabled", True), ("debug", False), ("shell", False), ("detach", False),
-                         ("allow_option_values", False)):
+    flags = dict(_FLAG_DEFAULTS)
+    for key, default in _FLAG_DEFAULTS if not _FLAG_KEYS.isdisjoint(raw) else ():
         value = raw.get(key, default)
         if not isinstance(value, bool):
             bad(f"must be true or false, not {value!r}", key)
@@ -240,15 +266,13 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
     if name is not None and not isinstance(name, str):
         bad(f"must be a string, not {name!r}", "name", skips=False)
         name = str(name)
-    if not name:
-        name = f"#{index} {','.join(names) or '?'}"
 
-    # numbers
+    # numbers (the defaults are checked once per section: most subscriptions write neither)
     timeout = raw.get("timeout", default_timeout)
-    if TIMEOUT.validate(timeout):
+    if default_timeout_problem if timeout is default_timeout else TIMEOUT.validate(timeout):
         bad(f"must be a number of seconds {TIMEOUT.range_text()}, not {timeout!r}", "timeout")
-    min_interval = raw.get("min_interval", 0.0)
-    if MIN_INTERVAL.validate(min_interval):
+    min_interval = raw.get("min_interval", _NO_INTERVAL)
+    if min_interval is not _NO_INTERVAL and MIN_INTERVAL.validate(min_interval):
         bad(f"must be a number of seconds {MIN_INTERVAL.range_text()}, not {min_interval!r}", "min_interval")
 
     # cwd, env only make sense for system hooks
@@ -299,6 +323,7 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
                 filters[tuple(key.split("."))] = tuple(accepted)
 
     # command
+    known = _payload_keys(names)
     raw_env_path = env.get("PATH") if isinstance(env, dict) else None
     sources, commands = [], []
     command = raw.get("command")
@@ -316,7 +341,7 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
         argv_warned = False
         for i, item in enumerate(items):
             keys = ("command", i) if isinstance(command, list) else ("command",)
-            if not isinstance(item, str) or not item.strip():
+            if not isinstance(item, str) or not item or item.isspace():
                 bad(f"each command must be a non-empty string, not {item!r}", *keys)
                 continue
             try:
@@ -344,10 +369,9 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
                         warn(f"{why} (the PATH `config check` sees; the service's may differ): the hook "
                              "fails until it is installed", *keys)
             templates = compiled if kind == "gcode" or flags["shell"] else compiled[0]
-            problems.extend(_check_keys(config, templates, _payload_keys(names), names, path + keys))
+            problems.extend(_check_keys(config, templates, known, names, path + keys))
     if env_templates:
-        problems.extend(_check_keys(config, env_templates.values(), _payload_keys(names), names, path + ("env",)))
-    known = _payload_keys(names)
+        problems.extend(_check_keys(config, env_templates.values(), known, names, path + ("env",)))
     if known is not None:
         for key_path in filters:
             if key_path[0] not in known:
@@ -358,8 +382,10 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
     if label:
         for problem in problems:
             problem.message = f"(subscription {label!r}) {problem.message}"
-    if any(p.skips for p in problems):
+    if not build or problems and any(p.skips for p in problems):
         return None, problems
+    if not name:
+        name = f"#{index} {','.join(names) or '?'}"
     return Subscription(index=index, name=name, events=tuple(names), type=kind, sources=tuple(sources),
                         commands=tuple(commands), enabled=flags["enabled"], debug=flags["debug"],
                         shell=flags["shell"], cwd=cwd, timeout=float(timeout), filter=filters,
@@ -367,17 +393,21 @@ def compile_subscription(config, index: int, raw, default_timeout: float) -> tup
                         allow_option_values=flags["allow_option_values"]), problems
 
 
-def compile_section(config) -> tuple[list, list]:
-    """(subscriptions that can run, every problem) of a loaded config's ``events:`` section."""
+def compile_section(config, build: bool = True) -> tuple[list, list]:
+    """(subscriptions that can run, every problem) of a loaded config's ``events:`` section; only the problems
+    when not ``build`` (a check)."""
     section = config.get("events") or {}
     raw_list = section.get("subscriptions") or []
     default_timeout = config.get("hooks", "timeout", default=DEFAULT_TIMEOUT)
     if not isinstance(raw_list, list):
         return [], []  # the schema check reports it
     _program_checked.clear()  # a reload looks again: a program may have been installed since
+    _event_names_checked.clear()
     subscriptions, problems = [], []
+    default_timeout_problem = TIMEOUT.validate(default_timeout)
     for index, raw in enumerate(raw_list):
-        subscription, found = compile_subscription(config, index, raw, default_timeout)
+        subscription, found = compile_subscription(config, index, raw, default_timeout, default_timeout_problem,
+                                                   build)
         problems.extend(found)
         if subscription is not None:
             subscriptions.append(subscription)
@@ -386,7 +416,7 @@ def compile_section(config) -> tuple[list, list]:
 
 def validate_events(config, section) -> list:
     """The ``SECTION_VALIDATORS["events"]`` entry."""
-    return compile_section(config)[1]
+    return compile_section(config, build=False)[1]
 
 
 # A hook's time limits: a day at most (a longer wait is a hung hook); NaN, infinity, 0 and negative are refused.
