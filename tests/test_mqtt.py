@@ -20,7 +20,7 @@ from zevents import bus, config as zconfig
 from zevents.printer import channel
 
 from conftest import wait_for
-from mqtt_broker import Mosquitto, Recorder
+from mqtt_broker import Mosquitto, Recorder, Relay
 from ha_discovery_schema import DiscoveryError, check_discovery
 
 CUBE = Path(__file__).parent / "data" / "printer" / "sliced_cube20_prusaslicer250_mk3s_cut.gcode"
@@ -380,6 +380,46 @@ def test_mosquitto_restarted_mid_print_loses_nothing(short_tmp, bus_config, runn
         repeats = len(got) - len(set(got))
         assert repeats <= 100, repeats  # at most what was in flight (mqtt.inflight) when Mosquitto stopped
         assert_in_order_by_seq(got, groups)
+
+
+def test_acks_lost_in_transit_when_mosquitto_restarts_change_nothing(short_tmp, bus_config, running_broker,
+                                                                     mosquitto, services):
+    """Mosquitto stopped (SIGTERM) in the middle of a burst while its acks to the bridge were on their way (a relay
+    holds them back, then the connection breaks and they are lost, as on a real network), and restarted: the bridge
+    resumes its session and finishes each QoS 2 exchange where it was, so every event arrives once, in order.  (With
+    a clean session, each message Mosquitto had released but whose PUBCOMP was lost came twice.)"""
+    relay = Relay(mosquitto.port)
+    config = node_config(short_tmp, bus_config, relay.url)
+    subscriber = bus.Subscriber(bus_config, groups=["custom"])
+    recorder = Recorder(mosquitto.url, f"zevents/{NODE}/+/custom/+", client_id="lossless", clean=False, qos=2)
+    publisher = bus.Publisher(bus_config, src="user")
+    seen = []
+    try:
+        bridge = start_bridge(services, config)
+        for i in range(5000):
+            publisher.publish("Burst", {"i": i})
+        recorder.wait(lambda m: len(m) >= 500, message="the burst flowing")
+        relay.hold()
+        relay.wait_held(40)  # acks (4 bytes each) Mosquitto sent that the bridge will never see
+        mosquitto.stop()
+        relay.cut()
+        wait_for(lambda: not bridge.connected, 30, message="the bridge to see the broker gone")
+        assert bridge.inflight  # QoS 2 exchanges left half done
+        for i in range(5000, 6000):
+            publisher.publish("Burst", {"i": i})
+        mosquitto.start()
+        while len(seen) < 6000:
+            wait_for_event(subscriber, lambda e: True, seen=seen)
+        expected = [(e.group, e.seq, e.name) for e in seen]
+        recorder.wait(lambda m: expected[-1] in zevents_events(m), timeout=120, message="the last event")
+        got = zevents_events(recorder.snapshot())
+    finally:
+        publisher.close(linger=0)
+        recorder.close()
+        subscriber.close()
+        relay.close()
+    assert bridge.stats["sessions_resumed"] == 1
+    assert_exactly_once_in_order(expected, got, ["custom"])
 
 
 def test_bridge_killed_and_restarted_mid_print_loses_nothing(short_tmp, bus_config, running_broker, mosquitto,
