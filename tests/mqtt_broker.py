@@ -27,8 +27,11 @@ def free_port() -> int:
 class Mosquitto:
     """One Mosquitto process; ``restart()`` keeps its port and its persistence file (sessions, retained)."""
 
-    def __init__(self, directory: Path, port: int | None = None, persistence: bool = True, tls: bool = False):
-        """``tls``: a second listener with a self-signed certificate for 127.0.0.1 (``tls_url``, ``cafile``)."""
+    def __init__(self, directory: Path, port: int | None = None, persistence: bool = True, tls: bool = False,
+                 websockets: bool = False):
+        """``tls``: a second listener with a self-signed certificate for 127.0.0.1 (``tls_url``, ``cafile``);
+        ``websockets``: a second listener for MQTT over websockets (``ws_url``).  With ``persistence``, the
+        database (retained messages, sessions and their queues) is saved when Mosquitto stops cleanly."""
         if MOSQUITTO is None:
             pytest.skip("mosquitto is not installed (Debian package `mosquitto`)")
         self.directory = Path(directory)
@@ -52,6 +55,13 @@ class Mosquitto:
             self.tls_port = free_port()
             self.tls_url = f"mqtts://127.0.0.1:{self.tls_port}"
             lines += [f"listener {self.tls_port} 127.0.0.1", f"certfile {self.cafile}", f"keyfile {keyfile}"]
+        if websockets:
+            self.ws_port = free_port()
+            self.ws_url = f"ws://127.0.0.1:{self.ws_port}/mqtt"
+            # Debian's Mosquitto 2.0.11 has websockets (libwebsockets 4.1); without `socket_domain ipv4` that
+            # listener binds every interface whatever its address (and alone, without a TCP listener, it does not
+            # start).
+            lines += [f"listener {self.ws_port} 127.0.0.1", "protocol websockets", "socket_domain ipv4"]
         if persistence:
             lines += ["persistence true", f"persistence_location {self.directory}/", "autosave_interval 0"]
         self.config.write_text("\n".join(lines) + "\n")

@@ -721,3 +721,31 @@ def test_the_bridge_over_tls(short_tmp, bus_config, running_broker, services):
             recorder.close()
     finally:
         mosquitto.stop()
+
+
+def test_the_bridge_over_websockets(short_tmp, bus_config, running_broker, services):
+    """ws:// (MQTT over websockets, path /mqtt) to Mosquitto's websockets listener; its plain listener shows what
+    came through, exactly once at QoS 2."""
+    mosquitto = Mosquitto(short_tmp / "mq", websockets=True).start()
+    try:
+        recorder = Recorder(mosquitto.url, f"zevents/{NODE}/#", qos=2)
+        publisher = bus.Publisher(bus_config, src="user")
+        try:
+            config = zconfig.from_bus(bus_config, data_dir=str(short_tmp / "data"),
+                                      mqtt={"enabled": True, "url": mosquitto.ws_url})
+            bridge = start_bridge(services, config)
+            assert bridge.client.transport == "websockets"
+            seqs = [publisher.publish_confirmed("ZChange", {"new": 0.2 * i, "old": 0.2 * (i - 1)})["seq"]
+                    for i in range(1, 51)]
+            topic = f"zevents/{NODE}/{PRINTER}/gcode/ZChange"
+
+            def received(messages):
+                return [json.loads(payload)["seq"] for t, payload, _ in messages if t == topic]
+
+            recorder.wait(lambda m: len(received(m)) >= len(seqs), message="the events over ws://")
+            assert received(recorder.snapshot()) == seqs
+        finally:
+            publisher.close(linger=0)
+            recorder.close()
+    finally:
+        mosquitto.stop()
