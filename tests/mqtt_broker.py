@@ -170,7 +170,8 @@ class Recorder:
 class Relay:
     """A TCP relay on a free loopback port in front of a broker, for losing packets in transit as a real network
     does when a connection breaks: ``hold()`` keeps what the broker sends (acks) from reaching the client, ``cut()``
-    drops every connection and what it held; new connections are relayed normally again."""
+    drops every connection and what it held; new connections are relayed normally again (refused, closed at once,
+    while ``refusing``)."""
 
     def __init__(self, target_port: int):
         self.target_port = target_port
@@ -179,6 +180,8 @@ class Relay:
         self.url = f"mqtt://127.0.0.1:{self.port}"
         self.lock = threading.Condition()
         self.holding = False
+        self.holding_upstream = False
+        self.refusing = False
         self.held = 0                 # bytes from the broker kept back since hold()
         self.pairs: list = []
         self.closed = False
@@ -198,6 +201,10 @@ class Relay:
                 continue
             pair = (client, upstream)
             with self.lock:
+                if self.refusing and not self.closed:
+                    client.close()
+                    upstream.close()
+                    continue
                 if self.closed:
                     client.close()
                     upstream.close()
@@ -227,6 +234,8 @@ class Relay:
                             self.held += len(data)
                             self.lock.notify_all()
                             continue
+                        if key.fileobj is client and self.holding_upstream:
+                            continue
                     try:
                         key.data.sendall(data)
                     except OSError:
@@ -247,9 +256,10 @@ class Relay:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()
 
-    def hold(self):
+    def hold(self, from_broker: bool = True, from_client: bool = False):
+        """Keep back what the broker sends, what the client sends, or both."""
         with self.lock:
-            self.holding, self.held = True, 0
+            self.holding, self.holding_upstream, self.held = from_broker, from_client, 0
 
     def wait_held(self, nbytes: int, timeout: float = 60.0):
         with self.lock:
@@ -258,7 +268,7 @@ class Relay:
 
     def cut(self):
         with self.lock:
-            pairs, self.pairs, self.holding = list(self.pairs), [], False
+            pairs, self.pairs, self.holding, self.holding_upstream = list(self.pairs), [], False, False
         for pair in pairs:
             self._drop(*pair)
 

@@ -382,44 +382,115 @@ def test_mosquitto_restarted_mid_print_loses_nothing(short_tmp, bus_config, runn
         assert_in_order_by_seq(got, groups)
 
 
+class RelayedBurst:
+    """A bridge reaching Mosquitto through a :class:`Relay`, a QoS 2 recorder with a persistent session on
+    Mosquitto itself, and a burst of custom events on the bus, flowing when this is made."""
+
+    def __init__(self, short_tmp, bus_config, mosquitto, services, **mqtt):
+        self.relay = Relay(mosquitto.port)
+        self.subscriber = bus.Subscriber(bus_config, groups=["custom"])
+        self.recorder = Recorder(mosquitto.url, f"zevents/{NODE}/+/custom/+", client_id="lossless", clean=False,
+                                 qos=2)
+        self.publisher = bus.Publisher(bus_config, src="user")
+        self.published = 0
+        self.bridge = start_bridge(services, node_config(short_tmp, bus_config, self.relay.url, **mqtt))
+        self.publish(5000)
+        self.recorder.wait(lambda m: len(m) >= 500, message="the burst flowing")
+
+    def publish(self, count: int):
+        for i in range(self.published, self.published + count):
+            self.publisher.publish("Burst", {"i": i})
+        self.published += count
+
+    def broker_gone(self):
+        """Wait until the bridge has seen the broker go; it must have QoS 2 exchanges left half done."""
+        wait_for(lambda: not self.bridge.connected, 30, message="the bridge to see the broker gone")
+        assert self.bridge.inflight
+
+    def delivered(self) -> tuple:
+        """(the bus's events, the recorder's zevents-layout events) once the last one reached the recorder."""
+        seen = []
+        while len(seen) < self.published:
+            wait_for_event(self.subscriber, lambda e: True, seen=seen)
+        expected = [(e.group, e.seq, e.name) for e in seen]
+        self.recorder.wait(lambda m: expected[-1] in zevents_events(m), timeout=120, message="the last event")
+        return expected, zevents_events(self.recorder.snapshot())
+
+    def close(self):
+        self.publisher.close(linger=0)
+        self.recorder.close()
+        self.subscriber.close()
+        self.relay.close()
+
+
 def test_acks_lost_in_transit_when_mosquitto_restarts_change_nothing(short_tmp, bus_config, running_broker,
                                                                      mosquitto, services):
     """Mosquitto stopped (SIGTERM) in the middle of a burst while its acks to the bridge were on their way (a relay
     holds them back, then the connection breaks and they are lost, as on a real network), and restarted: the bridge
     resumes its session and finishes each QoS 2 exchange where it was, so every event arrives once, in order.  (With
     a clean session, each message Mosquitto had released but whose PUBCOMP was lost came twice.)"""
-    relay = Relay(mosquitto.port)
-    config = node_config(short_tmp, bus_config, relay.url)
-    subscriber = bus.Subscriber(bus_config, groups=["custom"])
-    recorder = Recorder(mosquitto.url, f"zevents/{NODE}/+/custom/+", client_id="lossless", clean=False, qos=2)
-    publisher = bus.Publisher(bus_config, src="user")
-    seen = []
+    burst = RelayedBurst(short_tmp, bus_config, mosquitto, services)
     try:
-        bridge = start_bridge(services, config)
-        for i in range(5000):
-            publisher.publish("Burst", {"i": i})
-        recorder.wait(lambda m: len(m) >= 500, message="the burst flowing")
-        relay.hold()
-        relay.wait_held(40)  # acks (4 bytes each) Mosquitto sent that the bridge will never see
+        burst.relay.hold()
+        burst.relay.wait_held(40)  # acks (4 bytes each) Mosquitto sent that the bridge will never see
         mosquitto.stop()
-        relay.cut()
-        wait_for(lambda: not bridge.connected, 30, message="the bridge to see the broker gone")
-        assert bridge.inflight  # QoS 2 exchanges left half done
-        for i in range(5000, 6000):
-            publisher.publish("Burst", {"i": i})
+        burst.relay.cut()
+        burst.broker_gone()
+        burst.publish(1000)
         mosquitto.start()
-        while len(seen) < 6000:
-            wait_for_event(subscriber, lambda e: True, seen=seen)
-        expected = [(e.group, e.seq, e.name) for e in seen]
-        recorder.wait(lambda m: expected[-1] in zevents_events(m), timeout=120, message="the last event")
-        got = zevents_events(recorder.snapshot())
+        expected, got = burst.delivered()
     finally:
-        publisher.close(linger=0)
-        recorder.close()
-        subscriber.close()
-        relay.close()
-    assert bridge.stats["sessions_resumed"] == 1
+        burst.close()
+    assert burst.bridge.stats["sessions_resumed"] == 1
     assert_exactly_once_in_order(expected, got, ["custom"])
+
+
+def end_session(url: str, client_id: str):
+    """Connect as ``client_id`` with a clean start and no expiry, then leave: the broker drops that id's session."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.packettypes import PacketTypes
+
+    from zevents.bridges.mqtt import session_expiry_property
+    from zevents.bridges.settings import parse_url
+
+    address = parse_url(url)
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    client.connect(address["host"], address["port"], 30, clean_start=True,
+                   properties=session_expiry_property(PacketTypes.CONNECT, 0))
+    client.loop_start()
+    try:
+        wait_for(client.is_connected, 30, message="the session's end")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_a_broker_without_our_session_gets_what_was_in_flight_again(short_tmp, bus_config, running_broker,
+                                                                    mosquitto, services):
+    """Mosquitto restarted mid-burst while the bridge's packets were on their way (lost), and the bridge's session
+    gone when it comes back (as after a restart without persistence, or an expired session): finding no session,
+    the bridge publishes what was in flight again; paho alone would resend PUBRELs for messages the broker never
+    stored, be told they are complete, and lose them.  At least once: nothing lost, in order once seq drops
+    repeats."""
+    burst = RelayedBurst(short_tmp, bus_config, mosquitto, services)
+    bridge = burst.bridge
+    try:
+        burst.relay.hold(from_broker=False, from_client=True)  # the bridge's PUBLISHes and PUBRELs are lost
+        wait_for(lambda: len(bridge.inflight) >= bridge.window, 60, message="the bridge's window full")
+        burst.relay.refusing = True
+        mosquitto.stop()
+        burst.relay.cut()
+        burst.broker_gone()
+        mosquitto.start()
+        end_session(mosquitto.url, f"zevents-{NODE}")
+        burst.relay.refusing = False
+        expected, got = burst.delivered()
+    finally:
+        burst.close()
+    assert bridge.stats["sessions_resumed"] == 0 and bridge.stats["published_again"] > 0
+    missing = [e for e in expected if e not in set(got)]
+    assert not missing, f"{len(missing)} of {len(expected)} events lost, e.g. {missing[:5]}"
+    assert_in_order_by_seq(got, ["custom"])
 
 
 def test_bridge_killed_and_restarted_mid_print_loses_nothing(short_tmp, bus_config, running_broker, mosquitto,
