@@ -688,6 +688,8 @@ def test_config_check_names_bad_mqtt_keys(tmp_path):
     assert "z.yaml:6: mqtt.commands.allowed: unknown command(s) 'home'" in text
     path.write_text("mqtt:\n  enabled: true\n  layouts:\n    zevents: false\n")
     assert "mqtt.homeassistant.discovery: Home Assistant discovery reads" in "\n".join(map(str, zconfig.check(path)))
+    path.write_text("mqtt:\n  enabled: true\n  session_expiry: -1\n")
+    assert "z.yaml:3: mqtt.session_expiry: must be between 0 and 4294967295" in "\n".join(map(str, zconfig.check(path)))
     path.write_text("mqtt:\n  enabled: true\n  url: mqtts://broker.example\n")
     assert zconfig.check(path) == []
 
