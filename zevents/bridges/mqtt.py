@@ -582,14 +582,16 @@ class MqttBridge:
     def _end_previous_session(self, client_id: str):
         """A previous process's session may hold QoS 2 messages half exchanged that this process cannot finish (and
         a stale packet id there would swallow the new message that reuses it): a first short connection with a
-        clean start and no expiry ends it; the bridge's own connection follows (on the previous one's thread)."""
+        clean start and no expiry ends it; the bridge's own connection starts once that one has ended."""
         self.session_ender, _ = make_client(self.section, client_id, None, protocol=paho.MQTTv5)
         ended = threading.Event()
 
         def on_connect(client, userdata, flags, reason_code, properties):
-            if not reason_code.is_failure:
-                ended.set()
-                client.disconnect()
+            if reason_code.is_failure:
+                log.warning("mqtt: the broker refused the connection: %s", reason_code)
+                return
+            ended.set()
+            client.disconnect()
 
         def on_disconnect(client, userdata, flags, reason_code, properties):
             if ended.is_set():
