@@ -714,6 +714,8 @@ def test_zevents_run_supervises_the_bridge(mosquitto):
         path = home / "node.yaml"
         path.write_text(yaml.safe_dump({"bus": {"node": "runnode"}, "data_dir": str(home / "data"),
                                         "printer": {"virtual": {"speed": 0}},
+                                        # not the gateway: its fixed port may be taken by another node here
+                                        "gateway": {"enabled": False},
                                         "mqtt": {"enabled": True, "url": mosquitto.url}}))
         node = Node(home, "-c", str(path)).start()
         recorder = Recorder(mosquitto.url, ["zevents/runnode/status", "zevents/runnode/+/state"])
