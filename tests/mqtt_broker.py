@@ -2,9 +2,11 @@
 directory of the test's), and a recording paho subscriber.  Tests skip when /usr/sbin/mosquitto is missing."""
 from __future__ import annotations
 
+import contextlib
 import getpass
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -25,8 +27,11 @@ def free_port() -> int:
 class Mosquitto:
     """One Mosquitto process; ``restart()`` keeps its port and its persistence file (sessions, retained)."""
 
-    def __init__(self, directory: Path, port: int | None = None, persistence: bool = True, tls: bool = False):
-        """``tls``: a second listener with a self-signed certificate for 127.0.0.1 (``tls_url``, ``cafile``)."""
+    def __init__(self, directory: Path, port: int | None = None, persistence: bool = True, tls: bool = False,
+                 websockets: bool = False):
+        """``tls``: a second listener with a self-signed certificate for 127.0.0.1 (``tls_url``, ``cafile``);
+        ``websockets``: a second listener for MQTT over websockets (``ws_url``).  With ``persistence``, the
+        database (retained messages, sessions and their queues) is saved when Mosquitto stops cleanly."""
         if MOSQUITTO is None:
             pytest.skip("mosquitto is not installed (Debian package `mosquitto`)")
         self.directory = Path(directory)
@@ -36,9 +41,12 @@ class Mosquitto:
         self.config = self.directory / "mosquitto.conf"
         # `user`: run as whoever runs the tests (as root, Mosquitto would switch to the `mosquitto` user, which
         # cannot write its persistence file here).
+        # `max_queued_messages 0`: a persistent subscriber's queue unbounded while it is away.  `max_inflight_messages`
+        # not 0 (unbounded): Mosquitto 2.0.11 then restores the QoS 2 messages that were in flight to a subscriber at
+        # a restart as new PUBLISHes (seen after PUBREL: the subscriber gets them twice).
         lines = [f"user {getpass.getuser()}", f"listener {self.port} 127.0.0.1", "allow_anonymous true",
                  "max_queued_messages 0",
-                 "max_inflight_messages 0", "log_dest stderr", "log_type error", "log_type warning"]
+                 "max_inflight_messages 1000", "log_dest stderr", "log_type error", "log_type warning"]
         if tls:
             self.cafile, keyfile = self.directory / "cert.pem", self.directory / "key.pem"
             subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
@@ -47,6 +55,13 @@ class Mosquitto:
             self.tls_port = free_port()
             self.tls_url = f"mqtts://127.0.0.1:{self.tls_port}"
             lines += [f"listener {self.tls_port} 127.0.0.1", f"certfile {self.cafile}", f"keyfile {keyfile}"]
+        if websockets:
+            self.ws_port = free_port()
+            self.ws_url = f"ws://127.0.0.1:{self.ws_port}/mqtt"
+            # Debian's Mosquitto 2.0.11 has websockets (libwebsockets 4.1); without `socket_domain ipv4` that
+            # listener binds every interface whatever its address (and alone, without a TCP listener, it does not
+            # start).
+            lines += [f"listener {self.ws_port} 127.0.0.1", "protocol websockets", "socket_domain ipv4"]
         if persistence:
             lines += ["persistence true", f"persistence_location {self.directory}/", "autosave_interval 0"]
         self.config.write_text("\n".join(lines) + "\n")
@@ -150,3 +165,119 @@ class Recorder:
     def close(self):
         self.client.disconnect()
         self.client.loop_stop()
+
+
+class Relay:
+    """A TCP relay on a free loopback port in front of a broker, for losing packets in transit as a real network
+    does when a connection breaks: ``hold()`` keeps what the broker sends (acks) from reaching the client, ``cut()``
+    drops every connection and what it held; new connections are relayed normally again (refused, closed at once,
+    while ``refusing``)."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.lock = threading.Condition()
+        self.holding = False
+        self.holding_upstream = False
+        self.refusing = False
+        self.held = 0                 # bytes from the broker kept back since hold()
+        self.pairs: list = []
+        self.closed = False
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()  # the broker is down: the client retries
+                continue
+            pair = (client, upstream)
+            with self.lock:
+                if self.refusing and not self.closed:
+                    client.close()
+                    upstream.close()
+                    continue
+                if self.closed:
+                    client.close()
+                    upstream.close()
+                    return
+                self.pairs.append(pair)
+            thread = threading.Thread(target=self._pump, args=pair, daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _pump(self, client, upstream):
+        import selectors
+
+        with selectors.DefaultSelector() as selector:
+            selector.register(client, selectors.EVENT_READ, upstream)
+            selector.register(upstream, selectors.EVENT_READ, client)
+            while True:
+                for key, _ in selector.select(timeout=0.5):
+                    try:
+                        data = key.fileobj.recv(65536)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        self._drop(client, upstream)
+                        return
+                    with self.lock:
+                        if key.fileobj is upstream and self.holding:
+                            self.held += len(data)
+                            self.lock.notify_all()
+                            continue
+                        if key.fileobj is client and self.holding_upstream:
+                            continue
+                    try:
+                        key.data.sendall(data)
+                    except OSError:
+                        self._drop(client, upstream)
+                        return
+                with self.lock:
+                    if (client, upstream) not in self.pairs:
+                        return
+
+    def _drop(self, *sockets):
+        with self.lock:
+            for pair in list(self.pairs):
+                if pair[0] in sockets:
+                    self.pairs.remove(pair)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                # RST, not FIN: whatever was in flight is gone, as when a network link breaks
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+
+    def hold(self, from_broker: bool = True, from_client: bool = False):
+        """Keep back what the broker sends, what the client sends, or both."""
+        with self.lock:
+            self.holding, self.holding_upstream, self.held = from_broker, from_client, 0
+
+    def wait_held(self, nbytes: int, timeout: float = 60.0):
+        with self.lock:
+            if not self.lock.wait_for(lambda: self.held >= nbytes, timeout):
+                pytest.fail(f"the broker sent {self.held} bytes within {timeout} s, not {nbytes}")
+
+    def cut(self):
+        with self.lock:
+            pairs, self.pairs, self.holding, self.holding_upstream = list(self.pairs), [], False, False
+        for pair in pairs:
+            self._drop(*pair)
+
+    def close(self):
+        with self.lock:
+            self.closed = True
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        self.listener.close()
+        self.cut()
+        for thread in self.threads:
+            thread.join(5)

@@ -43,6 +43,8 @@ import time
 from pathlib import Path
 
 import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 import zmq
 
 from zevents import bus as zbus
@@ -383,11 +385,14 @@ class Cursor:
 
 # --- paho ---------------------------------------------------------------------------------------------------------
 
-def make_client(section: dict, client_id: str, will: tuple | None):
-    """A paho 2.x client configured from the ``mqtt:`` section (URL, TLS, credentials, will); not connected."""
+def make_client(section: dict, client_id: str, will: tuple | None, protocol=paho.MQTTv311):
+    """A paho 2.x client configured from the ``mqtt:`` section (URL, TLS, credentials, will); not connected.
+    MQTT 3.1.1 clients get a clean session; an MQTT 5 client chooses its session when it connects
+    (:func:`session_connect_args`)."""
     url = parse_url(section["url"])
+    session = {"clean_session": True} if protocol != paho.MQTTv5 else {}
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, transport=url["transport"],
-                         protocol=paho.MQTTv311, clean_session=True)
+                         protocol=protocol, **session)
     if url["transport"] == "websockets":
         client.ws_set_options(path=url["path"])
     if url["tls"]:
@@ -401,6 +406,20 @@ def make_client(section: dict, client_id: str, will: tuple | None):
         client.will_set(will[0], will[1], qos=1, retain=True)
     client.reconnect_delay_set(min_delay=0.2, max_delay=max(0.5, float(section.get("reconnect_max") or 30)))
     return client, url
+
+
+def session_connect_args(session_expiry: int) -> dict:
+    """MQTT 5 connect arguments of the bridge's session: kept by the broker for ``session_expiry`` seconds after a
+    disconnection and resumed on every reconnection, never a clean start (Mosquitto 2.0 does not persist a
+    session that started clean, whatever its expiry); with 0, a clean session that ends with the connection."""
+    return {"clean_start": not session_expiry,
+            "properties": session_expiry_property(PacketTypes.CONNECT, session_expiry)}
+
+
+def session_expiry_property(packet_type, seconds: int) -> Properties:
+    properties = Properties(packet_type)
+    properties.SessionExpiryInterval = seconds
+    return properties
 
 
 def printer_endpoints(config) -> dict:
@@ -456,13 +475,14 @@ class MqttBridge:
         self.octo_default = octo.get("default_printer") or default_printer(config)
         self.octo_retained = frozenset(octo.get("retain_events") or ())
         self.threshold = float(octo.get("temperature_threshold", 0.1))
-        self.qos = int(self.section.get("qos", 1))
+        self.qos = int(self.section.get("qos", 2))
+        self.session_expiry = int(self.section.get("session_expiry", 86400))
         self.retain = bool(self.section.get("retain", True))
         ha = self.section.get("homeassistant") or {}
         self.discovery = bool(ha.get("discovery", True)) and self.zevents
         self.ha_prefix = ha.get("prefix", "homeassistant")
         self.max_pending = int(self.section.get("max_pending", 100_000))
-        self.window = int(self.section.get("inflight", 100))
+        self.window = self.configured_window = int(self.section.get("inflight", 100))
         self.default_printer = default_printer(config)
         commands = self.section.get("commands") or {}
         self.commands_enabled = bool(commands.get("enabled"))
@@ -483,6 +503,10 @@ class MqttBridge:
         self.stats = collections.Counter()
         self.subscriber = None
         self.client = None
+        self.session_ender = None
+        self._address = None
+        self._connecting = threading.Lock()
+        self._connect_started = False
         self.will_keeper = None
         self.commands = None
         self._stop = threading.Event()
@@ -520,10 +544,10 @@ class MqttBridge:
             self._resume()
         client_id = self.section.get("client_id") or f"zevents-{self.node}"
         will = (self.status_topic, b"offline") if self.zevents else (self.octo_base + "mqtt", b"disconnected")
-        # A clean session: paho resends what was in flight on every reconnection, so nothing depends on the broker
-        # having kept our session (it may have restarted without persistence).  The price: a message the broker
-        # took but had not acknowledged when it went away comes again (QoS 1, and QoS 2 across a broker restart).
-        self.client, url = make_client(self.section, client_id, will)
+        # MQTT 5 with a session that outlives a connection: after a reconnection (to a broker that kept the session,
+        # across its own restart with persistence) paho finishes the QoS 2 exchanges that were in flight, so the
+        # broker releases each message exactly once.  Without the session (_on_connect) we send them again.
+        self.client, url = make_client(self.section, client_id, will, protocol=paho.MQTTv5)
         self.client.max_inflight_messages_set(self.window)
         self.client.max_queued_messages_set(0)
         self.client.on_connect = self._on_connect
@@ -539,10 +563,45 @@ class MqttBridge:
         if self.commands_enabled:
             self.commands = Commands(self)
             self.client.on_message = self.commands.on_message
-        self.client.connect_async(url["host"], url["port"], int(self.section.get("keepalive", 60)))
-        self.client.loop_start()
+        self._address = (url["host"], url["port"], int(self.section.get("keepalive", 60)))
+        if self.session_expiry:
+            self._end_previous_session(client_id)
+        else:
+            self._connect()
         log.info("mqtt: bridging node %s to %s (layouts: %s)", self.node, self.section["url"],
                  ", ".join(n for n, on in (("octoprint", self.octoprint), ("zevents", self.zevents)) if on))
+
+    def _connect(self):
+        with self._connecting:
+            if self.client is None or self._stop.is_set() or self._connect_started:
+                return
+            self._connect_started = True
+            self.client.connect_async(*self._address, **session_connect_args(self.session_expiry))
+            self.client.loop_start()
+
+    def _end_previous_session(self, client_id: str):
+        """A previous process's session may hold QoS 2 messages half exchanged that this process cannot finish (and
+        a stale packet id there would swallow the new message that reuses it): a first short connection with a
+        clean start and no expiry ends it; the bridge's own connection starts once that one has ended."""
+        self.session_ender, _ = make_client(self.section, client_id, None, protocol=paho.MQTTv5)
+        ended = threading.Event()
+
+        def on_connect(client, userdata, flags, reason_code, properties):
+            if reason_code.is_failure:
+                log.warning("mqtt: the broker refused the connection: %s", reason_code)
+                return
+            ended.set()
+            client.disconnect()
+
+        def on_disconnect(client, userdata, flags, reason_code, properties):
+            if ended.is_set():
+                self._connect()
+
+        self.session_ender.on_connect = on_connect
+        self.session_ender.on_disconnect = on_disconnect
+        self.session_ender.connect_async(*self._address, clean_start=True,
+                                         properties=session_expiry_property(PacketTypes.CONNECT, 0))
+        self.session_ender.loop_start()
 
     def _seed_state(self):
         """The printers' state as the broker's snapshot has it, so that retained topics are right from the start."""
@@ -586,6 +645,12 @@ class MqttBridge:
 
     def close(self, timeout: float = 5.0):
         """Hand over what can be handed within ``timeout``, say offline, save the cursor, release everything."""
+        self._stop.set()
+        if self.session_ender is not None:
+            self.session_ender.disconnect()
+            self.session_ender.loop_stop()
+        with self._connecting:
+            self._connect_started = True  # no connection starts from now on
         if self.client is not None:
             deadline = time.monotonic() + timeout
             while (self.outbox or self.inflight) and self.connected and time.monotonic() < deadline:
@@ -599,7 +664,8 @@ class MqttBridge:
                         info.wait_for_publish(timeout=2.0)
                     except (RuntimeError, ValueError):
                         pass
-            self.client.disconnect()
+            # Nothing will resume this session (the next process starts a clean one): the broker may drop it now.
+            self.client.disconnect(properties=session_expiry_property(PacketTypes.DISCONNECT, 0))
             self.client.loop_stop()
             self._take_acks()
         if self.will_keeper is not None:
@@ -622,17 +688,23 @@ class MqttBridge:
         if reason_code.is_failure:
             log.warning("mqtt: the broker refused the connection: %s", reason_code)
             return
-        self.connection_changes.put(True)
+        # Called before paho resends what was in flight.  Without our session (first connection, a broker that
+        # restarted without persistence, an expired session) its PUBRELs would name packets the broker never
+        # stored and be "completed" unsent: drop paho's state, the loop publishes those messages again (at least
+        # once, seq tells a repeat).
+        lost = [] if flags.session_present else [message.mid for message in client.drop_out_messages()]
+        receive_maximum = getattr(properties, "ReceiveMaximum", None)
+        self.connection_changes.put((True, flags.session_present, lost, receive_maximum))
         if self.commands is not None:
             client.subscribe(f"{self.base}/{topic_level(self.node)}/+/command/+", qos=1)
         self.waker.wake()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
-        self.connection_changes.put(False)
+        self.connection_changes.put((False, False, [], None))
         self.waker.wake()
 
     def _on_publish(self, client, userdata, mid, reason_code, properties):
-        self.acks.put(mid)
+        self.acks.put((mid, reason_code))
         self.waker.wake()
 
     # --- the loop ----------------------------------------------------------------------------------------------
@@ -663,12 +735,17 @@ class MqttBridge:
     def _take_connection_changes(self):
         while True:
             try:
-                up = self.connection_changes.get_nowait()
+                up, session_present, lost, receive_maximum = self.connection_changes.get_nowait()
             except queue.Empty:
                 return
             if up and not self.connected:
-                log.info("mqtt: connected to %s", self.section["url"])
+                log.info("mqtt: connected to %s (%s)", self.section["url"],
+                         "session resumed" if session_present else "new session")
                 self.stats["connects"] += 1
+                self.stats["sessions_resumed"] += bool(session_present)
+                # The broker's Receive Maximum: past it, MQTT 5 brokers refuse QoS 1/2 messages (quota exceeded).
+                self.window = min(self.configured_window, receive_maximum or self.configured_window)
+                self._publish_again(lost)
                 self.outbox.add_first(self._announcements())
                 # paho resends what was in flight itself, after telling us it is connected: anything we publish
                 # before those are acknowledged could overtake them.
@@ -677,6 +754,19 @@ class MqttBridge:
                 log.warning("mqtt: lost the broker; holding events (at most mqtt.max_pending = %d messages)",
                             self.max_pending)
             self.connected = up
+
+    def _publish_again(self, mids: list):
+        """Messages paho had in flight for a session the broker no longer has: first in the outbox again, in the
+        order they were published."""
+        dropped = set(mids)
+        again = [mid for mid in self.inflight if mid in dropped]
+        if again:
+            log.warning("mqtt: the broker has no session of ours (restarted without persistence, or expired): "
+                        "publishing the %d messages in flight again (a consumer may see them twice; seq tells)",
+                        len(again))
+            self.stats["published_again"] += len(again)
+        for mid in reversed(again):
+            self.outbox.push_back(self.inflight.pop(mid))
 
     def _announcements(self) -> list:
         """What every (re)connection publishes first: online, then each printer's retained state and discovery
@@ -745,12 +835,18 @@ class MqttBridge:
         acks = self.acks
         while True:
             try:
-                mid = acks.get_nowait()
+                mid, reason_code = acks.get_nowait()
             except queue.Empty:
                 return
             message = self.inflight.pop(mid, None)
-            if message is not None:
-                self._done(message)
+            if message is None:
+                continue
+            if reason_code.is_failure:
+                # The broker will never take it (not authorized, bad topic, ...): said, and not retried, or it
+                # would hold every event behind it.
+                self.stats["refused"] += 1
+                log.error("mqtt: the broker refused a message on %s: %s", message.topic, reason_code)
+            self._done(message)
 
     def _done(self, message: Message):
         self.stats["sent"] += 1

@@ -9,6 +9,7 @@ from zevents.config import NUMBER, OPT_STR, PATH, TEXT, Key
 
 SCHEMES = {"mqtt": (1883, False, "tcp"), "mqtts": (8883, True, "tcp"), "ws": (80, False, "websockets"),
            "wss": (443, True, "websockets")}
+SESSION_EXPIRY_MAX = 0xFFFFFFFF  # MQTT 5's largest Session Expiry Interval: the session never expires
 COMMANDS = ("pause", "resume", "cancel", "connect", "disconnect", "gcode")
 
 
@@ -76,7 +77,8 @@ MQTT_SCHEMA = {
     "username": TEXT,
     "password": Key(OPT_STR, check=_password),
     "tls": {"ca_certs": PATH, "certfile": PATH, "keyfile": PATH, "insecure": bool},
-    "qos": Key(int, min=0, max=2),
+    "qos": Key(int, choices=(0, 1, 2)),
+    "session_expiry": Key(int, min=0, max=SESSION_EXPIRY_MAX),
     "keepalive": Key(int, min=5, max=3600),
     "base_topic": Key(str, check=_topic_level_problem),
     "layouts": {"octoprint": bool, "zevents": bool},
