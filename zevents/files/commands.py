@@ -10,24 +10,11 @@ import os
 import sys
 
 from zevents.files import channel
+from zevents.printer.channel import request_or_report
 
 
 def _request(config, command: str, args: dict, timeout: float = 30.0):
-    endpoint = channel.endpoint(config)
-    if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
-        print(f"zevents: the files service is not running (no socket at {endpoint[len('ipc://'):]}; start it with "
-              "`zevents run` (files.enabled: true) or `zevents files serve`)", file=sys.stderr)
-        return None
-    client = channel.FilesClient(endpoint)
-    try:
-        reply = client.request(command, args, timeout=timeout)
-        reply.pop("id", None)
-        return reply
-    except channel.ChannelError as exc:
-        print(f"zevents: {exc}", file=sys.stderr)
-        return None
-    finally:
-        client.close()
+    return request_or_report(channel.FilesClient(channel.endpoint(config)), command, args, timeout)
 
 
 def _size(value) -> str:

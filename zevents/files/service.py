@@ -540,16 +540,14 @@ class FilesService:
         self._pending = still
 
     def _printer_client(self, printer: str | None = None):
-        """A client of the channel of the node's printer called ``printer`` (None: the only one); ChannelError at
-        once when no link is running (no socket)."""
+        """A client of the channel of the node's printer called ``printer`` (None: the only one); its first request
+        raises ChannelError at once when no link is running (no socket)."""
         from zevents.printer.settings import PrinterChoiceError, printer_section
 
         try:
             endpoint = printer_section(self.config, printer)["commands"]
         except PrinterChoiceError as exc:
             raise printer_channel.ChannelError(str(exc)) from None
-        if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
-            raise printer_channel.ChannelError("the printer link is not running")
         return printer_channel.CommandClient(endpoint, self.context)
 
     def _printer_job(self) -> dict:

@@ -17,6 +17,8 @@ A request the link cannot honour now (not connected, no file selected, ...) gets
 from __future__ import annotations
 
 import itertools
+import os
+import sys
 import time
 
 import zmq
@@ -52,6 +54,11 @@ class CommandClient:
         if command not in self.commands:
             raise ValueError(f"unknown command {command!r} for {self.service}")
         if self.sock is None:
+            socket_file = self.endpoint[len("ipc://"):] if self.endpoint.startswith("ipc://") else None
+            if socket_file is not None and not os.path.exists(socket_file):
+                # nobody bound it: say so now instead of waiting out the timeout
+                raise ChannelError(f"{self.service} is not running (no socket at {socket_file}; start it with "
+                                   f"`{self.start_hint}`)")
             self.sock = self.context.socket(zmq.DEALER)
             self.sock.setsockopt(zmq.LINGER, 0)
             self.sock.connect(self.endpoint)
@@ -82,6 +89,21 @@ class CommandClient:
         if self.sock is not None:
             self.sock.close(linger=0)
             self.sock = None
+
+
+def request_or_report(client: CommandClient, command: str, args: dict | None = None,
+                      timeout: float = 10.0) -> dict | None:
+    """One request for a CLI command, then the client closed: the reply (without its id), or None after printing
+    why not as one line on stderr."""
+    try:
+        reply = client.request(command, args, timeout=timeout)
+        reply.pop("id", None)
+        return reply
+    except ChannelError as exc:
+        print(f"zevents: {exc}", file=sys.stderr)
+        return None
+    finally:
+        client.close()
 
 
 def bind(endpoint: str, context, service: str, error=RuntimeError) -> "CommandServer":

@@ -398,22 +398,7 @@ def run(config, port: str | None = None, baud: int | None = None, virtual: bool 
 
 def _client_request(config, command: str, args: dict | None = None, timeout: float = 10.0) -> dict | None:
     """One request to the running link; None after printing a one-line error on stderr."""
-    import os
-    import sys
-
-    endpoint = channel.endpoint(config)
-    if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
-        print(f"zevents: the printer link is not running (no socket at {endpoint[len('ipc://'):]}; "
-              "start it with `zevents printer`)", file=sys.stderr)
-        return None
-    client = channel.CommandClient(endpoint)
-    try:
-        return client.request(command, args or {}, timeout=timeout)
-    except channel.ChannelError as exc:
-        print(f"zevents: {exc}", file=sys.stderr)
-        return None
-    finally:
-        client.close()
+    return channel.request_or_report(channel.CommandClient(channel.endpoint(config)), command, args, timeout)
 
 
 def run_print(config, file: str, user: str | None = None) -> int:
