@@ -694,8 +694,10 @@ class PrinterLink:
             self._last_suppressed = True
             return None
         command = Command(line, src)
-        code = line.split(None, 1)[0].upper()
-        if code == "M112" or (code in _EMERGENCY_COMMANDS and self.capabilities.get("EMERGENCY_PARSER")):
+        # every line of a print passes here: a four-character look, as for M112 alone before
+        head = line[:4].upper()
+        if (head == "M112" or (head in _EMERGENCY_COMMANDS and self.capabilities.get("EMERGENCY_PARSER"))) and \
+                (len(line) == 4 or not line[4].isdigit()):
             command.emergency = True
         self._tool_change = tool_change
         return command
