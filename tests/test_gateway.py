@@ -461,6 +461,25 @@ def test_connectivity_changed_when_a_local_target_goes_and_comes_back(gateway_no
     assert subprocess  # the CLI ran as real processes above
 
 
+def test_a_service_that_is_not_running_is_a_503_at_once(gateway_node, tmp_path):
+    """A gateway whose files service and printer link are not running (no socket): 503 with the reason, not a
+    request that waits out its timeout nor a 400 that blames the client."""
+    port = free_port()
+    config = write_config(tmp_path, gateway_node["bus"], port)
+    assert cli(config, "user", "add", "carol", "--admin", stdin="carol-secret\n").returncode == 0
+    key = cli(config, "user", "apikey", "carol").stdout.strip()
+    gateway = start(config, gateway_node["bus"], "gateway", ["gateway", "serve"])
+    try:
+        client = Client(port, key)
+        for response, service in ((client.get("/api/files"), "the files service"),
+                                  (client.post_json("/api/printer/command", {"command": "M105"}),
+                                   "the printer link")):
+            assert response.status == 503 and f"{service} is not running" in response.body.decode(), \
+                (service, response.status, response.body)
+    finally:
+        stop(gateway)
+
+
 # --- OctoPrint's own client, from the side venv -----------------------------------------------------------------
 
 def octoprint_client(node, *args, timeout: float = 60):

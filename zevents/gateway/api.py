@@ -121,24 +121,17 @@ class Api:
         return await asyncio.get_running_loop().run_in_executor(self.gw.executor, fn, *args)
 
     async def files(self, command: str, args: dict, timeout: float = 30.0) -> dict:
-        from zevents.printer.channel import ChannelError
-
-        def call():
-            client = self.gw.files_client()
-            try:
-                return client.request(command, args, timeout=timeout)
-            finally:
-                client.close()
-        try:
-            return await self.blocking(call)
-        except ChannelError as exc:
-            raise Abort(*self._channel_status(str(exc))) from None
+        return await self._request(self.gw.files_client, command, args, timeout)
 
     async def printer(self, command: str, args: dict | None = None, timeout: float = 10.0) -> dict:
+        return await self._request(self.gw.printer_client, command, args, timeout)
+
+    async def _request(self, make_client, command: str, args: dict | None, timeout: float) -> dict:
+        """One request to another service's channel, off the event loop; a refusal is the matching HTTP error."""
         from zevents.printer.channel import ChannelError
 
         def call():
-            client = self.gw.printer_client()
+            client = make_client()
             try:
                 return client.request(command, args or {}, timeout=timeout)
             finally:
@@ -151,7 +144,7 @@ class Api:
     @staticmethod
     def _channel_status(message: str) -> tuple:
         lowered = message.lower()
-        if "did not answer" in lowered:
+        if "did not answer" in lowered or "is not running" in lowered:
             return 503, message
         if "no such" in lowered or "not found" in lowered:
             return 404, message
